@@ -1,0 +1,186 @@
+//! CPU kernels for softmax: rows in parallel, three sweeps over a row that stays in cache
+//! (max; exp and sum written to the output; scale), vectorized, f32 accumulation for halves.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, Layout, Result, Shape};
+use num_traits::{Float, Zero};
+
+use super::{Softmax, SoftmaxBwd};
+use crate::cpu::{self, dispatch, Acc, Elem};
+
+const OP: &str = "softmax";
+
+/// Where the mask value of (row, column) lives in the mask's storage.
+struct MaskIndex {
+    start: usize,
+    /// dims and strides of the leading (row) dims, innermost last.
+    lead: Vec<(usize, usize)>,
+    col_stride: usize,
+}
+
+impl MaskIndex {
+    fn new(l: &Layout) -> Self {
+        let dims = l.dims();
+        let strides = l.stride();
+        let r = dims.len();
+        Self {
+            start: l.start_offset(),
+            lead: dims[..r - 1].iter().copied().zip(strides[..r - 1].iter().copied()).collect(),
+            col_stride: strides[r - 1],
+        }
+    }
+
+    fn row_offset(&self, mut row: usize) -> usize {
+        let mut off = self.start;
+        for &(d, s) in self.lead.iter().rev() {
+            off += (row % d) * s;
+            row /= d;
+        }
+        off
+    }
+
+    /// One past the largest offset used.
+    fn extent(&self, cols: usize) -> usize {
+        let lead: usize = self.lead.iter().map(|&(d, s)| (d - 1) * s).sum();
+        self.start + lead + (cols - 1) * self.col_stride + 1
+    }
+}
+
+pub(super) fn forward(
+    op: &Softmax,
+    s: &CpuStorage,
+    l: &Layout,
+    mask: Option<(&CpuStorage, &Layout)>,
+) -> Result<(CpuStorage, Shape)> {
+    dispatch!(OP, s.dtype(), |T| forward_t::<T>(op, s, l, mask))
+}
+
+fn forward_t<T: Elem>(
+    op: &Softmax,
+    s: &CpuStorage,
+    l: &Layout,
+    mask: Option<(&CpuStorage, &Layout)>,
+) -> Result<(CpuStorage, Shape)> {
+    let x = cpu::slice::<T>(OP, "x", s, l)?;
+    let dims = l.dims();
+    let t = dims[dims.len() - 1];
+    let s_rows = if dims.len() >= 2 { dims[dims.len() - 2] } else { 1 };
+    let mut out = cpu::alloc::<T>(x.len());
+    let plain = mask.is_none() && !op.causal && op.scale == 1.0;
+    if plain {
+        cpu::rows([x], [&mut out], t, 0, |_, [x], [y], _| {
+                let m = cpu::max(x);
+                let sum = cpu::exp_sub_sum(x, y, m);
+            normalize(y, sum, op.zero_masked_rows && m == T::A::neg_infinity());
+        });
+    } else {
+        // The mask, in the accumulation type, read through its (broadcast) strides.
+        let (mask_vals, index): (Option<std::borrow::Cow<[T::A]>>, Option<MaskIndex>) = match mask
+        {
+            None => (None, None),
+            Some((ms, ml)) => {
+                let data = T::cpu_storage_as_slice(ms)?;
+                let index = MaskIndex::new(ml);
+                let data = &data[..index.extent(t).min(data.len())];
+                let vals = match T::as_acc(data) {
+                    Some(a) => std::borrow::Cow::Borrowed(a),
+                    None => std::borrow::Cow::Owned(cpu::to_acc_vec(data)),
+                };
+                (Some(vals), Some(index))
+            }
+        };
+        let scale = T::A::of(op.scale);
+        let neg_inf = T::A::neg_infinity();
+        cpu::rows([x], [&mut out], t, 0, |r, [x], [z], _| {
+            let vis = if op.causal {
+                let i = (r % s_rows) as i64;
+                (i + t as i64 - s_rows as i64 + 1).clamp(0, t as i64) as usize
+            } else {
+                t
+            };
+            let (zv, zh) = z.split_at_mut(vis);
+            zh.fill(T::A::zero());
+            match (&mask_vals, &index) {
+                (Some(mv), Some(ix)) => {
+                    let off = ix.row_offset(r);
+                    match ix.col_stride {
+                        0 => {
+                            let mval = mv[off];
+                            for (zj, &xj) in zv.iter_mut().zip(x) {
+                                *zj = scale * xj + mval;
+                            }
+                        }
+                        1 => {
+                            for ((zj, &xj), &mj) in zv.iter_mut().zip(x).zip(&mv[off..off + vis]) {
+                                *zj = scale * xj + mj;
+                            }
+                        }
+                        cs => {
+                            for (j, (zj, &xj)) in zv.iter_mut().zip(x).enumerate() {
+                                *zj = scale * xj + mv[off + j * cs];
+                            }
+                        }
+                    }
+                }
+                _ => {
+                    for (zj, &xj) in zv.iter_mut().zip(x) {
+                        *zj = scale * xj;
+                    }
+                }
+            }
+            let m = cpu::max(zv);
+            let all_masked = vis == 0 || m == neg_inf;
+            if all_masked && op.zero_masked_rows {
+                zv.fill(T::A::zero());
+                return;
+            }
+            let sum = cpu::exp_sub_sum_inplace(zv, m);
+            normalize(zv, sum, false);
+        });
+    }
+    Ok((T::to_cpu_storage_owned(out), l.shape().clone()))
+}
+
+#[inline(always)]
+fn normalize<A: Acc>(y: &mut [A], sum: A, zero: bool) {
+    if zero {
+        y.fill(A::zero());
+        return;
+    }
+    let inv = A::one() / sum;
+    for v in y.iter_mut() {
+        *v = *v * inv;
+    }
+}
+
+pub(super) fn backward(
+    op: &SoftmaxBwd,
+    ys: &CpuStorage,
+    yl: &Layout,
+    gs: &CpuStorage,
+    gl: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    dispatch!(OP, ys.dtype(), |T| backward_t::<T>(op, ys, yl, gs, gl))
+}
+
+fn backward_t<T: Elem>(
+    op: &SoftmaxBwd,
+    ys: &CpuStorage,
+    yl: &Layout,
+    gs: &CpuStorage,
+    gl: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    let y = cpu::slice::<T>(OP, "y", ys, yl)?;
+    let g = cpu::slice::<T>(OP, "dy", gs, gl)?;
+    let dims = yl.dims();
+    let t = dims[dims.len() - 1];
+    let mut out = cpu::alloc::<T>(y.len());
+    let scale = T::A::of(op.scale);
+    cpu::rows([y, g], [&mut out], t, 0, |_, [y, g], [dx], _| {
+        let dot = cpu::sum_map2(y, g, |a, b| a * b);
+        for ((d, &yj), &gj) in dx.iter_mut().zip(y).zip(g) {
+            *d = scale * yj * (gj - dot);
+        }
+    });
+    Ok((T::to_cpu_storage_owned(out), yl.shape().clone()))
+}

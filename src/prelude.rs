@@ -1,0 +1,49 @@
+//! `use candle_fused::prelude::*;` brings the [`FusedOps`] extension trait on `Tensor`.
+
+use candle_core::{Result, Tensor};
+
+use crate::ops;
+
+/// The fused ops as methods on `Tensor`. All are differentiable; see [`crate::ops`] for the
+/// math and the free-function forms.
+pub trait FusedOps {
+    /// Softmax over the last dim ([`ops::softmax_last_dim`]).
+    fn softmax_fused(&self) -> Result<Tensor>;
+    /// Attention softmax `softmax(scale·self + mask)` with optional causal masking
+    /// ([`ops::masked_softmax`]); fully masked rows give zeros.
+    fn masked_softmax_fused(&self, scale: f64, mask: Option<&Tensor>, causal: bool)
+        -> Result<Tensor>;
+    /// RMSNorm over the last dim with weight `w` ([`ops::rms_norm`]).
+    fn rms_norm_fused(&self, w: &Tensor, eps: f64) -> Result<Tensor>;
+    /// Residual add + RMSNorm: returns `(normed, sum)` ([`ops::add_rms_norm`]).
+    fn add_rms_norm_fused(&self, residual: &Tensor, w: &Tensor, eps: f64)
+        -> Result<(Tensor, Tensor)>;
+}
+
+impl FusedOps for Tensor {
+    fn softmax_fused(&self) -> Result<Tensor> {
+        ops::softmax_last_dim(self)
+    }
+
+    fn masked_softmax_fused(
+        &self,
+        scale: f64,
+        mask: Option<&Tensor>,
+        causal: bool,
+    ) -> Result<Tensor> {
+        ops::masked_softmax(self, scale, mask, causal)
+    }
+
+    fn rms_norm_fused(&self, w: &Tensor, eps: f64) -> Result<Tensor> {
+        ops::rms_norm(self, Some(w), eps)
+    }
+
+    fn add_rms_norm_fused(
+        &self,
+        residual: &Tensor,
+        w: &Tensor,
+        eps: f64,
+    ) -> Result<(Tensor, Tensor)> {
+        ops::add_rms_norm(self, residual, w, eps)
+    }
+}

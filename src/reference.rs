@@ -1,0 +1,69 @@
+//! Reference implementations from composed Candle ops: differentiable through Candle's
+//! autograd, in whatever dtype they are given. The tests and `candle-fused check` run them on
+//! f64 copies of the inputs as the ground truth; `candle-fused bench` times them in the
+//! inputs' dtype as "Candle composed", the differentiable path Candle users have today.
+
+use candle_core::{DType, Result, Tensor, D};
+
+/// `softmax(x)` over the last dim (Candle's `candle_nn::ops::softmax`).
+pub fn softmax(x: &Tensor) -> Result<Tensor> {
+    candle_nn::ops::softmax(x, D::Minus1)
+}
+
+/// The causal visibility mask for scores `[.., S, T]`: `1` where row `i` may see column `j`,
+/// i.e. `j <= i + T - S` (u8, shape `[S, T]`).
+pub fn causal_visible(s: usize, t: usize, device: &candle_core::Device) -> Result<Tensor> {
+    let v: Vec<u8> = (0..s)
+        .flat_map(|i| (0..t).map(move |j| u8::from(j as i64 <= i as i64 + t as i64 - s as i64)))
+        .collect();
+    Tensor::from_vec(v, (s, t), device)
+}
+
+/// `softmax(scale·x + mask)` over the last dim with optional causal masking; rows with every
+/// column masked give zeros.
+pub fn masked_softmax(x: &Tensor, scale: f64, mask: Option<&Tensor>, causal: bool) -> Result<Tensor> {
+    let mut z = x.affine(scale, 0.0)?;
+    if let Some(m) = mask {
+        z = z.broadcast_add(m)?;
+    }
+    if causal {
+        let dims = x.dims();
+        let t = dims[dims.len() - 1];
+        let s = if dims.len() >= 2 { dims[dims.len() - 2] } else { 1 };
+        let vis = causal_visible(s, t, x.device())?;
+        let vis = if dims.len() >= 2 { vis } else { vis.squeeze(0)? };
+        let neg = Tensor::full(f64::NEG_INFINITY, (), x.device())?.to_dtype(x.dtype())?;
+        z = vis
+            .broadcast_as(z.shape())?
+            .where_cond(&z, &neg.broadcast_as(z.shape())?)?;
+    }
+    let m = z.max_keepdim(D::Minus1)?.detach();
+    // Rows with max = -inf are fully masked: shift by 0 instead, so exp gives 0 (not NaN).
+    let m = m.eq(f64::NEG_INFINITY)?.where_cond(&m.zeros_like()?, &m)?;
+    let e = z.broadcast_sub(&m)?.exp()?;
+    let s = e.sum_keepdim(D::Minus1)?;
+    // ... and divide those rows by 1 instead of 0.
+    let s = (&s + s.eq(0.0)?.to_dtype(s.dtype())?)?;
+    e.broadcast_div(&s)
+}
+
+/// `x / sqrt(mean(x²) + eps) * w` over the last dim.
+pub fn rms_norm(x: &Tensor, w: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    let y = x.broadcast_div(&(ms + eps)?.sqrt()?)?;
+    match w {
+        Some(w) => y.broadcast_mul(w),
+        None => Ok(y),
+    }
+}
+
+/// `(rms_norm(x + residual) * w, x + residual)`.
+pub fn add_rms_norm(x: &Tensor, residual: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+    let s = (x + residual)?;
+    Ok((rms_norm(&s, Some(w), eps)?, s))
+}
+
+/// Upcasts to f64 (the reference precision).
+pub fn f64(t: &Tensor) -> Result<Tensor> {
+    t.to_dtype(DType::F64)
+}
