@@ -33,8 +33,14 @@ pub enum MaskKind {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum OpKind {
     Softmax,
-    MaskedSoftmax { scale: f64, mask: MaskKind, causal: bool },
-    RmsNorm { weight: bool },
+    MaskedSoftmax {
+        scale: f64,
+        mask: MaskKind,
+        causal: bool,
+    },
+    RmsNorm {
+        weight: bool,
+    },
     AddRmsNorm,
 }
 
@@ -98,7 +104,11 @@ fn make_inputs(case: &Case, device: &Device) -> Result<Inputs> {
     let d = *shape.last().unwrap_or(&1);
     let x = testing::randn(shape, 3.0, dt, device)?;
     Ok(match case.op {
-        OpKind::Softmax => Inputs { names: vec!["x"], tensors: vec![x], differentiable: vec![true] },
+        OpKind::Softmax => Inputs {
+            names: vec!["x"],
+            tensors: vec![x],
+            differentiable: vec![true],
+        },
         OpKind::MaskedSoftmax { mask, .. } => {
             let r = shape.len();
             let t = shape[r - 1];
@@ -106,17 +116,26 @@ fn make_inputs(case: &Case, device: &Device) -> Result<Inputs> {
             let mshape: Option<Vec<usize>> = match mask {
                 MaskKind::None => None,
                 MaskKind::Cols => Some(vec![t]),
-                MaskKind::Rows | MaskKind::Learned => Some(if r >= 2 { vec![s, t] } else { vec![t] }),
+                MaskKind::Rows | MaskKind::Learned => {
+                    Some(if r >= 2 { vec![s, t] } else { vec![t] })
+                }
                 MaskKind::Full => Some(shape.clone()),
             };
             match mshape {
-                None => Inputs { names: vec!["x"], tensors: vec![x], differentiable: vec![true] },
+                None => Inputs {
+                    names: vec!["x"],
+                    tensors: vec![x],
+                    differentiable: vec![true],
+                },
                 Some(ms) => {
                     // Normal values with about a fifth of the entries hidden (-inf).
                     let vals = testing::randn(&ms, 1.0, DType::F64, &Device::Cpu)?;
                     let hide = testing::rand(&ms, 0.0, 1.0, DType::F64, &Device::Cpu)?.lt(0.2)?;
                     let neg = Tensor::full(f64::NEG_INFINITY, ms.as_slice(), &Device::Cpu)?;
-                    let m = hide.where_cond(&neg, &vals)?.to_dtype(dt)?.to_device(device)?;
+                    let m = hide
+                        .where_cond(&neg, &vals)?
+                        .to_dtype(dt)?
+                        .to_device(device)?;
                     Inputs {
                         names: vec!["x", "mask"],
                         tensors: vec![x, m],
@@ -128,9 +147,17 @@ fn make_inputs(case: &Case, device: &Device) -> Result<Inputs> {
         OpKind::RmsNorm { weight } => {
             if weight {
                 let w = testing::rand(&[d], 0.5, 1.5, dt, device)?;
-                Inputs { names: vec!["x", "weight"], tensors: vec![x, w], differentiable: vec![true, true] }
+                Inputs {
+                    names: vec!["x", "weight"],
+                    tensors: vec![x, w],
+                    differentiable: vec![true, true],
+                }
             } else {
-                Inputs { names: vec!["x"], tensors: vec![x], differentiable: vec![true] }
+                Inputs {
+                    names: vec!["x"],
+                    tensors: vec![x],
+                    differentiable: vec![true],
+                }
             }
         }
         OpKind::AddRmsNorm => {
@@ -183,12 +210,22 @@ fn fwd_bwd(
     let vars: Vec<Option<Var>> = inputs
         .iter()
         .zip(differentiable)
-        .map(|(t, &d)| if d { Var::from_tensor(t).map(Some) } else { Ok(None) })
+        .map(|(t, &d)| {
+            if d {
+                Var::from_tensor(t).map(Some)
+            } else {
+                Ok(None)
+            }
+        })
         .collect::<Result<_>>()?;
     let args: Vec<Tensor> = inputs
         .iter()
         .zip(&vars)
-        .map(|(t, v)| v.as_ref().map(|v| v.as_tensor().clone()).unwrap_or_else(|| t.clone()))
+        .map(|(t, v)| {
+            v.as_ref()
+                .map(|v| v.as_tensor().clone())
+                .unwrap_or_else(|| t.clone())
+        })
         .collect();
     let outs = apply(op, &args, fused)?;
     let mut loss: Option<Tensor> = None;
@@ -218,7 +255,13 @@ pub fn run(case: &Case, device: &Device) -> Result<Vec<Outcome>> {
     let probes: Vec<Tensor> = (0..n_out)
         .map(|_| testing::randn(&case.shape, 1.0, case.dtype, device))
         .collect::<Result<_>>()?;
-    let (outs, grads) = fwd_bwd(case.op, &inputs.tensors, &inputs.differentiable, &probes, true)?;
+    let (outs, grads) = fwd_bwd(
+        case.op,
+        &inputs.tensors,
+        &inputs.differentiable,
+        &probes,
+        true,
+    )?;
 
     let cpu64 = |t: &Tensor| t.to_device(&Device::Cpu)?.to_dtype(DType::F64);
     let ref_in: Vec<Tensor> = inputs.tensors.iter().map(cpu64).collect::<Result<_>>()?;
@@ -245,9 +288,17 @@ pub fn run(case: &Case, device: &Device) -> Result<Vec<Outcome>> {
     }
     for (i, (g, r)) in grads.iter().zip(&ref_grads).enumerate() {
         if let (Some(g), Some(r)) = (g, r) {
-            push(format!("d{}", inputs.names[i]), testing::rel_err(g, r)?, floor(r)?);
+            push(
+                format!("d{}", inputs.names[i]),
+                testing::rel_err(g, r)?,
+                floor(r)?,
+            );
         } else if inputs.differentiable[i] {
-            push(format!("d{} (missing)", inputs.names[i]), f64::INFINITY, 0.0);
+            push(
+                format!("d{} (missing)", inputs.names[i]),
+                f64::INFINITY,
+                0.0,
+            );
         }
     }
     if !device.is_cpu() {
@@ -256,16 +307,26 @@ pub fn run(case: &Case, device: &Device) -> Result<Vec<Outcome>> {
             .iter()
             .map(|t| t.to_device(&Device::Cpu))
             .collect::<Result<_>>()?;
-        let cpu_probes: Vec<Tensor> =
-            probes.iter().map(|t| t.to_device(&Device::Cpu)).collect::<Result<_>>()?;
+        let cpu_probes: Vec<Tensor> = probes
+            .iter()
+            .map(|t| t.to_device(&Device::Cpu))
+            .collect::<Result<_>>()?;
         let (c_outs, c_grads) =
             fwd_bwd(case.op, &cpu_in, &inputs.differentiable, &cpu_probes, true)?;
         for (k, (o, c)) in outs.iter().zip(&c_outs).enumerate() {
-            push(format!("{} vs cpu", out_names[k]), testing::rel_err(o, c)?, 0.0);
+            push(
+                format!("{} vs cpu", out_names[k]),
+                testing::rel_err(o, c)?,
+                0.0,
+            );
         }
         for (i, (g, c)) in grads.iter().zip(&c_grads).enumerate() {
             if let (Some(g), Some(c)) = (g, c) {
-                push(format!("d{} vs cpu", inputs.names[i]), testing::rel_err(g, c)?, 0.0);
+                push(
+                    format!("d{} vs cpu", inputs.names[i]),
+                    testing::rel_err(g, c)?,
+                    0.0,
+                );
             }
         }
     }
@@ -293,7 +354,11 @@ pub fn sweep(dtypes: &[DType]) -> Vec<Case> {
                 OpKind::RmsNorm { weight: false },
                 OpKind::AddRmsNorm,
             ] {
-                cases.push(Case { op, shape: shape.clone(), dtype });
+                cases.push(Case {
+                    op,
+                    shape: shape.clone(),
+                    dtype,
+                });
             }
         }
         for shape in &attn_shapes {
@@ -304,8 +369,16 @@ pub fn sweep(dtypes: &[DType]) -> Vec<Case> {
                 (MaskKind::Full, false),
                 (MaskKind::Learned, true),
             ] {
-                let op = OpKind::MaskedSoftmax { scale: 0.125, mask, causal };
-                cases.push(Case { op, shape: shape.clone(), dtype });
+                let op = OpKind::MaskedSoftmax {
+                    scale: 0.125,
+                    mask,
+                    causal,
+                };
+                cases.push(Case {
+                    op,
+                    shape: shape.clone(),
+                    dtype,
+                });
             }
         }
     }

@@ -6,9 +6,9 @@
 //! f32 and f64 rows are used in place (no copy); f64 accumulates in f64.
 
 use candle_core::{CpuStorage, Layout, Result, WithDType};
-use num_traits::Zero;
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
+use num_traits::Zero;
 use rayon::prelude::*;
 
 use crate::validate::fail;
@@ -138,7 +138,10 @@ macro_rules! dispatch {
                 type $T = half::bf16;
                 $body
             }
-            d => $crate::validate::fail!($op, "unsupported dtype {d:?}, expected f32, f64, f16 or bf16"),
+            d => $crate::validate::fail!(
+                $op,
+                "unsupported dtype {d:?}, expected f32, f64, f16 or bf16"
+            ),
         }
     };
 }
@@ -154,7 +157,12 @@ pub(crate) fn slice<'a, T: WithDType>(
     let data = T::cpu_storage_as_slice(s)?;
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&data[a..b]),
-        None => fail!(op, "{arg} must be contiguous (strides {:?} for shape {:?})", l.stride(), l.dims()),
+        None => fail!(
+            op,
+            "{arg} must be contiguous (strides {:?} for shape {:?})",
+            l.stride(),
+            l.dims()
+        ),
     }
 }
 
@@ -202,8 +210,14 @@ where
     F: Fn(usize, [&[T::A]; N], [&mut [T::A]; M], &mut [T::A]) + Sync,
 {
     let len = outs[0].len();
-    assert!(outs.iter().all(|o| o.len() == len), "row driver: outputs differ in length");
-    assert!(inputs.iter().all(|i| i.len() == len), "row driver: inputs differ in length");
+    assert!(
+        outs.iter().all(|o| o.len() == len),
+        "row driver: outputs differ in length"
+    );
+    assert!(
+        inputs.iter().all(|i| i.len() == len),
+        "row driver: inputs differ in length"
+    );
     let n_rows = if d == 0 { 0 } else { len / d };
     let mut total = vec![T::A::zero(); acc_len];
     if n_rows == 0 {
@@ -234,8 +248,7 @@ where
                     for (k, s) in ins.iter().enumerate() {
                         T::to_acc(s, &mut ins_buf[k * d..(k + 1) * d]);
                     }
-                    let ins_a: [&[T::A]; N] =
-                        std::array::from_fn(|k| &ins_buf[k * d..(k + 1) * d]);
+                    let ins_a: [&[T::A]; N] = std::array::from_fn(|k| &ins_buf[k * d..(k + 1) * d]);
                     let mut it = out_buf.chunks_exact_mut(d);
                     let outs_a: [&mut [T::A]; M] =
                         std::array::from_fn(|_| it.next().expect("scratch has M rows"));
@@ -427,7 +440,9 @@ mod tests {
 
     #[test]
     fn reductions_match_scalar() {
-        let x: Vec<f32> = (0..1000).map(|i| ((i * 7919) % 1013) as f32 * 0.01 - 3.0).collect();
+        let x: Vec<f32> = (0..1000)
+            .map(|i| ((i * 7919) % 1013) as f32 * 0.01 - 3.0)
+            .collect();
         let m = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
         assert_eq!(max(&x), m);
         let s: f64 = x.iter().map(|&v| v as f64).sum();
@@ -438,7 +453,13 @@ mod tests {
 
     #[test]
     fn task_split_bounds_the_task_count() {
-        for &(rows, d) in &[(1usize, 1usize), (7, 3), (1000, 4096), (100_000, 2), (5, 1 << 20)] {
+        for &(rows, d) in &[
+            (1usize, 1usize),
+            (7, 3),
+            (1000, 4096),
+            (100_000, 2),
+            (5, 1 << 20),
+        ] {
             let rpt = rows_per_task(rows, d, 64);
             assert!(rpt >= 1 && rpt <= rows);
             assert!(rows.div_ceil(rpt) <= 64, "{rows}x{d}: {rpt} rows per task");

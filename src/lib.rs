@@ -23,10 +23,10 @@
 //! argument checks in `validate`, the CPU row drivers and vector math in `cpu`, the CUDA
 //! launch helpers in `cuda`.
 
+pub mod check;
 pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
-pub mod check;
 pub mod nn;
 pub mod ops;
 pub mod prelude;

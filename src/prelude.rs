@@ -11,13 +11,21 @@ pub trait FusedOps {
     fn softmax_fused(&self) -> Result<Tensor>;
     /// Attention softmax `softmax(scale·self + mask)` with optional causal masking
     /// ([`ops::masked_softmax`]); fully masked rows give zeros.
-    fn masked_softmax_fused(&self, scale: f64, mask: Option<&Tensor>, causal: bool)
-        -> Result<Tensor>;
+    fn masked_softmax_fused(
+        &self,
+        scale: f64,
+        mask: Option<&Tensor>,
+        causal: bool,
+    ) -> Result<Tensor>;
     /// RMSNorm over the last dim with weight `w` ([`ops::rms_norm`]).
     fn rms_norm_fused(&self, w: &Tensor, eps: f64) -> Result<Tensor>;
     /// Residual add + RMSNorm: returns `(normed, sum)` ([`ops::add_rms_norm`]).
-    fn add_rms_norm_fused(&self, residual: &Tensor, w: &Tensor, eps: f64)
-        -> Result<(Tensor, Tensor)>;
+    fn add_rms_norm_fused(
+        &self,
+        residual: &Tensor,
+        w: &Tensor,
+        eps: f64,
+    ) -> Result<(Tensor, Tensor)>;
 }
 
 impl FusedOps for Tensor {

@@ -21,7 +21,12 @@ pub fn causal_visible(s: usize, t: usize, device: &candle_core::Device) -> Resul
 
 /// `softmax(scale·x + mask)` over the last dim with optional causal masking; rows with every
 /// column masked give zeros.
-pub fn masked_softmax(x: &Tensor, scale: f64, mask: Option<&Tensor>, causal: bool) -> Result<Tensor> {
+pub fn masked_softmax(
+    x: &Tensor,
+    scale: f64,
+    mask: Option<&Tensor>,
+    causal: bool,
+) -> Result<Tensor> {
     let mut z = x.affine(scale, 0.0)?;
     if let Some(m) = mask {
         z = z.broadcast_add(m)?;
@@ -29,9 +34,17 @@ pub fn masked_softmax(x: &Tensor, scale: f64, mask: Option<&Tensor>, causal: boo
     if causal {
         let dims = x.dims();
         let t = dims[dims.len() - 1];
-        let s = if dims.len() >= 2 { dims[dims.len() - 2] } else { 1 };
+        let s = if dims.len() >= 2 {
+            dims[dims.len() - 2]
+        } else {
+            1
+        };
         let vis = causal_visible(s, t, x.device())?;
-        let vis = if dims.len() >= 2 { vis } else { vis.squeeze(0)? };
+        let vis = if dims.len() >= 2 {
+            vis
+        } else {
+            vis.squeeze(0)?
+        };
         let neg = Tensor::full(f64::NEG_INFINITY, (), x.device())?.to_dtype(x.dtype())?;
         z = vis
             .broadcast_as(z.shape())?
@@ -58,7 +71,12 @@ pub fn rms_norm(x: &Tensor, w: Option<&Tensor>, eps: f64) -> Result<Tensor> {
 }
 
 /// `(rms_norm(x + residual) * w, x + residual)`.
-pub fn add_rms_norm(x: &Tensor, residual: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+pub fn add_rms_norm(
+    x: &Tensor,
+    residual: &Tensor,
+    w: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor)> {
     let s = (x + residual)?;
     Ok((rms_norm(&s, Some(w), eps)?, s))
 }

@@ -51,10 +51,17 @@ pub fn rand(shape: &[usize], lo: f64, hi: f64, dtype: DType, device: &Device) ->
 /// then left out of the norms. When `‖ref‖ = 0` the absolute error `‖out‖` is returned.
 pub fn rel_err(out: &Tensor, reference: &Tensor) -> Result<f64> {
     if out.dims() != reference.dims() {
-        candle_core::bail!("rel_err: shapes differ {:?} vs {:?}", out.dims(), reference.dims())
+        candle_core::bail!(
+            "rel_err: shapes differ {:?} vs {:?}",
+            out.dims(),
+            reference.dims()
+        )
     }
     let a = out.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
-    let b = reference.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+    let b = reference
+        .to_dtype(DType::F64)?
+        .flatten_all()?
+        .to_vec1::<f64>()?;
     let (mut num, mut den) = (0f64, 0f64);
     for (&x, &y) in a.iter().zip(&b) {
         if !y.is_finite() {
@@ -70,17 +77,31 @@ pub fn rel_err(out: &Tensor, reference: &Tensor) -> Result<f64> {
         num += (x - y) * (x - y);
         den += y * y;
     }
-    Ok(if den == 0.0 { num.sqrt() } else { (num / den).sqrt() })
+    Ok(if den == 0.0 {
+        num.sqrt()
+    } else {
+        (num / den).sqrt()
+    })
 }
 
 /// The largest absolute value (for messages).
 pub fn max_abs(t: &Tensor) -> Result<f64> {
-    t.to_dtype(DType::F64)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()
+    t.to_dtype(DType::F64)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f64>()
 }
 
 /// Central finite differences of `L(inputs) = Σ f(inputs) ⊙ probe` with respect to
 /// `inputs[which]`, in f64 on the CPU, for every element of that input (keep it small).
-pub fn finite_diff<F>(f: F, inputs: &[Tensor], which: usize, probe: &Tensor, h: f64) -> Result<Tensor>
+pub fn finite_diff<F>(
+    f: F,
+    inputs: &[Tensor],
+    which: usize,
+    probe: &Tensor,
+    h: f64,
+) -> Result<Tensor>
 where
     F: Fn(&[Tensor]) -> Result<Tensor>,
 {

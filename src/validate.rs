@@ -19,14 +19,20 @@ pub(crate) use fail;
 pub(crate) fn float_dtype(op: &str, arg: &str, t: &Tensor) -> Result<()> {
     match t.dtype() {
         DType::F32 | DType::F64 | DType::F16 | DType::BF16 => Ok(()),
-        d => fail!(op, "{arg} has dtype {d:?}, expected one of f32, f64, f16, bf16"),
+        d => fail!(
+            op,
+            "{arg} has dtype {d:?}, expected one of f32, f64, f16, bf16"
+        ),
     }
 }
 
 /// `t` has rank >= 1.
 pub(crate) fn rank_ge1(op: &str, arg: &str, t: &Tensor) -> Result<()> {
     if t.rank() == 0 {
-        fail!(op, "{arg} must have rank >= 1 (the op works over the last dim), got a scalar (rank 0)")
+        fail!(
+            op,
+            "{arg} must have rank >= 1 (the op works over the last dim), got a scalar (rank 0)"
+        )
     }
     Ok(())
 }
@@ -34,10 +40,20 @@ pub(crate) fn rank_ge1(op: &str, arg: &str, t: &Tensor) -> Result<()> {
 /// `t` has the same dtype and device as `x`.
 pub(crate) fn same_dtype_device(op: &str, arg: &str, t: &Tensor, x: &Tensor) -> Result<()> {
     if t.dtype() != x.dtype() {
-        fail!(op, "{arg} has dtype {:?}, expected {:?} (the dtype of x)", t.dtype(), x.dtype())
+        fail!(
+            op,
+            "{arg} has dtype {:?}, expected {:?} (the dtype of x)",
+            t.dtype(),
+            x.dtype()
+        )
     }
     if !t.device().same_device(x.device()) {
-        fail!(op, "{arg} is on device {:?}, expected {:?} (the device of x)", t.device().location(), x.device().location())
+        fail!(
+            op,
+            "{arg} is on device {:?}, expected {:?} (the device of x)",
+            t.device().location(),
+            x.device().location()
+        )
     }
     Ok(())
 }
@@ -45,7 +61,12 @@ pub(crate) fn same_dtype_device(op: &str, arg: &str, t: &Tensor, x: &Tensor) -> 
 /// `t` has exactly `dims`.
 pub(crate) fn shape_eq(op: &str, arg: &str, t: &Tensor, dims: &[usize], what: &str) -> Result<()> {
     if t.dims() != dims {
-        fail!(op, "{arg} has shape {:?}, expected {:?} ({what})", t.dims(), dims)
+        fail!(
+            op,
+            "{arg} has shape {:?}, expected {:?} ({what})",
+            t.dims(),
+            dims
+        )
     }
     Ok(())
 }
@@ -75,7 +96,10 @@ pub(crate) fn broadcastable(op: &str, arg: &str, from: &[usize], to: &[usize]) -
             .zip(to.iter().rev())
             .all(|(&f, &t)| f == t || f == 1);
     if !ok {
-        fail!(op, "{arg} of shape {from:?} cannot be broadcast to the shape of x {to:?}")
+        fail!(
+            op,
+            "{arg} of shape {from:?} cannot be broadcast to the shape of x {to:?}"
+        )
     }
     Ok(())
 }

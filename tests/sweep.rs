@@ -21,5 +21,10 @@ fn cpu_sweep_all_ops_all_dtypes() {
         }
     }
     assert!(n > 300, "only {n} comparisons ran");
-    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }

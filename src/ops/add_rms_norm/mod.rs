@@ -87,7 +87,12 @@ impl CustomOp3 for AddRmsNormBwd {
         gs: &CpuStorage,
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let args = BwdArgs { x: (ps, pl), w: Some((ws, wl)), dy: (gs, gl), fused_add: true };
+        let args = BwdArgs {
+            x: (ps, pl),
+            w: Some((ws, wl)),
+            dy: (gs, gl),
+            fused_add: true,
+        };
         rms_norm::cpu::backward(self.eps, args)
     }
 
@@ -101,13 +106,23 @@ impl CustomOp3 for AddRmsNormBwd {
         gs: &candle_core::CudaStorage,
         gl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let args = BwdArgs { x: (ps, pl), w: Some((ws, wl)), dy: (gs, gl), fused_add: true };
+        let args = BwdArgs {
+            x: (ps, pl),
+            w: Some((ws, wl)),
+            dy: (gs, gl),
+            fused_add: true,
+        };
         rms_norm::cuda::backward(self.eps, args)
     }
 }
 
 /// `([normed; sum], w, [d normed; d sum]) -> (d sum_total, dw)`.
-fn backward_op(packed_out: &Tensor, w: &Tensor, packed_grad: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+fn backward_op(
+    packed_out: &Tensor,
+    w: &Tensor,
+    packed_grad: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor)> {
     let dims = &packed_out.dims()[1..];
     let grad = packed_grad.contiguous()?;
     let out = packed_out.contiguous()?;

@@ -131,9 +131,13 @@ fn backward_t<T: Elem>(eps: f64, a: &BwdArgs<'_, CpuStorage>) -> Result<(CpuStor
     let mut out = cpu::alloc::<T>(rows * d + dw_len);
     let (dx, dw_out) = out.split_at_mut(rows * d);
     let dw = match dres {
-        Some(dres) => cpu::rows([x, dy, dres], [dx], d, dw_len, |_, [x, g, dr], [dx], acc| {
-            bwd_row(x, g, Some(dr), w, dx, acc, eps)
-        }),
+        Some(dres) => cpu::rows(
+            [x, dy, dres],
+            [dx],
+            d,
+            dw_len,
+            |_, [x, g, dr], [dx], acc| bwd_row(x, g, Some(dr), w, dx, acc, eps),
+        ),
         None => cpu::rows([x, dy], [dx], d, dw_len, |_, [x, g], [dx], acc| {
             bwd_row(x, g, None, w, dx, acc, eps)
         }),

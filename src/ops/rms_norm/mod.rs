@@ -35,7 +35,12 @@ impl<'a, S> BwdArgs<'a, S> {
         gs: &'a S,
         gl: &'a Layout,
     ) -> Self {
-        Self { x: (xs, xl), w, dy: (gs, gl), fused_add: false }
+        Self {
+            x: (xs, xl),
+            w,
+            dy: (gs, gl),
+            fused_add: false,
+        }
     }
 }
 

@@ -25,7 +25,11 @@ impl MaskIndex {
         let r = dims.len();
         Self {
             start: l.start_offset(),
-            lead: dims[..r - 1].iter().copied().zip(strides[..r - 1].iter().copied()).collect(),
+            lead: dims[..r - 1]
+                .iter()
+                .copied()
+                .zip(strides[..r - 1].iter().copied())
+                .collect(),
             col_stride: strides[r - 1],
         }
     }
@@ -64,19 +68,22 @@ fn forward_t<T: Elem>(
     let x = cpu::slice::<T>(OP, "x", s, l)?;
     let dims = l.dims();
     let t = dims[dims.len() - 1];
-    let s_rows = if dims.len() >= 2 { dims[dims.len() - 2] } else { 1 };
+    let s_rows = if dims.len() >= 2 {
+        dims[dims.len() - 2]
+    } else {
+        1
+    };
     let mut out = cpu::alloc::<T>(x.len());
     let plain = mask.is_none() && !op.causal && op.scale == 1.0;
     if plain {
         cpu::rows([x], [&mut out], t, 0, |_, [x], [y], _| {
-                let m = cpu::max(x);
-                let sum = cpu::exp_sub_sum(x, y, m);
+            let m = cpu::max(x);
+            let sum = cpu::exp_sub_sum(x, y, m);
             normalize(y, sum, op.zero_masked_rows && m == T::A::neg_infinity());
         });
     } else {
         // The mask, in the accumulation type, read through its (broadcast) strides.
-        let (mask_vals, index): (Option<std::borrow::Cow<[T::A]>>, Option<MaskIndex>) = match mask
-        {
+        let (mask_vals, index): (Option<std::borrow::Cow<[T::A]>>, Option<MaskIndex>) = match mask {
             None => (None, None),
             Some((ms, ml)) => {
                 let data = T::cpu_storage_as_slice(ms)?;

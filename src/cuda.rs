@@ -1,0 +1,1 @@
+//! Shared CUDA launch helpers (work in progress on main).

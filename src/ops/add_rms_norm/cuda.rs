@@ -1,0 +1,1 @@
+//! CUDA launch glue (work in progress on main).
