@@ -358,14 +358,6 @@ pub(crate) fn sum_map2<A: Acc>(a: &[A], b: &[A], g: impl Fn(A, A) -> A) -> A {
     blocked_sum(n, |i| g(a[i], b[i]))
 }
 
-/// Sum of `g(a, b, c)` over three rows of equal length.
-#[inline(always)]
-pub(crate) fn sum_map3<A: Acc>(a: &[A], b: &[A], c: &[A], g: impl Fn(A, A, A) -> A) -> A {
-    let n = a.len();
-    let (a, b, c) = (&a[..n], &b[..n], &c[..n]);
-    blocked_sum(n, |i| g(a[i], b[i], c[i]))
-}
-
 /// `dst[i] = exp(src[i] - m)`, returning the sum of the results.
 #[inline(always)]
 pub(crate) fn exp_sub_sum<A: Acc>(src: &[A], dst: &mut [A], m: A) -> A {
