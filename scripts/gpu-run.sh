@@ -18,7 +18,7 @@ rc=0
 for phase in "$@"; do
   case $phase in
     test)
-      { echo "# $STAMP"; $B/gpu-tests --test-threads=1 --nocapture 2>&1; } > "$OUT/gpu-tests.log"; r=$?
+      { echo "# $STAMP"; timeout ${TEST_TIMEOUT:-400} $B/gpu-tests --test-threads=1 --nocapture 2>&1; } > "$OUT/gpu-tests.log"; r=$?
       grep -E '^test |test result' "$OUT/gpu-tests.log"; [ $r = 0 ] || { rc=1; grep -E 'FAIL|panicked|error' "$OUT/gpu-tests.log" | head -40; }
       { echo "# $STAMP"; $B/candle-fused check --device cuda 2>&1; } > "$OUT/check-cuda.log"; r=$?
       tail -n 3 "$OUT/check-cuda.log"; [ $r = 0 ] || { rc=1; grep FAIL "$OUT/check-cuda.log" | head -20; } ;;
