@@ -7,12 +7,14 @@
 //! one CTA's shared memory), each stages its slice on chip once and the reductions cross the
 //! cluster through distributed shared memory. So HBM is read once even for 262144-long rows.
 
+use std::collections::HashMap;
 use std::ffi::c_void;
+use std::sync::{Mutex, OnceLock};
 
 use candle_core::cuda_backend::cudarc::driver::{
-    sys, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop,
+    sys, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop,
 };
-use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::cuda_backend::{CudaDType, DeviceId, WrapErr};
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result};
 
 use crate::validate::{err, fail};
@@ -54,8 +56,25 @@ pub(crate) struct DeviceInfo {
     pub smem_optin: u32,
 }
 
+type FuncCache = HashMap<(DeviceId, String), CudaFunction>;
+
+/// Loaded kernels and device facts, per device: a launch costs a hash lookup, not driver
+/// queries (this matters for small decode-time shapes).
+static FUNCS: OnceLock<Mutex<FuncCache>> = OnceLock::new();
+static INFOS: OnceLock<Mutex<HashMap<DeviceId, DeviceInfo>>> = OnceLock::new();
+
 impl DeviceInfo {
     pub fn of(dev: &CudaDevice) -> Result<Self> {
+        let cache = INFOS.get_or_init(Default::default);
+        if let Some(i) = cache.lock().expect("cache lock").get(&dev.id()) {
+            return Ok(*i);
+        }
+        let info = Self::query(dev)?;
+        cache.lock().expect("cache lock").insert(dev.id(), info);
+        Ok(info)
+    }
+
+    fn query(dev: &CudaDevice) -> Result<Self> {
         use sys::CUdevice_attribute::*;
         let stream = dev.cuda_stream();
         let ctx = stream.context();
@@ -140,6 +159,11 @@ pub(crate) fn plan(op: &str, info: &DeviceInfo, s: &RowSpec) -> Result<Plan> {
                 " without thread-block clusters (needs sm_90)"
             }
         )
+    }
+    // Slices of at most ~110 KB let two CTAs share an SM, so one stages while the other
+    // computes.
+    while c < max_c && smem_of(chunk_of(c)) > 110 * 1024 {
+        c *= 2;
     }
     while c < max_c && s.rows * c < 2 * info.sms as usize && chunk_of(2 * c) >= 8192 {
         c *= 2;
@@ -230,15 +254,15 @@ impl<'a> Args<'a> {
     }
 }
 
-/// Loads `name` from `ptx` (the build for the device's architecture) and launches it with
-/// `plan`'s grid, block, shared memory and cluster size.
-pub(crate) fn launch(
-    dev: &CudaDevice,
-    ptx: &Ptx,
-    name: &str,
-    plan: &Plan,
-    args: &Args,
-) -> Result<()> {
+/// The kernel `name` of `ptx` (the build for the device's architecture), loaded once per
+/// device, with its dynamic shared memory limit raised to the device maximum and (on sm_90)
+/// clusters of up to 16 CTAs allowed.
+fn function(dev: &CudaDevice, ptx: &Ptx, name: &str) -> Result<CudaFunction> {
+    let cache = FUNCS.get_or_init(Default::default);
+    let key = (dev.id(), name.to_string());
+    if let Some(f) = cache.lock().expect("cache lock").get(&key) {
+        return Ok(f.clone());
+    }
     let info = DeviceInfo::of(dev)?;
     let (src, arch) = if info.clusters() {
         (ptx.sm90, "sm90")
@@ -249,18 +273,30 @@ pub(crate) fn launch(
         .get_or_load_custom_func(name, &format!("candle-fused-{}-{arch}", ptx.name), src)?
         .into_cuda_function();
     use sys::CUfunction_attribute_enum::*;
-    if plan.smem > 48 * 1024 {
-        func.set_attribute(
-            CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            plan.smem as i32,
-        )
-        .w()?;
-    }
-    let csize = plan.geom.csize as u32;
-    if csize > 8 {
+    func.set_attribute(
+        CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        info.smem_optin as i32,
+    )
+    .w()?;
+    if info.clusters() {
         func.set_attribute(CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED, 1)
             .w()?;
     }
+    cache.lock().expect("cache lock").insert(key, func.clone());
+    Ok(func)
+}
+
+/// Launches the row-engine kernel `name` of `ptx` with `plan`'s grid, block, shared memory
+/// and cluster size.
+pub(crate) fn launch(
+    dev: &CudaDevice,
+    ptx: &Ptx,
+    name: &str,
+    plan: &Plan,
+    args: &Args,
+) -> Result<()> {
+    let func = function(dev, ptx, name)?;
+    let csize = plan.geom.csize as u32;
     raw_launch(
         &func,
         args,
@@ -278,21 +314,12 @@ pub(crate) fn launch_simple(
     block: u32,
     args: &Args,
 ) -> Result<()> {
-    let info = DeviceInfo::of(dev)?;
-    let (src, arch) = if info.clusters() {
-        (ptx.sm90, "sm90")
-    } else {
-        (ptx.sm80, "sm80")
-    };
-    let func = dev
-        .get_or_load_custom_func(name, &format!("candle-fused-{}-{arch}", ptx.name), src)?
-        .into_cuda_function();
-    raw_launch(&func, args, (grid, block, 0), 1)
+    raw_launch(&function(dev, ptx, name)?, args, (grid, block, 0), 1)
 }
 
 /// `cuLaunchKernelEx` on the arguments' stream, with a cluster attribute when `csize > 1`.
-pub(crate) fn raw_launch(
-    func: &candle_core::cuda_backend::cudarc::driver::CudaFunction,
+fn raw_launch(
+    func: &CudaFunction,
     args: &Args,
     (grid, block, smem): (u32, u32, u32),
     csize: u32,

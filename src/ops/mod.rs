@@ -8,6 +8,7 @@
 
 pub mod add_rms_norm;
 pub(crate) mod packed;
+pub(crate) mod raw;
 pub mod rms_norm;
 pub mod softmax;
 

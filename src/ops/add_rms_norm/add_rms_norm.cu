@@ -24,10 +24,16 @@ template <typename T, int VEC> struct AddRmsFwd {
   __device__ void finish(int64_t, int64_t, int) {}
 
   __device__ SumF partial(int64_t, int64_t, int n, T* const* s) const {
+    const Pack<T, VEC>* a = reinterpret_cast<const Pack<T, VEC>*>(s[0]);
+    const Pack<T, VEC>* b = reinterpret_cast<const Pack<T, VEC>*>(s[1]);
     float acc = 0.f;
-    for (int j = threadIdx.x; j < n; j += blockDim.x) {
-      const float v = ld(s[0][j]) + ld(s[1][j]);
-      acc = fmaf(v, v, acc);
+    for (int u = threadIdx.x; u < n / VEC; u += blockDim.x) {
+      const Pack<T, VEC> pa = a[u], pb = b[u];
+#pragma unroll
+      for (int e = 0; e < VEC; e++) {
+        const float v = ld(pa.v[e]) + ld(pb.v[e]);
+        acc = fmaf(v, v, acc);
+      }
     }
     return {acc};
   }

@@ -69,43 +69,42 @@ fn forward_t<T: CudaDType + DeviceRepr>(
     Ok((cuda::storage(y, dev), l.shape().clone()))
 }
 
-/// Output: `dx` (`[rows, D]`), followed by `dw` (one more row) when there is a weight.
-pub(crate) fn backward(eps: f64, a: BwdArgs<'_, CudaStorage>) -> Result<(CudaStorage, Shape)> {
+/// Returns `dx` (shape of x) and, with a weight, `dw` (`[D]`).
+pub(crate) fn backward(
+    eps: f64,
+    a: BwdArgs<'_, CudaStorage>,
+) -> Result<(CudaStorage, Option<CudaStorage>)> {
     dispatch!(OP, a.x.0.dtype(), |T| backward_t::<T>(eps, &a))
 }
 
 fn backward_t<T: CudaDType + DeviceRepr>(
     eps: f64,
     a: &BwdArgs<'_, CudaStorage>,
-) -> Result<(CudaStorage, Shape)> {
+) -> Result<(CudaStorage, Option<CudaStorage>)> {
     let dev = a.x.0.device();
     let stream = dev.cuda_stream();
     let (xs, xo) = cuda::slice::<T>(OP, "x", a.x.0, a.x.1)?;
     let (gs, go) = cuda::slice::<T>(OP, "dy", a.dy.0, a.dy.1)?;
+    let dres = a
+        .dres
+        .map(|(s, l)| cuda::slice::<T>(OP, "d_sum", s, l))
+        .transpose()?;
     let w =
         a.w.map(|(ws, wl)| cuda::slice::<T>(OP, "weight", ws, wl))
             .transpose()?;
     let dims = a.x.1.dims();
     let d = dims[dims.len() - 1];
-    let n_all = a.x.1.shape().elem_count();
-    // Fused add: x is the second half of [normed; sum], dy the first half of [dnormed; dsum]
-    // and dres its second half.
-    let (xo, dres_o, n) = if a.fused_add {
-        (xo + n_all / 2, Some(go + n_all / 2), n_all / 2)
-    } else {
-        (xo, None, n_all)
-    };
+    let n = a.x.1.shape().elem_count();
     let rows = n / d;
-    let dw_len = if w.is_some() { d } else { 0 };
-    let mut out = cuda::alloc::<T>(dev, rows * d + dw_len)?;
+    let mut dx = cuda::alloc::<T>(dev, n)?;
     let elem = std::mem::size_of::<T>();
     let vec = 16 / elem;
     let vec_ok = d % vec == 0
         && cuda::aligned16(xs, xo, &stream)
         && cuda::aligned16(gs, go, &stream)
-        && dres_o.is_none_or(|o| cuda::aligned16(gs, o, &stream))
+        && dres.is_none_or(|(s, o)| cuda::aligned16(s, o, &stream))
         && w.is_none_or(|(w, wo)| cuda::aligned16(w, wo, &stream))
-        && cuda::aligned16(&out, 0, &stream);
+        && cuda::aligned16(&dx, 0, &stream);
     let info = DeviceInfo::of(dev)?;
     let spec = RowSpec {
         rows,
@@ -118,7 +117,7 @@ fn backward_t<T: CudaDType + DeviceRepr>(
         persistent: w.is_some(),
     };
     let plan = cuda::plan(
-        if a.fused_add {
+        if a.dres.is_some() {
             "add_rms_norm_backward"
         } else {
             "rms_norm_backward"
@@ -135,15 +134,15 @@ fn backward_t<T: CudaDType + DeviceRepr>(
     {
         let mut args = Args::new(&stream);
         args.input(xs, xo).input(gs, go);
-        match dres_o {
-            Some(o) => args.input(gs, o),
+        match dres {
+            Some((s, o)) => args.input(s, o),
             None => args.null(),
         };
         match w {
             Some((w, wo)) => args.input(w, wo),
             None => args.null(),
         };
-        args.output(&mut out, 0);
+        args.output(&mut dx, 0);
         match part.as_mut() {
             Some(p) => args.output(p, 0),
             None => args.null(),
@@ -157,20 +156,22 @@ fn backward_t<T: CudaDType + DeviceRepr>(
             &args,
         )?;
     }
-    if let Some(p) = part.as_ref() {
-        let mut args = Args::new(&stream);
-        args.input(p, 0)
-            .val(plan.clusters as i64)
-            .val(d as i64)
-            .output(&mut out, rows * d);
-        let block = 256u32;
-        let grid = d.div_ceil(block as usize).min(65535) as u32;
-        cuda::launch_simple(dev, &PTX, &format!("dw_reduce_{dt}"), grid, block, &args)?;
-    }
-    let shape = if w.is_some() {
-        Shape::from((rows + 1, d))
-    } else {
-        a.x.1.shape().clone()
+    let dw = match part.as_ref() {
+        Some(p) => {
+            let mut dw = cuda::alloc::<T>(dev, d)?;
+            {
+                let mut args = Args::new(&stream);
+                args.input(p, 0)
+                    .val(plan.clusters as i64)
+                    .val(d as i64)
+                    .output(&mut dw, 0);
+                let block = 256u32;
+                let grid = d.div_ceil(block as usize).min(65535) as u32;
+                cuda::launch_simple(dev, &PTX, &format!("dw_reduce_{dt}"), grid, block, &args)?;
+            }
+            Some(cuda::storage(dw, dev))
+        }
+        None => None,
     };
-    Ok((cuda::storage(out, dev), shape))
+    Ok((cuda::storage(dx, dev), dw))
 }

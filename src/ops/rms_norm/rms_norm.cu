@@ -2,8 +2,9 @@
 // and the backward dx = r·(g − x·c) (+ dres) with g = dy⊙w, c = ⟨g, x⟩/(Σx² + D·eps), plus
 // dw = Σ_rows dy⊙x·r. The backward also serves add+RMSNorm (dres = the gradient of the sum).
 //
-// The backward reduces Σx² and ⟨g, x⟩ in f64 and forms g − x·c in f64: when g is nearly
-// parallel to x (always for D = 1) the difference cancels and f32 would leave rounding noise.
+// When g is nearly parallel to x (always for D = 1) g − x·c cancels and plain f32 would leave
+// only rounding noise: the backward sums exact product splits and joins them in f64, and
+// forms g − x·c with c split into two floats (see RmsBwd).
 // dw: each CTA accumulates its rows' dy⊙x·r for its column slice in f32 shared memory and
 // writes one partial row; `dw_reduce` sums the partials in a fixed order (deterministic).
 #include "common.cuh"
@@ -26,10 +27,12 @@ template <typename T, int VEC> struct RmsFwd {
   __device__ void finish(int64_t, int64_t, int) {}
 
   __device__ SumF partial(int64_t, int64_t, int n, T* const* s) const {
+    const Pack<T, VEC>* sx = reinterpret_cast<const Pack<T, VEC>*>(s[0]);
     float acc = 0.f;
-    for (int j = threadIdx.x; j < n; j += blockDim.x) {
-      const float v = ld(s[0][j]);
-      acc = fmaf(v, v, acc);
+    for (int u = threadIdx.x; u < n / VEC; u += blockDim.x) {
+      const Pack<T, VEC> p = sx[u];
+#pragma unroll
+      for (int e = 0; e < VEC; e++) acc = fmaf(ld(p.v[e]), ld(p.v[e]), acc);
     }
     return {acc};
   }
@@ -77,40 +80,69 @@ template <typename T, int VEC> struct RmsBwd {
     if (!w) return;
     for (int j = threadIdx.x; j < n; j += blockDim.x) part[cluster * d + lo + j] = dws[j];
   }
-  __device__ __forceinline__ float g(T dyv, int64_t col) const {
-    return w ? ld(dyv) * ld(w[col]) : ld(dyv);
+  __device__ __forceinline__ Pack<T, VEC> weights(int64_t lo, int u) const {
+    return reinterpret_cast<const Pack<T, VEC>*>(w + lo)[u];
   }
 
+  // Σx² and Σ g·x with g = dy·w. Each product is split exactly (p + e = a·b, e by FMA) and the
+  // parts summed separately, then joined in f64: exact for one element, and the usual f32
+  // summation error otherwise.
   __device__ Sum2D partial(int64_t, int64_t lo, int n, T* const* s) const {
-    double ss = 0.0, dot = 0.0;
-    for (int j = threadIdx.x; j < n; j += blockDim.x) {
-      const double xv = ld(s[0][j]);
-      ss = fma(xv, xv, ss);
-      dot = fma((double)g(s[1][j], lo + j), xv, dot);
-    }
-    return {ss, dot};
-  }
-  __device__ void output(int64_t row, int64_t lo, int n, T* const* s, Sum2D red) const {
-    const double r = 1.0 / sqrt(red.a / (double)d + eps);
-    const double c = red.b / (red.a + (double)d * eps);
-    const float rf = (float)r;
-    T* o = dx + row * d + lo;
-    const T* dr = dres ? dres + row * d + lo : nullptr;
+    const Pack<T, VEC>* sx = reinterpret_cast<const Pack<T, VEC>*>(s[0]);
+    const Pack<T, VEC>* sg = reinterpret_cast<const Pack<T, VEC>*>(s[1]);
+    float ss = 0.f, ss_e = 0.f, dt = 0.f, dt_e = 0.f;
     for (int u = threadIdx.x; u < n / VEC; u += blockDim.x) {
-      const int j0 = u * VEC;
-      Pack<T, VEC> xa = *reinterpret_cast<const Pack<T, VEC>*>(s[0] + j0);
-      Pack<T, VEC> ga = *reinterpret_cast<const Pack<T, VEC>*>(s[1] + j0), out, ra;
-      if (dr) ra = *reinterpret_cast<const Pack<T, VEC>*>(dr + j0);
+      const Pack<T, VEC> px = sx[u], pg = sg[u];
+      Pack<T, VEC> pw;
+      if (w) pw = weights(lo, u);
 #pragma unroll
       for (int e = 0; e < VEC; e++) {
-        const float xv = ld(xa.v[e]);
-        const float gv = g(ga.v[e], lo + j0 + e);
-        float v = (float)(r * ((double)gv - (double)xv * c));
-        if (dr) v += ld(ra.v[e]);
-        out.v[e] = st<T>(v);
-        if (w) dws[j0 + e] = fmaf(ld(ga.v[e]) * xv, rf, dws[j0 + e]);
+        const float xv = ld(px.v[e]);
+        const float gv = w ? ld(pg.v[e]) * ld(pw.v[e]) : ld(pg.v[e]);
+        const float p = xv * xv, q = gv * xv;
+        ss += p;
+        ss_e += fmaf(xv, xv, -p);
+        dt += q;
+        dt_e += fmaf(gv, xv, -q);
       }
-      *reinterpret_cast<Pack<T, VEC>*>(o + j0) = out;
+    }
+    return {(double)ss + (double)ss_e, (double)dt + (double)dt_e};
+  }
+
+  // dx = r·(g − x·c) (+ dres): c is split into two floats so g − x·c keeps its precision when
+  // it cancels (two FMAs, each rounding once relative to the small result).
+  __device__ void output(int64_t row, int64_t lo, int n, T* const* s, Sum2D red) const {
+    const double rd = 1.0 / sqrt(red.a / (double)d + eps);
+    const double c = red.b / (red.a + (double)d * eps);
+    const float r = (float)rd, c_hi = (float)c, c_lo = (float)(c - (double)c_hi);
+    T* o = dx + row * d + lo;
+    const T* dr = dres ? dres + row * d + lo : nullptr;
+    const Pack<T, VEC>* sx = reinterpret_cast<const Pack<T, VEC>*>(s[0]);
+    const Pack<T, VEC>* sg = reinterpret_cast<const Pack<T, VEC>*>(s[1]);
+    for (int u = threadIdx.x; u < n / VEC; u += blockDim.x) {
+      const Pack<T, VEC> px = sx[u], pg = sg[u];
+      Pack<T, VEC> pw, pr, out;
+      if (w) pw = weights(lo, u);
+      if (dr) pr = reinterpret_cast<const Pack<T, VEC>*>(dr)[u];
+      float acc[VEC];
+      if (w) {
+#pragma unroll
+        for (int e = 0; e < VEC; e++) acc[e] = dws[u * VEC + e];
+      }
+#pragma unroll
+      for (int e = 0; e < VEC; e++) {
+        const float xv = ld(px.v[e]), dyv = ld(pg.v[e]);
+        const float gv = w ? dyv * ld(pw.v[e]) : dyv;
+        float v = fmaf(-xv, c_lo, fmaf(-xv, c_hi, gv)) * r;
+        if (dr) v += ld(pr.v[e]);
+        out.v[e] = st<T>(v);
+        if (w) acc[e] = fmaf(dyv * xv, r, acc[e]);
+      }
+      if (w) {
+#pragma unroll
+        for (int e = 0; e < VEC; e++) dws[u * VEC + e] = acc[e];
+      }
+      reinterpret_cast<Pack<T, VEC>*>(o)[u] = out;
     }
   }
 };

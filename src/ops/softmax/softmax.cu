@@ -20,7 +20,7 @@ struct MaskGeom {
 
 constexpr float LOG2E = 1.4426950408889634f;
 
-template <typename T, int VEC> struct SoftmaxFwd {
+template <typename T, int VEC, bool MASKED> struct SoftmaxFwd {
   using Red = MaxSum;
   static constexpr int NIN = 1;
   const T* __restrict__ x;
@@ -33,6 +33,7 @@ template <typename T, int VEC> struct SoftmaxFwd {
   int64_t vis = 0, moff = 0;  // of the current row
 
   __device__ void begin_row(int64_t row) {
+    if (!MASKED) return;
     vis = visible(row);
     moff = mask ? mask_offset(row) : 0;
   }
@@ -47,6 +48,7 @@ template <typename T, int VEC> struct SoftmaxFwd {
     return v < 0 ? 0 : (v > d ? d : v);
   }
   __device__ int stage_len(int64_t, int64_t lo, int n) const {
+    if (!MASKED) return n;
     int64_t v = vis - lo;
     v = v < 0 ? 0 : (v > n ? n : v);
     v = (v + VEC - 1) / VEC * VEC;
@@ -63,22 +65,34 @@ template <typename T, int VEC> struct SoftmaxFwd {
     }
     return off;
   }
+  // The logit of column `col` (absolute index in the row).
   __device__ __forceinline__ float z(T xv, int64_t col) const {
+    if (!MASKED) return scale * ld(xv);
     if (col >= vis) return -INFINITY;
     float v = scale * ld(xv);
     if (mask) v += ld(mask[moff + col * mg.col_stride]);
     return v;
   }
 
+  // Per thread: the max of its logits, then the sum of their exponentials (two sweeps over the
+  // staged slice, 16 bytes at a time).
   __device__ MaxSum partial(int64_t, int64_t lo, int n, T* const* s) const {
-    const T* sx = s[0];
+    const Pack<T, VEC>* sx = reinterpret_cast<const Pack<T, VEC>*>(s[0]);
+    const int nu = n / VEC;
     float m = -INFINITY;
-    for (int j = threadIdx.x; j < n; j += blockDim.x) m = fmaxf(m, z(sx[j], lo + j));
+    for (int u = threadIdx.x; u < nu; u += blockDim.x) {
+      const Pack<T, VEC> p = sx[u];
+#pragma unroll
+      for (int e = 0; e < VEC; e++) m = fmaxf(m, z(p.v[e], lo + u * VEC + e));
+    }
     float sum = 0.f;
     if (m != -INFINITY) {
       const float ml = m * LOG2E;
-      for (int j = threadIdx.x; j < n; j += blockDim.x)
-        sum += exp2f(fmaf(z(sx[j], lo + j), LOG2E, -ml));
+      for (int u = threadIdx.x; u < nu; u += blockDim.x) {
+        const Pack<T, VEC> p = sx[u];
+#pragma unroll
+        for (int e = 0; e < VEC; e++) sum += exp2f(fmaf(z(p.v[e], lo + u * VEC + e), LOG2E, -ml));
+      }
     }
     return {m, sum};
   }
@@ -88,15 +102,16 @@ template <typename T, int VEC> struct SoftmaxFwd {
     const float fill = zero_masked ? 0.f : NAN;
     const float ml = r.m * LOG2E, inv = 1.f / r.s;
     T* yr = y + row * d + lo;
+    const Pack<T, VEC>* sx = reinterpret_cast<const Pack<T, VEC>*>(s[0]);
     for (int u = threadIdx.x; u < n / VEC; u += blockDim.x) {
-      const int j0 = u * VEC;
-      Pack<T, VEC> in = *reinterpret_cast<const Pack<T, VEC>*>(s[0] + j0), o;
+      const Pack<T, VEC> in = sx[u];
+      Pack<T, VEC> o;
 #pragma unroll
       for (int e = 0; e < VEC; e++) {
-        const float zz = z(in.v[e], lo + j0 + e);
+        const float zz = z(in.v[e], lo + u * VEC + e);
         o.v[e] = st<T>(dead ? fill : exp2f(fmaf(zz, LOG2E, -ml)) * inv);
       }
-      *reinterpret_cast<Pack<T, VEC>*>(yr + j0) = o;
+      reinterpret_cast<Pack<T, VEC>*>(yr)[u] = o;
     }
   }
 };
@@ -117,8 +132,14 @@ template <typename T, int VEC> struct SoftmaxBwd {
   __device__ int stage_len(int64_t, int64_t, int n) const { return n; }
 
   __device__ SumF partial(int64_t, int64_t, int n, T* const* s) const {
+    const Pack<T, VEC>* a = reinterpret_cast<const Pack<T, VEC>*>(s[0]);
+    const Pack<T, VEC>* b = reinterpret_cast<const Pack<T, VEC>*>(s[1]);
     float acc = 0.f;
-    for (int j = threadIdx.x; j < n; j += blockDim.x) acc += ld(s[0][j]) * ld(s[1][j]);
+    for (int u = threadIdx.x; u < n / VEC; u += blockDim.x) {
+      const Pack<T, VEC> pa = a[u], pb = b[u];
+#pragma unroll
+      for (int e = 0; e < VEC; e++) acc = fmaf(ld(pa.v[e]), ld(pb.v[e]), acc);
+    }
     return {acc};
   }
   __device__ void output(int64_t row, int64_t lo, int n, T* const* s, SumF dot) const {
@@ -138,8 +159,13 @@ template <typename T, int VEC> struct SoftmaxBwd {
   extern "C" __global__ void __launch_bounds__(1024)                                           \
       softmax_fwd_##NAME##_v##V(const T* x, const T* mask, T* y, Geom g, MaskGeom mg,           \
                                 float scale, int causal, int zero_masked, int64_t s_rows) {     \
-    SoftmaxFwd<T, V> op{x, mask, y, mg, scale, causal, zero_masked, s_rows, g.d};              \
-    run_rows<T, V>(g, op);                                                                      \
+    if (mask || causal) {                                                                       \
+      SoftmaxFwd<T, V, true> op{x, mask, y, mg, scale, causal, zero_masked, s_rows, g.d};      \
+      run_rows<T, V>(g, op);                                                                    \
+    } else {                                                                                    \
+      SoftmaxFwd<T, V, false> op{x, mask, y, mg, scale, causal, zero_masked, s_rows, g.d};     \
+      run_rows<T, V>(g, op);                                                                    \
+    }                                                                                           \
   }                                                                                             \
   extern "C" __global__ void __launch_bounds__(1024)                                           \
       softmax_bwd_##NAME##_v##V(const T* y, const T* dy, T* dx, Geom g, float scale) {          \
