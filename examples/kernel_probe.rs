@@ -49,7 +49,12 @@ fn main() -> Result<()> {
         "{:<14} {:<18} {:<5} {:>9} {:>8} {:>6}",
         "op", "shape", "dtype", "us", "GB/s", "%copy"
     );
-    for &(shape, dt) in shapes {
+    // Optional argument: only the shape with this index (for profiling one case).
+    let only: Option<usize> = std::env::args().nth(1).and_then(|a| a.parse().ok());
+    for (i, &(shape, dt)) in shapes.iter().enumerate() {
+        if only.is_some_and(|o| o != i) {
+            continue;
+        }
         let n: usize = shape.iter().product();
         let d = *shape.last().unwrap();
         let es = dt.size_in_bytes();
@@ -114,7 +119,13 @@ fn main() -> Result<()> {
         );
         if shape == [32768, 4096] && dt == DType::BF16 {
             let (b, h, sq) = (32usize, 32usize, 2048usize);
-            let xa = Tensor::randn(0f32, 1., (b, h, sq, sq), &dev)?.to_dtype(dt)?;
+            // 2^32 elements: Candle's own elementwise kernels index with u32, so build the
+            // scores by concatenating random [1, H, S, S] blocks.
+            let blocks: Vec<Tensor> = (0..4)
+                .map(|_| Tensor::randn(0f32, 1., (1, h, sq, sq), &dev)?.to_dtype(dt))
+                .collect::<Result<_>>()?;
+            let parts: Vec<&Tensor> = (0..b).map(|i| &blocks[i % 4]).collect();
+            let xa = Tensor::cat(&parts, 0)?;
             let na = b * h * sq * sq;
             let scale = 0.125;
             println!("-- masked softmax [32,32,2048,2048] bf16");

@@ -39,6 +39,12 @@ for phase in "$@"; do
       fi ;;
     probe)
       $B/kernel_probe 2>&1 | tee "$OUT/kernel-probe.log" || rc=1 ;;
+    ncu)
+      # Profile the kernels of one probe shape (PROBE_SHAPE, default 3 = [32768,4096] bf16).
+      ncu --clock-control none -k "regex:${NCU_KERNELS:-fwd|bwd}" -c ${NCU_COUNT:-8} \
+        --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+        --section MemoryWorkloadAnalysis $B/kernel_probe ${PROBE_SHAPE:-3} > "$OUT/ncu.log" 2>&1 || rc=1
+      grep -E '^  [a-z_]+_(fwd|bwd)|Duration|Memory Throughput|DRAM Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per|Block Size|Grid Size|Stall|Issued Ipc|Warp Cycles Per Issued' "$OUT/ncu.log" | head -150 ;;
     peft)
       if [ -f scripts/peft_interop.py ]; then
         python3 scripts/peft_interop.py --bin $B/peft_interop --out "$OUT/peft" > "$OUT/peft-interop.log" 2>&1 || rc=1

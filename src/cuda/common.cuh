@@ -43,6 +43,29 @@ template <typename T, int VEC> struct alignas(sizeof(T) * VEC) Pack {
   T v[VEC];
 };
 
+// A pack from read-only global memory (weights, masks): one 16-byte __ldg when the pack is
+// 16 bytes.
+template <typename T, int VEC>
+__device__ __forceinline__ Pack<T, VEC> ldg_pack(const T* __restrict__ p) {
+  Pack<T, VEC> r;
+  if (VEC * sizeof(T) == 16) {
+    const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
+    r = *reinterpret_cast<const Pack<T, VEC>*>(&v);
+  } else {
+#pragma unroll
+    for (int e = 0; e < VEC; e++) r.v[e] = p[e];
+  }
+  return r;
+}
+
+// 2^x in one MUFU instruction (flushes results below 2^-126 to 0: negligible next to the
+// softmax's largest term, which is 1).
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // ------------------------------------------------------------------------------------------
 // staging: global -> shared
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
@@ -91,8 +114,8 @@ struct MaxSum {
   static __device__ __forceinline__ MaxSum combine(MaxSum a, MaxSum b) {
     float m = fmaxf(a.m, b.m);
     if (m == -INFINITY) return {m, a.s + b.s};
-    return {m, a.s * exp2f((a.m - m) * 1.4426950408889634f) +
-                   b.s * exp2f((b.m - m) * 1.4426950408889634f)};
+    return {m, a.s * fast_exp2((a.m - m) * 1.4426950408889634f) +
+                   b.s * fast_exp2((b.m - m) * 1.4426950408889634f)};
   }
   static __device__ __forceinline__ MaxSum shfl(MaxSum a, int o) {
     return {__shfl_xor_sync(0xffffffffu, a.m, o), __shfl_xor_sync(0xffffffffu, a.s, o)};

@@ -45,7 +45,7 @@ template <typename T, int VEC> struct AddRmsFwd {
       const int j0 = u * VEC;
       Pack<T, VEC> a = *reinterpret_cast<const Pack<T, VEC>*>(s[0] + j0);
       Pack<T, VEC> b = *reinterpret_cast<const Pack<T, VEC>*>(s[1] + j0);
-      Pack<T, VEC> wv = *reinterpret_cast<const Pack<T, VEC>*>(w + lo + j0), pn, ps;
+      Pack<T, VEC> wv = ldg_pack<T, VEC>(w + lo + j0), pn, ps;
 #pragma unroll
       for (int e = 0; e < VEC; e++) {
         const float v = ld(a.v[e]) + ld(b.v[e]);

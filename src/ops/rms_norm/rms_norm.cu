@@ -43,7 +43,7 @@ template <typename T, int VEC> struct RmsFwd {
       const int j0 = u * VEC;
       Pack<T, VEC> a = *reinterpret_cast<const Pack<T, VEC>*>(s[0] + j0), b;
       if (w) {
-        Pack<T, VEC> wv = *reinterpret_cast<const Pack<T, VEC>*>(w + lo + j0);
+        Pack<T, VEC> wv = ldg_pack<T, VEC>(w + lo + j0);
 #pragma unroll
         for (int e = 0; e < VEC; e++) b.v[e] = st<T>(ld(a.v[e]) * r * ld(wv.v[e]));
       } else {
@@ -81,7 +81,7 @@ template <typename T, int VEC> struct RmsBwd {
     for (int j = threadIdx.x; j < n; j += blockDim.x) part[cluster * d + lo + j] = dws[j];
   }
   __device__ __forceinline__ Pack<T, VEC> weights(int64_t lo, int u) const {
-    return reinterpret_cast<const Pack<T, VEC>*>(w + lo)[u];
+    return ldg_pack<T, VEC>(w + lo + u * VEC);
   }
 
   // Σx² and Σ g·x with g = dy·w. Each product is split exactly (p + e = a·b, e by FMA) and the

@@ -67,7 +67,7 @@ template <typename T, int VEC, bool MASKED> struct SoftmaxFwd {
   }
   // The logit of column `col` (absolute index in the row).
   __device__ __forceinline__ float z(T xv, int64_t col) const {
-    if (!MASKED) return scale * ld(xv);
+    if (!MASKED) return scale * ld(xv);  // scale is 1 on the plain path: folded away
     if (col >= vis) return -INFINITY;
     float v = scale * ld(xv);
     if (mask) v += ld(mask[moff + col * mg.col_stride]);
@@ -91,7 +91,7 @@ template <typename T, int VEC, bool MASKED> struct SoftmaxFwd {
       for (int u = threadIdx.x; u < nu; u += blockDim.x) {
         const Pack<T, VEC> p = sx[u];
 #pragma unroll
-        for (int e = 0; e < VEC; e++) sum += exp2f(fmaf(z(p.v[e], lo + u * VEC + e), LOG2E, -ml));
+        for (int e = 0; e < VEC; e++) sum += fast_exp2(fmaf(z(p.v[e], lo + u * VEC + e), LOG2E, -ml));
       }
     }
     return {m, sum};
@@ -109,7 +109,7 @@ template <typename T, int VEC, bool MASKED> struct SoftmaxFwd {
 #pragma unroll
       for (int e = 0; e < VEC; e++) {
         const float zz = z(in.v[e], lo + u * VEC + e);
-        o.v[e] = st<T>(dead ? fill : exp2f(fmaf(zz, LOG2E, -ml)) * inv);
+        o.v[e] = st<T>(dead ? fill : fast_exp2(fmaf(zz, LOG2E, -ml)) * inv);
       }
       reinterpret_cast<Pack<T, VEC>*>(yr)[u] = o;
     }
