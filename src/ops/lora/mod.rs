@@ -1,0 +1,641 @@
+//! Fused LoRA linear: `y = x·Wᵀ (+ bias) + s·(x·Aᵀ)·Bᵀ`, forward and backward.
+//!
+//! Shapes: `x [..., K]` (any leading dims, flattened to `M` rows), frozen base weight `W [N, K]`,
+//! `bias [N]`, adapter `A [r, K]`, `B [N, r]`, scale `s` (PEFT: `alpha / r`).
+//!
+//! # Math
+//!
+//! With `u = s·x·Aᵀ` (`M × r`, the only activation the backward keeps besides what autograd
+//! keeps anyway) and `g = s·dy·B` (`M × r`):
+//!
+//! ```text
+//! y     = x·Wᵀ + u·Bᵀ + bias
+//! dx    = dy·W + g·A
+//! dA    = gᵀ·x
+//! dB    = dyᵀ·u           (= s·dyᵀ·(x·Aᵀ))
+//! dbias = Σ_rows dy
+//! dW    = dyᵀ·x           (only when W is a tracked variable, see below)
+//! ```
+//!
+//! The bias rides along the low-rank product as one more column: `u_ext = [u | 1]` (`M×(r+1)`)
+//! and `B_ext = [B | bias]` (`N×(r+1)`), so `u_ext·B_extᵀ = u·Bᵀ + bias` and, in the backward,
+//! `dyᵀ·u_ext = [dB | dbias]`: the bias costs neither an extra pass over `y` in the forward nor a
+//! separate reduction over `dy` in the backward.
+//!
+//! # Gradients and the frozen weight
+//!
+//! `x`, `A`, `B` and `bias` get gradients. `W` gets one **only when it is itself tracked**
+//! (a `Var`, or computed from one): then `dW = dyᵀ·x` (a full `N×K×M` GEMM) is computed.
+//! A `detach`ed or plain weight (what [`crate::nn::LoraLinear`] passes: PEFT freezes the base)
+//! costs nothing. Likewise `dx` is computed only when `x` is tracked (the first layer's input
+//! usually is not, saving the largest GEMM of the backward).
+//!
+//! # Candle's three-input limit
+//!
+//! The op has five inputs. Internally `A`, `B_ext` are packed into one flat "adapter" tensor
+//! (a differentiable `cat`: `r·(K+N+1)` elements, tiny next to `W`), and the op is a
+//! `CustomOp3 (x, W, adapter)` that also holds `u_ext` (computed by a no-grad op just before).
+//! Its backward is one no-grad op that writes `[dx | dW | dA | dB_ext]` into one buffer, split
+//! into views; `cat`'s own backward hands `dA`, `dB`, `dbias` to `A`, `B`, `bias`. None of this
+//! reaches the public API.
+//!
+//! # Order of the products and the bytes they move (the CUDA path, cuBLAS)
+//!
+//! Forward, three GEMMs, all with f32 accumulation (`CUBLAS_COMPUTE_32F`):
+//! 1. `u_ext[:, :r] = s·x·Aᵀ` (`M×r×K`; reads `x` once: `M·K` elements) plus a strided memset
+//!    of the ones column when there is a bias.
+//! 2. `y = u_ext·B_extᵀ` (`M×N×(r+1)`, β = 0): writes `y` once (`M·N`).
+//! 3. `y = x·Wᵀ + 1·y` (the base GEMM with β = 1): the low-rank term and the bias are folded in
+//!    by the GEMM's epilogue, which reads `y` once (`M·N`) inside a compute-bound kernel.
+//!
+//! Extra traffic over the bare base GEMM: `M·K` (x again) `+ 2·M·N` (y written, then read by the
+//! epilogue) `+ M·r` elements; never a temporary of size `M×N`. Alternatives considered:
+//! - base GEMM first, then `y += u·Bᵀ` with β = 1: same bytes, but the extra `y` read+write
+//!   happens in a memory-bound low-rank GEMM instead of being overlapped with the base GEMM's
+//!   math; the chosen order writes `y` in the cheap GEMM and reads it in the expensive one.
+//! - one GEMM on concatenations `[x | u]·[W | B]ᵀ`: `K+r` depth, no `y` round trip, but it
+//!   copies `x` (`2·M·K`) and `W` (`2·N·K`) every call: more bytes unless the caller keeps both
+//!   concatenated persistently.
+//! - fusing `x·Aᵀ` into the base GEMM (`x·[W; A]ᵀ`) reads `x` once but writes `y` strided
+//!   inside an `M×(N+r)` buffer (not contiguous for the caller) and needs `[W; A]`
+//!   materialised.
+//! - a custom GEMM with a second B operand in its main loop would remove the `y` round trip
+//!   entirely; cuBLAS cannot express it (left for a CUTLASS-style kernel).
+//!
+//! Backward (`dx` needed): `g = s·dy·B` (`M×r×N`, reads `dy`), `dx = g·A` (β = 0, writes `dx`),
+//! `dx = dy·W + 1·dx` (base-size GEMM, β = 1), `dA = gᵀ·x` (reads `x`), `dB_ext = dyᵀ·u_ext`
+//! (reads `dy`). Extra traffic over the bare `dy·W`: `2·M·N` (dy twice more) `+ M·K` (x)
+//! `+ 2·M·K` (dx round trip) `+ O((M + N + K)·r)`.
+//!
+//! # CPU path
+//!
+//! The same products through the `gemm` crate (what Candle's CPU matmul uses) with its
+//! `dst = α·dst + β·lhs·rhs` form for the accumulations, strides for every transpose (no
+//! copies). f32 and f64 run in place; f16 and bf16 operands are widened to f32 once per call
+//! (O(M·K + N·K) conversions against O(M·N·K) work; Candle's CPU matmul does the same for
+//! bf16, while its f16 GEMM rounds partial sums to f16 between depth blocks), computed in f32
+//! and rounded once. `u_ext` is stored in the input dtype on both backends.
+//!
+//! # What to time (bench)
+//!
+//! Flops: forward `2·M·N·K + 2·M·r·K + 2·M·N·(r+1)`; backward with `dx`
+//! `2·M·K·N + 2·M·N·r + 2·M·r·K` (dx) `+ 2·r·M·K` (dA) `+ 2·N·M·(r+1)` (dB, dbias)
+//! (`+ 2·N·K·M` with dW). Minimum bytes (each input read once, each output written once):
+//! forward `e·(M·K + N·K + r·K + N·r + N + M·N)`, backward `e·(M·N + M·K + N·K + (r·K + N·r) +
+//! M·r + M·K + r·K + N·r)` with `e` the element size. Compare the forward with the bare
+//! `x·Wᵀ` (the limit), Candle composed ops ([`lora_linear_composed`]), merged weights, and
+//! PyTorch (`x@W.T + s*((x@A.T)@B.T)`, `torch.addmm`); forward+backward with grads for x, A, B.
+
+pub(crate) mod cpu;
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda;
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+
+use crate::validate::{self, fail};
+
+/// The sizes of one call. `r` may be 0 internally (base linear only, e.g. merged weights);
+/// `bias` adds the ones/bias column; `base` says whether `W` is present (the dropout path runs
+/// the adapter branch alone on the dropped-out input).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Dims {
+    pub m: usize,
+    pub k: usize,
+    pub n: usize,
+    pub r: usize,
+    pub bias: bool,
+    pub base: bool,
+}
+
+impl Dims {
+    /// Columns of `u_ext` / `B_ext`: `r` plus one for the bias.
+    pub fn kk(&self) -> usize {
+        self.r + usize::from(self.bias)
+    }
+
+    /// Elements of the packed adapter `[A (r·K) | B_ext (N·kk)]`.
+    pub fn adapter_len(&self) -> usize {
+        self.r * self.k + self.n * self.kk()
+    }
+}
+
+/// Which gradients the backward computes (decided in the forward from `track_op`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct Need {
+    pub dx: bool,
+    pub dw: bool,
+    pub da: bool,
+    pub db: bool,
+}
+
+impl Need {
+    fn adapter(&self) -> bool {
+        self.da || self.db
+    }
+
+    /// Elements of the backward's packed output `[dx | dW | dA | dB_ext]`.
+    pub fn out_len(&self, d: &Dims) -> usize {
+        usize::from(self.dx) * d.m * d.k
+            + usize::from(self.dw) * d.n * d.k
+            + usize::from(self.adapter()) * d.adapter_len()
+    }
+}
+
+/// `u_ext = [s·x·Aᵀ | 1]` (`M × kk`): `(x, A) -> u_ext`, no gradient.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LoraDown {
+    pub dims: Dims,
+    pub scale: f64,
+}
+
+/// The forward op: `(x, W, adapter)` (CustomOp3), or `(x, adapter)` without `W`, or `(x, W)`
+/// when there is neither adapter nor bias (CustomOp2; `dims.base` tells which).
+#[derive(Debug, Clone)]
+pub(crate) struct LoraFwd {
+    pub dims: Dims,
+    pub scale: f64,
+    pub need: Need,
+    /// `u_ext`, when `kk > 0`.
+    pub u: Option<Tensor>,
+}
+
+/// The backward op: `(dy, x, W)` (CustomOp3) or `(dy, x)` (CustomOp2, no base weight),
+/// returning the flat `[dx | dW | dA | dB_ext]` of the parts in `need`.
+#[derive(Debug, Clone)]
+pub(crate) struct LoraBwd {
+    pub dims: Dims,
+    pub scale: f64,
+    pub need: Need,
+    pub adapter: Option<Tensor>,
+    pub u: Option<Tensor>,
+}
+
+impl CustomOp2 for LoraDown {
+    fn name(&self) -> &'static str {
+        "candle-fused-lora-down"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        a_s: &CpuStorage,
+        al: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu::down(&self.dims, self.scale, (xs, xl), (a_s, al))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        a_s: &candle_core::CudaStorage,
+        al: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::down(&self.dims, self.scale, (xs, xl), (a_s, al))
+    }
+}
+
+impl LoraFwd {
+    fn backward(
+        &self,
+        x: &Tensor,
+        w: Option<&Tensor>,
+        adapter: Option<&Tensor>,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = self.dims;
+        let need = self.need;
+        if need.out_len(&d) == 0 {
+            return Ok((None, None, None));
+        }
+        let bwd = LoraBwd {
+            dims: d,
+            scale: self.scale,
+            need,
+            adapter: adapter.cloned(),
+            u: self.u.clone(),
+        };
+        let dy = dy.contiguous()?;
+        let flat = match w {
+            Some(w) => dy.apply_op3_no_bwd(x, w, &bwd)?,
+            None => dy.apply_op2_no_bwd(x, &bwd)?,
+        };
+        let mut off = 0;
+        let mut take = |on: bool, len: usize, dims: &[usize]| -> Result<Option<Tensor>> {
+            if !on {
+                return Ok(None);
+            }
+            let t = flat.narrow(0, off, len)?.reshape(dims)?;
+            off += len;
+            Ok(Some(t))
+        };
+        let dx = take(need.dx, d.m * d.k, &[d.m, d.k])?;
+        let dw = take(need.dw, d.n * d.k, &[d.n, d.k])?;
+        let da = take(need.adapter(), d.adapter_len(), &[d.adapter_len()])?;
+        Ok((dx, dw, da))
+    }
+}
+
+/// `(x, W, adapter)`.
+impl CustomOp3 for LoraFwd {
+    fn name(&self) -> &'static str {
+        "candle-fused-lora"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        ads: &CpuStorage,
+        adl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu::forward(self, (xs, xl), Some((ws, wl)), Some((ads, adl)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        ws: &candle_core::CudaStorage,
+        wl: &Layout,
+        ads: &candle_core::CudaStorage,
+        adl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::forward(self, (xs, xl), Some((ws, wl)), Some((ads, adl)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        adapter: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        self.backward(x, Some(w), Some(adapter), dy)
+    }
+}
+
+/// `(x, adapter)` when `!dims.base`, `(x, W)` when `dims.base` (no adapter, no bias).
+impl CustomOp2 for LoraFwd {
+    fn name(&self) -> &'static str {
+        "candle-fused-lora"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        if self.dims.base {
+            cpu::forward(self, (xs, xl), Some((s2, l2)), None)
+        } else {
+            cpu::forward(self, (xs, xl), None, Some((s2, l2)))
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        if self.dims.base {
+            cuda::forward(self, (xs, xl), Some((s2, l2)), None)
+        } else {
+            cuda::forward(self, (xs, xl), None, Some((s2, l2)))
+        }
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        t2: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        if self.dims.base {
+            let (dx, dw, _) = self.backward(x, Some(t2), None, dy)?;
+            Ok((dx, dw))
+        } else {
+            let (dx, _, da) = self.backward(x, None, Some(t2), dy)?;
+            Ok((dx, da))
+        }
+    }
+}
+
+/// `(dy, x, W)`.
+impl CustomOp3 for LoraBwd {
+    fn name(&self) -> &'static str {
+        "candle-fused-lora-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu::backward(self, (gs, gl), (xs, xl), Some((ws, wl)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        ws: &candle_core::CudaStorage,
+        wl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::backward(self, (gs, gl), (xs, xl), Some((ws, wl)))
+    }
+}
+
+/// `(dy, x)`, no base weight.
+impl CustomOp2 for LoraBwd {
+    fn name(&self) -> &'static str {
+        "candle-fused-lora-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        xs: &CpuStorage,
+        xl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu::backward(self, (gs, gl), (xs, xl), None)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::backward(self, (gs, gl), (xs, xl), None)
+    }
+}
+
+/// Checks of one tensor argument: dtype and device of `x`, exact shape.
+fn check_arg(
+    op: &str,
+    arg: &str,
+    t: &Tensor,
+    x: &Tensor,
+    dims: &[usize],
+    what: &str,
+) -> Result<()> {
+    validate::same_dtype_device(op, arg, t, x)?;
+    validate::shape_eq(op, arg, t, dims, what)
+}
+
+/// Validates the arguments; returns `(K, N, r)`.
+fn check(
+    op: &str,
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+) -> Result<(usize, usize, usize)> {
+    validate::rank_ge1(op, "x", x)?;
+    validate::float_dtype(op, "x", x)?;
+    let k = x.dim(candle_core::D::Minus1)?;
+    if w.rank() != 2 {
+        fail!(op, "w must have shape [N, K] (rank 2), got {:?}", w.dims())
+    }
+    let n = w.dim(0)?;
+    check_arg(op, "w", w, x, &[n, k], "[N, K] with K the last dim of x")?;
+    if a.rank() != 2 {
+        fail!(op, "a must have shape [r, K] (rank 2), got {:?}", a.dims())
+    }
+    let r = a.dim(0)?;
+    if r == 0 {
+        fail!(
+            op,
+            "a has rank r = 0 rows (shape {:?}); r must be >= 1",
+            a.dims()
+        )
+    }
+    if r > k.min(n) {
+        fail!(
+            op,
+            "rank r = {r} (rows of a) exceeds min(K, N) = min({k}, {n}); expected 1 <= r <= {}",
+            k.min(n)
+        )
+    }
+    check_arg(op, "a", a, x, &[r, k], "[r, K] with K the last dim of x")?;
+    check_arg(
+        op,
+        "b",
+        b,
+        x,
+        &[n, r],
+        "[N, r] with N the rows of w, r the rows of a",
+    )?;
+    if let Some(bias) = bias {
+        check_arg(op, "bias", bias, x, &[n], "[N] with N the rows of w")?;
+    }
+    validate::finite(op, "scale", scale)?;
+    Ok((k, n, r))
+}
+
+/// `y = x·Wᵀ (+ bias) + scale·(x·Aᵀ)·Bᵀ`, differentiable in `x`, `a`, `b`, `bias` (and in `w`
+/// when `w` is tracked; a detached/frozen weight costs no gradient work).
+///
+/// `x [..., K]`, `w [N, K]`, `bias [N]`, `a [r, K]`, `b [N, r]` with `1 <= r <= min(K, N)`,
+/// all of one float dtype (f32, f64, f16, bf16; half types accumulate in f32) and one device.
+/// Returns `[..., N]`. Non-contiguous inputs are copied to contiguous ones first. An `x` with
+/// no rows gives an empty output.
+pub fn lora_linear(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    const OP: &str = "lora_linear";
+    check(OP, x, w, bias, a, b, scale)?;
+    core(x, Some(w), bias, Some((a, b)), scale)
+}
+
+/// A plain linear layer `y = x·Wᵀ (+ bias)` through the same kernels (the bias folded into
+/// the GEMM as above): what a merged or disabled [`crate::nn::LoraLinear`] runs. Differentiable
+/// in `x` and `bias` (and `w` when tracked).
+pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    const OP: &str = "linear";
+    validate::rank_ge1(OP, "x", x)?;
+    validate::float_dtype(OP, "x", x)?;
+    let k = x.dim(candle_core::D::Minus1)?;
+    if w.rank() != 2 {
+        fail!(OP, "w must have shape [N, K] (rank 2), got {:?}", w.dims())
+    }
+    let n = w.dim(0)?;
+    check_arg(OP, "w", w, x, &[n, k], "[N, K] with K the last dim of x")?;
+    if let Some(bias) = bias {
+        check_arg(OP, "bias", bias, x, &[n], "[N] with N the rows of w")?;
+    }
+    core(x, Some(w), bias, None, 0.0)
+}
+
+/// The adapter branch alone, `scale·(x·Aᵀ)·Bᵀ` (the dropout path of `LoraLinear`, whose
+/// adapter sees a different input than the base product).
+pub(crate) fn adapter_only(x: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
+    const OP: &str = "lora_adapter";
+    validate::rank_ge1(OP, "x", x)?;
+    validate::float_dtype(OP, "x", x)?;
+    let k = x.dim(candle_core::D::Minus1)?;
+    let r = a.dim(0)?;
+    let n = b.dim(0)?;
+    check_arg(OP, "a", a, x, &[r, k], "[r, K]")?;
+    check_arg(OP, "b", b, x, &[n, r], "[N, r]")?;
+    validate::finite(OP, "scale", scale)?;
+    core(x, None, None, Some((a, b)), scale)
+}
+
+/// The general form behind [`lora_linear`] and [`crate::nn::LoraLinear`] (arguments already
+/// validated): `x·Wᵀ` when `w` is given, `+ bias`, `+ scale·(x·Aᵀ)·Bᵀ` when an adapter is
+/// given. At least one of `w` and the adapter must be given.
+pub(crate) fn core(
+    x: &Tensor,
+    w: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    adapter: Option<(&Tensor, &Tensor)>,
+    scale: f64,
+) -> Result<Tensor> {
+    let dims = x.dims();
+    let k = dims[dims.len() - 1];
+    let m: usize = dims[..dims.len() - 1].iter().product();
+    let n = match (w, adapter) {
+        (Some(w), _) => w.dim(0)?,
+        (None, Some((_, b))) => b.dim(0)?,
+        (None, None) => fail!(
+            "lora_linear",
+            "internal: neither a base weight nor an adapter"
+        ),
+    };
+    let r = adapter.map(|(a, _)| a.dim(0)).transpose()?.unwrap_or(0);
+    let mut out_dims = dims[..dims.len() - 1].to_vec();
+    out_dims.push(n);
+    if m == 0 {
+        return Tensor::zeros(out_dims, x.dtype(), x.device());
+    }
+    if k == 0 || n == 0 {
+        // Empty products: y is the bias (or zeros), and no GEMM has anything to do.
+        let y = Tensor::zeros((m, n), x.dtype(), x.device())?;
+        let y = match bias {
+            Some(bias) => y.broadcast_add(bias)?,
+            None => y,
+        };
+        return y.reshape(out_dims);
+    }
+    let d = Dims {
+        m,
+        k,
+        n,
+        r,
+        bias: bias.is_some(),
+        base: w.is_some(),
+    };
+    if d.m > i32::MAX as usize || d.k > i32::MAX as usize || d.n > i32::MAX as usize {
+        fail!(
+            "lora_linear",
+            "sizes M = {m}, K = {k}, N = {n} exceed the GEMM limit of 2^31 - 1 per dimension"
+        )
+    }
+    let x2 = x.reshape((m, k))?.contiguous()?;
+    let w = w.map(|w| w.contiguous()).transpose()?;
+    // The packed adapter [A | B_ext]; a differentiable cat, so A, B, bias get their gradients.
+    let packed = {
+        let mut parts = Vec::new();
+        if let Some((a, _)) = adapter {
+            parts.push(a.flatten_all()?);
+        }
+        match (adapter, bias) {
+            (Some((_, b)), Some(bias)) => {
+                parts.push(Tensor::cat(&[b, &bias.unsqueeze(1)?], 1)?.flatten_all()?)
+            }
+            (Some((_, b)), None) => parts.push(b.flatten_all()?),
+            (None, Some(bias)) => parts.push(bias.flatten_all()?),
+            (None, None) => {}
+        }
+        if parts.is_empty() {
+            None
+        } else {
+            Some(Tensor::cat(&parts, 0)?.contiguous()?)
+        }
+    };
+    // u_ext = [s·x·Aᵀ | 1], a constant of the graph (no gradient flows through it).
+    let u = match adapter {
+        Some((a, _)) => Some(
+            x2.detach()
+                .apply_op2_no_bwd(&a.detach().contiguous()?, &LoraDown { dims: d, scale })?,
+        ),
+        None if d.bias => Some(Tensor::ones((m, 1), x.dtype(), x.device())?),
+        None => None,
+    };
+    let need = Need {
+        dx: x.track_op(),
+        dw: w.as_ref().is_some_and(|w| w.track_op()),
+        da: adapter.is_some_and(|(a, _)| a.track_op()),
+        db: adapter.is_some_and(|(_, b)| b.track_op()) || bias.is_some_and(|b| b.track_op()),
+    };
+    let op = LoraFwd {
+        dims: d,
+        scale,
+        need,
+        u,
+    };
+    let y = match (&w, &packed) {
+        (Some(w), Some(p)) => x2.apply_op3(w, p, op)?,
+        (Some(w), None) => x2.apply_op2(w, op)?,
+        (None, Some(p)) => x2.apply_op2(p, op)?,
+        (None, None) => unreachable!("checked above"),
+    };
+    y.reshape(out_dims)
+}
+
+/// The same function from composed Candle ops (`matmul`, `broadcast_add`, `affine`): the
+/// reference of the tests (in f64) and the "Candle composed" row of the bench (what
+/// candle-lora does).
+pub fn lora_linear_composed(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    let dims = x.dims();
+    let k = dims[dims.len() - 1];
+    let m: usize = dims[..dims.len() - 1].iter().product();
+    let x2 = x.reshape((m, k))?;
+    let mut y = x2.matmul(&w.t()?)?;
+    if let Some(bias) = bias {
+        y = y.broadcast_add(bias)?;
+    }
+    let low = x2.matmul(&a.t()?)?.matmul(&b.t()?)?.affine(scale, 0.0)?;
+    let y = (y + low)?;
+    let mut out = dims[..dims.len() - 1].to_vec();
+    out.push(w.dim(0)?);
+    y.reshape(out)
+}

@@ -1,0 +1,615 @@
+//! The fused LoRA linear on the CPU: forward vs the f64 reference (composed Candle ops),
+//! backward vs autograd through the composed ops and vs finite differences, property tests over
+//! random shapes, bad input, and the `LoraLinear` module (training, merge, enable/disable).
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use candle_fused::ops::{lora_linear, lora_linear_composed};
+use candle_fused::prelude::*;
+use candle_fused::testing::{self, rel_err, tolerance};
+use proptest::prelude::*;
+
+const CPU: Device = Device::Cpu;
+
+/// Fresh inputs `(x, w, bias, a, b)` in `dtype`: x `[lead.., K]`, unit-variance outputs.
+fn inputs(
+    lead: &[usize],
+    k: usize,
+    n: usize,
+    r: usize,
+    dtype: DType,
+) -> Result<(Tensor, Tensor, Tensor, Tensor, Tensor)> {
+    let mut xs = lead.to_vec();
+    xs.push(k);
+    let x = testing::randn(&xs, 1.0, dtype, &CPU)?;
+    let w = testing::randn(&[n, k], 1.0 / (k as f64).sqrt(), dtype, &CPU)?;
+    let bias = testing::randn(&[n], 0.5, dtype, &CPU)?;
+    let a = testing::randn(&[r, k], 1.0 / (k as f64).sqrt(), dtype, &CPU)?;
+    let b = testing::randn(&[n, r], 1.0 / (r as f64).sqrt(), dtype, &CPU)?;
+    Ok((x, w, bias, a, b))
+}
+
+fn f64(t: &Tensor) -> Result<Tensor> {
+    t.to_dtype(DType::F64)
+}
+
+/// Forward of the fused op vs the f64 reference on the same (rounded) inputs.
+fn check_forward(lead: &[usize], k: usize, n: usize, r: usize, dtype: DType, with_bias: bool) {
+    let (x, w, bias, a, b) = inputs(lead, k, n, r, dtype).unwrap();
+    let s = 2.0 / r as f64;
+    let bias = with_bias.then_some(&bias);
+    let y = lora_linear(&x, &w, bias, &a, &b, s).unwrap();
+    let mut out = lead.to_vec();
+    out.push(n);
+    assert_eq!(y.dims(), out.as_slice());
+    assert_eq!(y.dtype(), dtype);
+    let bias64 = bias.map(f64).transpose().unwrap();
+    let want = lora_linear_composed(
+        &f64(&x).unwrap(),
+        &f64(&w).unwrap(),
+        bias64.as_ref(),
+        &f64(&a).unwrap(),
+        &f64(&b).unwrap(),
+        s,
+    )
+    .unwrap();
+    let err = rel_err(&y, &want).unwrap();
+    assert!(
+        err <= tolerance(dtype),
+        "fwd {lead:?} K={k} N={n} r={r} {dtype:?} bias={with_bias}: rel err {err:.3e}"
+    );
+}
+
+#[test]
+fn forward_matches_f64_reference() {
+    testing::set_poison(true);
+    for dtype in [DType::F32, DType::F64, DType::F16, DType::BF16] {
+        for &(lead, k, n, r) in &[
+            (&[1usize][..], 1usize, 1usize, 1usize),
+            (&[5][..], 7, 3, 2),
+            (&[2, 3][..], 33, 17, 8),
+            (&[][..], 64, 48, 16),
+            (&[4, 1, 3][..], 50, 70, 50),
+            (&[128][..], 512, 512, 8),
+            (&[3][..], 300, 280, 256),
+        ] {
+            for with_bias in [false, true] {
+                check_forward(lead, k, n, r, dtype, with_bias);
+            }
+        }
+    }
+}
+
+/// Gradients of `Σ y ⊙ probe` w.r.t. (x, w, bias, a, b), by the fused op or the composed one.
+fn grads(
+    fused: bool,
+    ins: [&Tensor; 5],
+    s: f64,
+    probe: &Tensor,
+    with_bias: bool,
+) -> Result<(Tensor, Vec<Option<Tensor>>)> {
+    let vars: Vec<Var> = ins
+        .iter()
+        .map(|t| Var::from_tensor(t))
+        .collect::<Result<_>>()?;
+    let [x, w, bias, a, b] = [0, 1, 2, 3, 4].map(|i| vars[i].as_tensor().clone());
+    let bias = with_bias.then_some(&bias);
+    let y = if fused {
+        lora_linear(&x, &w, bias, &a, &b, s)?
+    } else {
+        lora_linear_composed(&x, &w, bias, &a, &b, s)?
+    };
+    let g = (&y * probe)?.sum_all()?.backward()?;
+    Ok((y, vars.iter().map(|v| g.get(v).cloned()).collect()))
+}
+
+/// Every gradient of the fused op vs autograd through the composed ops in f64.
+fn check_backward(lead: &[usize], k: usize, n: usize, r: usize, dtype: DType, with_bias: bool) {
+    let (x, w, bias, a, b) = inputs(lead, k, n, r, dtype).unwrap();
+    let s = 1.5 / r as f64;
+    let mut out = lead.to_vec();
+    out.push(n);
+    let probe = testing::randn(&out, 1.0, dtype, &CPU).unwrap();
+    let (_, got) = grads(true, [&x, &w, &bias, &a, &b], s, &probe, with_bias).unwrap();
+    let ins64: Vec<Tensor> = [&x, &w, &bias, &a, &b]
+        .iter()
+        .map(|t| f64(t).unwrap())
+        .collect();
+    let (_, want) = grads(
+        false,
+        [&ins64[0], &ins64[1], &ins64[2], &ins64[3], &ins64[4]],
+        s,
+        &f64(&probe).unwrap(),
+        with_bias,
+    )
+    .unwrap();
+    for (i, name) in ["x", "w", "bias", "a", "b"].iter().enumerate() {
+        if *name == "bias" && !with_bias {
+            assert!(got[i].is_none(), "unused bias got a gradient");
+            continue;
+        }
+        let g = got[i]
+            .as_ref()
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
+        assert_eq!(g.dims(), ins64[i].dims(), "d{name} shape");
+        assert_eq!(g.dtype(), dtype);
+        let err = rel_err(g, want[i].as_ref().unwrap()).unwrap();
+        assert!(
+            err <= tolerance(dtype),
+            "d{name} {lead:?} K={k} N={n} r={r} {dtype:?} bias={with_bias}: rel err {err:.3e}"
+        );
+    }
+}
+
+#[test]
+fn backward_matches_autograd_through_composed_ops() {
+    testing::set_poison(true);
+    for dtype in [DType::F32, DType::F64, DType::F16, DType::BF16] {
+        for &(lead, k, n, r) in &[
+            (&[1usize][..], 1usize, 1usize, 1usize),
+            (&[5][..], 7, 3, 2),
+            (&[2, 3][..], 33, 17, 8),
+            (&[][..], 64, 48, 16),
+            (&[64][..], 96, 80, 32),
+            (&[3][..], 260, 257, 256),
+        ] {
+            for with_bias in [false, true] {
+                check_backward(lead, k, n, r, dtype, with_bias);
+            }
+        }
+    }
+}
+
+#[test]
+fn backward_matches_finite_differences() {
+    let (m, k, n, r) = (3, 5, 4, 2);
+    let (x, w, bias, a, b) = inputs(&[m], k, n, r, DType::F64).unwrap();
+    let s = 0.7;
+    let probe = testing::randn(&[m, n], 1.0, DType::F64, &CPU).unwrap();
+    let (_, got) = grads(true, [&x, &w, &bias, &a, &b], s, &probe, true).unwrap();
+    let f = |t: &[Tensor]| lora_linear(&t[0], &t[1], Some(&t[2]), &t[3], &t[4], s);
+    let ins = [x, w, bias, a, b];
+    for (i, name) in ["x", "w", "bias", "a", "b"].iter().enumerate() {
+        let fd = testing::finite_diff(f, &ins, i, &probe, 1e-5).unwrap();
+        let err = rel_err(got[i].as_ref().unwrap(), &fd).unwrap();
+        assert!(
+            err < 1e-7,
+            "d{name} vs finite differences: rel err {err:.3e}"
+        );
+    }
+}
+
+#[test]
+fn frozen_weight_and_untracked_input_get_no_gradient() {
+    let (x, w, bias, a, b) = inputs(&[4], 6, 5, 2, DType::F32).unwrap();
+    let av = Var::from_tensor(&a).unwrap();
+    let bv = Var::from_tensor(&b).unwrap();
+    let biasv = Var::from_tensor(&bias).unwrap();
+    // x and w plain tensors: only the adapter and the bias get gradients.
+    let y = lora_linear(&x, &w, Some(biasv.as_tensor()), &av, &bv, 0.5).unwrap();
+    let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+    assert!(g.get(&x).is_none() && g.get(&w).is_none());
+    assert!(g.get(&av).is_some() && g.get(&bv).is_some() && g.get(&biasv).is_some());
+    // A tracked W that is detached gets nothing either.
+    let wv = Var::from_tensor(&w).unwrap();
+    let xv = Var::from_tensor(&x).unwrap();
+    let y = lora_linear(&xv, &wv.as_tensor().detach(), None, &av, &bv, 0.5).unwrap();
+    let g = y.sum_all().unwrap().backward().unwrap();
+    assert!(g.get(&wv).is_none());
+    assert!(g.get(&xv).is_some());
+}
+
+#[test]
+fn non_contiguous_inputs_give_the_right_answer() {
+    let (x, w, bias, a, b) = inputs(&[6], 10, 8, 3, DType::F32).unwrap();
+    let xt = x.t().unwrap().contiguous().unwrap().t().unwrap(); // [6, 10], strided
+    let wt = w.t().unwrap().contiguous().unwrap().t().unwrap();
+    let at = a.t().unwrap().contiguous().unwrap().t().unwrap();
+    let bt = b.t().unwrap().contiguous().unwrap().t().unwrap();
+    assert!(!xt.is_contiguous() && !wt.is_contiguous() && !bt.is_contiguous());
+    let y1 = lora_linear(&x, &w, Some(&bias), &a, &b, 0.3).unwrap();
+    let y2 = lora_linear(&xt, &wt, Some(&bias), &at, &bt, 0.3).unwrap();
+    assert_eq!(rel_err(&y1, &y2).unwrap(), 0.0);
+    // Narrowed rows of a larger x.
+    let big = testing::randn(&[9, 10], 1.0, DType::F32, &CPU).unwrap();
+    let part = big.narrow(0, 2, 6).unwrap();
+    let y3 = lora_linear(&part, &w, None, &a, &b, 0.3).unwrap();
+    let want = lora_linear(&part.contiguous().unwrap(), &w, None, &a, &b, 0.3).unwrap();
+    assert_eq!(rel_err(&y3, &want).unwrap(), 0.0);
+}
+
+#[test]
+fn empty_rows_give_empty_output_and_prelude_matches() {
+    let (_, w, bias, a, b) = inputs(&[1], 8, 6, 2, DType::F32).unwrap();
+    let x = Tensor::zeros((0, 8), DType::F32, &CPU).unwrap();
+    let y = lora_linear(&x, &w, Some(&bias), &a, &b, 1.0).unwrap();
+    assert_eq!(y.dims(), &[0, 6]);
+    let x = Tensor::zeros((2, 0, 8), DType::F32, &CPU).unwrap();
+    assert_eq!(
+        x.lora_linear_fused(&w, None, &a, &b, 1.0).unwrap().dims(),
+        &[2, 0, 6]
+    );
+    let x = testing::randn(&[3, 8], 1.0, DType::F32, &CPU).unwrap();
+    let y1 = x.lora_linear_fused(&w, Some(&bias), &a, &b, 0.25).unwrap();
+    let y2 = lora_linear(&x, &w, Some(&bias), &a, &b, 0.25).unwrap();
+    assert_eq!(rel_err(&y1, &y2).unwrap(), 0.0);
+}
+
+#[test]
+fn nan_in_a_row_stays_in_that_row() {
+    let (x, w, bias, a, b) = inputs(&[4], 8, 6, 2, DType::F32).unwrap();
+    let mut v = x.to_vec2::<f32>().unwrap();
+    v[1][3] = f32::NAN;
+    let x = Tensor::new(v, &CPU).unwrap();
+    let y = lora_linear(&x, &w, Some(&bias), &a, &b, 1.0)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    assert!(y[1].iter().all(|v| v.is_nan()));
+    assert!(y[0].iter().chain(&y[2]).chain(&y[3]).all(|v| v.is_finite()));
+}
+
+fn err_msg(r: Result<Tensor>) -> String {
+    match r {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn bad_input_is_a_clear_error() {
+    let (x, w, bias, a, b) = inputs(&[4], 8, 6, 2, DType::F32).unwrap();
+    let has = |m: String, parts: &[&str]| {
+        for p in parts {
+            assert!(m.contains(p), "{m:?} lacks {p:?}");
+        }
+        assert!(m.contains("candle-fused lora_linear"), "{m:?}");
+    };
+    // Shapes.
+    let w_bad = testing::randn(&[6, 7], 1.0, DType::F32, &CPU).unwrap();
+    has(
+        err_msg(lora_linear(&x, &w_bad, None, &a, &b, 1.0)),
+        &["w has shape [6, 7]", "[6, 8]"],
+    );
+    has(
+        err_msg(lora_linear(
+            &x,
+            &w.flatten_all().unwrap(),
+            None,
+            &a,
+            &b,
+            1.0,
+        )),
+        &["w must have shape [N, K]"],
+    );
+    let a_bad = testing::randn(&[2, 9], 1.0, DType::F32, &CPU).unwrap();
+    has(
+        err_msg(lora_linear(&x, &w, None, &a_bad, &b, 1.0)),
+        &["a has shape [2, 9]"],
+    );
+    let b_bad = testing::randn(&[6, 3], 1.0, DType::F32, &CPU).unwrap();
+    has(
+        err_msg(lora_linear(&x, &w, None, &a, &b_bad, 1.0)),
+        &["b has shape [6, 3]", "[6, 2]"],
+    );
+    let bias_bad = testing::randn(&[5], 1.0, DType::F32, &CPU).unwrap();
+    has(
+        err_msg(lora_linear(&x, &w, Some(&bias_bad), &a, &b, 1.0)),
+        &["bias has shape [5]"],
+    );
+    let scalar = Tensor::new(1f32, &CPU).unwrap();
+    has(
+        err_msg(lora_linear(&scalar, &w, None, &a, &b, 1.0)),
+        &["x must have rank >= 1"],
+    );
+    // Ranks r = 0 and r > min(K, N).
+    let a0 = Tensor::zeros((0, 8), DType::F32, &CPU).unwrap();
+    let b0 = Tensor::zeros((6, 0), DType::F32, &CPU).unwrap();
+    has(
+        err_msg(lora_linear(&x, &w, None, &a0, &b0, 1.0)),
+        &["r = 0"],
+    );
+    let a7 = testing::randn(&[7, 8], 1.0, DType::F32, &CPU).unwrap();
+    let b7 = testing::randn(&[6, 7], 1.0, DType::F32, &CPU).unwrap();
+    has(
+        err_msg(lora_linear(&x, &w, None, &a7, &b7, 1.0)),
+        &["rank r = 7", "min(K, N) = min(8, 6)"],
+    );
+    // Dtypes.
+    let w16 = w.to_dtype(DType::F16).unwrap();
+    has(
+        err_msg(lora_linear(&x, &w16, None, &a, &b, 1.0)),
+        &["w has dtype F16", "expected F32"],
+    );
+    let b16 = b.to_dtype(DType::BF16).unwrap();
+    has(
+        err_msg(lora_linear(&x, &w, None, &a, &b16, 1.0)),
+        &["b has dtype BF16"],
+    );
+    let bias64 = bias.to_dtype(DType::F64).unwrap();
+    has(
+        err_msg(lora_linear(&x, &w, Some(&bias64), &a, &b, 1.0)),
+        &["bias has dtype F64"],
+    );
+    let xi = x.to_dtype(DType::U32).unwrap();
+    has(
+        err_msg(lora_linear(&xi, &w, None, &a, &b, 1.0)),
+        &["x has dtype U32"],
+    );
+    // Scale.
+    has(
+        err_msg(lora_linear(&x, &w, None, &a, &b, f64::NAN)),
+        &["scale must be finite"],
+    );
+    has(
+        err_msg(lora_linear(&x, &w, None, &a, &b, f64::INFINITY)),
+        &["scale must be finite"],
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 160, .. ProptestConfig::default() })]
+
+    #[test]
+    fn random_shapes_forward_and_backward(
+        lead in proptest::collection::vec(1usize..6, 0..3),
+        k in 1usize..90,
+        n in 1usize..90,
+        r_frac in 0.0f64..1.0,
+        dt in 0usize..4,
+        with_bias in any::<bool>(),
+    ) {
+        let dtype = [DType::F32, DType::F64, DType::F16, DType::BF16][dt];
+        let r = 1 + ((k.min(n) - 1) as f64 * r_frac) as usize;
+        check_forward(&lead, k, n, r, dtype, with_bias);
+        check_backward(&lead, k, n, r, dtype, with_bias);
+    }
+}
+
+#[test]
+fn rank_256_large_dims() {
+    check_forward(&[40], 512, 384, 256, DType::F32, true);
+    check_backward(&[40], 300, 384, 256, DType::BF16, true);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The LoraLinear module.
+
+mod module {
+    use super::*;
+    use candle_core::Module;
+    use candle_fused::nn::{lora_linear as lora_layer, LoraConfig, LoraLinear};
+    use candle_nn::{Optimizer, VarBuilder, VarMap};
+
+    fn layer(varmap: &VarMap, path: &str, i: usize, o: usize, cfg: &LoraConfig) -> LoraLinear {
+        let vb = VarBuilder::from_varmap(varmap, DType::F32, &CPU);
+        lora_layer(i, o, cfg, vb.pp(path)).unwrap()
+    }
+
+    /// A copy of `l` with a random (nonzero) B.
+    fn with_random_b(l: &LoraLinear) -> LoraLinear {
+        let mut l = l.clone();
+        let b = testing::randn(l.lora_b().dims(), 0.5, DType::F32, &CPU).unwrap();
+        let a = l.lora_a().clone();
+        l.set_adapter(&a, &b, l.scale()).unwrap();
+        l
+    }
+
+    #[test]
+    fn varbuilder_names_and_peft_init() {
+        let vm = VarMap::new();
+        let cfg = LoraConfig::new(4, 8.0);
+        let l = layer(&vm, "blk.fc", 40, 24, &cfg);
+        let names: Vec<String> = {
+            let data = vm.data().lock().unwrap();
+            let mut v: Vec<String> = data.keys().cloned().collect();
+            v.sort();
+            v
+        };
+        assert_eq!(
+            names,
+            [
+                "blk.fc.bias",
+                "blk.fc.lora_A.weight",
+                "blk.fc.lora_B.weight",
+                "blk.fc.weight"
+            ]
+        );
+        assert_eq!(l.rank(), 4);
+        assert_eq!(l.scale(), 2.0);
+        assert_eq!(l.lora_a().dims(), &[4, 40]);
+        assert_eq!(l.lora_b().dims(), &[24, 4]);
+        // A: uniform in ±1/sqrt(in), not all equal; B: zeros.
+        let a = l.lora_a().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let bound = 1.0 / (40f32).sqrt();
+        assert!(a.iter().all(|v| v.abs() <= bound));
+        let spread =
+            a.iter().cloned().fold(f32::MIN, f32::max) - a.iter().cloned().fold(f32::MAX, f32::min);
+        assert!(spread > bound, "A looks constant: spread {spread}");
+        assert_eq!(testing::max_abs(l.lora_b()).unwrap(), 0.0);
+    }
+
+    #[test]
+    fn fresh_adapter_and_disabled_adapter_give_the_base_output() {
+        let vm = VarMap::new();
+        let l = layer(&vm, "fc", 33, 17, &LoraConfig::new(8, 16.0));
+        let base = candle_nn::Linear::new(l.weight().clone(), l.bias().cloned());
+        let x = testing::randn(&[2, 5, 33], 1.0, DType::F32, &CPU).unwrap();
+        let want = base.forward(&x).unwrap();
+        assert!(rel_err(&l.forward(&x).unwrap(), &want).unwrap() < 1e-6);
+        let mut l = with_random_b(&l);
+        let y = l.forward(&x).unwrap();
+        assert!(
+            rel_err(&y, &want).unwrap() > 1e-3,
+            "a nonzero B must change the output"
+        );
+        l.set_adapter_enabled(false).unwrap();
+        assert!(rel_err(&l.forward(&x).unwrap(), &want).unwrap() < 1e-6);
+        l.set_adapter_enabled(true).unwrap();
+        assert_eq!(rel_err(&l.forward(&x).unwrap(), &y).unwrap(), 0.0);
+    }
+
+    #[test]
+    fn from_linear_wraps_an_existing_layer() {
+        let vm = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &CPU);
+        let base = candle_nn::linear_no_bias(12, 9, vb.pp("base")).unwrap();
+        let l = LoraLinear::from_linear(&base, &LoraConfig::new(3, 3.0), vb.pp("base")).unwrap();
+        assert!(l.bias().is_none());
+        let x = testing::randn(&[7, 12], 1.0, DType::F32, &CPU).unwrap();
+        assert!(rel_err(&l.forward(&x).unwrap(), &base.forward(&x).unwrap()).unwrap() < 1e-6);
+    }
+
+    #[test]
+    fn merge_and_unmerge_are_equivalent() {
+        for dtype in [DType::F32, DType::BF16] {
+            let vm = VarMap::new();
+            let l = layer(&vm, "fc", 64, 48, &LoraConfig::new(8, 16.0));
+            let mut l = with_random_b(&l);
+            if dtype != DType::F32 {
+                let w = l.weight().to_dtype(dtype).unwrap();
+                let bias = l.bias().unwrap().to_dtype(dtype).unwrap();
+                let a = l.lora_a().to_dtype(dtype).unwrap();
+                let b = l.lora_b().to_dtype(dtype).unwrap();
+                l = LoraLinear::new(&w, Some(&bias), a, b, l.scale(), 0.0).unwrap();
+            }
+            let x = testing::randn(&[10, 64], 1.0, dtype, &CPU).unwrap();
+            let y = l.forward(&x).unwrap();
+            let w0 = l.weight().clone();
+            l.merge().unwrap();
+            assert!(l.is_merged());
+            assert!(l.merge().is_err(), "double merge must fail");
+            let ym = l.forward(&x).unwrap();
+            let e = rel_err(&ym, &y).unwrap();
+            assert!(
+                e <= tolerance(dtype),
+                "{dtype:?} merged vs unmerged: {e:.3e}"
+            );
+            l.unmerge().unwrap();
+            assert!(l.unmerge().is_err(), "double unmerge must fail");
+            let ew = rel_err(l.weight(), &w0).unwrap();
+            let tol = if dtype == DType::F32 { 1e-6 } else { 1e-2 };
+            assert!(ew <= tol, "{dtype:?} unmerged weight drift {ew:.3e}");
+            let e2 = rel_err(&l.forward(&x).unwrap(), &y).unwrap();
+            assert!(e2 <= tolerance(dtype), "{dtype:?} after unmerge: {e2:.3e}");
+            // Disabling a merged layer unmerges it: the output is the base one.
+            l.merge().unwrap();
+            l.set_adapter_enabled(false).unwrap();
+            assert!(!l.is_merged());
+            let base = candle_fused::ops::lora::linear(&x, &w0, l.bias()).unwrap();
+            assert!(rel_err(&l.forward(&x).unwrap(), &base).unwrap() <= tolerance(dtype));
+        }
+    }
+
+    #[test]
+    fn training_lowers_the_loss_and_changes_only_the_adapter() {
+        let vm = VarMap::new();
+        let cfg = LoraConfig::new(4, 8.0);
+        let l1 = layer(&vm, "fc1", 16, 32, &cfg);
+        let l2 = layer(&vm, "fc2", 32, 8, &cfg);
+        let snapshot = |vm: &VarMap| -> Vec<(String, Tensor)> {
+            let data = vm.data().lock().unwrap();
+            let mut v: Vec<(String, Tensor)> = data
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_tensor().copy().unwrap()))
+                .collect();
+            v.sort_by(|a, b| a.0.cmp(&b.0));
+            v
+        };
+        let before = snapshot(&vm);
+        let x = testing::randn(&[64, 16], 1.0, DType::F32, &CPU).unwrap();
+        // A target the frozen base cannot produce: the base output plus a low-rank change.
+        let teacher = testing::randn(&[16, 8], 0.5, DType::F32, &CPU).unwrap();
+        let fwd = |x: &Tensor| l2.forward(&l1.forward(x).unwrap().relu().unwrap());
+        let target = (fwd(&x).unwrap() + x.matmul(&teacher).unwrap()).unwrap();
+        let loss = |y: &Tensor| (y - &target).unwrap().sqr().unwrap().mean_all().unwrap();
+        let mut opt = candle_nn::AdamW::new(
+            vm.all_vars(),
+            candle_nn::ParamsAdamW {
+                lr: 1e-2,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let l0 = loss(&fwd(&x).unwrap()).to_scalar::<f32>().unwrap();
+        for _ in 0..60 {
+            let y = fwd(&x).unwrap();
+            opt.backward_step(&loss(&y)).unwrap();
+        }
+        let l_end = loss(&fwd(&x).unwrap()).to_scalar::<f32>().unwrap();
+        assert!(l_end < 0.5 * l0, "loss {l0} -> {l_end}");
+        let after = snapshot(&vm);
+        for ((name, t0), (_, t1)) in before.iter().zip(&after) {
+            let diff = testing::max_abs(&(t1 - t0).unwrap()).unwrap();
+            if name.contains("lora_") {
+                assert!(diff > 0.0, "{name} did not change");
+            } else {
+                assert_eq!(diff, 0.0, "frozen {name} changed by {diff}");
+            }
+        }
+    }
+
+    #[test]
+    fn dropout_path_matches_the_fused_path_at_tiny_p_and_trains() {
+        let vm = VarMap::new();
+        let cfg = LoraConfig::new(4, 8.0).with_dropout(1e-7);
+        let l = with_random_b(&layer(&vm, "fc", 20, 12, &cfg));
+        let x =
+            Var::from_tensor(&testing::randn(&[6, 20], 1.0, DType::F32, &CPU).unwrap()).unwrap();
+        let probe = testing::randn(&[6, 12], 1.0, DType::F32, &CPU).unwrap();
+        let mut l = l;
+        let vars = l.trainable_vars().unwrap();
+        let run = |train: bool| {
+            let y = l.forward_t(&x, train).unwrap();
+            let g = (&y * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let gs: Vec<Tensor> = [x.as_tensor(), vars[0].as_tensor(), vars[1].as_tensor()]
+                .iter()
+                .map(|t| g.get(t).unwrap().clone())
+                .collect();
+            (y, gs)
+        };
+        let (y_eval, g_eval) = run(false);
+        let (y_train, g_train) = run(true);
+        assert!(rel_err(&y_train, &y_eval).unwrap() < 1e-5);
+        for (a, b) in g_train.iter().zip(&g_eval) {
+            assert!(rel_err(a, b).unwrap() < 1e-5);
+        }
+        // A real dropout changes the training output but not the inference one.
+        l.set_dropout(0.5).unwrap();
+        let y_t = l.forward_t(&x, true).unwrap();
+        assert!(rel_err(&y_t, &y_eval).unwrap() > 1e-4);
+        assert_eq!(rel_err(&l.forward(&x).unwrap(), &y_eval).unwrap(), 0.0);
+        l.set_training(true);
+        assert!(rel_err(&x.apply_t(&l, false).unwrap(), &y_eval).unwrap() > 1e-4);
+        l.set_training(false);
+        assert_eq!(
+            rel_err(&x.apply_t(&l, true).unwrap(), &y_eval).unwrap(),
+            0.0
+        );
+    }
+
+    #[test]
+    fn bad_layer_config_is_a_clear_error() {
+        let vm = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &CPU);
+        let msg =
+            |r: candle_core::Result<LoraLinear>| r.err().expect("expected an error").to_string();
+        let m = msg(lora_layer(8, 6, &LoraConfig::new(0, 1.0), vb.pp("a")));
+        assert!(m.contains("rank must be >= 1"), "{m}");
+        let m = msg(lora_layer(8, 6, &LoraConfig::new(7, 1.0), vb.pp("b")));
+        assert!(m.contains("exceeds min(K, N)"), "{m}");
+        let m = msg(lora_layer(
+            8,
+            6,
+            &LoraConfig::new(2, 1.0).with_dropout(1.0),
+            vb.pp("c"),
+        ));
+        assert!(m.contains("dropout must be in [0, 1)"), "{m}");
+        let m = msg(lora_layer(8, 6, &LoraConfig::new(2, f64::NAN), vb.pp("d")));
+        assert!(m.contains("alpha must be finite"), "{m}");
+    }
+}
