@@ -597,7 +597,7 @@ mod module {
         let vm = VarMap::new();
         let vb = VarBuilder::from_varmap(&vm, DType::F32, &CPU);
         let msg =
-            |r: candle_core::Result<LoraLinear>| r.err().expect("expected an error").to_string();
+            |r: candle_core::Result<LoraLinear>| r.expect_err("expected an error").to_string();
         let m = msg(lora_layer(8, 6, &LoraConfig::new(0, 1.0), vb.pp("a")));
         assert!(m.contains("rank must be >= 1"), "{m}");
         let m = msg(lora_layer(8, 6, &LoraConfig::new(7, 1.0), vb.pp("b")));
@@ -611,5 +611,35 @@ mod module {
         assert!(m.contains("dropout must be in [0, 1)"), "{m}");
         let m = msg(lora_layer(8, 6, &LoraConfig::new(2, f64::NAN), vb.pp("d")));
         assert!(m.contains("alpha must be finite"), "{m}");
+    }
+}
+
+#[test]
+fn check_sweep_covers_lora_with_every_gradient() {
+    use candle_fused::check::{self, OpKind};
+    let cases: Vec<_> = check::sweep(&[DType::F32])
+        .into_iter()
+        .filter(|c| matches!(c.op, OpKind::Lora { .. }))
+        .collect();
+    assert!(cases.len() >= 5);
+    for case in &cases {
+        let outs = check::run(case, &CPU).unwrap();
+        let whats: Vec<&str> = outs.iter().map(|o| o.what.as_str()).collect();
+        let bias = matches!(case.op, OpKind::Lora { bias: true, .. });
+        let mut want = vec!["fwd", "dx", "dw", "da", "db"];
+        if bias {
+            want.push("dbias");
+        }
+        assert_eq!(whats, want, "{}", case.op.name());
+        for o in &outs {
+            assert!(
+                o.pass(),
+                "{} {}: {:.3e} > {:.0e}",
+                o.op,
+                o.what,
+                o.rel_err,
+                o.tol
+            );
+        }
     }
 }

@@ -39,12 +39,25 @@ fn io_err(what: &str, p: &Path, e: impl std::fmt::Display) -> candle_core::Error
     err(OP, format!("{what} {}: {e}", p.display()))
 }
 
+/// An integral value as a JSON integer (PEFT's `lora_alpha` is an `int`), else a float.
+fn num(v: f64) -> Value {
+    if v.fract() == 0.0 && v.abs() < 1e15 {
+        json!(v as i64)
+    } else {
+        json!(v)
+    }
+}
+
 impl LoraConfig {
     /// The `adapter_config.json` PEFT writes for this config (LoRA, `bias = "none"`,
     /// `fan_in_fan_out = false`, no DoRA).
     pub fn to_peft_json(&self) -> Value {
         json!({
-            "alpha_pattern": self.alpha_pattern,
+            "alpha_pattern": self
+                .alpha_pattern
+                .iter()
+                .map(|(k, &a)| (k.clone(), num(a)))
+                .collect::<serde_json::Map<String, Value>>(),
             "auto_mapping": null,
             "base_model_name_or_path": self.base_model_name_or_path,
             "bias": "none",
@@ -53,7 +66,7 @@ impl LoraConfig {
             "init_lora_weights": true,
             "layers_pattern": null,
             "layers_to_transform": null,
-            "lora_alpha": self.alpha,
+            "lora_alpha": num(self.alpha),
             "lora_dropout": self.dropout,
             "modules_to_save": null,
             "peft_type": "LORA",
@@ -88,6 +101,12 @@ impl LoraConfig {
         }
         if flag("fan_in_fan_out") {
             fail!(OP, "adapter_config.json: fan_in_fan_out = true (transposed Conv1D weights) is not supported")
+        }
+        if flag("lora_bias") {
+            fail!(
+                OP,
+                "adapter_config.json: lora_bias = true (a bias on lora_B) is not supported"
+            )
         }
         if let Some(b) = get("bias").and_then(Value::as_str) {
             if b != "none" {
