@@ -7,7 +7,8 @@
 //!     with PEFT's outputs (adapter on: "y_peft", off: "y_base"), unmerged and merged;
 //!     prints one JSON line and exits 1 when a relative error exceeds 1e-4.
 //! peft_interop export --dir D [--device cpu|cuda]
-//!     trains a fresh adapter of its own (r = 4, alpha = 8, a few AdamW steps) on the same
+//!     trains a fresh adapter of its own (r = 4, alpha = 8, and r = 6, alpha = 18 for "fc2"
+//!     through rank_pattern/alpha_pattern; a few AdamW steps) on the same
 //!     base, saves it in PEFT format to D/ours_adapter/ and its outputs on "x" to
 //!     D/ours_out.safetensors ("y"), for PEFT to load and compare.
 //! ```
@@ -46,7 +47,8 @@ struct Stack {
 }
 
 impl Stack {
-    /// Base weights from `base.safetensors`, fresh adapters of `cfg` in `vm`.
+    /// Base weights from `base.safetensors`, fresh adapters of `cfg` (per module, with its
+    /// rank/alpha patterns) in `vm`.
     fn load(dir: &Path, cfg: &LoraConfig, vm: &VarMap, dev: &Device) -> Result<Self> {
         let spec: ModelSpec =
             serde_json::from_str(&std::fs::read_to_string(dir.join("model.json"))?)?;
@@ -57,7 +59,8 @@ impl Stack {
         for l in &spec.layers {
             let lin = candle_nn::linear_b(l.in_dim, l.out_dim, l.bias, base_vb.pp(&l.path))
                 .with_context(|| format!("base weights of {}", l.path))?;
-            let lora = LoraLinear::from_linear(&lin, cfg, lora_vb.pp(&l.path))?;
+            let lora =
+                LoraLinear::from_linear(&lin, &cfg.for_module(&l.path), lora_vb.pp(&l.path))?;
             layers.push((l.path.clone(), lora));
         }
         Ok(Self {
@@ -124,6 +127,11 @@ fn reproduce(dir: &Path, dev: &Device) -> Result<bool> {
             "modules": adapters.module_paths(),
             "r": adapters.config.rank,
             "lora_alpha": adapters.config.alpha,
+            "scales": adapters
+                .module_paths()
+                .iter()
+                .map(|p| adapters.scale_for(p))
+                .collect::<candle_core::Result<Vec<f64>>>()?,
             "rel_err_adapter_on": e_on,
             "rel_err_adapter_off": e_off,
             "rel_err_merged": e_merged,
@@ -136,7 +144,10 @@ fn reproduce(dir: &Path, dev: &Device) -> Result<bool> {
 }
 
 fn export(dir: &Path, dev: &Device) -> Result<bool> {
-    let cfg = LoraConfig::new(4, 8.0);
+    // r = 4, alpha = 8, except fc2: r = 6, alpha = 18 (rank_pattern/alpha_pattern for PEFT).
+    let mut cfg = LoraConfig::new(4, 8.0);
+    cfg.rank_pattern.insert("fc2".into(), 6);
+    cfg.alpha_pattern.insert("fc2".into(), 18.0);
     let vm = VarMap::new();
     let stack = Stack::load(dir, &cfg, &vm, dev)?;
     let io = io(dir, dev)?;
@@ -176,6 +187,8 @@ fn export(dir: &Path, dev: &Device) -> Result<bool> {
             "device": format!("{:?}", dev.location()),
             "r": cfg.rank,
             "lora_alpha": cfg.alpha,
+            "rank_pattern": cfg.rank_pattern,
+            "alpha_pattern": cfg.alpha_pattern,
             "train_loss_before": l0,
             "train_loss_after": l1,
             "max_abs_lora_b": b_norm,

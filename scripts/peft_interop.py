@@ -5,12 +5,14 @@ Needs torch, peft and safetensors (no Rust toolchain): the Rust side is the preb
 binary `peft_interop` (cargo build --release --example peft_interop [--features cuda]).
 
 1. Builds a stack of nn.Linear layers (64 -> 96 -> 80 -> 48, ReLU between), saves its base
-   weights, wraps it with PEFT LoRA (r=8, lora_alpha=16, all three linears, dropout 0.05),
+   weights, wraps it with PEFT LoRA (r=8, lora_alpha=16, all three linears, dropout 0.05;
+   fc3 gets r=4, alpha=4 through rank_pattern/alpha_pattern),
    trains a few steps so that B != 0, saves the adapter with save_pretrained, and saves an
    input x [2, 5, 64] with PEFT's outputs (adapter on and off).
 2. `peft_interop reproduce`: our crate loads base + PEFT adapter and must reproduce PEFT's
    outputs within 1e-4 relative (f32), adapter on, off, and merged.
-3. `peft_interop export`: our crate trains its own adapter (r=4, alpha=8) and saves it in PEFT
+3. `peft_interop export`: our crate trains its own adapter (r=4, alpha=8; fc2 r=6, alpha=18
+   through the patterns) and saves it in PEFT
    format with its outputs; PEFT loads it (PeftModel.from_pretrained) and must give the same
    outputs within 1e-4 relative.
 
@@ -98,7 +100,15 @@ def main():
             },
             f,
         )
-    cfg = LoraConfig(r=8, lora_alpha=16, target_modules=NAMES, lora_dropout=0.05, bias="none")
+    cfg = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        target_modules=NAMES,
+        lora_dropout=0.05,
+        bias="none",
+        rank_pattern={"fc3": 4},
+        alpha_pattern={"fc3": 4},
+    )
     model = get_peft_model(base, cfg)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     xt, yt = torch.randn(256, DIMS[0]), torch.randn(256, DIMS[-1])
@@ -137,13 +147,17 @@ def main():
     loaded_cfg = ours.peft_config["default"]
     e_ours = rel_err(y_ours_peft, y_ours)
     ours_effect = rel_err(y_ours, y_ours_base)
+    ranks = {n: getattr(ours.base_model.model, n).lora_A["default"].weight.shape[0] for n in NAMES}
+    scales = {n: getattr(ours.base_model.model, n).scaling["default"] for n in NAMES}
     peft_loads = {
         "rel_err_peft_vs_ours": e_ours,
+        "ranks": ranks,
+        "scales": scales,
         "adapter_effect_rel": ours_effect,
         "r": loaded_cfg.r,
         "lora_alpha": loaded_cfg.lora_alpha,
         "target_modules": sorted(loaded_cfg.target_modules),
-        "pass": e_ours < TOL and ours_effect > 1e-3,
+        "pass": e_ours < TOL and ours_effect > 1e-3 and ranks["fc2"] == 6 and abs(scales["fc2"] - 3.0) < 1e-12,
     }
 
     ok = bool(repro["pass"] and repro["exit_code"] == 0 and export["pass"] and export["exit_code"] == 0 and peft_loads["pass"])
@@ -158,7 +172,7 @@ def main():
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "seed": seed,
         "model": {"dims": DIMS, "modules": NAMES, "activation": "relu"},
-        "peft_adapter": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "train_losses": [losses[0], losses[-1]], "max_abs_lora_b": b_max},
+        "peft_adapter": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "rank_pattern": {"fc3": 4}, "alpha_pattern": {"fc3": 4}, "train_losses": [losses[0], losses[-1]], "max_abs_lora_b": b_max},
         "tolerance": TOL,
         "ours_reproduces_peft": repro,
         "ours_export": export,
@@ -184,6 +198,11 @@ def main():
         f.write(
             f"\nAdapter effect (how far the adapted output is from the base): PEFT's "
             f"{repro['adapter_effect_rel']:.3f}, ours {ours_effect:.3f} (relative).\n"
+        )
+        f.write(
+            f"Per-module patterns: candle-fused read PEFT's scales {repro.get('scales')} "
+            f"(fc1, fc2, fc3; fc3 r=4, alpha=4 via rank/alpha_pattern); PEFT read ours as ranks "
+            f"{ranks} and scales {scales} (fc2 r=6, alpha=18).\n"
         )
     print(json.dumps(result, indent=2))
     print("PEFT interop:", "PASS" if ok else "FAIL")

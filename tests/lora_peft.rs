@@ -66,6 +66,10 @@ fn round_trip_reproduces_the_model() {
     let layers = model(&vm);
     let dir = tmp_dir("roundtrip");
     let cfg = LoraConfig::new(4, 8.0).with_dropout(0.05);
+    assert!(cfg
+        .to_peft_json()
+        .to_string()
+        .contains("\"lora_dropout\":0.05,"));
     let refs: Vec<(&str, &LoraLinear)> = layers.iter().map(|(p, l)| (p.as_str(), l)).collect();
     save_adapters(&dir, &cfg, &refs).unwrap();
 
@@ -239,6 +243,16 @@ fn unsupported_or_broken_adapters_are_clear_errors() {
     bad(r#"{"r": null}"#, "\"r\"");
     bad(r#"{"lora_alpha": "x"}"#, "lora_alpha");
     bad(r#"{"lora_bias": true}"#, "lora_bias");
+    bad(r#"{"modules_to_save": ["classifier"]}"#, "modules_to_save");
+    bad(
+        r#"{"layer_replication": [[0, 4], [2, 5]]}"#,
+        "layer_replication",
+    );
+    bad(
+        r#"{"target_parameters": ["experts.w1"]}"#,
+        "target_parameters",
+    );
+    bad(r#"{"use_qalora": true}"#, "use_qalora");
 
     // Missing directory / files.
     let dir = tmp_dir("broken");

@@ -172,10 +172,12 @@ impl LoraLinear {
             )
         }
         let (n, k) = self.weight.dims2()?;
-        let x = Tensor::zeros(k, self.weight.dtype(), self.weight.device())?;
-        // The op's own validation gives the messages (shapes, dtypes, devices, r, scale).
-        ops::lora_linear(
-            &x.unsqueeze(0)?,
+        // The op's own validation gives the messages (shapes, dtypes, devices, r, scale); a
+        // one-row x stands for the layer's input (nothing is computed).
+        let x = Tensor::zeros((1, k), self.weight.dtype(), self.weight.device())?;
+        ops::lora::check(
+            "lora_linear",
+            &x,
             &self.weight,
             self.bias.as_ref(),
             &self.lora_a,
@@ -288,7 +290,8 @@ impl LoraLinear {
             fail!(OP, "merge: the adapter is disabled")
         }
         let dt = self.weight.dtype();
-        let w = (self.weight.to_dtype(self.delta()?.dtype())? + self.delta()?)?;
+        let delta = self.delta()?;
+        let w = (self.weight.to_dtype(delta.dtype())? + delta)?;
         self.weight = w.to_dtype(dt)?.detach();
         self.merged = true;
         Ok(())

@@ -67,7 +67,8 @@ impl LoraConfig {
             "layers_pattern": null,
             "layers_to_transform": null,
             "lora_alpha": num(self.alpha),
-            "lora_dropout": self.dropout,
+            // The f32 as its shortest decimal (0.05, not 0.05000000074505806).
+            "lora_dropout": self.dropout.to_string().parse::<f64>().unwrap_or(0.0),
             "modules_to_save": null,
             "peft_type": "LORA",
             "r": self.rank,
@@ -101,6 +102,30 @@ impl LoraConfig {
         }
         if flag("fan_in_fan_out") {
             fail!(OP, "adapter_config.json: fan_in_fan_out = true (transposed Conv1D weights) is not supported")
+        }
+        // Features that change what the adapter computes, or add tensors this crate would
+        // silently ignore.
+        for k in [
+            "modules_to_save",
+            "layer_replication",
+            "trainable_token_indices",
+            "target_parameters",
+            "alora_invocation_tokens",
+        ] {
+            let empty = match get(k) {
+                None => true,
+                Some(Value::Array(a)) => a.is_empty(),
+                Some(Value::Object(o)) => o.is_empty(),
+                Some(_) => false,
+            };
+            if !empty {
+                fail!(OP, "adapter_config.json: {k} = {} is not supported", v[k])
+            }
+        }
+        for k in ["use_qalora", "use_bdlora"] {
+            if flag(k) {
+                fail!(OP, "adapter_config.json: {k} = true is not supported")
+            }
         }
         if flag("lora_bias") {
             fail!(

@@ -407,7 +407,7 @@ fn check_arg(
 }
 
 /// Validates the arguments; returns `(K, N, r)`.
-fn check(
+pub(crate) fn check(
     op: &str,
     x: &Tensor,
     w: &Tensor,
