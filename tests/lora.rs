@@ -366,6 +366,18 @@ proptest! {
 }
 
 #[test]
+fn half_types_accumulate_across_row_blocks() {
+    // Blocks of a few rows: the half-type path widens and accumulates block by block.
+    candle_fused::ops::lora::set_cpu_block_elems(200);
+    for dtype in [DType::F16, DType::BF16] {
+        check_forward(&[3, 37], 40, 30, 6, dtype, true);
+        check_backward(&[3, 37], 40, 30, 6, dtype, true);
+        check_backward(&[150], 17, 9, 3, dtype, false);
+    }
+    candle_fused::ops::lora::set_cpu_block_elems(1 << 20);
+}
+
+#[test]
 fn rank_256_large_dims() {
     check_forward(&[40], 512, 384, 256, DType::F32, true);
     check_backward(&[40], 300, 384, 256, DType::BF16, true);

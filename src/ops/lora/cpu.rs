@@ -1,9 +1,13 @@
 //! CPU kernels for the LoRA linear: every product is one call of the `gemm` crate (the GEMM
 //! behind Candle's CPU matmul), transposes expressed by strides, accumulations by its
-//! `dst = α·dst + β·lhs·rhs` form. f32/f64 compute in place; f16/bf16 are widened to f32 once
-//! and the results rounded once (f32 accumulation throughout).
+//! `dst = α·dst + β·lhs·rhs` form. f32/f64 compute in place on all rows at once. f16/bf16 run
+//! in blocks of rows: a block of the activations (x, dy, u) is widened to f32, computed, and the
+//! block's results rounded once; the reductions over rows (dW, dA, dB, dbias) accumulate in
+//! f32 across blocks. So half types accumulate in f32 throughout and the temporaries stay a
+//! block of rows (never `M×N`); the weights are widened once (parameter-sized).
 
 use std::borrow::Cow;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result, Shape, WithDType};
@@ -102,28 +106,65 @@ unsafe fn mm<A: Acc>(
     )
 }
 
-/// The data of a contiguous tensor, in the accumulation type (borrowed for f32/f64, widened
-/// in parallel for half types).
-fn widen<'a, T: Elem>(arg: &str, s: &'a CpuStorage, l: &Layout) -> Result<Cow<'a, [T::A]>> {
-    let data: &[T] = cpu::slice(OP, arg, s, l)?;
-    Ok(match T::as_acc(data) {
-        Some(d) => Cow::Borrowed(d),
+/// The contiguous data of a storage argument.
+fn data<'a, T: Elem>(arg: &str, s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+    cpu::slice(OP, arg, s, l)
+}
+
+/// Widens `src` into `dst` (in parallel for long slices).
+fn widen_into<T: Elem>(src: &[T], dst: &mut Vec<T::A>) {
+    dst.clear();
+    dst.resize(src.len(), T::A::zero());
+    dst.par_chunks_mut(1 << 14)
+        .zip(src.par_chunks(1 << 14))
+        .for_each(|(o, i)| T::to_acc(i, o));
+}
+
+/// `src` in the accumulation type: borrowed for f32/f64, widened into `buf` for half types.
+fn acc<'a, T: Elem>(src: &'a [T], buf: &'a mut Vec<T::A>) -> &'a [T::A] {
+    match T::as_acc(src) {
+        Some(s) => s,
         None => {
-            let mut out = vec![T::A::zero(); data.len()];
-            out.par_chunks_mut(1 << 14)
-                .zip(data.par_chunks(1 << 14))
-                .for_each(|(o, i)| T::to_acc(i, o));
-            Cow::Owned(out)
+            widen_into(src, buf);
+            buf
+        }
+    }
+}
+
+/// A weight (parameter-sized) in the accumulation type.
+fn widen_weight<'a, T: Elem>(arg: &str, s: &'a CpuStorage, l: &Layout) -> Result<Cow<'a, [T::A]>> {
+    let d = data::<T>(arg, s, l)?;
+    Ok(match T::as_acc(d) {
+        Some(x) => Cow::Borrowed(x),
+        None => {
+            let mut v = Vec::new();
+            widen_into(d, &mut v);
+            Cow::Owned(v)
         }
     })
 }
 
-/// The data of a tensor held by the op (u_ext, the adapter), in the accumulation type.
-fn widen_tensor<T: Elem>(arg: &str, t: &candle_core::Tensor) -> Result<Vec<T::A>> {
+/// Runs `f` with the CPU data of a tensor the op holds (u_ext, the adapter).
+fn with_held<T: Elem, R>(
+    arg: &str,
+    t: &candle_core::Tensor,
+    f: impl FnOnce(&[T]) -> Result<R>,
+) -> Result<R> {
     let (st, l) = t.storage_and_layout();
     match &*st {
-        candle_core::Storage::Cpu(s) => Ok(widen::<T>(arg, s, l)?.into_owned()),
+        candle_core::Storage::Cpu(s) => f(data::<T>(arg, s, l)?),
         _ => fail!(OP, "{arg} is not on the CPU (internal)"),
+    }
+}
+
+fn with_held_opt<T: Elem, R>(
+    arg: &str,
+    t: Option<&candle_core::Tensor>,
+    f: impl FnOnce(Option<&[T]>) -> Result<R>,
+) -> Result<R> {
+    match t {
+        Some(t) => with_held::<T, R>(arg, t, |d| f(Some(d))),
+        None => f(None),
     }
 }
 
@@ -140,6 +181,31 @@ fn with_acc<T: Elem>(out: &mut [T], f: impl FnOnce(&mut [T::A])) {
     }
 }
 
+static BLOCK_ELEMS: AtomicUsize = AtomicUsize::new(1 << 20);
+
+/// Sets the size (in elements of the widest activation row times rows) of the row blocks the
+/// half-type CPU path widens at a time (default 2^20). For tests: small blocks exercise the
+/// accumulation across blocks on small shapes.
+#[doc(hidden)]
+pub fn set_block_elems(n: usize) {
+    BLOCK_ELEMS.store(n.max(1), Ordering::Relaxed)
+}
+
+/// Rows per block: all of them for f32/f64 (no copies), about `BLOCK_ELEMS` widened elements
+/// of the widest activation row for half types.
+fn block_rows<T: Elem>(m: usize, width: usize) -> usize {
+    if T::IS_ACC {
+        m.max(1)
+    } else {
+        (BLOCK_ELEMS.load(Ordering::Relaxed) / width.max(1)).clamp(1, m.max(1))
+    }
+}
+
+/// The row blocks `[m0, m1)`.
+fn blocks(m: usize, rows: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..m.div_ceil(rows)).map(move |b| (b * rows, ((b + 1) * rows).min(m)))
+}
+
 fn storage<T: WithDType>(v: Vec<T>) -> CpuStorage {
     T::to_cpu_storage_owned(v)
 }
@@ -152,29 +218,34 @@ pub(crate) fn down(
     a: (&CpuStorage, &Layout),
 ) -> Result<(CpuStorage, Shape)> {
     dispatch!(OP, x.0.dtype(), |T| {
-        let xs = widen::<T>("x", x.0, x.1)?;
-        let a_s = widen::<T>("a", a.0, a.1)?;
+        type A = <T as Elem>::A;
+        let xs = data::<T>("x", x.0, x.1)?;
+        let a_s = widen_weight::<T>("a", a.0, a.1)?;
         let kk = d.kk();
         let mut u = cpu::alloc::<T>(d.m * kk);
-        with_acc::<T>(&mut u, |u| {
-            // SAFETY: x is M×K, A is r×K, u is M rows of kk >= r.
-            unsafe {
-                mm(
-                    (d.m, d.r, d.k),
-                    u,
-                    kk,
-                    false,
-                    Mat::rows(&xs, d.k),
-                    Mat::t(&a_s, d.k),
-                    <T as Elem>::A::of(scale),
-                )
-            };
-            if d.bias {
-                for row in u.chunks_exact_mut(kk) {
-                    row[d.r] = <T as Elem>::A::one();
+        let mut xbuf = Vec::new();
+        for (m0, m1) in blocks(d.m, block_rows::<T>(d.m, d.k)) {
+            let xb = acc(&xs[m0 * d.k..m1 * d.k], &mut xbuf);
+            with_acc::<T>(&mut u[m0 * kk..m1 * kk], |u| {
+                // SAFETY: xb is (m1-m0)×K, A is r×K, u is (m1-m0) rows of kk >= r.
+                unsafe {
+                    mm(
+                        (m1 - m0, d.r, d.k),
+                        u,
+                        kk,
+                        false,
+                        Mat::rows(xb, d.k),
+                        Mat::t(&a_s, d.k),
+                        A::of(scale),
+                    )
+                };
+                if d.bias {
+                    for row in u.chunks_exact_mut(kk) {
+                        row[d.r] = A::one();
+                    }
                 }
-            }
-        });
+            });
+        }
         Ok((storage(u), Shape::from((d.m, kk))))
     })
 }
@@ -189,54 +260,108 @@ pub(crate) fn forward(
     let d = op.dims;
     let kk = d.kk();
     dispatch!(OP, x.0.dtype(), |T| {
-        let xs = widen::<T>("x", x.0, x.1)?;
-        let ws = w.map(|(s, l)| widen::<T>("w", s, l)).transpose()?;
+        type A = <T as Elem>::A;
+        let xs = data::<T>("x", x.0, x.1)?;
+        let ws = w.map(|(s, l)| widen_weight::<T>("w", s, l)).transpose()?;
         let ads = adapter
-            .map(|(s, l)| widen::<T>("adapter", s, l))
+            .map(|(s, l)| widen_weight::<T>("adapter", s, l))
             .transpose()?;
-        let us = match (&op.u, kk) {
-            (Some(u), kk) if kk > 0 => Some(widen_tensor::<T>("u", u)?),
-            _ => None,
-        };
+        let u_held = if kk > 0 { op.u.as_ref() } else { None };
         let mut y = cpu::alloc::<T>(d.m * d.n);
-        with_acc::<T>(&mut y, |y| {
-            let one = <T as Elem>::A::one();
-            let mut low = false;
-            if let (Some(ad), Some(u)) = (&ads, &us) {
-                let bext = &ad[d.r * d.k..];
-                // SAFETY: u is M×kk, B_ext is N×kk, y is M×N.
-                unsafe {
-                    mm(
-                        (d.m, d.n, kk),
-                        y,
-                        d.n,
-                        false,
-                        Mat::rows(u, kk),
-                        Mat::t(bext, kk),
-                        one,
-                    )
-                };
-                low = true;
+        with_held_opt::<T, _>("u", u_held, |us| {
+            let (mut xbuf, mut ubuf) = (Vec::new(), Vec::new());
+            for (m0, m1) in blocks(d.m, block_rows::<T>(d.m, d.k.max(d.n))) {
+                let rows = m1 - m0;
+                let xb = acc(&xs[m0 * d.k..m1 * d.k], &mut xbuf);
+                let ub = us.map(|u| acc(&u[m0 * kk..m1 * kk], &mut ubuf));
+                with_acc::<T>(&mut y[m0 * d.n..m1 * d.n], |y| {
+                    let mut low = false;
+                    if let (Some(ad), Some(u)) = (&ads, ub) {
+                        let bext = &ad[d.r * d.k..];
+                        // SAFETY: u is rows×kk, B_ext is N×kk, y is rows×N.
+                        unsafe {
+                            mm(
+                                (rows, d.n, kk),
+                                y,
+                                d.n,
+                                false,
+                                Mat::rows(u, kk),
+                                Mat::t(bext, kk),
+                                A::one(),
+                            )
+                        };
+                        low = true;
+                    }
+                    match &ws {
+                        // SAFETY: x is rows×K, W is N×K.
+                        Some(ws) => unsafe {
+                            mm(
+                                (rows, d.n, d.k),
+                                y,
+                                d.n,
+                                low,
+                                Mat::rows(xb, d.k),
+                                Mat::t(ws, d.k),
+                                A::one(),
+                            )
+                        },
+                        None if !low => y.fill(A::zero()),
+                        None => {}
+                    }
+                });
             }
-            match &ws {
-                // SAFETY: x is M×K, W is N×K.
-                Some(ws) => unsafe {
-                    mm(
-                        (d.m, d.n, d.k),
-                        y,
-                        d.n,
-                        low,
-                        Mat::rows(&xs, d.k),
-                        Mat::t(ws, d.k),
-                        one,
-                    )
-                },
-                None if !low => y.fill(<T as Elem>::A::zero()),
-                None => {}
-            }
-        });
+            Ok(())
+        })?;
         Ok((storage(y), Shape::from((d.m, d.n))))
     })
+}
+
+/// A reduction output over the rows: the output itself for f32/f64, an f32 accumulator for
+/// half types (rounded into the output at the end).
+struct Reduce<'a, T: Elem> {
+    out: &'a mut [T],
+    tmp: Vec<T::A>,
+    started: bool,
+}
+
+impl<'a, T: Elem> Reduce<'a, T> {
+    fn new(out: &'a mut [T]) -> Self {
+        let tmp = if T::IS_ACC {
+            Vec::new()
+        } else {
+            vec![T::A::zero(); out.len()]
+        };
+        Self {
+            out,
+            tmp,
+            started: false,
+        }
+    }
+
+    /// The accumulator, and whether a previous block already wrote it.
+    fn acc(&mut self) -> (&mut [T::A], bool) {
+        let started = self.started;
+        self.started = true;
+        if T::IS_ACC {
+            (T::as_acc_mut(self.out).expect("IS_ACC"), started)
+        } else {
+            (&mut self.tmp, started)
+        }
+    }
+
+    /// Rounds into the output (zeros if no block contributed).
+    fn finish(mut self) {
+        if !self.started {
+            let (a, _) = self.acc();
+            a.fill(T::A::zero());
+        }
+        if !T::IS_ACC {
+            self.out
+                .par_chunks_mut(1 << 14)
+                .zip(self.tmp.par_chunks(1 << 14))
+                .for_each(|(o, i)| T::from_acc(i, o));
+        }
+    }
 }
 
 /// The flat `[dx | dW | dA | dB_ext]` of the parts in `op.need`.
@@ -252,132 +377,155 @@ pub(crate) fn backward(
     dispatch!(OP, x.0.dtype(), |T| {
         type A = <T as Elem>::A;
         let one = A::one();
-        let dys = widen::<T>("dy", dy.0, dy.1)?;
-        let xs = widen::<T>("x", x.0, x.1)?;
-        let ws = w.map(|(s, l)| widen::<T>("w", s, l)).transpose()?;
-        let ads = op
-            .adapter
-            .as_ref()
-            .map(|t| widen_tensor::<T>("adapter", t))
-            .transpose()?;
-        let us = match (&op.u, kk) {
-            (Some(u), kk) if kk > 0 => Some(widen_tensor::<T>("u", u)?),
-            _ => None,
-        };
+        let dys = data::<T>("dy", dy.0, dy.1)?;
+        let xs = data::<T>("x", x.0, x.1)?;
+        let ws = w.map(|(s, l)| widen_weight::<T>("w", s, l)).transpose()?;
+        let ads: Option<Vec<A>> = with_held_opt::<T, _>("adapter", op.adapter.as_ref(), |a| {
+            Ok(a.map(|a| {
+                let mut v = Vec::new();
+                widen_into(a, &mut v);
+                v
+            }))
+        })?;
         let (a_s, bext) = match &ads {
             Some(ad) => (&ad[..d.r * d.k], &ad[d.r * d.k..]),
             None => (&[][..], &[][..]),
         };
-        // g = s·dy·B (M×r), needed by dx and dA.
-        let g: Vec<A> = if d.r > 0 && (need.dx || need.da) {
-            let mut g = vec![A::zero(); d.m * d.r];
-            // SAFETY: dy is M×N, B is the first r columns of B_ext (N×kk), g is M×r.
-            unsafe {
-                mm(
-                    (d.m, d.r, d.n),
-                    &mut g,
-                    d.r,
-                    false,
-                    Mat::rows(&dys, d.n),
-                    Mat::rows(bext, kk),
-                    A::of(op.scale),
-                )
-            };
-            g
+        let has_g = d.r > 0 && (need.dx || need.da) && ads.is_some();
+        let u_held = if kk > 0 && need.db {
+            op.u.as_ref()
         } else {
-            Vec::new()
+            None
         };
         let mut out = cpu::alloc::<T>(need.out_len(&d));
-        let mut rest: &mut [T] = &mut out;
-        if need.dx {
-            let (dx, tail) = rest.split_at_mut(d.m * d.k);
-            rest = tail;
-            with_acc::<T>(dx, |dx| {
-                let mut low = false;
-                if d.r > 0 {
-                    // SAFETY: g is M×r, A is r×K, dx is M×K.
-                    unsafe {
-                        mm(
-                            (d.m, d.k, d.r),
-                            dx,
-                            d.k,
-                            false,
-                            Mat::rows(&g, d.r),
-                            Mat::rows(a_s, d.k),
-                            one,
-                        )
+        {
+            let rest: &mut [T] = &mut out;
+            let (dx_out, rest) = rest.split_at_mut(if need.dx { d.m * d.k } else { 0 });
+            let (dw_out, rest) = rest.split_at_mut(if need.dw { d.n * d.k } else { 0 });
+            let adapter_len = if need.da || need.db {
+                d.adapter_len()
+            } else {
+                0
+            };
+            let (da_out, db_out) =
+                rest[..adapter_len].split_at_mut(if adapter_len > 0 { d.r * d.k } else { 0 });
+            let mut dw_acc = Reduce::<T>::new(dw_out);
+            let mut da_acc = Reduce::<T>::new(da_out);
+            let mut db_acc = Reduce::<T>::new(db_out);
+            with_held_opt::<T, _>("u", u_held, |us| {
+                let (mut dybuf, mut xbuf, mut ubuf) = (Vec::new(), Vec::new(), Vec::new());
+                let mut g: Vec<A> = Vec::new();
+                for (m0, m1) in blocks(d.m, block_rows::<T>(d.m, d.k.max(d.n))) {
+                    let rows = m1 - m0;
+                    let dyb = acc(&dys[m0 * d.n..m1 * d.n], &mut dybuf);
+                    let xb = if need.dw || need.da {
+                        acc(&xs[m0 * d.k..m1 * d.k], &mut xbuf)
+                    } else {
+                        &[][..]
                     };
-                    low = true;
-                }
-                match &ws {
-                    // SAFETY: dy is M×N, W is N×K.
-                    Some(ws) => unsafe {
-                        mm(
-                            (d.m, d.k, d.n),
-                            dx,
-                            d.k,
-                            low,
-                            Mat::rows(&dys, d.n),
-                            Mat::rows(ws, d.k),
-                            one,
-                        )
-                    },
-                    None if !low => dx.fill(A::zero()),
-                    None => {}
-                }
-            });
-        }
-        if need.dw {
-            let (dw, tail) = rest.split_at_mut(d.n * d.k);
-            rest = tail;
-            // SAFETY: dyᵀ is N×M, x is M×K, dW is N×K.
-            with_acc::<T>(dw, |dw| unsafe {
-                mm(
-                    (d.n, d.k, d.m),
-                    dw,
-                    d.k,
-                    false,
-                    Mat::t(&dys, d.n),
-                    Mat::rows(&xs, d.k),
-                    one,
-                )
-            });
-        }
-        if need.da || need.db {
-            let (da, db) = rest.split_at_mut(d.r * d.k);
-            with_acc::<T>(da, |da| {
-                if need.da {
-                    // SAFETY: gᵀ is r×M, x is M×K, dA is r×K.
-                    unsafe {
-                        mm(
-                            (d.r, d.k, d.m),
-                            da,
-                            d.k,
-                            false,
-                            Mat::t(&g, d.r),
-                            Mat::rows(&xs, d.k),
-                            one,
-                        )
+                    // g = s·dy·B (rows×r), needed by dx and dA.
+                    if has_g {
+                        g.clear();
+                        g.resize(rows * d.r, A::zero());
+                        // SAFETY: dy is rows×N, B the first r columns of B_ext (N×kk).
+                        unsafe {
+                            mm(
+                                (rows, d.r, d.n),
+                                &mut g,
+                                d.r,
+                                false,
+                                Mat::rows(dyb, d.n),
+                                Mat::rows(bext, kk),
+                                A::of(op.scale),
+                            )
+                        };
                     }
-                } else {
-                    da.fill(A::zero())
+                    if need.dx {
+                        with_acc::<T>(&mut dx_out[m0 * d.k..m1 * d.k], |dx| {
+                            if has_g {
+                                // SAFETY: g is rows×r, A is r×K, dx is rows×K.
+                                unsafe {
+                                    mm(
+                                        (rows, d.k, d.r),
+                                        dx,
+                                        d.k,
+                                        false,
+                                        Mat::rows(&g, d.r),
+                                        Mat::rows(a_s, d.k),
+                                        one,
+                                    )
+                                };
+                            }
+                            match &ws {
+                                // SAFETY: dy is rows×N, W is N×K.
+                                Some(ws) => unsafe {
+                                    mm(
+                                        (rows, d.k, d.n),
+                                        dx,
+                                        d.k,
+                                        has_g,
+                                        Mat::rows(dyb, d.n),
+                                        Mat::rows(ws, d.k),
+                                        one,
+                                    )
+                                },
+                                None if !has_g => dx.fill(A::zero()),
+                                None => {}
+                            }
+                        });
+                    }
+                    if need.dw {
+                        let (dw, started) = dw_acc.acc();
+                        // SAFETY: dyᵀ is N×rows, x is rows×K, dW is N×K.
+                        unsafe {
+                            mm(
+                                (d.n, d.k, rows),
+                                dw,
+                                d.k,
+                                started,
+                                Mat::t(dyb, d.n),
+                                Mat::rows(xb, d.k),
+                                one,
+                            )
+                        };
+                    }
+                    if need.da && has_g {
+                        let (da, started) = da_acc.acc();
+                        // SAFETY: gᵀ is r×rows, x is rows×K, dA is r×K.
+                        unsafe {
+                            mm(
+                                (d.r, d.k, rows),
+                                da,
+                                d.k,
+                                started,
+                                Mat::t(&g, d.r),
+                                Mat::rows(xb, d.k),
+                                one,
+                            )
+                        };
+                    }
+                    if let Some(u) = us {
+                        let ub = acc(&u[m0 * kk..m1 * kk], &mut ubuf);
+                        let (db, started) = db_acc.acc();
+                        // SAFETY: dyᵀ is N×rows, u_ext is rows×kk, dB_ext is N×kk.
+                        unsafe {
+                            mm(
+                                (d.n, kk, rows),
+                                db,
+                                kk,
+                                started,
+                                Mat::t(dyb, d.n),
+                                Mat::rows(ub, kk),
+                                one,
+                            )
+                        };
+                    }
                 }
-            });
-            with_acc::<T>(db, |db| match (&us, need.db) {
-                // SAFETY: dyᵀ is N×M, u_ext is M×kk, dB_ext is N×kk.
-                (Some(u), true) => unsafe {
-                    mm(
-                        (d.n, kk, d.m),
-                        db,
-                        kk,
-                        false,
-                        Mat::t(&dys, d.n),
-                        Mat::rows(u, kk),
-                        one,
-                    )
-                },
-                _ => db.fill(A::zero()),
-            });
+                Ok(())
+            })?;
+            dw_acc.finish();
+            da_acc.finish();
+            db_acc.finish();
         }
         let len = out.len();
         Ok((storage(out), Shape::from(len)))

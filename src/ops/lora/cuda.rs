@@ -10,6 +10,7 @@
 
 use std::ffi::c_void;
 
+use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc;
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Shape, Tensor, WithDType};

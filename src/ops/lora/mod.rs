@@ -87,6 +87,9 @@
 //! PyTorch (`x@W.T + s*((x@A.T)@B.T)`, `torch.addmm`); forward+backward with grads for x, A, B.
 
 pub(crate) mod cpu;
+
+#[doc(hidden)]
+pub use cpu::set_block_elems as set_cpu_block_elems;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 
