@@ -14,7 +14,7 @@ use candle_core::{CpuStorage, Layout, Result, Shape, WithDType};
 use num_traits::{One, Zero};
 use rayon::prelude::*;
 
-use super::{Dims, LoraBwd, LoraFwd};
+use super::op::{Dims, LoraBwd, LoraFwd};
 use crate::cpu::{self, dispatch, Acc, Elem};
 use crate::validate::fail;
 

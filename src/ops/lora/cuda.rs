@@ -20,7 +20,7 @@ use cudarc::cublas::sys::{
 use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr};
 use half::{bf16, f16};
 
-use super::{Dims, LoraBwd, LoraFwd};
+use super::op::{Dims, LoraBwd, LoraFwd};
 use crate::validate::fail;
 
 const OP: &str = "lora_linear";
