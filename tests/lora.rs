@@ -32,6 +32,40 @@ fn f64(t: &Tensor) -> Result<Tensor> {
     t.to_dtype(DType::F64)
 }
 
+/// The error of `got` against `want`: relative to `‖want‖`, or, where the result cancels
+/// (tiny shapes: one output that is a sum of a few terms of either sign), relative to the
+/// magnitude the rounding error scales with, `‖mag‖` with `mag` the same computation on the
+/// absolute values of every input (`Σ |terms|`). The smaller of the two is returned.
+fn err_vs(got: &Tensor, want: &Tensor, mag: &Tensor) -> f64 {
+    let rel = rel_err(got, want).unwrap();
+    let diff = (got.to_dtype(DType::F64).unwrap() - want).unwrap();
+    let num = diff
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+        .sqrt();
+    let den = mag
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+        .sqrt();
+    if den > 0.0 {
+        rel.min(num / den)
+    } else {
+        rel
+    }
+}
+
+fn abs64(t: &Tensor) -> Tensor {
+    f64(t).unwrap().abs().unwrap()
+}
+
 /// Forward of the fused op vs the f64 reference on the same (rounded) inputs.
 fn check_forward(lead: &[usize], k: usize, n: usize, r: usize, dtype: DType, with_bias: bool) {
     let (x, w, bias, a, b) = inputs(lead, k, n, r, dtype).unwrap();
@@ -42,17 +76,13 @@ fn check_forward(lead: &[usize], k: usize, n: usize, r: usize, dtype: DType, wit
     out.push(n);
     assert_eq!(y.dims(), out.as_slice());
     assert_eq!(y.dtype(), dtype);
-    let bias64 = bias.map(f64).transpose().unwrap();
-    let want = lora_linear_composed(
-        &f64(&x).unwrap(),
-        &f64(&w).unwrap(),
-        bias64.as_ref(),
-        &f64(&a).unwrap(),
-        &f64(&b).unwrap(),
-        s,
-    )
-    .unwrap();
-    let err = rel_err(&y, &want).unwrap();
+    let reference = |f: fn(&Tensor) -> Tensor| {
+        let bias64 = bias.map(f);
+        lora_linear_composed(&f(&x), &f(&w), bias64.as_ref(), &f(&a), &f(&b), s).unwrap()
+    };
+    let want = reference(|t| f64(t).unwrap());
+    let mag = reference(abs64);
+    let err = err_vs(&y, &want, &mag);
     assert!(
         err <= tolerance(dtype),
         "fwd {lead:?} K={k} N={n} r={r} {dtype:?} bias={with_bias}: rel err {err:.3e}"
@@ -110,18 +140,15 @@ fn check_backward(lead: &[usize], k: usize, n: usize, r: usize, dtype: DType, wi
     out.push(n);
     let probe = testing::randn(&out, 1.0, dtype, &CPU).unwrap();
     let (_, got) = grads(true, [&x, &w, &bias, &a, &b], s, &probe, with_bias).unwrap();
-    let ins64: Vec<Tensor> = [&x, &w, &bias, &a, &b]
-        .iter()
-        .map(|t| f64(t).unwrap())
-        .collect();
-    let (_, want) = grads(
-        false,
-        [&ins64[0], &ins64[1], &ins64[2], &ins64[3], &ins64[4]],
-        s,
-        &f64(&probe).unwrap(),
-        with_bias,
-    )
-    .unwrap();
+    let reference = |f: fn(&Tensor) -> Tensor| {
+        let ins: Vec<Tensor> = [&x, &w, &bias, &a, &b].iter().map(|t| f(t)).collect();
+        let refs = [&ins[0], &ins[1], &ins[2], &ins[3], &ins[4]];
+        let (_, g) = grads(false, refs, s, &f(&probe), with_bias).unwrap();
+        (ins, g)
+    };
+    let (ins64, want) = reference(|t| f64(t).unwrap());
+    // The gradients of the computation on absolute values: the magnitudes the errors scale with.
+    let (_, mag) = reference(abs64);
     for (i, name) in ["x", "w", "bias", "a", "b"].iter().enumerate() {
         if *name == "bias" && !with_bias {
             assert!(got[i].is_none(), "unused bias got a gradient");
@@ -132,7 +159,7 @@ fn check_backward(lead: &[usize], k: usize, n: usize, r: usize, dtype: DType, wi
             .unwrap_or_else(|| panic!("no gradient for {name}"));
         assert_eq!(g.dims(), ins64[i].dims(), "d{name} shape");
         assert_eq!(g.dtype(), dtype);
-        let err = rel_err(g, want[i].as_ref().unwrap()).unwrap();
+        let err = err_vs(g, want[i].as_ref().unwrap(), mag[i].as_ref().unwrap());
         assert!(
             err <= tolerance(dtype),
             "d{name} {lead:?} K={k} N={n} r={r} {dtype:?} bias={with_bias}: rel err {err:.3e}"
