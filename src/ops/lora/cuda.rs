@@ -95,8 +95,7 @@ fn offset(arg: &str, l: &Layout) -> Result<usize> {
 unsafe fn mm<T: Elt>(
     dev: &CudaDevice,
     (m, n, k): (usize, usize, usize),
-    dst: u64,
-    ldd: usize,
+    (dst, ldd): (u64, usize),
     accumulate: bool,
     lhs: Mat,
     rhs: Mat,
@@ -310,8 +309,7 @@ pub(crate) fn down(
                     mm::<T>(
                         &dev,
                         (d.m, d.r, d.k),
-                        up,
-                        kk,
+                        (up, kk),
                         false,
                         Mat::rows(xp, d.k),
                         Mat::t(ap, d.k),
@@ -355,8 +353,7 @@ pub(crate) fn forward(
                                 mm::<T>(
                                     &dev,
                                     (d.m, d.n, kk),
-                                    yp,
-                                    d.n,
+                                    (yp, d.n),
                                     false,
                                     Mat::rows(up, kk),
                                     Mat::t(bext, kk),
@@ -368,8 +365,7 @@ pub(crate) fn forward(
                                 Some(wp) => mm::<T>(
                                     &dev,
                                     (d.m, d.n, d.k),
-                                    yp,
-                                    d.n,
+                                    (yp, d.n),
                                     low,
                                     Mat::rows(xp, d.k),
                                     Mat::t(wp, d.k),
@@ -428,8 +424,7 @@ pub(crate) fn backward(
                                     mm::<T>(
                                         &dev,
                                         (d.m, d.r, d.n),
-                                        gp,
-                                        d.r,
+                                        (gp, d.r),
                                         false,
                                         Mat::rows(dyp, d.n),
                                         Mat::rows(bext, kk),
@@ -443,8 +438,7 @@ pub(crate) fn backward(
                                         mm::<T>(
                                             &dev,
                                             (d.m, d.k, d.r),
-                                            at,
-                                            d.k,
+                                            (at, d.k),
                                             false,
                                             Mat::rows(gp, d.r),
                                             Mat::rows(ap, d.k),
@@ -456,8 +450,7 @@ pub(crate) fn backward(
                                         Some(wp) => mm::<T>(
                                             &dev,
                                             (d.m, d.k, d.n),
-                                            at,
-                                            d.k,
+                                            (at, d.k),
                                             low,
                                             Mat::rows(dyp, d.n),
                                             Mat::rows(wp, d.k),
@@ -472,8 +465,7 @@ pub(crate) fn backward(
                                     mm::<T>(
                                         &dev,
                                         (d.n, d.k, d.m),
-                                        at,
-                                        d.k,
+                                        (at, d.k),
                                         false,
                                         Mat::t(dyp, d.n),
                                         Mat::rows(xp, d.k),
@@ -486,8 +478,7 @@ pub(crate) fn backward(
                                         mm::<T>(
                                             &dev,
                                             (d.r, d.k, d.m),
-                                            at,
-                                            d.k,
+                                            (at, d.k),
                                             false,
                                             Mat::t(gp, d.r),
                                             Mat::rows(xp, d.k),
@@ -501,8 +492,7 @@ pub(crate) fn backward(
                                         (Some(up), true) => mm::<T>(
                                             &dev,
                                             (d.n, kk, d.m),
-                                            at,
-                                            kk,
+                                            (at, kk),
                                             false,
                                             Mat::t(dyp, d.n),
                                             Mat::rows(up, kk),
