@@ -239,8 +239,9 @@ pub(crate) fn down(
                         A::of(scale),
                     )
                 };
-                if d.bias {
-                    for row in u.chunks_exact_mut(kk) {
+                for row in u.chunks_exact_mut(kk) {
+                    row[d.r..].fill(A::zero());
+                    if d.bias {
                         row[d.r] = A::one();
                     }
                 }
@@ -277,7 +278,7 @@ pub(crate) fn forward(
                 with_acc::<T>(&mut y[m0 * d.n..m1 * d.n], |y| {
                     let mut low = false;
                     if let (Some(ad), Some(u)) = (&ads, ub) {
-                        let bext = &ad[d.r * d.k..];
+                        let bext = &ad[d.a_len()..];
                         // SAFETY: u is rows×kk, B_ext is N×kk, y is rows×N.
                         unsafe {
                             mm(
@@ -388,7 +389,7 @@ pub(crate) fn backward(
             }))
         })?;
         let (a_s, bext) = match &ads {
-            Some(ad) => (&ad[..d.r * d.k], &ad[d.r * d.k..]),
+            Some(ad) => (&ad[..d.r * d.k], &ad[d.a_len()..]),
             None => (&[][..], &[][..]),
         };
         let has_g = d.r > 0 && (need.dx || need.da) && ads.is_some();
@@ -408,7 +409,10 @@ pub(crate) fn backward(
                 0
             };
             let (da_out, db_out) =
-                rest[..adapter_len].split_at_mut(if adapter_len > 0 { d.r * d.k } else { 0 });
+                rest[..adapter_len].split_at_mut(if adapter_len > 0 { d.a_len() } else { 0 });
+            // dA is the first r·K elements of its part; the padding's gradient is zero.
+            let (da_out, da_pad) = da_out.split_at_mut(if adapter_len > 0 { d.r * d.k } else { 0 });
+            da_pad.fill(T::zero());
             let mut dw_acc = Reduce::<T>::new(dw_out);
             let mut da_acc = Reduce::<T>::new(da_out);
             let mut db_acc = Reduce::<T>::new(db_out);

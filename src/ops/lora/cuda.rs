@@ -152,35 +152,53 @@ unsafe fn mm<T: Elt>(
     .map_err(cublas_err)
 }
 
-/// Writes 1.0 into column `col` of the `rows × ld` row-major buffer at `base`.
+/// Fills columns `col..ld` of the `rows × ld` row-major buffer at `base`: 1.0 in column `col`
+/// when `ones` (the bias column), zeros in the rest (the padding), with strided memsets.
 ///
 /// # Safety
 /// `base` must point to `rows·ld` live elements of `T`.
-unsafe fn ones_column<T: Elt>(
+unsafe fn tail_columns<T: Elt>(
     dev: &CudaDevice,
     base: u64,
     rows: usize,
     ld: usize,
     col: usize,
+    ones: bool,
 ) -> Result<()> {
     use cudarc::driver::sys;
     let esize = std::mem::size_of::<T>();
     let stream = dev.cuda_stream().cu_stream();
-    let ptr = base + (col * esize) as u64;
     let pitch = ld * esize;
-    let res = match esize {
-        2 => sys::cuMemsetD2D16Async(ptr, pitch, T::ONE_BITS as u16, 1, rows, stream),
-        4 => sys::cuMemsetD2D32Async(ptr, pitch, T::ONE_BITS as u32, 1, rows, stream),
-        _ => {
-            // f64: the low and the high 32-bit words (little endian).
-            let lo = sys::cuMemsetD2D32Async(ptr, pitch, T::ONE_BITS as u32, 1, rows, stream);
-            if lo != sys::CUresult::CUDA_SUCCESS {
-                lo
-            } else {
-                sys::cuMemsetD2D32Async(ptr + 4, pitch, (T::ONE_BITS >> 32) as u32, 1, rows, stream)
+    // Sets `width` elements from column `c` of every row to the element with bits `bits`.
+    let set = |c: usize, width: usize, bits: u64| -> sys::CUresult {
+        if width == 0 {
+            return sys::CUresult::CUDA_SUCCESS;
+        }
+        let ptr = base + (c * esize) as u64;
+        match esize {
+            2 => sys::cuMemsetD2D16Async(ptr, pitch, bits as u16, width, rows, stream),
+            4 => sys::cuMemsetD2D32Async(ptr, pitch, bits as u32, width, rows, stream),
+            // f64: 1.0 is not a repeated 32-bit word; zeros are.
+            _ if bits == 0 => sys::cuMemsetD2D32Async(ptr, pitch, 0, 2 * width, rows, stream),
+            _ => {
+                let lo = sys::cuMemsetD2D32Async(ptr, pitch, bits as u32, width, rows, stream);
+                if lo != sys::CUresult::CUDA_SUCCESS {
+                    return lo;
+                }
+                sys::cuMemsetD2D32Async(ptr + 4, pitch, (bits >> 32) as u32, width, rows, stream)
             }
         }
     };
+    let mut c = col;
+    if ones {
+        // The f64 case writes the two words of one element separately: width must be 1.
+        let res = set(c, 1, T::ONE_BITS);
+        if res != sys::CUresult::CUDA_SUCCESS {
+            return Err(driver_err(res));
+        }
+        c += 1;
+    }
+    let res = set(c, ld - c, 0);
     if res != sys::CUresult::CUDA_SUCCESS {
         return Err(driver_err(res));
     }
@@ -315,9 +333,7 @@ pub(crate) fn down(
                         Mat::t(ap, d.k),
                         scale,
                     )?;
-                    if d.bias {
-                        ones_column::<T>(&dev, up, d.m, kk, d.r)?;
-                    }
+                    tail_columns::<T>(&dev, up, d.m, kk, d.r, d.bias)?;
                 }
                 Ok(())
             })
@@ -349,7 +365,7 @@ pub(crate) fn forward(
                         // W N×K, y M×N.
                         unsafe {
                             if let (Some(adp), Some(up), true) = (adp, up, kk > 0) {
-                                let bext = adp + (d.r * d.k) as u64 * esz::<T>();
+                                let bext = adp + d.a_len() as u64 * esz::<T>();
                                 mm::<T>(
                                     &dev,
                                     (d.m, d.n, kk),
@@ -413,7 +429,7 @@ pub(crate) fn backward(
                             let (gp, _g2) = g.device_ptr_mut(&stream);
                             let e = esz::<T>();
                             let (ap, bext) = match adp {
-                                Some(p) => (p, p + (d.r * d.k) as u64 * e),
+                                Some(p) => (p, p + d.a_len() as u64 * e),
                                 None => (0, 0),
                             };
                             let has_g = d.r > 0 && (need.dx || need.da) && adp.is_some();
@@ -487,7 +503,9 @@ pub(crate) fn backward(
                                     } else {
                                         zero::<T>(&dev, at, d.r * d.k)?;
                                     }
-                                    at += (d.r * d.k) as u64 * e;
+                                    let pad = d.a_len() - d.r * d.k;
+                                    zero::<T>(&dev, at + (d.r * d.k) as u64 * e, pad)?;
+                                    at += d.a_len() as u64 * e;
                                     match (up, need.db && kk > 0) {
                                         (Some(up), true) => mm::<T>(
                                             &dev,

@@ -20,7 +20,9 @@
 //! The bias rides along the low-rank product as one more column: `u_ext = [u | 1]` (`M×(r+1)`)
 //! and `B_ext = [B | bias]` (`N×(r+1)`), so `u_ext·B_extᵀ = u·Bᵀ + bias` and, in the backward,
 //! `dyᵀ·u_ext = [dB | dbias]`: the bias costs neither an extra pass over `y` in the forward nor a
-//! separate reduction over `dy` in the backward.
+//! separate reduction over `dy` in the backward. Both are zero-padded to a multiple of 8
+//! columns (and `A`'s packed part to a multiple of 8 elements) so cuBLAS sees 16-byte aligned
+//! rows and operands (an odd `r + 1` would push it onto its unaligned, scalar kernels).
 //!
 //! # Gradients and the frozen weight
 //!
@@ -44,7 +46,8 @@
 //! Forward, three GEMMs, all with f32 accumulation (`CUBLAS_COMPUTE_32F`):
 //! 1. `u_ext[:, :r] = s·x·Aᵀ` (`M×r×K`; reads `x` once: `M·K` elements) plus a strided memset
 //!    of the ones column when there is a bias.
-//! 2. `y = u_ext·B_extᵀ` (`M×N×(r+1)`, β = 0): writes `y` once (`M·N`).
+//! 2. `y = u_ext·B_extᵀ` (`M×N×kk`, `kk` = `r + 1` padded to 8, β = 0): writes `y` once
+//!    (`M·N`).
 //! 3. `y = x·Wᵀ + 1·y` (the base GEMM with β = 1): the low-rank term and the bias are folded in
 //!    by the GEMM's epilogue, which reads `y` once (`M·N`) inside a compute-bound kernel.
 //!
@@ -81,7 +84,8 @@
 //!
 //! # What to time (bench)
 //!
-//! Flops: forward `2·M·N·K + 2·M·r·K + 2·M·N·(r+1)`; backward with `dx`
+//! Flops (useful work; the padding of `kk` adds at most `2·M·N·7`): forward
+//! `2·M·N·K + 2·M·r·K + 2·M·N·(r+1)`; backward with `dx`
 //! `2·M·K·N + 2·M·N·r + 2·M·r·K` (dx) `+ 2·r·M·K` (dA) `+ 2·N·M·(r+1)` (dB, dbias)
 //! (`+ 2·N·K·M` with dW). Minimum bytes (each input read once, each output written once):
 //! forward `e·(M·K + N·K + r·K + N·r + N + M·N)`, backward `e·(M·N + M·K + N·K + (r·K + N·r) +
@@ -274,33 +278,49 @@ pub(crate) fn core(
     }
     let x2 = x.reshape((m, k))?.contiguous()?;
     let w = w.map(|w| w.contiguous()).transpose()?;
-    // The packed adapter [A | B_ext]; a differentiable cat, so A, B, bias get their gradients.
-    let packed = {
+    // The packed adapter [A | 0.. | B_ext] with B_ext = [B | bias | 0..] (widths padded to
+    // multiples of PAD); a differentiable cat, so A, B, bias get their gradients (the zero pads'
+    // gradients are dropped by cat's backward).
+    let kk = d.kk();
+    let packed = if kk == 0 {
+        None
+    } else {
+        let zeros = |n: usize, shape: &[usize]| -> Result<Option<Tensor>> {
+            if n == 0 {
+                Ok(None)
+            } else {
+                Tensor::zeros(shape, x.dtype(), x.device()).map(Some)
+            }
+        };
+        let mut cols: Vec<Tensor> = Vec::new();
+        if let Some((_, b)) = adapter {
+            cols.push(b.clone());
+        }
+        if let Some(bias) = bias {
+            cols.push(bias.unsqueeze(1)?);
+        }
+        let used = r + usize::from(d.bias);
+        cols.extend(zeros(kk - used, &[n, kk - used])?);
+        let bext = Tensor::cat(&cols, 1)?.flatten_all()?;
         let mut parts = Vec::new();
         if let Some((a, _)) = adapter {
             parts.push(a.flatten_all()?);
+            parts.extend(zeros(d.a_len() - r * k, &[d.a_len() - r * k])?);
         }
-        match (adapter, bias) {
-            (Some((_, b)), Some(bias)) => {
-                parts.push(Tensor::cat(&[b, &bias.unsqueeze(1)?], 1)?.flatten_all()?)
-            }
-            (Some((_, b)), None) => parts.push(b.flatten_all()?),
-            (None, Some(bias)) => parts.push(bias.flatten_all()?),
-            (None, None) => {}
-        }
-        if parts.is_empty() {
-            None
-        } else {
-            Some(Tensor::cat(&parts, 0)?.contiguous()?)
-        }
+        parts.push(bext);
+        Some(Tensor::cat(&parts, 0)?.contiguous()?)
     };
-    // u_ext = [s·x·Aᵀ | 1], a constant of the graph (no gradient flows through it).
+    // u_ext = [s·x·Aᵀ | 1 | 0..], a constant of the graph (no gradient flows through it).
     let u = match adapter {
         Some((a, _)) => Some(
             x2.detach()
                 .apply_op2_no_bwd(&a.detach().contiguous()?, &LoraDown { dims: d, scale })?,
         ),
-        None if d.bias => Some(Tensor::ones((m, 1), x.dtype(), x.device())?),
+        None if d.bias => {
+            let ones = Tensor::ones((m, 1), x.dtype(), x.device())?;
+            let pad = Tensor::zeros((m, kk - 1), x.dtype(), x.device())?;
+            Some(Tensor::cat(&[ones, pad], 1)?)
+        }
         None => None,
     };
     let need = Need {

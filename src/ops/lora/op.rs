@@ -20,15 +20,25 @@ pub(crate) struct Dims {
     pub base: bool,
 }
 
+/// Padding unit (elements) of the low-rank operands: 8 elements are 16 bytes in f16/bf16 (and
+/// 32/64 in f32/f64), so every row of `u_ext`/`B_ext` and the start of `B_ext` are aligned for
+/// cuBLAS's vectorised kernels.
+pub(crate) const PAD: usize = 8;
+
 impl Dims {
-    /// Columns of `u_ext` / `B_ext`: `r` plus one for the bias.
+    /// Columns of `u_ext` / `B_ext`: `r`, one for the bias, zeros up to a multiple of [`PAD`].
     pub fn kk(&self) -> usize {
-        self.r + usize::from(self.bias)
+        (self.r + usize::from(self.bias)).next_multiple_of(PAD)
     }
 
-    /// Elements of the packed adapter `[A (r·K) | B_ext (N·kk)]`.
+    /// Elements of the packed `A` part (`r·K` padded with zeros to a multiple of [`PAD`]).
+    pub fn a_len(&self) -> usize {
+        (self.r * self.k).next_multiple_of(PAD)
+    }
+
+    /// Elements of the packed adapter `[A (a_len) | B_ext (N·kk)]`.
     pub fn adapter_len(&self) -> usize {
-        self.r * self.k + self.n * self.kk()
+        self.a_len() + self.n * self.kk()
     }
 }
 
