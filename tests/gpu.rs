@@ -260,3 +260,26 @@ fn sanitizer_small() {
     }
     run_cases(&cases);
 }
+
+#[path = "gpu/lora.rs"]
+mod lora;
+
+#[test]
+fn lora_sweep() {
+    lora::sweep_vs_reference_and_cpu()
+}
+
+#[test]
+fn lora_large_shapes() {
+    lora::large_shapes_vs_composed_f64_on_gpu()
+}
+
+#[test]
+fn lora_grad_flags_and_errors() {
+    lora::gradient_flags_and_bad_input()
+}
+
+#[test]
+fn lora_module() {
+    lora::module_trains_merges_and_round_trips()
+}
