@@ -38,10 +38,10 @@ impl Budget {
                 target_s: 0.1,
             },
             (true, false) => Budget {
-                warmup: 2,
-                min_reps: 5,
-                max_reps: 50,
-                target_s: 0.3,
+                warmup: 1,
+                min_reps: 4,
+                max_reps: 40,
+                target_s: 0.25,
             },
             (false, true) => Budget {
                 warmup: 3,
