@@ -442,12 +442,19 @@ def default_cases(dev_type, quick):
 
 
 def git_commit():
+    """git describe in the repo; else .gpu/COMMIT (written by scripts/build-gpu-bundle.sh for a
+    machine without git); else $CANDLE_FUSED_COMMIT."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], cwd=here,
+        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], cwd=root,
                               capture_output=True, text=True, check=True).stdout.strip() or None
     except Exception:
-        return None
+        pass
+    try:
+        with open(os.path.join(root, ".gpu", "COMMIT")) as fh:
+            return fh.read().strip() or None
+    except OSError:
+        return os.environ.get("CANDLE_FUSED_COMMIT")
 
 
 def table(rows):

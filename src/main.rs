@@ -83,7 +83,9 @@ fn main() -> ExitCode {
 }
 
 fn device(arg: DeviceArg) -> Result<Device> {
-    Ok(bench::device_from_name(arg.name())?)
+    // The message alone: a backtrace (RUST_BACKTRACE) adds nothing to "built without CUDA".
+    bench::device_from_name(arg.name())
+        .map_err(|e| anyhow::anyhow!("{}", e.to_string().lines().next().unwrap_or("")))
 }
 
 fn dtype_str(dt: DType) -> &'static str {

@@ -344,16 +344,27 @@ pub fn utc_now() -> String {
     )
 }
 
-/// The git commit of the working tree (with `-dirty` when it has changes), if git is there.
+/// The git commit: `git describe --always --dirty` in the current directory (or the crate's
+/// source directory); else the file `.gpu/COMMIT` that `scripts/build-gpu-bundle.sh` writes next
+/// to the binaries for a machine without git; else `$CANDLE_FUSED_COMMIT`.
 pub fn git_commit() -> Option<String> {
-    let out = std::process::Command::new("git")
-        .args(["describe", "--always", "--dirty", "--abbrev=12"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    let s = String::from_utf8(out.stdout).ok()?.trim().to_string();
-    (!s.is_empty()).then_some(s)
+    let describe = |dir: &std::path::Path| -> Option<String> {
+        let out = std::process::Command::new("git")
+            .args(["describe", "--always", "--dirty", "--abbrev=12"])
+            .current_dir(dir)
+            .output()
+            .ok()?;
+        let s = String::from_utf8(out.stdout).ok()?.trim().to_string();
+        (out.status.success() && !s.is_empty()).then_some(s)
+    };
+    let cwd = std::env::current_dir().ok();
+    cwd.as_deref()
+        .and_then(describe)
+        .or_else(|| describe(std::path::Path::new(env!("CARGO_MANIFEST_DIR"))))
+        .or_else(|| {
+            let s = std::fs::read_to_string(cwd?.join(".gpu/COMMIT")).ok()?;
+            let s = s.trim().to_string();
+            (!s.is_empty()).then_some(s)
+        })
+        .or_else(|| std::env::var("CANDLE_FUSED_COMMIT").ok())
 }
