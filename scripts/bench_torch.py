@@ -500,41 +500,17 @@ def main():
     print(f"bench_torch.py on {ctx.device_name}, torch {torch.__version__}: copy bandwidth...",
           file=sys.stderr)
     before, reps = copy_bandwidth(ctx, copy_bytes)
+    ctx.copy_gbps = before
     print(f"copy bandwidth: {before:.1f} GB/s", file=sys.stderr)
     for op, shape, dtype in cases:
         run_mem_case(ctx, op, shape, dtype, family_of(op) in compile_fams)
+        if args.json:  # a checkpoint, so a run cut short still leaves its rows
+            save(ctx, args, copy_bytes, partial=True)
     after, _ = copy_bandwidth(ctx, copy_bytes)
     ctx.copy_gbps = max(before, after)
     ctx.notes.insert(0, f"copy bandwidth {before:.1f} GB/s before the ops and {after:.1f} GB/s after "
                         f"({copy_bytes >> 20} MiB dst.copy_(src), {reps} reps); % copy uses the higher")
-    for r in ctx.rows:
-        r["pct_copy"] = 100.0 * r["gbps"] / ctx.copy_gbps
-    # JSON field names: "pass" and "impl" (Python keywords avoided internally).
-    rows = [{("pass" if k == "pass_" else k): v for k, v in r.items()} for r in ctx.rows]
-    skipped = [{("pass" if k == "pass_" else k): v for k, v in s.items()} for s in ctx.skipped]
-    try:
-        import triton
-        triton_version = triton.__version__
-    except Exception:
-        triton_version = None
-    header = dict(
-        tool="scripts/bench_torch.py",
-        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        device=ctx.device.type, device_name=ctx.device_name, copy_gbps=ctx.copy_gbps,
-        copy_bytes=copy_bytes, git_commit=git_commit(), mode="quick" if args.quick else "full",
-        torch_version=torch.__version__, triton_version=triton_version,
-        cuda_version=torch.version.cuda,
-        legend=("Same bytes formulas and timing rules as candle-fused bench. torch_eager: "
-                "torch.softmax / softmax(x*scale + additive mask) / F.rms_norm / x + r then "
-                "F.rms_norm. torch_compile: the same function through torch.compile("
-                "dynamic=False). bwd: torch.autograd.grad(outputs, inputs, grad_outputs=probes, "
-                "retain_graph=True) on a prebuilt graph. fwd+bwd: loss = sum(out * probe), "
-                "torch.autograd.grad(loss, inputs)."),
-        notes=ctx.notes,
-    )
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(dict(header=header, rows=rows, skipped=skipped), fh, indent=2)
+    header, rows, skipped = save(ctx, args, copy_bytes, partial=False)
     print(table(rows))
     for s in skipped:
         print(f"skipped: {s['op']} {s['pass']} {shape_str(s['shape'])} {s['dtype']} {s['impl']}: {s['error']}")
@@ -543,6 +519,44 @@ def main():
     print(f"\nbench_torch.py on {ctx.device_name} ({header['date']}, torch {torch.__version__}): "
           f"{len(rows)} rows, {len(skipped)} skipped, copy bandwidth {ctx.copy_gbps:.1f} GB/s, "
           f"{time.time() - ctx.t0:.0f} s" + (f"; JSON: {args.json}" if args.json else ""))
+
+
+def save(ctx, args, copy_bytes, partial):
+    """Builds the JSON (rows with % copy of ctx.copy_gbps) and writes it if --json."""
+    # JSON field names: "pass" and "impl" (Python keywords avoided internally).
+    rows = [{("pass" if k == "pass_" else k): v for k, v in r.items()} for r in ctx.rows]
+    for r in rows:
+        r["pct_copy"] = 100.0 * r["gbps"] / ctx.copy_gbps
+    skipped = [{("pass" if k == "pass_" else k): v for k, v in s.items()} for s in ctx.skipped]
+    try:
+        import triton
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = None
+    notes = list(ctx.notes)
+    if partial:
+        notes.insert(0, "partial: the run was cut short; % copy uses the copy bandwidth measured "
+                        "before the ops")
+    header = dict(
+        tool="scripts/bench_torch.py",
+        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        device=ctx.device.type, device_name=ctx.device_name, copy_gbps=ctx.copy_gbps,
+        copy_bytes=copy_bytes, git_commit=git_commit(),
+        mode="partial" if partial else ("quick" if args.quick else "full"),
+        torch_version=torch.__version__, triton_version=triton_version,
+        cuda_version=torch.version.cuda,
+        legend=("Same bytes formulas and timing rules as candle-fused bench. torch_eager: "
+                "torch.softmax / softmax(x*scale + additive mask) / F.rms_norm / x + r then "
+                "F.rms_norm. torch_compile: the same function through torch.compile("
+                "dynamic=False). bwd: torch.autograd.grad(outputs, inputs, grad_outputs=probes, "
+                "retain_graph=True) on a prebuilt graph. fwd+bwd: loss = sum(out * probe), "
+                "torch.autograd.grad(loss, inputs)."),
+        notes=notes,
+    )
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(dict(header=header, rows=rows, skipped=skipped), fh, indent=2)
+    return header, rows, skipped
 
 
 if __name__ == "__main__":

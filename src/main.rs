@@ -221,6 +221,7 @@ fn run_bench(
         device: device(arg)?,
         quick,
         ops,
+        checkpoint: json.clone(),
     };
     let report = bench::run(&cfg)?;
     if let Some(path) = &json {

@@ -54,6 +54,7 @@ impl Family for MemFamily {
                 memops::sets_for(case.set_bytes())
             );
             memops::run_case(case, timer, out);
+            out.checkpoint();
         }
     }
 }
@@ -96,6 +97,9 @@ pub struct Config {
     pub quick: bool,
     /// Family names to run (`None`: all).
     pub ops: Option<Vec<String>>,
+    /// Save the rows measured so far here after each case (the caller writes the final
+    /// report over it).
+    pub checkpoint: Option<std::path::PathBuf>,
 }
 
 /// Bytes of the copy that measures the copy bandwidth: 1 GiB per buffer on a GPU, 256 MiB on
@@ -143,12 +147,31 @@ pub fn run(cfg: &Config) -> Result<Report> {
     );
     let before = timing::copy_bandwidth(&timer, cb)?;
     eprintln!("copy bandwidth: {:.1} GB/s", before.gbps);
+    let dev_kind = if device.is_cpu() { "cpu" } else { "cuda" };
+    let header = |copy_gbps: f64, mode: &str, notes: Vec<String>| Header {
+        tool: "candle-fused bench".into(),
+        date: report::utc_now(),
+        device: dev_kind.into(),
+        device_name: device_name.clone(),
+        copy_gbps,
+        copy_bytes: cb,
+        git_commit: report::git_commit(),
+        mode: mode.into(),
+        legend: report::LEGEND.into(),
+        notes,
+    };
     let mut out = Collector {
-        device: if device.is_cpu() { "cpu" } else { "cuda" }.into(),
+        device: dev_kind.into(),
         device_name: device_name.clone(),
         copy_gbps: before.gbps,
         rows: vec![],
         skipped: vec![],
+        checkpoint: cfg.checkpoint.clone().map(|p| {
+            let note = "partial: the run was cut short; % copy uses the copy bandwidth measured \
+                        before the ops"
+                .to_string();
+            (p, header(before.gbps, "partial", vec![note]))
+        }),
     };
     for f in selected {
         f.run(plan, &timer, &mut out);
@@ -170,19 +193,9 @@ pub fn run(cfg: &Config) -> Result<Report> {
     if device.is_cpu() {
         notes.push(format!("rayon threads: {}", rayon::current_num_threads()));
     }
+    let mode = if cfg.quick { "quick" } else { "full" };
     Ok(Report {
-        header: Header {
-            tool: "candle-fused bench".into(),
-            date: report::utc_now(),
-            device: out.device.clone(),
-            device_name,
-            copy_gbps,
-            copy_bytes: cb,
-            git_commit: report::git_commit(),
-            mode: if cfg.quick { "quick" } else { "full" }.into(),
-            legend: report::LEGEND.into(),
-            notes,
-        },
+        header: header(copy_gbps, mode, notes),
         rows: out.rows,
         skipped: out.skipped,
     })

@@ -118,9 +118,27 @@ pub struct Collector {
     pub copy_gbps: f64,
     pub rows: Vec<Row>,
     pub skipped: Vec<Skipped>,
+    /// Where to save the rows so far after each case (mode "partial"), so that a run cut
+    /// short (e.g. by a time limit on a GPU machine) still leaves its measurements.
+    pub checkpoint: Option<(std::path::PathBuf, Header)>,
 }
 
 impl Collector {
+    /// Writes the rows so far to the checkpoint file, if any (speedups are filled only in
+    /// the final file; `scripts/merge_bench.py` recomputes them anyway).
+    pub fn checkpoint(&self) {
+        if let Some((path, header)) = &self.checkpoint {
+            let partial = Report {
+                header: header.clone(),
+                rows: self.rows.clone(),
+                skipped: self.skipped.clone(),
+            };
+            if let Err(e) = std::fs::write(path, partial.to_json()) {
+                eprintln!("warning: cannot write {}: {e}", path.display());
+            }
+        }
+    }
+
     /// Records a measurement (or its error). `baseline` names the ours-impl it is compared
     /// with (`None` for ours itself).
     pub fn record(
