@@ -32,7 +32,7 @@ for phase in "$@"; do
       $B/candle-fused bench --device cuda --json "$OUT/bench-ours.json" > "$OUT/bench-ours.log" 2>&1 || rc=1
       tail -n 60 "$OUT/bench-ours.log"
       if [ -f scripts/bench_torch.py ]; then
-        python3 scripts/bench_torch.py --json "$OUT/bench-torch.json" > "$OUT/bench-torch.log" 2>&1 || rc=1
+        python3 scripts/bench_torch.py --cases "$OUT/bench-ours.json" --json "$OUT/bench-torch.json" > "$OUT/bench-torch.log" 2>&1 || rc=1
         tail -n 5 "$OUT/bench-torch.log"
         python3 scripts/merge_bench.py "$OUT/bench-ours.json" "$OUT/bench-torch.json" --json "$OUT/bench-merged.json" --md "$OUT/bench-merged.md" || rc=1
         cat "$OUT/bench-merged.md" | head -80
