@@ -13,7 +13,7 @@ for f in .gpu/*.gz; do gunzip -c "$f" > "$B/$(basename "$f" .gz)"; done
 chmod +x $B/*
 GPU=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | head -n1)
 STAMP="$(date -u +%Y-%m-%dT%H:%MZ) | $GPU | commit $(cat .gpu/COMMIT 2>/dev/null)"
-echo "$STAMP" | tee "$OUT/stamp.txt"
+echo "$STAMP"
 rc=0
 for phase in "$@"; do
   case $phase in
@@ -40,14 +40,16 @@ for phase in "$@"; do
     probe)
       $B/kernel_probe 2>&1 | tee "$OUT/kernel-probe.log" || rc=1 ;;
     ncu)
-      # Profile the kernels of one probe shape (PROBE_SHAPE, default 3 = [32768,4096] bf16).
-      ncu --clock-control none -k "regex:${NCU_KERNELS:-fwd|bwd}" -c ${NCU_COUNT:-8} \
-        --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
-        --section MemoryWorkloadAnalysis $B/kernel_probe ${PROBE_SHAPE:-3} > "$OUT/ncu.log" 2>&1 || rc=1
-      grep -E '^  [a-z_]+_(fwd|bwd)|Duration|Memory Throughput|DRAM Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per|Block Size|Grid Size|Stall|Issued Ipc|Warp Cycles Per Issued' "$OUT/ncu.log" | head -150 ;;
+      # Profile kernels of one probe shape (PROBE_SHAPE, default 3 = [32768,4096] bf16):
+      # NCU_KERNELS is a space-separated list of kernel-name regexes, one profiled launch each.
+      for k in ${NCU_KERNELS:-rms_fwd}; do
+        ncu --clock-control none -k "regex:$k" -c 1 --set full $B/kernel_probe ${PROBE_SHAPE:-3} \
+          > "$OUT/ncu-$k.log" 2>&1 || rc=1
+        grep -E '^  [a-z_0-9]+ \(|Duration|DRAM Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per|Block Size|Issued Ipc Active|Executed Instructions  |Warp Cycles Per Issued|Stall [A-Z][a-z]+ +|One or More Eligible|Dynamic Shared|Theoretical Occ|Block Limit' "$OUT/ncu-$k.log" | head -60
+      done ;;
     peft)
       if [ -f scripts/peft_interop.py ]; then
-        python3 scripts/peft_interop.py --bin $B/peft_interop --out "$OUT/peft" > "$OUT/peft-interop.log" 2>&1 || rc=1
+        python3 scripts/peft_interop.py --bin $B/peft_interop --device cuda --out "$OUT/peft_interop_cuda" > "$OUT/peft-interop.log" 2>&1 || rc=1
         tail -n 20 "$OUT/peft-interop.log"
       fi ;;
     *) echo "unknown phase $phase"; rc=2 ;;
