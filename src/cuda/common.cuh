@@ -43,14 +43,52 @@ template <typename T, int VEC> struct alignas(sizeof(T) * VEC) Pack {
   T v[VEC];
 };
 
+// Packs moved as one 16-byte access: the bf16/f16 element types are classes, and a plain
+// struct copy of them may be split into VEC 2-byte accesses, so go through uint4.
+template <typename T, int VEC>
+__device__ __forceinline__ Pack<T, VEC> ld_pack(const T* p) {
+  if constexpr (VEC * sizeof(T) == 16) {
+    const uint4 v = *reinterpret_cast<const uint4*>(p);
+    Pack<T, VEC> r;
+    memcpy(&r, &v, 16);
+    return r;
+  } else {
+    return *reinterpret_cast<const Pack<T, VEC>*>(p);
+  }
+}
+__device__ __forceinline__ uint32_t raw_bits(float v) { return __float_as_uint(v); }
+__device__ __forceinline__ uint32_t raw_bits(__half v) { return __half_as_ushort(v); }
+__device__ __forceinline__ uint32_t raw_bits(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
+
+// Stores a pack to global memory: one st.global.v4 for 16-byte packs (written out in PTX:
+// nvcc was seen splitting the struct store into 2- and 4-byte stores).
+template <typename T, int VEC>
+__device__ __forceinline__ void st_pack(T* p, const Pack<T, VEC>& v) {
+  if constexpr (VEC * sizeof(T) == 16) {
+    uint32_t w[4];
+    if constexpr (sizeof(T) == 4) {
+#pragma unroll
+      for (int i = 0; i < 4; i++) w[i] = raw_bits(v.v[i]);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 4; i++) w[i] = raw_bits(v.v[2 * i]) | (raw_bits(v.v[2 * i + 1]) << 16);
+    }
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(w[0]), "r"(w[1]), "r"(w[2]),
+                 "r"(w[3])
+                 : "memory");
+  } else {
+    *reinterpret_cast<Pack<T, VEC>*>(p) = v;
+  }
+}
+
 // A pack from read-only global memory (weights, masks): one 16-byte __ldg when the pack is
 // 16 bytes.
 template <typename T, int VEC>
 __device__ __forceinline__ Pack<T, VEC> ldg_pack(const T* __restrict__ p) {
   Pack<T, VEC> r;
-  if (VEC * sizeof(T) == 16) {
+  if constexpr (VEC * sizeof(T) == 16) {
     const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
-    r = *reinterpret_cast<const Pack<T, VEC>*>(&v);
+    memcpy(&r, &v, 16);
   } else {
 #pragma unroll
     for (int e = 0; e < VEC; e++) r.v[e] = p[e];

@@ -24,11 +24,11 @@ template <typename T, int VEC> struct AddRmsFwd {
   __device__ void finish(int64_t, int64_t, int) {}
 
   __device__ SumF partial(int64_t, int64_t, int n, T* const* s) const {
-    const Pack<T, VEC>* a = reinterpret_cast<const Pack<T, VEC>*>(s[0]);
-    const Pack<T, VEC>* b = reinterpret_cast<const Pack<T, VEC>*>(s[1]);
+    const T* a = s[0];
+    const T* b = s[1];
     float acc = 0.f;
     for (int u = threadIdx.x; u < n / VEC; u += blockDim.x) {
-      const Pack<T, VEC> pa = a[u], pb = b[u];
+      const Pack<T, VEC> pa = ld_pack<T, VEC>(a + u * VEC), pb = ld_pack<T, VEC>(b + u * VEC);
 #pragma unroll
       for (int e = 0; e < VEC; e++) {
         const float v = ld(pa.v[e]) + ld(pb.v[e]);
@@ -43,8 +43,8 @@ template <typename T, int VEC> struct AddRmsFwd {
     T* os = sum + row * d + lo;
     for (int u = threadIdx.x; u < n / VEC; u += blockDim.x) {
       const int j0 = u * VEC;
-      Pack<T, VEC> a = *reinterpret_cast<const Pack<T, VEC>*>(s[0] + j0);
-      Pack<T, VEC> b = *reinterpret_cast<const Pack<T, VEC>*>(s[1] + j0);
+      Pack<T, VEC> a = ld_pack<T, VEC>(s[0] + j0);
+      Pack<T, VEC> b = ld_pack<T, VEC>(s[1] + j0);
       Pack<T, VEC> wv = ldg_pack<T, VEC>(w + lo + j0), pn, ps;
 #pragma unroll
       for (int e = 0; e < VEC; e++) {
@@ -52,8 +52,8 @@ template <typename T, int VEC> struct AddRmsFwd {
         ps.v[e] = st<T>(v);
         pn.v[e] = st<T>(v * r * ld(wv.v[e]));
       }
-      *reinterpret_cast<Pack<T, VEC>*>(os + j0) = ps;
-      *reinterpret_cast<Pack<T, VEC>*>(on + j0) = pn;
+      st_pack<T, VEC>(os + j0, ps);
+      st_pack<T, VEC>(on + j0, pn);
     }
   }
 };

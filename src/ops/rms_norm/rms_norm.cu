@@ -27,10 +27,10 @@ template <typename T, int VEC> struct RmsFwd {
   __device__ void finish(int64_t, int64_t, int) {}
 
   __device__ SumF partial(int64_t, int64_t, int n, T* const* s) const {
-    const Pack<T, VEC>* sx = reinterpret_cast<const Pack<T, VEC>*>(s[0]);
+    const T* sx = s[0];
     float acc = 0.f;
     for (int u = threadIdx.x; u < n / VEC; u += blockDim.x) {
-      const Pack<T, VEC> p = sx[u];
+      const Pack<T, VEC> p = ld_pack<T, VEC>(sx + u * VEC);
 #pragma unroll
       for (int e = 0; e < VEC; e++) acc = fmaf(ld(p.v[e]), ld(p.v[e]), acc);
     }
@@ -41,7 +41,7 @@ template <typename T, int VEC> struct RmsFwd {
     T* o = y + row * d + lo;
     for (int u = threadIdx.x; u < n / VEC; u += blockDim.x) {
       const int j0 = u * VEC;
-      Pack<T, VEC> a = *reinterpret_cast<const Pack<T, VEC>*>(s[0] + j0), b;
+      Pack<T, VEC> a = ld_pack<T, VEC>(s[0] + j0), b;
       if (w) {
         Pack<T, VEC> wv = ldg_pack<T, VEC>(w + lo + j0);
 #pragma unroll
@@ -50,7 +50,7 @@ template <typename T, int VEC> struct RmsFwd {
 #pragma unroll
         for (int e = 0; e < VEC; e++) b.v[e] = st<T>(ld(a.v[e]) * r);
       }
-      *reinterpret_cast<Pack<T, VEC>*>(o + j0) = b;
+      st_pack<T, VEC>(o + j0, b);
     }
   }
 };
@@ -88,11 +88,11 @@ template <typename T, int VEC> struct RmsBwd {
   // parts summed separately, then joined in f64: exact for one element, and the usual f32
   // summation error otherwise.
   __device__ Sum2D partial(int64_t, int64_t lo, int n, T* const* s) const {
-    const Pack<T, VEC>* sx = reinterpret_cast<const Pack<T, VEC>*>(s[0]);
-    const Pack<T, VEC>* sg = reinterpret_cast<const Pack<T, VEC>*>(s[1]);
+    const T* sx = s[0];
+    const T* sg = s[1];
     float ss = 0.f, ss_e = 0.f, dt = 0.f, dt_e = 0.f;
     for (int u = threadIdx.x; u < n / VEC; u += blockDim.x) {
-      const Pack<T, VEC> px = sx[u], pg = sg[u];
+      const Pack<T, VEC> px = ld_pack<T, VEC>(sx + u * VEC), pg = ld_pack<T, VEC>(sg + u * VEC);
       Pack<T, VEC> pw;
       if (w) pw = weights(lo, u);
 #pragma unroll
@@ -117,13 +117,13 @@ template <typename T, int VEC> struct RmsBwd {
     const float r = (float)rd, c_hi = (float)c, c_lo = (float)(c - (double)c_hi);
     T* o = dx + row * d + lo;
     const T* dr = dres ? dres + row * d + lo : nullptr;
-    const Pack<T, VEC>* sx = reinterpret_cast<const Pack<T, VEC>*>(s[0]);
-    const Pack<T, VEC>* sg = reinterpret_cast<const Pack<T, VEC>*>(s[1]);
+    const T* sx = s[0];
+    const T* sg = s[1];
     for (int u = threadIdx.x; u < n / VEC; u += blockDim.x) {
-      const Pack<T, VEC> px = sx[u], pg = sg[u];
+      const Pack<T, VEC> px = ld_pack<T, VEC>(sx + u * VEC), pg = ld_pack<T, VEC>(sg + u * VEC);
       Pack<T, VEC> pw, pr, out;
       if (w) pw = weights(lo, u);
-      if (dr) pr = reinterpret_cast<const Pack<T, VEC>*>(dr)[u];
+      if (dr) pr = ld_pack<T, VEC>(dr + u * VEC);
       float acc[VEC];
       if (w) {
 #pragma unroll
@@ -142,7 +142,7 @@ template <typename T, int VEC> struct RmsBwd {
 #pragma unroll
         for (int e = 0; e < VEC; e++) dws[u * VEC + e] = acc[e];
       }
-      reinterpret_cast<Pack<T, VEC>*>(o)[u] = out;
+      st_pack<T, VEC>(o + u * VEC, out);
     }
   }
 };

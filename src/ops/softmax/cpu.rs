@@ -1,6 +1,8 @@
 //! CPU kernels for softmax: rows in parallel, three sweeps over a row that stays in cache
 //! (max; exp and sum written to the output; scale), vectorized, f32 accumulation for halves.
 
+use std::borrow::Cow;
+
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result, Shape};
 use num_traits::{Float, Zero};
@@ -83,17 +85,17 @@ fn forward_t<T: Elem>(
         });
     } else {
         // The mask, in the accumulation type, read through its (broadcast) strides.
-        let (mask_vals, index): (Option<std::borrow::Cow<[T::A]>>, Option<MaskIndex>) = match mask {
-            None => (None, None),
+        let mask_data: Option<(Cow<[T::A]>, MaskIndex)> = match mask {
+            None => None,
             Some((ms, ml)) => {
                 let data = T::cpu_storage_as_slice(ms)?;
                 let index = MaskIndex::new(ml);
                 let data = &data[..index.extent(t).min(data.len())];
                 let vals = match T::as_acc(data) {
-                    Some(a) => std::borrow::Cow::Borrowed(a),
-                    None => std::borrow::Cow::Owned(cpu::to_acc_vec(data)),
+                    Some(a) => Cow::Borrowed(a),
+                    None => Cow::Owned(cpu::to_acc_vec(data)),
                 };
-                (Some(vals), Some(index))
+                Some((vals, index))
             }
         };
         let scale = T::A::of(op.scale);
@@ -107,8 +109,8 @@ fn forward_t<T: Elem>(
             };
             let (zv, zh) = z.split_at_mut(vis);
             zh.fill(T::A::zero());
-            match (&mask_vals, &index) {
-                (Some(mv), Some(ix)) => {
+            match &mask_data {
+                Some((mv, ix)) => {
                     let off = ix.row_offset(r);
                     match ix.col_stride {
                         0 => {
@@ -129,7 +131,7 @@ fn forward_t<T: Elem>(
                         }
                     }
                 }
-                _ => {
+                None => {
                     for (zj, &xj) in zv.iter_mut().zip(x) {
                         *zj = scale * xj;
                     }

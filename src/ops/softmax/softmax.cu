@@ -31,11 +31,13 @@ template <typename T, int VEC, bool MASKED> struct SoftmaxFwd {
   int causal, zero_masked;
   int64_t s_rows, d;
   int64_t vis = 0, moff = 0;  // of the current row
+  bool mask_vec = false;       // the current mask row can be read in 16-byte packs
 
   __device__ void begin_row(int64_t row) {
     if (!MASKED) return;
     vis = visible(row);
     moff = mask ? mask_offset(row) : 0;
+    mask_vec = mask && mg.col_stride == 1 && ((uintptr_t)(mask + moff) % 16) == 0;
   }
   __device__ const T* input(int, int64_t row) const { return x + row * d; }
   __device__ void init(int64_t, int, unsigned char*) {}
@@ -65,33 +67,48 @@ template <typename T, int VEC, bool MASKED> struct SoftmaxFwd {
     }
     return off;
   }
-  // The logit of column `col` (absolute index in the row).
-  __device__ __forceinline__ float z(T xv, int64_t col) const {
-    if (!MASKED) return scale * ld(xv);  // scale is 1 on the plain path: folded away
-    if (col >= vis) return -INFINITY;
-    float v = scale * ld(xv);
-    if (mask) v += ld(mask[moff + col * mg.col_stride]);
-    return v;
+  // The logits of the VEC columns starting at `col0` (absolute index in the row). The mask
+  // pack is one 16-byte read-only load when the mask row is contiguous and aligned.
+  __device__ __forceinline__ void logits(const Pack<T, VEC>& xv, int64_t col0, float (&zz)[VEC]) const {
+#pragma unroll
+    for (int e = 0; e < VEC; e++) zz[e] = scale * ld(xv.v[e]);
+    if (!MASKED) return;
+    if (mask) {
+      const T* mp = mask + moff + col0 * mg.col_stride;
+      if (VEC > 1 && mask_vec) {
+        const Pack<T, VEC> mv = ldg_pack<T, VEC>(mp);
+#pragma unroll
+        for (int e = 0; e < VEC; e++) zz[e] += ld(mv.v[e]);
+      } else {
+#pragma unroll
+        for (int e = 0; e < VEC; e++) zz[e] += ld(mp[e * mg.col_stride]);
+      }
+    }
+#pragma unroll
+    for (int e = 0; e < VEC; e++)
+      if (col0 + e >= vis) zz[e] = -INFINITY;
   }
 
   // Per thread: the max of its logits, then the sum of their exponentials (two sweeps over the
   // staged slice, 16 bytes at a time).
   __device__ MaxSum partial(int64_t, int64_t lo, int n, T* const* s) const {
-    const Pack<T, VEC>* sx = reinterpret_cast<const Pack<T, VEC>*>(s[0]);
+    const T* sx = s[0];
     const int nu = n / VEC;
     float m = -INFINITY;
     for (int u = threadIdx.x; u < nu; u += blockDim.x) {
-      const Pack<T, VEC> p = sx[u];
+      float zz[VEC];
+      logits(ld_pack<T, VEC>(sx + u * VEC), lo + u * VEC, zz);
 #pragma unroll
-      for (int e = 0; e < VEC; e++) m = fmaxf(m, z(p.v[e], lo + u * VEC + e));
+      for (int e = 0; e < VEC; e++) m = fmaxf(m, zz[e]);
     }
     float sum = 0.f;
     if (m != -INFINITY) {
       const float ml = m * LOG2E;
       for (int u = threadIdx.x; u < nu; u += blockDim.x) {
-        const Pack<T, VEC> p = sx[u];
+        float zz[VEC];
+        logits(ld_pack<T, VEC>(sx + u * VEC), lo + u * VEC, zz);
 #pragma unroll
-        for (int e = 0; e < VEC; e++) sum += fast_exp2(fmaf(z(p.v[e], lo + u * VEC + e), LOG2E, -ml));
+        for (int e = 0; e < VEC; e++) sum += fast_exp2(fmaf(zz[e], LOG2E, -ml));
       }
     }
     return {m, sum};
@@ -102,16 +119,14 @@ template <typename T, int VEC, bool MASKED> struct SoftmaxFwd {
     const float fill = zero_masked ? 0.f : NAN;
     const float ml = r.m * LOG2E, inv = 1.f / r.s;
     T* yr = y + row * d + lo;
-    const Pack<T, VEC>* sx = reinterpret_cast<const Pack<T, VEC>*>(s[0]);
+    const T* sx = s[0];
     for (int u = threadIdx.x; u < n / VEC; u += blockDim.x) {
-      const Pack<T, VEC> in = sx[u];
+      float zz[VEC];
+      logits(ld_pack<T, VEC>(sx + u * VEC), lo + u * VEC, zz);
       Pack<T, VEC> o;
 #pragma unroll
-      for (int e = 0; e < VEC; e++) {
-        const float zz = z(in.v[e], lo + u * VEC + e);
-        o.v[e] = st<T>(dead ? fill : fast_exp2(fmaf(zz, LOG2E, -ml)) * inv);
-      }
-      reinterpret_cast<Pack<T, VEC>*>(yr)[u] = o;
+      for (int e = 0; e < VEC; e++) o.v[e] = st<T>(dead ? fill : fast_exp2(fmaf(zz[e], LOG2E, -ml)) * inv);
+      st_pack<T, VEC>(yr + u * VEC, o);
     }
   }
 };
@@ -132,11 +147,11 @@ template <typename T, int VEC> struct SoftmaxBwd {
   __device__ int stage_len(int64_t, int64_t, int n) const { return n; }
 
   __device__ SumF partial(int64_t, int64_t, int n, T* const* s) const {
-    const Pack<T, VEC>* a = reinterpret_cast<const Pack<T, VEC>*>(s[0]);
-    const Pack<T, VEC>* b = reinterpret_cast<const Pack<T, VEC>*>(s[1]);
+    const T* a = s[0];
+    const T* b = s[1];
     float acc = 0.f;
     for (int u = threadIdx.x; u < n / VEC; u += blockDim.x) {
-      const Pack<T, VEC> pa = a[u], pb = b[u];
+      const Pack<T, VEC> pa = ld_pack<T, VEC>(a + u * VEC), pb = ld_pack<T, VEC>(b + u * VEC);
 #pragma unroll
       for (int e = 0; e < VEC; e++) acc = fmaf(ld(pa.v[e]), ld(pb.v[e]), acc);
     }
@@ -146,31 +161,32 @@ template <typename T, int VEC> struct SoftmaxBwd {
     T* o = dx + row * d + lo;
     for (int u = threadIdx.x; u < n / VEC; u += blockDim.x) {
       const int j0 = u * VEC;
-      Pack<T, VEC> a = *reinterpret_cast<const Pack<T, VEC>*>(s[0] + j0);
-      Pack<T, VEC> b = *reinterpret_cast<const Pack<T, VEC>*>(s[1] + j0), r;
+      Pack<T, VEC> a = ld_pack<T, VEC>(s[0] + j0);
+      Pack<T, VEC> b = ld_pack<T, VEC>(s[1] + j0), r;
 #pragma unroll
       for (int e = 0; e < VEC; e++) r.v[e] = st<T>(scale * ld(a.v[e]) * (ld(b.v[e]) - dot.v));
-      *reinterpret_cast<Pack<T, VEC>*>(o + j0) = r;
+      st_pack<T, VEC>(o + j0, r);
     }
   }
 };
 
-#define SOFTMAX_KERNELS_V(NAME, T, V)                                                           \
-  extern "C" __global__ void __launch_bounds__(1024)                                           \
-      softmax_fwd_##NAME##_v##V(const T* x, const T* mask, T* y, Geom g, MaskGeom mg,           \
-                                float scale, int causal, int zero_masked, int64_t s_rows) {     \
-    if (mask || causal) {                                                                       \
-      SoftmaxFwd<T, V, true> op{x, mask, y, mg, scale, causal, zero_masked, s_rows, g.d};      \
-      run_rows<T, V>(g, op);                                                                    \
-    } else {                                                                                    \
-      SoftmaxFwd<T, V, false> op{x, mask, y, mg, scale, causal, zero_masked, s_rows, g.d};     \
-      run_rows<T, V>(g, op);                                                                    \
-    }                                                                                           \
-  }                                                                                             \
-  extern "C" __global__ void __launch_bounds__(1024)                                           \
-      softmax_bwd_##NAME##_v##V(const T* y, const T* dy, T* dx, Geom g, float scale) {          \
-    SoftmaxBwd<T, V> op{y, dy, dx, scale, g.d};                                                 \
-    run_rows<T, V>(g, op);                                                                      \
+#define SOFTMAX_KERNELS_V(NAME, T, V)                                                            \
+  extern "C" __global__ void __launch_bounds__(1024)                                            \
+      softmax_fwd_##NAME##_v##V(const T* x, const T* mask, T* y, Geom g, MaskGeom mg,            \
+                                float scale, int causal, int zero_masked, int64_t s_rows) {      \
+    SoftmaxFwd<T, V, false> op{x, mask, y, mg, scale, causal, zero_masked, s_rows, g.d};        \
+    run_rows<T, V>(g, op);                                                                       \
+  }                                                                                              \
+  extern "C" __global__ void __launch_bounds__(1024)                                            \
+      masked_softmax_fwd_##NAME##_v##V(const T* x, const T* mask, T* y, Geom g, MaskGeom mg,     \
+                                       float scale, int causal, int zero_masked, int64_t s_rows) { \
+    SoftmaxFwd<T, V, true> op{x, mask, y, mg, scale, causal, zero_masked, s_rows, g.d};         \
+    run_rows<T, V>(g, op);                                                                       \
+  }                                                                                              \
+  extern "C" __global__ void __launch_bounds__(1024)                                            \
+      softmax_bwd_##NAME##_v##V(const T* y, const T* dy, T* dx, Geom g, float scale) {           \
+    SoftmaxBwd<T, V> op{y, dy, dx, scale, g.d};                                                  \
+    run_rows<T, V>(g, op);                                                                       \
   }
 
 #define SOFTMAX_KERNELS(NAME, T, V) \
