@@ -46,6 +46,7 @@ pub(crate) struct Geom {
     pub d: i64,
     pub chunk: i64,
     pub csize: i64,
+    pub dbuf: i64,
 }
 
 /// What the planner needs to know about the device.
@@ -110,38 +111,44 @@ pub(crate) struct RowSpec {
     pub red: usize,
     /// 16-byte vectors are possible (the row length and every pointer line up).
     pub vec_ok: bool,
-    /// Persistent grid (one partial row per cluster, e.g. for dw): at most this many clusters.
-    pub persistent: bool,
 }
 
 /// The launch of a row op.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct Plan {
     pub geom: Geom,
-    pub vec: usize,
     pub threads: u32,
     pub smem: u32,
-    /// Clusters launched (grid = clusters · csize blocks).
+    /// Clusters launched (grid = clusters · csize blocks): as many as fit on the GPU at once
+    /// (a persistent grid walking the rows), at most one per row.
     pub clusters: u32,
+    func: CudaFunction,
 }
 
 fn align16(b: usize) -> usize {
     b.div_ceil(16) * 16
 }
 
-/// Chooses slice, cluster size, threads and grid. Errors when a row cannot stay on chip.
-pub(crate) fn plan(op: &str, info: &DeviceInfo, s: &RowSpec) -> Result<Plan> {
+/// Plans the launch of the row-engine kernel `{prefix}_v{vec}` of `ptx`: vector width, slice
+/// and cluster size, threads, shared memory (double-buffered when it fits), and a persistent
+/// grid sized by the occupancy the driver reports. Errors when a row cannot stay on chip.
+pub(crate) fn plan(
+    op: &str,
+    dev: &CudaDevice,
+    ptx: &Ptx,
+    prefix: &str,
+    s: &RowSpec,
+) -> Result<Plan> {
+    let info = DeviceInfo::of(dev)?;
     let vec = if s.vec_ok { 16 / s.elem } else { 1 };
     let fixed = align16(35 * s.red) + 64;
     let limit = (info.smem_optin as usize).saturating_sub(fixed);
     let per_col = s.nin * s.elem + s.extra_per_col;
-    let smem_of = |chunk: usize| {
-        s.nin * align16(chunk * s.elem) + align16(35 * s.red) + s.extra_per_col * chunk
-    };
+    let stage_of = |chunk: usize| s.nin * align16(chunk * s.elem);
+    let smem_of = |chunk: usize| stage_of(chunk) + align16(35 * s.red) + s.extra_per_col * chunk;
     let chunk_of = |c: usize| s.d.div_ceil(c).div_ceil(vec) * vec;
     let max_c = if info.clusters() { 16 } else { 1 };
-    // Smallest cluster whose slice fits; then, for few long rows, more CTAs per row while each
-    // still has >= 8192 columns, so the grid covers the GPU.
+    // Smallest cluster whose slice fits.
     let mut c = 1;
     while c <= max_c && smem_of(chunk_of(c)) > limit {
         c *= 2;
@@ -160,9 +167,9 @@ pub(crate) fn plan(op: &str, info: &DeviceInfo, s: &RowSpec) -> Result<Plan> {
             }
         )
     }
-    // Slices of at most ~110 KB let two CTAs share an SM, so one stages while the other
-    // computes.
-    while c < max_c && smem_of(chunk_of(c)) > 110 * 1024 {
+    // Slices of at most ~56 KB (112 KB double-buffered) let two CTAs share an SM; and few long
+    // rows get more CTAs per row (each still >= 8192 columns) so the grid covers the GPU.
+    while c < max_c && smem_of(chunk_of(c)) > 56 * 1024 {
         c *= 2;
     }
     while c < max_c && s.rows * c < 2 * info.sms as usize && chunk_of(2 * c) >= 8192 {
@@ -171,28 +178,35 @@ pub(crate) fn plan(op: &str, info: &DeviceInfo, s: &RowSpec) -> Result<Plan> {
     let chunk = chunk_of(c);
     let units = chunk.div_ceil(vec);
     let threads = units.div_ceil(4).next_power_of_two().clamp(32, 1024) as u32;
-    let smem = smem_of(chunk) as u32;
-    let max_clusters = (1usize << 24) / c;
-    let clusters = if s.persistent {
-        // A few CTAs per SM: enough in flight, few partial rows to sum.
-        let per_sm = (2048 / threads as usize)
-            .min(info.smem_optin as usize / smem.max(1) as usize)
-            .max(1);
-        (info.sms as usize * per_sm / c).max(1).min(s.rows)
+    let single = smem_of(chunk);
+    let dbuf = single + stage_of(chunk) <= limit;
+    let smem = (if dbuf {
+        single + stage_of(chunk)
     } else {
-        s.rows.min(max_clusters)
-    };
+        single
+    }) as u32;
+    let name = format!("{prefix}_v{vec}");
+    let func = function(dev, ptx, &name)?;
+    let per_sm = func
+        .occupancy_max_active_blocks_per_multiprocessor(threads, smem as usize, None)
+        .w()?
+        .max(1) as usize;
+    let max_clusters = (1usize << 24) / c;
+    let clusters = (info.sms as usize * per_sm / c)
+        .clamp(1, s.rows.max(1))
+        .min(max_clusters);
     Ok(Plan {
         geom: Geom {
             rows: s.rows as i64,
             d: s.d as i64,
             chunk: chunk as i64,
             csize: c as i64,
+            dbuf: dbuf as i64,
         },
-        vec,
         threads,
         smem,
-        clusters: clusters.max(1) as u32,
+        clusters: clusters as u32,
+        func,
     })
 }
 
@@ -286,19 +300,11 @@ fn function(dev: &CudaDevice, ptx: &Ptx, name: &str) -> Result<CudaFunction> {
     Ok(func)
 }
 
-/// Launches the row-engine kernel `name` of `ptx` with `plan`'s grid, block, shared memory
-/// and cluster size.
-pub(crate) fn launch(
-    dev: &CudaDevice,
-    ptx: &Ptx,
-    name: &str,
-    plan: &Plan,
-    args: &Args,
-) -> Result<()> {
-    let func = function(dev, ptx, name)?;
+/// Launches a planned row-engine kernel.
+pub(crate) fn launch(plan: &Plan, args: &Args) -> Result<()> {
     let csize = plan.geom.csize as u32;
     raw_launch(
-        &func,
+        &plan.func,
         args,
         (plan.clusters * csize, plan.threads, plan.smem),
         csize,

@@ -110,8 +110,11 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
   unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
 }
-__device__ __forceinline__ void cp_async_wait_all() {
-  asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+// Waits until at most `pending` (0 or 1) committed groups are still in flight.
+__device__ __forceinline__ void cp_async_wait(int pending) {
+  if (pending) asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+  else asm volatile("cp.async.wait_group 0;\n" ::: "memory");
 }
 
 // Copies n elements (a multiple of VEC) from global g to shared s, block-strided.
@@ -218,6 +221,7 @@ struct Geom {
   int64_t d;      // row length
   int64_t chunk;  // elements per CTA slice (a multiple of VEC)
   int64_t csize;  // CTAs per row (cluster size)
+  int64_t dbuf;   // 1: two staging buffers, the next row is fetched while this one computes
 };
 
 __host__ __device__ __forceinline__ int64_t align16(int64_t bytes) { return (bytes + 15) / 16 * 16; }
@@ -230,38 +234,57 @@ __host__ __device__ __forceinline__ int64_t align16(int64_t bytes) { return (byt
 //   Red partial(int64_t row, int64_t lo, int n, T* const* s) const
 //   void output(int64_t row, int64_t lo, int n, T* const* s, Red total)
 //   void init(int64_t lo, int n, unsigned char* extra) / finish(int64_t cluster, int64_t lo, int n)
-// Shared memory: NIN staged slices, then 35 Red (block scratch + 2 cluster slots), then the
-// op's extra bytes.
+// Shared memory: (1 + dbuf) sets of NIN staged slices, then 35 Red (block scratch + 2 cluster
+// slots), then the op's extra bytes. With dbuf the grid is persistent and each CTA fetches its
+// next row into the other set while it reduces and writes the current one.
 template <typename T, int VEC, typename Op> __device__ void run_rows(const Geom g, Op& op) {
   extern __shared__ __align__(16) unsigned char smem[];
   using Red = typename Op::Red;
   const int64_t slice_bytes = align16(g.chunk * (int64_t)sizeof(T));
-  T* s[Op::NIN];
-#pragma unroll
-  for (int k = 0; k < Op::NIN; k++) s[k] = reinterpret_cast<T*>(smem + k * slice_bytes);
-  Red* scratch = reinterpret_cast<Red*>(smem + Op::NIN * slice_bytes);
-  unsigned char* extra = smem + Op::NIN * slice_bytes + align16(35 * sizeof(Red));
+  const int nsets = g.dbuf ? 2 : 1;
+  Red* scratch = reinterpret_cast<Red*>(smem + nsets * Op::NIN * slice_bytes);
+  unsigned char* extra = reinterpret_cast<unsigned char*>(scratch) + align16(35 * sizeof(Red));
 
   const int csize = (int)g.csize;
   const int rank = (int)(blockIdx.x % csize);
   const int64_t cid = blockIdx.x / csize, ncl = gridDim.x / csize;
   const int64_t lo = rank * g.chunk;
   const int n = (int)max((int64_t)0, min(g.chunk, g.d - lo));
-  op.init(lo, n, extra);
-  int parity = 0;
-  for (int64_t row = cid; row < g.rows; row += ncl) {
-    op.begin_row(row);
+  auto set_of = [&](int b, T* (&s)[Op::NIN]) {
+#pragma unroll
+    for (int k = 0; k < Op::NIN; k++) s[k] = reinterpret_cast<T*>(smem + (b * Op::NIN + k) * slice_bytes);
+  };
+  auto fetch = [&](int64_t row, int b) {
+    T* s[Op::NIN];
+    set_of(b, s);
     const int nl = op.stage_len(row, lo, n);
 #pragma unroll
     for (int k = 0; k < Op::NIN; k++) stage<T, VEC>(s[k], op.input(k, row) + lo, nl);
-    cp_async_wait_all();
+    cp_async_commit();
+  };
+  op.init(lo, n, extra);
+  int parity = 0, buf = 0;
+  if (g.dbuf && cid < g.rows) fetch(cid, 0);
+  for (int64_t row = cid; row < g.rows; row += ncl) {
+    bool more = false;
+    if (g.dbuf) {
+      more = row + ncl < g.rows;
+      if (more) fetch(row + ncl, buf ^ 1);
+    } else {
+      fetch(row, 0);
+    }
+    cp_async_wait(more ? 1 : 0);
     __syncthreads();
+    T* s[Op::NIN];
+    set_of(buf, s);
+    op.begin_row(row);
     Red r = op.partial(row, lo, n, s);
     r = block_reduce(r, scratch);
     r = cluster_combine(r, scratch + 33, parity, csize);
     parity ^= 1;
     op.output(row, lo, n, s, r);
     __syncthreads();
+    if (g.dbuf) buf ^= 1;
   }
   cluster_sync_all(csize);
   op.finish(cid, lo, n);

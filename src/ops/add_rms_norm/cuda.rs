@@ -6,7 +6,7 @@ use candle_core::cuda_backend::cudarc::driver::DeviceRepr;
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, Layout, Result, Shape};
 
-use crate::cuda::{self, dispatch, ptx, Args, DeviceInfo, Ptx, RowSpec};
+use crate::cuda::{self, dispatch, ptx, Args, Ptx, RowSpec};
 
 const OP: &str = "add_rms_norm";
 static PTX: Ptx = ptx!("add_rms_norm");
@@ -40,7 +40,6 @@ fn forward_t<T: CudaDType + DeviceRepr>(
         && cuda::aligned16(ws, wo, &stream)
         && cuda::aligned16(&out, n, &stream)
         && cuda::aligned16(&out, 0, &stream);
-    let info = DeviceInfo::of(dev)?;
     let spec = RowSpec {
         rows,
         d,
@@ -49,14 +48,9 @@ fn forward_t<T: CudaDType + DeviceRepr>(
         extra_per_col: 0,
         red: 4,
         vec_ok,
-        persistent: false,
     };
-    let plan = cuda::plan(OP, &info, &spec)?;
-    let name = format!(
-        "add_rms_fwd_{}_v{}",
-        cuda::dtype_name(OP, x.0.dtype())?,
-        plan.vec
-    );
+    let prefix = format!("add_rms_fwd_{}", cuda::dtype_name(OP, x.0.dtype())?);
+    let plan = cuda::plan(OP, dev, &PTX, &prefix, &spec)?;
     {
         let mut args = Args::new(&stream);
         args.input(xs, xo)
@@ -65,7 +59,7 @@ fn forward_t<T: CudaDType + DeviceRepr>(
             .outputs(&mut out, &[0, n])
             .val(plan.geom)
             .val(eps as f32);
-        cuda::launch(dev, &PTX, &name, &plan, &args)?;
+        cuda::launch(&plan, &args)?;
     }
     let mut packed = vec![2];
     packed.extend_from_slice(dims);

@@ -7,7 +7,7 @@ use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, Layout, Result, Shape};
 
 use super::BwdArgs;
-use crate::cuda::{self, dispatch, ptx, Args, DeviceInfo, Ptx, RowSpec};
+use crate::cuda::{self, dispatch, ptx, Args, Ptx, RowSpec};
 
 const OP: &str = "rms_norm";
 pub(crate) static PTX: Ptx = ptx!("rms_norm");
@@ -43,7 +43,6 @@ fn forward_t<T: CudaDType + DeviceRepr>(
         && cuda::aligned16(x, xo, &stream)
         && w.is_none_or(|(w, wo)| cuda::aligned16(w, wo, &stream))
         && cuda::aligned16(&y, 0, &stream);
-    let info = DeviceInfo::of(dev)?;
     let spec = RowSpec {
         rows,
         d,
@@ -52,10 +51,9 @@ fn forward_t<T: CudaDType + DeviceRepr>(
         extra_per_col: 0,
         red: 4,
         vec_ok,
-        persistent: false,
     };
-    let plan = cuda::plan(OP, &info, &spec)?;
-    let name = format!("rms_fwd_{}_v{}", cuda::dtype_name(OP, s.dtype())?, plan.vec);
+    let prefix = format!("rms_fwd_{}", cuda::dtype_name(OP, s.dtype())?);
+    let plan = cuda::plan(OP, dev, &PTX, &prefix, &spec)?;
     {
         let mut args = Args::new(&stream);
         args.input(x, xo);
@@ -64,7 +62,7 @@ fn forward_t<T: CudaDType + DeviceRepr>(
             None => args.null(),
         };
         args.output(&mut y, 0).val(plan.geom).val(eps as f32);
-        cuda::launch(dev, &PTX, &name, &plan, &args)?;
+        cuda::launch(&plan, &args)?;
     }
     Ok((cuda::storage(y, dev), l.shape().clone()))
 }
@@ -105,7 +103,6 @@ fn backward_t<T: CudaDType + DeviceRepr>(
         && dres.is_none_or(|(s, o)| cuda::aligned16(s, o, &stream))
         && w.is_none_or(|(w, wo)| cuda::aligned16(w, wo, &stream))
         && cuda::aligned16(&dx, 0, &stream);
-    let info = DeviceInfo::of(dev)?;
     let spec = RowSpec {
         rows,
         d,
@@ -114,18 +111,14 @@ fn backward_t<T: CudaDType + DeviceRepr>(
         extra_per_col: if w.is_some() { 4 } else { 0 },
         red: 16,
         vec_ok,
-        persistent: w.is_some(),
     };
-    let plan = cuda::plan(
-        if a.dres.is_some() {
-            "add_rms_norm_backward"
-        } else {
-            "rms_norm_backward"
-        },
-        &info,
-        &spec,
-    )?;
     let dt = cuda::dtype_name(OP, a.x.0.dtype())?;
+    let op = if a.dres.is_some() {
+        "add_rms_norm_backward"
+    } else {
+        "rms_norm_backward"
+    };
+    let plan = cuda::plan(op, dev, &PTX, &format!("rms_bwd_{dt}"), &spec)?;
     let mut part = if w.is_some() {
         Some(cuda::alloc::<f32>(dev, plan.clusters as usize * d)?)
     } else {
@@ -148,13 +141,7 @@ fn backward_t<T: CudaDType + DeviceRepr>(
             None => args.null(),
         };
         args.val(plan.geom).val(eps);
-        cuda::launch(
-            dev,
-            &PTX,
-            &format!("rms_bwd_{dt}_v{}", plan.vec),
-            &plan,
-            &args,
-        )?;
+        cuda::launch(&plan, &args)?;
     }
     let dw = match part.as_ref() {
         Some(p) => {

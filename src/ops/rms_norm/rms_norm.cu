@@ -55,6 +55,29 @@ template <typename T, int VEC> struct RmsFwd {
   }
 };
 
+// VEC floats of shared memory, as float4s when VEC is a multiple of 4.
+template <int VEC> __device__ __forceinline__ void load_f32(const float* p, float (&a)[VEC]) {
+#pragma unroll
+  for (int i = 0; i < VEC; i += (VEC % 4 == 0 ? 4 : 1)) {
+    if constexpr (VEC % 4 == 0) {
+      const float4 v = *reinterpret_cast<const float4*>(p + i);
+      a[i] = v.x, a[i + 1] = v.y, a[i + 2] = v.z, a[i + 3] = v.w;
+    } else {
+      a[i] = p[i];
+    }
+  }
+}
+template <int VEC> __device__ __forceinline__ void store_f32(float* p, const float (&a)[VEC]) {
+#pragma unroll
+  for (int i = 0; i < VEC; i += (VEC % 4 == 0 ? 4 : 1)) {
+    if constexpr (VEC % 4 == 0) {
+      *reinterpret_cast<float4*>(p + i) = make_float4(a[i], a[i + 1], a[i + 2], a[i + 3]);
+    } else {
+      p[i] = a[i];
+    }
+  }
+}
+
 template <typename T, int VEC> struct RmsBwd {
   using Red = Sum2D;
   static constexpr int NIN = 2;
@@ -125,10 +148,7 @@ template <typename T, int VEC> struct RmsBwd {
       if (w) pw = weights(lo, u);
       if (dr) pr = ld_pack<T, VEC>(dr + u * VEC);
       float acc[VEC];
-      if (w) {
-#pragma unroll
-        for (int e = 0; e < VEC; e++) acc[e] = dws[u * VEC + e];
-      }
+      if (w) load_f32<VEC>(dws + u * VEC, acc);
 #pragma unroll
       for (int e = 0; e < VEC; e++) {
         const float xv = ld(px.v[e]), dyv = ld(pg.v[e]);
@@ -138,10 +158,7 @@ template <typename T, int VEC> struct RmsBwd {
         out.v[e] = st<T>(v);
         if (w) acc[e] = fmaf(dyv * xv, r, acc[e]);
       }
-      if (w) {
-#pragma unroll
-        for (int e = 0; e < VEC; e++) dws[u * VEC + e] = acc[e];
-      }
+      if (w) store_f32<VEC>(dws + u * VEC, acc);
       st_pack<T, VEC>(o + u * VEC, out);
     }
   }

@@ -7,7 +7,7 @@ use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, Layout, Result, Shape};
 
 use super::{Softmax, SoftmaxBwd};
-use crate::cuda::{self, dispatch, ptx, Args, DeviceInfo, Ptx, RowSpec};
+use crate::cuda::{self, dispatch, ptx, Args, Ptx, RowSpec};
 use crate::validate::fail;
 
 const OP: &str = "softmax";
@@ -96,7 +96,6 @@ fn forward_t<T: CudaDType + DeviceRepr>(
     let mut y = cuda::alloc::<T>(dev, rows * d)?;
     let vec = 16 / std::mem::size_of::<T>();
     let vec_ok = d % vec == 0 && cuda::aligned16(x, xo, &stream) && cuda::aligned16(&y, 0, &stream);
-    let info = DeviceInfo::of(dev)?;
     let spec = RowSpec {
         rows,
         d,
@@ -105,14 +104,15 @@ fn forward_t<T: CudaDType + DeviceRepr>(
         extra_per_col: 0,
         red: 8,
         vec_ok,
-        persistent: false,
     };
-    let plan = cuda::plan("masked_softmax", &info, &spec)?;
-    let name = format!(
-        "softmax_fwd_{}_v{}",
-        cuda::dtype_name(OP, s.dtype())?,
-        plan.vec
-    );
+    // The masked kernel (mask, causal) or the leaner plain one.
+    let kind = if mask.is_some() || op.causal {
+        "masked_softmax"
+    } else {
+        "softmax"
+    };
+    let prefix = format!("{kind}_fwd_{}", cuda::dtype_name(OP, s.dtype())?);
+    let plan = cuda::plan("masked_softmax", dev, &PTX, &prefix, &spec)?;
     {
         let mut args = Args::new(&stream);
         args.input(x, xo);
@@ -127,7 +127,7 @@ fn forward_t<T: CudaDType + DeviceRepr>(
             .val(op.causal as i32)
             .val(op.zero_masked_rows as i32)
             .val(s_rows as i64);
-        cuda::launch(dev, &PTX, &name, &plan, &args)?;
+        cuda::launch(&plan, &args)?;
     }
     Ok((cuda::storage(y, dev), l.shape().clone()))
 }
@@ -162,7 +162,6 @@ fn backward_t<T: CudaDType + DeviceRepr>(
         && cuda::aligned16(y, yo, &stream)
         && cuda::aligned16(g, go, &stream)
         && cuda::aligned16(&dx, 0, &stream);
-    let info = DeviceInfo::of(dev)?;
     let spec = RowSpec {
         rows,
         d,
@@ -171,14 +170,9 @@ fn backward_t<T: CudaDType + DeviceRepr>(
         extra_per_col: 0,
         red: 4,
         vec_ok,
-        persistent: false,
     };
-    let plan = cuda::plan("softmax_backward", &info, &spec)?;
-    let name = format!(
-        "softmax_bwd_{}_v{}",
-        cuda::dtype_name(OP, ys.dtype())?,
-        plan.vec
-    );
+    let prefix = format!("softmax_bwd_{}", cuda::dtype_name(OP, ys.dtype())?);
+    let plan = cuda::plan("softmax_backward", dev, &PTX, &prefix, &spec)?;
     {
         let mut args = Args::new(&stream);
         args.input(y, yo)
@@ -186,7 +180,7 @@ fn backward_t<T: CudaDType + DeviceRepr>(
             .output(&mut dx, 0)
             .val(plan.geom)
             .val(op.scale as f32);
-        cuda::launch(dev, &PTX, &name, &plan, &args)?;
+        cuda::launch(&plan, &args)?;
     }
     Ok((cuda::storage(dx, dev), yl.shape().clone()))
 }

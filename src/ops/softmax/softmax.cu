@@ -49,9 +49,9 @@ template <typename T, int VEC, bool MASKED> struct SoftmaxFwd {
     const int64_t v = row % s_rows + d - s_rows + 1;
     return v < 0 ? 0 : (v > d ? d : v);
   }
-  __device__ int stage_len(int64_t, int64_t lo, int n) const {
-    if (!MASKED) return n;
-    int64_t v = vis - lo;
+  __device__ int stage_len(int64_t row, int64_t lo, int n) const {
+    if (!MASKED || !causal) return n;
+    int64_t v = visible(row) - lo;
     v = v < 0 ? 0 : (v > n ? n : v);
     v = (v + VEC - 1) / VEC * VEC;
     return (int)(v > n ? n : v);
