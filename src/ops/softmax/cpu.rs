@@ -79,7 +79,10 @@ fn forward_t<T: Elem>(
         cpu::rows([x], [&mut out], t, 0, |_, [x], [y], _| {
             let m = cpu::max(x);
             let sum = cpu::exp_sub_sum(x, y, m);
-            normalize(y, sum, op.zero_masked_rows && m == T::A::neg_infinity());
+            // A fully masked row is zeros, unless it holds a NaN (NaN propagates).
+            let zero =
+                op.zero_masked_rows && m == T::A::neg_infinity() && !x.iter().any(|v| v.is_nan());
+            normalize(y, sum, zero);
         });
     } else {
         // The mask, in the accumulation type, read through its (broadcast) strides.
@@ -137,12 +140,18 @@ fn forward_t<T: Elem>(
             }
             let m = cpu::max(zv);
             let all_masked = vis == 0 || m == neg_inf;
-            if all_masked && op.zero_masked_rows {
+            // `max` skips NaN: a row of -inf and NaN is not "fully masked", its NaN propagates.
+            if all_masked && op.zero_masked_rows && !zv.iter().any(|v| v.is_nan()) {
                 zv.fill(T::A::zero());
                 return;
             }
             let sum = cpu::exp_sub_sum_inplace(zv, m);
             normalize(zv, sum, false);
+            if sum.is_nan() {
+                // A NaN (or +inf) logit makes the whole row NaN, causally hidden columns
+                // included, as an additive -inf mask and the f64 reference do.
+                zh.fill(T::A::nan());
+            }
         });
     }
     Ok((T::to_cpu_storage_owned(out), l.shape().clone()))
