@@ -94,11 +94,15 @@ impl CustomOp2 for Softmax {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let dx = backward_op(y, dy, self.scale)?;
         // The mask's gradient is g = dx / scale; Candle's broadcast backward then sums it over
-        // the broadcast dims. Only computed when the mask is tracked (e.g. a learned bias).
-        let dmask = if mask.track_op() {
-            Some((&dx / self.scale)?)
-        } else {
+        // the broadcast dims. Only computed when the mask is tracked (e.g. a learned bias), and
+        // by its own kernel call unless scale = 1: dividing dx by scale would give NaN for
+        // scale = 0 and lose range for tiny scales.
+        let dmask = if !mask.track_op() {
             None
+        } else if self.scale == 1.0 {
+            Some(dx.clone())
+        } else {
+            Some(backward_op(y, dy, 1.0)?)
         };
         Ok((Some(dx), dmask))
     }
