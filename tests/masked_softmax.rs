@@ -575,8 +575,8 @@ fn strided_inputs_and_masks_match_contiguous_copies() {
                 assert_zero_mask_grad(name, dm, &both.1[0], &probe, ms, dt);
             }
             // The formula's side is pulled back through the views to the bases.
-            let xback = pullback(&xview, xs, DType::F64);
-            let mpull = pullback(&mview, ms, DType::F64);
+            let xback = pullback(&xview, xs);
+            let mpull = pullback(&mview, ms);
             let vdims = mv.dims().to_vec();
             let mback = move |t: &Tensor| mpull(&sum_to(t, &vdims));
             let diff = [true, !per_row_mask];

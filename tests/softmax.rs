@@ -282,7 +282,7 @@ fn check_view_impl(
     }
     // The base's gradient is the view's pulled back through the view (in f64: the formula's
     // side of the comparison).
-    let back = pullback(&view, base.dims(), DType::F64);
+    let back = pullback(&view, base.dims());
     compare_softmax(
         what,
         &both,
