@@ -212,9 +212,38 @@ fn strided_inputs_match_contiguous_copies() {
         assert_same("strided normed", &n, &nc);
         assert_same("strided sum", &s, &sc);
         check("strided", &x, &res, &w, dt);
-        // A residual broadcast over rows (a view with stride 0).
-        let res_b = randn(&[1, d], 1.0, dt).broadcast_as((4, d)).unwrap();
-        check("broadcast residual view", &x, &res_b, &w, dt);
+        // A residual broadcast over rows (a view with stride 0) of a tracked base: the base's
+        // gradient is Candle's sum of the 4 rows of dresidual, in dt.
+        let res_base = randn(&[1, d], 1.0, dt);
+        let res_b = res_base.broadcast_as((4, d)).unwrap();
+        let probes = [randn(&[4, d], 1.0, dt), randn(&[4, d], 1.0, dt)];
+        let (_, g) = fwd_bwd(
+            &refr,
+            &[f64t(&x), f64t(&res_b).contiguous().unwrap(), f64t(&w)],
+            &[false, true, false],
+            &[f64t(&probes[0]), f64t(&probes[1])],
+        )
+        .unwrap();
+        let fl = sum_floor(g[1].as_ref().unwrap(), &|t| t.sum_keepdim(0).unwrap(), dt);
+        let f = move |a: &[Tensor]| -> Result<Vec<Tensor>> {
+            fused(&[a[0].clone(), a[1].broadcast_as((4, d))?, a[2].clone()])
+        };
+        let r = move |a: &[Tensor]| -> Result<Vec<Tensor>> {
+            refr(&[a[0].clone(), a[1].broadcast_as((4, d))?, a[2].clone()])
+        };
+        let inputs = [x.clone(), res_base, w.clone()];
+        let both = run_both(&f, &r, &inputs, &[true; 3], &probes);
+        let names = ["normed", "sum"];
+        let floor = |k: usize| if k == 1 { fl } else { 0.0 };
+        compare_all(
+            "broadcast residual",
+            &both,
+            &names,
+            &NAMES,
+            &[true; 3],
+            dt,
+            &floor,
+        );
     }
 }
 

@@ -87,7 +87,10 @@ fn forward_matches_naive_loop() {
 fn backward_matches_finite_differences() {
     for shape in [&[5usize][..], &[3, 4], &[2, 2, 3], &[4, 1]] {
         let d = *shape.last().unwrap();
-        for eps in [1e-5, 0.1] {
+        // For D = 1 and a small eps the gradient, eps·dy·w/(x² + eps)^1.5 ~ 1e-5, drowns in
+        // the differences' noise: there eps = 0.1 only (the f64 autograd comparison covers it).
+        let epss: &[f64] = if d == 1 { &[0.1] } else { &[1e-5, 0.1] };
+        for &eps in epss {
             let x = randn(shape, 1.0, DType::F64);
             let w = randn(&[d], 1.0, DType::F64);
             let probe = randn(shape, 1.0, DType::F64);
@@ -336,16 +339,20 @@ fn strided_inputs_and_weights_match_contiguous_copies() {
                 )?])
             };
             let probe = randn(xv.dims(), 1.0, dt);
-            let both = run_both(&f, &r, &[xb, wb], &[true, true], &[probe]);
-            compare_all(
-                name,
-                &both,
-                &["y"],
-                &["x", "weight"],
-                &[true, true],
-                dt,
-                &|_| 0.0,
-            );
+            let both = run_both(&f, &r, &[xb, wb], &[true, true], &[probe.clone()]);
+            // Broadcast views sum gradients in dt inside Candle: the floor of that sum, from
+            // the reference gradients of the views themselves.
+            let views = [
+                f64t(&xv).contiguous().unwrap(),
+                f64t(&wv).contiguous().unwrap(),
+            ];
+            let (_, gv) = fwd_bwd(&refr(1e-5), &views, &[true, true], &[f64t(&probe)]).unwrap();
+            let fl = [
+                sum_floor(gv[0].as_ref().unwrap(), &pullback(&xview, xs), dt),
+                sum_floor(gv[1].as_ref().unwrap(), &pullback(&wview, ws), dt),
+            ];
+            let names = ["x", "weight"];
+            compare_all(name, &both, &["y"], &names, &[true, true], dt, &|k| fl[k]);
             // The public backward with strided arguments.
             let dy = randn(xv.dims(), 1.0, dt)
                 .t()

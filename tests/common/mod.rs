@@ -293,10 +293,7 @@ pub fn check_softmax_grad(
     // (u: unit roundoff of dt), times 2. For a plain input (n = 1) this is 2u, below the
     // dtype's tolerance; for a broadcast mask in bf16 whose sum cancels it can exceed 1e-2 (a
     // limit of returning the gradient through Candle's broadcast backward, not of the kernel).
-    let n = (full_ours.elem_count() / on_ours.elem_count().max(1)).max(1) as f64;
-    let abs_sum = reduce(&full_ours.abs().unwrap());
-    let storage =
-        2.0 * n * unit_roundoff(dt) * norm(&abs_sum) / norm(&on_ours).max(f64::MIN_POSITIVE);
+    let storage = sum_floor(&full_ours, reduce, dt);
     assert_close_floor(
         &format!("{ctx} (vs the formula on our y)"),
         got,
@@ -310,6 +307,21 @@ pub fn check_softmax_grad(
         + cond
         + storage;
     assert_close_floor(ctx, got, reference, dt, inherited);
+}
+
+/// The floor for a gradient that Candle's autograd reduces in `dt` from a full-shape gradient
+/// `g_full` (f64) to an input through `reduce` (a sum over broadcast dims, the adjoint of a
+/// view): Candle's CPU sum accumulates in the storage type, so rounding each of the `n` terms
+/// and each partial sum costs at most `n·u·Σ|terms|` per element (`u`: unit roundoff of dt),
+/// taken twice. For `n = 1` this is `2u`, below every dtype's tolerance; for sums that cancel
+/// in bf16 it can exceed 1e-2: a limit of Candle's reduction, not of the kernel.
+pub fn sum_floor(g_full: &Tensor, reduce: &dyn Fn(&Tensor) -> Tensor, dt: DType) -> f64 {
+    let norm = |t: &Tensor| -> f64 { vec64(t).iter().map(|v| v * v).sum::<f64>().sqrt() };
+    let g_full = f64t(g_full);
+    let reduced = reduce(&g_full);
+    let n = (g_full.elem_count() / reduced.elem_count().max(1)).max(1) as f64;
+    let abs_sum = reduce(&g_full.abs().unwrap());
+    2.0 * n * unit_roundoff(dt) * norm(&abs_sum) / norm(&reduced).max(f64::MIN_POSITIVE)
 }
 
 /// Compares a softmax run by [`run_both`]: the forward at the dtype's tolerance, and the
