@@ -140,16 +140,16 @@ fn backward_op(y: &Tensor, dy: &Tensor, scale: f64) -> Result<Tensor> {
         .apply_op2_no_bwd(&dy.contiguous()?, &SoftmaxBwd { scale })
 }
 
-fn check_x(op: &str, x: &Tensor) -> Result<()> {
-    validate::rank_ge1(op, "x", x)?;
-    validate::float_dtype(op, "x", x)
+fn check_x(op: &str, arg: &str, x: &Tensor) -> Result<()> {
+    validate::rank_ge1(op, arg, x)?;
+    validate::float_dtype(op, arg, x)
 }
 
 /// Softmax over the last dimension, differentiable. A row of only `-inf` gives NaN (as the
 /// math and PyTorch do); use [`masked_softmax`] for attention, where such rows give zeros.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     const OP: &str = "softmax_last_dim";
-    check_x(OP, x)?;
+    check_x(OP, "x", x)?;
     if x.elem_count() == 0 {
         return x.zeros_like();
     }
@@ -177,7 +177,7 @@ pub fn masked_softmax(
     causal: bool,
 ) -> Result<Tensor> {
     const OP: &str = "masked_softmax";
-    check_x(OP, x)?;
+    check_x(OP, "x", x)?;
     validate::finite(OP, "scale", scale)?;
     if let Some(m) = mask {
         validate::same_dtype_device(OP, "mask", m, x)?;
@@ -202,7 +202,7 @@ pub fn masked_softmax(
 /// from the forward's output `y` and the output gradient `dy` (same shape).
 pub fn softmax_backward(y: &Tensor, dy: &Tensor, scale: f64) -> Result<Tensor> {
     const OP: &str = "softmax_backward";
-    check_x(OP, y)?;
+    check_x(OP, "y", y)?;
     validate::same_dtype_device(OP, "dy", dy, y)?;
     validate::shape_eq(OP, "dy", dy, y.dims(), "the shape of y")?;
     validate::finite(OP, "scale", scale)?;
