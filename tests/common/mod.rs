@@ -9,7 +9,7 @@
 #![allow(dead_code)]
 
 use candle_core::{DType, Device, Result, Tensor, Var, D};
-use candle_fused::testing;
+use candle_fused::{ops, reference, testing};
 
 pub const DTYPES: [DType; 4] = [DType::F32, DType::F64, DType::F16, DType::BF16];
 pub const HALF: [DType; 2] = [DType::F16, DType::BF16];
@@ -371,6 +371,119 @@ pub fn compare_softmax(
     }
 }
 
+/// Sums a full-shape tensor down to a broadcast `shape` (the inverse of `broadcast_as`).
+pub fn sum_to(t: &Tensor, shape: &[usize]) -> Tensor {
+    let mut t = t.clone();
+    while t.rank() > shape.len() {
+        t = t.sum(0).unwrap();
+    }
+    for (i, &d) in shape.iter().enumerate() {
+        if d == 1 && t.dim(i).unwrap() != 1 {
+            t = t.sum_keepdim(i).unwrap();
+        }
+    }
+    t
+}
+
+/// Masked softmax: forward, dx and (when `learned`) dmask against the f64 reference and the
+/// backward formula on our forward's output (see [`check_softmax_grad`]), for the output
+/// gradient `probe`.
+#[allow(clippy::too_many_arguments)]
+pub fn check_masked_softmax(
+    ctx: &str,
+    x: &Tensor,
+    mask: Option<&Tensor>,
+    learned: bool,
+    scale: f64,
+    causal: bool,
+    dt: DType,
+    probe: &Tensor,
+) {
+    let f = move |a: &[Tensor]| -> Result<Vec<Tensor>> {
+        Ok(vec![ops::masked_softmax(&a[0], scale, a.get(1), causal)?])
+    };
+    let r = move |a: &[Tensor]| -> Result<Vec<Tensor>> {
+        Ok(vec![reference::masked_softmax(
+            &a[0],
+            scale,
+            a.get(1),
+            causal,
+        )?])
+    };
+    let mut inputs = vec![x.clone()];
+    let mut diff = vec![true];
+    if let Some(m) = mask {
+        inputs.push(m.clone());
+        diff.push(learned);
+    }
+    let both = run_both(&f, &r, &inputs, &diff, &[probe.clone()]);
+    assert!(
+        vec64(&both.0[0]).iter().all(|v| v.is_finite()),
+        "{ctx}: non-finite output without NaN/inf input"
+    );
+    if let (Some(m), true) = (mask, learned) {
+        if m.dim(D::Minus1).unwrap() == 1 {
+            // A per-row mask shifts a whole row: its exact gradient is 0.
+            assert_zero_mask_grad(
+                ctx,
+                both.2[1].as_ref().unwrap(),
+                &both.0[0],
+                probe,
+                m.dims(),
+                dt,
+            );
+            diff[1] = false;
+        }
+    }
+    if scale == 0.0 {
+        // The output ignores x: dx is exactly 0 (Candle's autograd has no gradient for it).
+        let dx = both.2[0].as_ref().expect("dx");
+        assert!(vec64(dx).iter().all(|&v| v == 0.0), "{ctx}: dx != 0");
+        diff[0] = false;
+    }
+    let mdims = mask.map(|m| m.dims().to_vec()).unwrap_or_default();
+    let to_mask = move |t: &Tensor| sum_to(t, &mdims);
+    compare_softmax(
+        ctx,
+        &both,
+        probe,
+        &["x", "mask"],
+        &diff,
+        &[scale, 1.0],
+        dt,
+        &[&identity, &to_mask],
+    );
+}
+
+/// A mask whose last dim is 1 adds the same value to a whole row, which softmax ignores: its
+/// exact gradient `Σ_j g_j` is 0, so a relative error means nothing. On our forward's output
+/// `y` (rounded, so `Σ y` is 1 only to the dtype's precision) the formula gives
+/// `⟨dy, y⟩ (1 − Σ y)`; `dm` must match that up to the rounding of the `n` terms Candle sums
+/// into each element (`2(n+1)·u·Σ|g_j|`).
+pub fn assert_zero_mask_grad(
+    ctx: &str,
+    dm: &Tensor,
+    y: &Tensor,
+    probe: &Tensor,
+    ms: &[usize],
+    dt: DType,
+) {
+    assert_eq!(dm.dims(), ms, "{ctx}: dmask shape");
+    let full = softmax_bwd64(y, probe, 1.0);
+    let on_ours = vec64(&sum_to(&full, ms));
+    let abs = vec64(&sum_to(&full.abs().unwrap(), ms));
+    let n = (full.elem_count() / on_ours.len().max(1)) as f64;
+    let k = 2.0 * (n + 1.0) * unit_roundoff(dt);
+    for (i, ((got, want), a)) in vec64(dm).iter().zip(&on_ours).zip(&abs).enumerate() {
+        assert!(
+            (got - want).abs() <= k * a,
+            "{ctx}: per-row mask gradient [{i}] = {got:.3e}, expected {want:.3e} (≈ 0) \
+             within {:.1e}",
+            k * a
+        );
+    }
+}
+
 /// The adjoint of a linear view `view` of a tensor of `base` shape: maps a gradient of the
 /// view's shape to the base's (a transpose is undone, a broadcast summed), by autograd.
 /// Works in the dtype of the gradient it is given.
@@ -391,6 +504,120 @@ pub fn pullback<'a>(
 
 pub fn identity(t: &Tensor) -> Tensor {
     t.clone()
+}
+
+/// The RMSNorm backward from its definition, in f64: with `x̂ = x·r`, `r = 1/sqrt(mean(x²) +
+/// eps)` and `g = dy ⊙ w`: `dx = r·(g − x̂·⟨g, x̂⟩/D)`, `dw = Σ_rows dy ⊙ x̂`.
+pub fn rms_bwd64(x: &Tensor, w: Option<&Tensor>, dy: &Tensor, eps: f64) -> (Tensor, Tensor) {
+    let (x, dy) = (f64t(x), f64t(dy));
+    let d = x.dim(D::Minus1).unwrap() as f64;
+    let r = (x.sqr().unwrap().mean_keepdim(D::Minus1).unwrap() + eps)
+        .unwrap()
+        .sqrt()
+        .unwrap()
+        .recip()
+        .unwrap();
+    let xh = x.broadcast_mul(&r).unwrap();
+    let g = match w {
+        Some(w) => dy.broadcast_mul(&f64t(w)).unwrap(),
+        None => dy.clone(),
+    };
+    let c = ((&g * &xh).unwrap().sum_keepdim(D::Minus1).unwrap() / d).unwrap();
+    let dx = (g - xh.broadcast_mul(&c).unwrap())
+        .unwrap()
+        .broadcast_mul(&r)
+        .unwrap();
+    let rows = x.elem_count() / x.dim(D::Minus1).unwrap();
+    let dw = (dy * xh)
+        .unwrap()
+        .reshape((rows, d as usize))
+        .unwrap()
+        .sum(0)
+        .unwrap();
+    (dx, dw)
+}
+
+/// Floors for the RMSNorm gradients of input `x` (exact, any dtype), weight `w` and output
+/// gradient `dy`, in `dt`; returns `(dx floor, dw floor)`:
+///
+/// * dx: `g − x̂·⟨g, x̂⟩/D` cancels when `g` is nearly parallel to `x̂` (always for D = 1 with
+///   x² ≫ eps, where dx ≈ g·eps/|x|³): two f64 evaluations (ours and the reference's autograd)
+///   differ by up to `u64·r·(|g| + |x̂|·Σ|g x̂|/D)` per element; 8× that, relative. Only ever
+///   visible in f64.
+/// * dw: `Σ_rows dy ⊙ x̂` is accumulated in f32 (f64 for f64) over the rows: at most
+///   `rows·u_acc·Σ|terms|` per element, twice, relative. Visible only when that sum cancels.
+pub fn rms_floors(x: &Tensor, w: Option<&Tensor>, dy: &Tensor, eps: f64, dt: DType) -> (f64, f64) {
+    let norm = |t: &Tensor| -> f64 { vec64(t).iter().map(|v| v * v).sum::<f64>().sqrt() };
+    let (x, dy) = (f64t(x), f64t(dy));
+    let dcols = x.dim(D::Minus1).unwrap();
+    let rows = x.elem_count() / dcols.max(1);
+    let (dx, dw) = rms_bwd64(&x, w, &dy, eps);
+    let r = (x.sqr().unwrap().mean_keepdim(D::Minus1).unwrap() + eps)
+        .unwrap()
+        .sqrt()
+        .unwrap()
+        .recip()
+        .unwrap();
+    let xh = x.broadcast_mul(&r).unwrap();
+    let g = match w {
+        Some(w) => dy.broadcast_mul(&f64t(w)).unwrap(),
+        None => dy.clone(),
+    };
+    let gx = ((&g * &xh)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .sum_keepdim(D::Minus1)
+        .unwrap()
+        / dcols as f64)
+        .unwrap();
+    let noise = (g.abs().unwrap() + xh.abs().unwrap().broadcast_mul(&gx).unwrap())
+        .unwrap()
+        .broadcast_mul(&r)
+        .unwrap();
+    let u64_ = unit_roundoff(DType::F64);
+    let dx_floor = 8.0 * u64_ * norm(&noise) / norm(&dx).max(f64::MIN_POSITIVE);
+    let terms = (dy * xh)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .reshape((rows, dcols))
+        .unwrap();
+    let u_acc = unit_roundoff(if dt == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    });
+    let dw_floor =
+        2.0 * rows as f64 * u_acc * norm(&terms.sum(0).unwrap()) / norm(&dw).max(f64::MIN_POSITIVE);
+    (dx_floor, dw_floor)
+}
+
+/// Floors for the add+RMSNorm gradients (`[dx = dresidual, dw]`): [`rms_floors`] on the exact
+/// sum, plus what the backward inherits from reading the forward's `sum` output rounded to
+/// `dt` (as it does, to save memory): twice the change of the exact backward when the exact
+/// sum is replaced by the rounded one.
+pub fn add_rms_floors(
+    x: &Tensor,
+    res: &Tensor,
+    w: &Tensor,
+    dn: &Tensor,
+    ds: &Tensor,
+    eps: f64,
+    dt: DType,
+) -> [f64; 2] {
+    let s = (f64t(x) + f64t(res)).unwrap();
+    let s_round = f64t(&s.to_dtype(dt).unwrap());
+    let (dx_e, dw_e) = rms_bwd64(&s, Some(w), dn, eps);
+    let (dx_r, dw_r) = rms_bwd64(&s_round, Some(w), dn, eps);
+    let ds = f64t(ds);
+    let dx_e = (dx_e + &ds).unwrap();
+    let dx_r = (dx_r + &ds).unwrap();
+    let (fx, fw) = rms_floors(&s, Some(w), dn, eps, dt);
+    [
+        2.0 * testing::rel_err(&dx_r, &dx_e).unwrap() + fx,
+        2.0 * testing::rel_err(&dw_r, &dw_e).unwrap() + fw,
+    ]
 }
 
 /// Central finite differences in f64 of `Σ f(inputs)[out] ⊙ probe` with respect to input
@@ -430,9 +657,9 @@ pub fn no_panic<R>(what: &str, f: impl FnOnce() -> R) -> R {
 
 /// A small seeded generator (SplitMix64) for the property tests, so a failing case is
 /// reproduced from the seed proptest prints.
-pub struct Rng(u64);
+pub struct SeededRng(u64);
 
-impl Rng {
+impl SeededRng {
     pub fn new(seed: u64) -> Self {
         Self(seed)
     }
