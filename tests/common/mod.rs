@@ -55,6 +55,18 @@ pub fn unit_roundoff(dt: DType) -> f64 {
     }
 }
 
+/// Half the smallest subnormal of a float dtype: the largest absolute rounding error of a
+/// value in the subnormal range.
+pub fn subnormal_half_step(dt: DType) -> f64 {
+    match dt {
+        DType::F64 => 2f64.powi(-1075),
+        DType::F32 => 2f64.powi(-150),
+        DType::F16 => 2f64.powi(-25),
+        DType::BF16 => 2f64.powi(-134),
+        d => panic!("not a float dtype: {d:?}"),
+    }
+}
+
 pub fn tol(dt: DType) -> f64 {
     testing::tolerance(dt)
 }
@@ -321,7 +333,11 @@ pub fn sum_floor(g_full: &Tensor, reduce: &dyn Fn(&Tensor) -> Tensor, dt: DType)
     let reduced = reduce(&g_full);
     let n = (g_full.elem_count() / reduced.elem_count().max(1)).max(1) as f64;
     let abs_sum = reduce(&g_full.abs().unwrap());
-    2.0 * n * unit_roundoff(dt) * norm(&abs_sum) / norm(&reduced).max(f64::MIN_POSITIVE)
+    // Per element: n·u·Σ|terms|, plus n half-steps of the subnormal range (f16).
+    let bound = abs_sum
+        .affine(n * unit_roundoff(dt), n * subnormal_half_step(dt))
+        .unwrap();
+    2.0 * norm(&bound) / norm(&reduced).max(f64::MIN_POSITIVE)
 }
 
 /// Compares a softmax run by [`run_both`]: the forward at the dtype's tolerance, and the
@@ -474,12 +490,15 @@ pub fn assert_zero_mask_grad(
     let abs = vec64(&sum_to(&full.abs().unwrap(), ms));
     let n = (full.elem_count() / on_ours.len().max(1)) as f64;
     let k = 2.0 * (n + 1.0) * unit_roundoff(dt);
+    // Terms in f16's subnormal range round with an absolute error up to half its smallest
+    // subnormal (2^-25), whatever their size.
+    let eta = 2.0 * (n + 1.0) * subnormal_half_step(dt);
     for (i, ((got, want), a)) in vec64(dm).iter().zip(&on_ours).zip(&abs).enumerate() {
         assert!(
-            (got - want).abs() <= k * a,
+            (got - want).abs() <= k * a + eta,
             "{ctx}: per-row mask gradient [{i}] = {got:.3e}, expected {want:.3e} (≈ 0) \
              within {:.1e}",
-            k * a
+            k * a + eta
         );
     }
 }
