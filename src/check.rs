@@ -42,9 +42,30 @@ pub enum OpKind {
         weight: bool,
     },
     AddRmsNorm,
+    /// LoRA linear on `x = shape` (last dim K): `W [n, K]`, `A [r, K]`, `B [n, r]`, optional
+    /// bias `[n]`, scale `2 / r`; every input (W included, as a tracked variable) is checked.
+    Lora {
+        n: usize,
+        r: usize,
+        bias: bool,
+    },
 }
 
 impl OpKind {
+    /// The shape of the op's output(s) for input shape `shape`.
+    pub fn out_shape(&self, shape: &[usize]) -> Vec<usize> {
+        match self {
+            OpKind::Lora { n, .. } => {
+                let mut s = shape.to_vec();
+                if let Some(last) = s.last_mut() {
+                    *last = *n;
+                }
+                s
+            }
+            _ => shape.to_vec(),
+        }
+    }
+
     pub fn name(&self) -> String {
         match self {
             OpKind::Softmax => "softmax".into(),
@@ -61,6 +82,12 @@ impl OpKind {
             OpKind::RmsNorm { weight: true } => "rms_norm".into(),
             OpKind::RmsNorm { weight: false } => "rms_norm(no w)".into(),
             OpKind::AddRmsNorm => "add_rms_norm".into(),
+            OpKind::Lora { n, r, bias } => {
+                format!(
+                    "lora_linear(N={n},r={r}{})",
+                    if *bias { ",bias" } else { "" }
+                )
+            }
         }
     }
 }
@@ -160,6 +187,24 @@ fn make_inputs(case: &Case, device: &Device) -> Result<Inputs> {
                 }
             }
         }
+        OpKind::Lora { n, r, bias } => {
+            let sk = 1.0 / (d as f64).sqrt();
+            let w = testing::randn(&[n, d], sk, dt, device)?;
+            let a = testing::randn(&[r, d], sk, dt, device)?;
+            let b = testing::randn(&[n, r], 1.0 / (r as f64).sqrt(), dt, device)?;
+            let mut names = vec!["x", "w", "a", "b"];
+            let mut tensors = vec![x, w, a, b];
+            if bias {
+                names.push("bias");
+                tensors.push(testing::randn(&[n], 1.0, dt, device)?);
+            }
+            let differentiable = vec![true; tensors.len()];
+            Inputs {
+                names,
+                tensors,
+                differentiable,
+            }
+        }
         OpKind::AddRmsNorm => {
             let res = testing::randn(shape, 1.0, dt, device)?;
             let w = testing::rand(&[d], 0.5, 1.5, dt, device)?;
@@ -188,6 +233,15 @@ pub fn apply(op: OpKind, args: &[Tensor], fused: bool) -> Result<Vec<Tensor>> {
         }
         (OpKind::RmsNorm { .. }, true) => vec![ops::rms_norm(&args[0], args.get(1), eps)?],
         (OpKind::RmsNorm { .. }, false) => vec![reference::rms_norm(&args[0], args.get(1), eps)?],
+        (OpKind::Lora { r, .. }, fused) => {
+            let s = 2.0 / r as f64;
+            let (x, w, a, b, bias) = (&args[0], &args[1], &args[2], &args[3], args.get(4));
+            if fused {
+                vec![ops::lora_linear(x, w, bias, a, b, s)?]
+            } else {
+                vec![ops::lora_linear_composed(x, w, bias, a, b, s)?]
+            }
+        }
         (OpKind::AddRmsNorm, true) => {
             let (a, b) = ops::add_rms_norm(&args[0], &args[1], &args[2], eps)?;
             vec![a, b]
@@ -253,7 +307,7 @@ pub fn run(case: &Case, device: &Device) -> Result<Vec<Outcome>> {
     let tol = testing::tolerance(case.dtype);
     let n_out = if case.op == OpKind::AddRmsNorm { 2 } else { 1 };
     let probes: Vec<Tensor> = (0..n_out)
-        .map(|_| testing::randn(&case.shape, 1.0, case.dtype, device))
+        .map(|_| testing::randn(&case.op.out_shape(&case.shape), 1.0, case.dtype, device))
         .collect::<Result<_>>()?;
     let (outs, grads) = fwd_bwd(
         case.op,
@@ -334,7 +388,8 @@ pub fn run(case: &Case, device: &Device) -> Result<Vec<Outcome>> {
 }
 
 /// The sweep of `candle-fused check`: every op, each dtype, several shapes (including last
-/// dims 1, odd, prime, 4097 and 65536, and a masked-softmax family).
+/// dims 1, odd, prime, 4097 and 65536, a masked-softmax family, and LoRA linear shapes up to
+/// rank 256).
 pub fn sweep(dtypes: &[DType]) -> Vec<Case> {
     let row_shapes: Vec<Vec<usize>> = vec![
         vec![1],
@@ -380,6 +435,20 @@ pub fn sweep(dtypes: &[DType]) -> Vec<Case> {
                     dtype,
                 });
             }
+        }
+        // LoRA linear: x shape, N, r, bias (the seeds' 128x512x512 r8 among them).
+        for (shape, n, r, bias) in [
+            (vec![4, 7], 5, 1, false),
+            (vec![2, 3, 33], 17, 8, true),
+            (vec![64, 96], 80, 16, true),
+            (vec![128, 512], 512, 8, false),
+            (vec![3, 300], 280, 256, true),
+        ] {
+            cases.push(Case {
+                op: OpKind::Lora { n, r, bias },
+                shape,
+                dtype,
+            });
         }
     }
     cases

@@ -23,6 +23,7 @@
 //! argument checks in `validate`, the CPU row drivers and vector math in `cpu`, the CUDA
 //! launch helpers in `cuda`.
 
+pub mod bench;
 pub mod check;
 pub(crate) mod cpu;
 #[cfg(feature = "cuda")]

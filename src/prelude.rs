@@ -26,6 +26,15 @@ pub trait FusedOps {
         w: &Tensor,
         eps: f64,
     ) -> Result<(Tensor, Tensor)>;
+    /// LoRA linear `self·Wᵀ (+ bias) + scale·(self·Aᵀ)·Bᵀ` ([`ops::lora_linear`]).
+    fn lora_linear_fused(
+        &self,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+        a: &Tensor,
+        b: &Tensor,
+        scale: f64,
+    ) -> Result<Tensor>;
 }
 
 impl FusedOps for Tensor {
@@ -53,5 +62,16 @@ impl FusedOps for Tensor {
         eps: f64,
     ) -> Result<(Tensor, Tensor)> {
         ops::add_rms_norm(self, residual, w, eps)
+    }
+
+    fn lora_linear_fused(
+        &self,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+        a: &Tensor,
+        b: &Tensor,
+        scale: f64,
+    ) -> Result<Tensor> {
+        ops::lora_linear(self, w, bias, a, b, scale)
     }
 }

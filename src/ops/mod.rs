@@ -7,10 +7,13 @@
 //! clear `Err` naming the op and the argument for bad input.
 
 pub mod add_rms_norm;
+pub mod lora;
 pub(crate) mod packed;
+pub(crate) mod raw;
 pub mod rms_norm;
 pub mod softmax;
 
 pub use add_rms_norm::{add_rms_norm, add_rms_norm_backward};
+pub use lora::{lora_linear, lora_linear_composed};
 pub use rms_norm::{rms_norm, rms_norm_backward};
 pub use softmax::{masked_softmax, softmax_backward, softmax_last_dim};

@@ -15,18 +15,12 @@ mod cuda;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 use crate::ops::packed;
-use crate::ops::rms_norm::{self, BwdArgs};
+use crate::ops::rms_norm;
 use crate::validate;
 
 /// The forward op `(x, residual, w) -> [normed; sum]`, stacked as `[2, ...x.shape]`.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct AddRmsNorm {
-    pub eps: f64,
-}
-
-/// The backward op `([normed; sum], w, [d normed; d sum]) -> [d sum_total; dw]`.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct AddRmsNormBwd {
     pub eps: f64,
 }
 
@@ -68,66 +62,17 @@ impl CustomOp3 for AddRmsNorm {
         packed_out: &Tensor,
         packed_grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (ds, dw) = backward_op(packed_out, w, packed_grad, self.eps)?;
-        Ok((Some(ds.clone()), Some(ds), Some(dw)))
+        // Views into the stacked buffers, no copies: x = sum, dy = d normed, dres = d sum.
+        let grad = packed_grad.contiguous()?;
+        let (ds, dw) = rms_norm::backward_raw(
+            &packed_out.get(1)?,
+            Some(w),
+            &grad.get(0)?,
+            Some(&grad.get(1)?),
+            self.eps,
+        )?;
+        Ok((Some(ds.clone()), Some(ds), dw))
     }
-}
-
-impl CustomOp3 for AddRmsNormBwd {
-    fn name(&self) -> &'static str {
-        "candle-fused-add-rms-norm-bwd"
-    }
-
-    fn cpu_fwd(
-        &self,
-        ps: &CpuStorage,
-        pl: &Layout,
-        ws: &CpuStorage,
-        wl: &Layout,
-        gs: &CpuStorage,
-        gl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let args = BwdArgs {
-            x: (ps, pl),
-            w: Some((ws, wl)),
-            dy: (gs, gl),
-            fused_add: true,
-        };
-        rms_norm::cpu::backward(self.eps, args)
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        ps: &candle_core::CudaStorage,
-        pl: &Layout,
-        ws: &candle_core::CudaStorage,
-        wl: &Layout,
-        gs: &candle_core::CudaStorage,
-        gl: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let args = BwdArgs {
-            x: (ps, pl),
-            w: Some((ws, wl)),
-            dy: (gs, gl),
-            fused_add: true,
-        };
-        rms_norm::cuda::backward(self.eps, args)
-    }
-}
-
-/// `([normed; sum], w, [d normed; d sum]) -> (d sum_total, dw)`.
-fn backward_op(
-    packed_out: &Tensor,
-    w: &Tensor,
-    packed_grad: &Tensor,
-    eps: f64,
-) -> Result<(Tensor, Tensor)> {
-    let dims = &packed_out.dims()[1..];
-    let grad = packed_grad.contiguous()?;
-    let out = packed_out.contiguous()?;
-    let p = out.apply_op3_no_bwd(&w.contiguous()?, &grad, &AddRmsNormBwd { eps })?;
-    packed::split_rows_last(&p, dims)
 }
 
 /// Fused residual add + RMSNorm, differentiable in `x`, `residual` and `weight` through both
@@ -172,9 +117,6 @@ pub fn add_rms_norm_backward(
     if sum.elem_count() == 0 {
         return Ok((sum.zeros_like()?, weight.zeros_like()?));
     }
-    // The kernel reads the second half of the stacked forward output: stack `sum` twice
-    // (the first half is never read).
-    let packed_out = Tensor::stack(&[sum, sum], 0)?;
-    let packed_grad = Tensor::stack(&[d_normed, d_sum], 0)?;
-    backward_op(&packed_out, weight, &packed_grad, eps)
+    let (ds, dw) = rms_norm::backward_raw(sum, Some(weight), d_normed, Some(d_sum), eps)?;
+    Ok((ds, dw.expect("a weight gives dw")))
 }

@@ -105,48 +105,49 @@ fn forward_t<T: Elem>(
     Ok((T::to_cpu_storage_owned(out), l.shape().clone()))
 }
 
-/// Output: `dx` (`[rows, D]`), followed by `dw` (one more row) when there is a weight.
-pub(crate) fn backward(eps: f64, a: BwdArgs<'_, CpuStorage>) -> Result<(CpuStorage, Shape)> {
+/// Returns `dx` (shape of x) and, with a weight, `dw` (`[D]`).
+pub(crate) fn backward(
+    eps: f64,
+    a: BwdArgs<'_, CpuStorage>,
+) -> Result<(CpuStorage, Option<CpuStorage>)> {
     dispatch!(OP, a.x.0.dtype(), |T| backward_t::<T>(eps, &a))
 }
 
-fn backward_t<T: Elem>(eps: f64, a: &BwdArgs<'_, CpuStorage>) -> Result<(CpuStorage, Shape)> {
-    let xall = cpu::slice::<T>(OP, "x", a.x.0, a.x.1)?;
-    let gall = cpu::slice::<T>(OP, "dy", a.dy.0, a.dy.1)?;
+fn backward_t<T: Elem>(
+    eps: f64,
+    a: &BwdArgs<'_, CpuStorage>,
+) -> Result<(CpuStorage, Option<CpuStorage>)> {
+    let x = cpu::slice::<T>(OP, "x", a.x.0, a.x.1)?;
+    let dy = cpu::slice::<T>(OP, "dy", a.dy.0, a.dy.1)?;
+    let dres = a
+        .dres
+        .map(|(s, l)| cpu::slice::<T>(OP, "d_sum", s, l))
+        .transpose()?;
     let dims = a.x.1.dims();
     let d = dims[dims.len() - 1];
-    let (x, dy, dres) = if a.fused_add {
-        let half = xall.len() / 2;
-        (&xall[half..], &gall[..half], Some(&gall[half..]))
-    } else {
-        (xall, gall, None)
-    };
-    let rows = x.len() / d;
     let w = match a.w {
         Some((ws, wl)) => Some(cpu::to_acc_vec(cpu::slice::<T>(OP, "weight", ws, wl)?)),
         None => None,
     };
     let w = w.as_deref();
     let dw_len = if w.is_some() { d } else { 0 };
-    let mut out = cpu::alloc::<T>(rows * d + dw_len);
-    let (dx, dw_out) = out.split_at_mut(rows * d);
+    let mut dx = cpu::alloc::<T>(x.len());
     let dw = match dres {
         Some(dres) => cpu::rows(
             [x, dy, dres],
-            [dx],
+            [&mut dx],
             d,
             dw_len,
             |_, [x, g, dr], [dx], acc| bwd_row(x, g, Some(dr), w, dx, acc, eps),
         ),
-        None => cpu::rows([x, dy], [dx], d, dw_len, |_, [x, g], [dx], acc| {
+        None => cpu::rows([x, dy], [&mut dx], d, dw_len, |_, [x, g], [dx], acc| {
             bwd_row(x, g, None, w, dx, acc, eps)
         }),
     };
-    cpu::from_acc_vec::<T>(&dw, dw_out);
-    let shape = if w.is_some() {
-        Shape::from((rows + 1, d))
-    } else {
-        a.x.1.shape().clone()
-    };
-    Ok((T::to_cpu_storage_owned(out), shape))
+    let dw = w.map(|_| {
+        let mut out = vec![T::zero(); d];
+        cpu::from_acc_vec::<T>(&dw, &mut out);
+        T::to_cpu_storage_owned(out)
+    });
+    Ok((T::to_cpu_storage_owned(dx), dw))
 }

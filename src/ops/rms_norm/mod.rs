@@ -12,48 +12,24 @@ pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Storage, Tensor};
 
-use crate::ops::packed;
+use crate::ops::raw;
 use crate::validate;
 
-/// The arguments of the backward kernels. `fused_add` (add+RMSNorm): `x` is the forward's
-/// stacked output `[normed; sum]` (the backward reads `sum`) and `dy` is the stacked gradient
-/// `[d normed; d sum]`, whose second half is added to `dx`.
+/// The arguments of the backward kernels: the forward's input `x`, the weight, the output
+/// gradient `dy`, and for add+RMSNorm `dres`, the gradient of the sum, added to `dx`. All are
+/// contiguous (possibly offset views into a stacked buffer).
 pub(crate) struct BwdArgs<'a, S> {
     pub x: (&'a S, &'a Layout),
     pub w: Option<(&'a S, &'a Layout)>,
     pub dy: (&'a S, &'a Layout),
-    pub fused_add: bool,
-}
-
-impl<'a, S> BwdArgs<'a, S> {
-    pub fn plain(
-        xs: &'a S,
-        xl: &'a Layout,
-        w: Option<(&'a S, &'a Layout)>,
-        gs: &'a S,
-        gl: &'a Layout,
-    ) -> Self {
-        Self {
-            x: (xs, xl),
-            w,
-            dy: (gs, gl),
-            fused_add: false,
-        }
-    }
+    pub dres: Option<(&'a S, &'a Layout)>,
 }
 
 /// The forward op (CustomOp1 without weight, CustomOp2 with).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct RmsNorm {
-    pub eps: f64,
-}
-
-/// The backward op. Without weight: `(x, dy) -> dx`. With weight: `(x, w, dy) -> [dx; dw]`
-/// stacked as `[rows + 1, D]`.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct RmsNormBwd {
     pub eps: f64,
 }
 
@@ -76,8 +52,7 @@ impl CustomOp1 for RmsNorm {
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        let dx = x.apply_op2_no_bwd(&dy.contiguous()?, &RmsNormBwd { eps: self.eps })?;
-        Ok(Some(dx))
+        Ok(Some(backward_raw(x, None, dy, None, self.eps)?.0))
     }
 }
 
@@ -114,74 +89,69 @@ impl CustomOp2 for RmsNorm {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw) = backward_op(x, w, dy, self.eps)?;
-        Ok((Some(dx), Some(dw)))
+        let (dx, dw) = backward_raw(x, Some(w), dy, None, self.eps)?;
+        Ok((Some(dx), dw))
     }
 }
 
-/// `(x, dy) -> dx` (no weight).
-impl CustomOp2 for RmsNormBwd {
-    fn name(&self) -> &'static str {
-        "candle-fused-rms-norm-bwd"
-    }
-
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        gs: &CpuStorage,
-        gl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu::backward(self.eps, BwdArgs::plain(xs, xl, None, gs, gl))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        xs: &candle_core::CudaStorage,
-        xl: &Layout,
-        gs: &candle_core::CudaStorage,
-        gl: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::backward(self.eps, BwdArgs::plain(xs, xl, None, gs, gl))
-    }
-}
-
-/// `(x, w, dy) -> [dx; dw]`.
-impl CustomOp3 for RmsNormBwd {
-    fn name(&self) -> &'static str {
-        "candle-fused-rms-norm-bwd"
-    }
-
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        ws: &CpuStorage,
-        wl: &Layout,
-        gs: &CpuStorage,
-        gl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu::backward(self.eps, BwdArgs::plain(xs, xl, Some((ws, wl)), gs, gl))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        xs: &candle_core::CudaStorage,
-        xl: &Layout,
-        ws: &candle_core::CudaStorage,
-        wl: &Layout,
-        gs: &candle_core::CudaStorage,
-        gl: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::backward(self.eps, BwdArgs::plain(xs, xl, Some((ws, wl)), gs, gl))
-    }
-}
-
-fn backward_op(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
-    let packed = x.apply_op3_no_bwd(w, &dy.contiguous()?, &RmsNormBwd { eps })?;
-    packed::split_rows_last(&packed, x.dims())
+/// The backward kernels outside autograd (gradients are not differentiated again): returns
+/// `dx` (+ `dres`) and `dw` when there is a weight. Any number of inputs and outputs, so no
+/// stacking is needed.
+pub(crate) fn backward_raw(
+    x: &Tensor,
+    w: Option<&Tensor>,
+    dy: &Tensor,
+    dres: Option<&Tensor>,
+    eps: f64,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let (x, dy) = (x.contiguous()?, dy.contiguous()?);
+    let w = w.map(|t| t.contiguous()).transpose()?;
+    let dres = dres.map(|t| t.contiguous()).transpose()?;
+    let (xs, xl) = x.storage_and_layout();
+    let (gs, gl) = dy.storage_and_layout();
+    let ws = w.as_ref().map(|t| t.storage_and_layout());
+    let rs = dres.as_ref().map(|t| t.storage_and_layout());
+    let (dx, dw) = match &*xs {
+        Storage::Cpu(xc) => {
+            let args = BwdArgs {
+                x: (xc, xl),
+                w: ws
+                    .as_ref()
+                    .map(|(s, l)| Ok::<_, candle_core::Error>((raw::cpu(s, "weight")?, *l)))
+                    .transpose()?,
+                dy: (raw::cpu(&gs, "dy")?, gl),
+                dres: rs
+                    .as_ref()
+                    .map(|(s, l)| Ok::<_, candle_core::Error>((raw::cpu(s, "d_sum")?, *l)))
+                    .transpose()?,
+            };
+            let (dx, dw) = cpu::backward(eps, args)?;
+            (Storage::Cpu(dx), dw.map(Storage::Cpu))
+        }
+        #[cfg(feature = "cuda")]
+        Storage::Cuda(xc) => {
+            let args = BwdArgs {
+                x: (xc, xl),
+                w: ws
+                    .as_ref()
+                    .map(|(s, l)| Ok::<_, candle_core::Error>((raw::cuda(s, "weight")?, *l)))
+                    .transpose()?,
+                dy: (raw::cuda(&gs, "dy")?, gl),
+                dres: rs
+                    .as_ref()
+                    .map(|(s, l)| Ok::<_, candle_core::Error>((raw::cuda(s, "d_sum")?, *l)))
+                    .transpose()?,
+            };
+            let (dx, dw) = cuda::backward(eps, args)?;
+            (Storage::Cuda(dx), dw.map(Storage::Cuda))
+        }
+        _ => return Err(raw::unsupported("rms_norm_backward", x.device())),
+    };
+    let d = x.dim(candle_core::D::Minus1)?;
+    Ok((
+        raw::tensor(dx, x.shape().clone()),
+        dw.map(|s| raw::tensor(s, d)),
+    ))
 }
 
 /// Checks shared by the RMSNorm ops: the input `x` (named `arg` in messages; rank >= 1,
@@ -228,15 +198,5 @@ pub fn rms_norm_backward(
     if x.elem_count() == 0 {
         return Ok((x.zeros_like()?, weight.map(|w| w.zeros_like()).transpose()?));
     }
-    let x = x.contiguous()?;
-    match weight {
-        None => Ok((
-            x.apply_op2_no_bwd(&dy.contiguous()?, &RmsNormBwd { eps })?,
-            None,
-        )),
-        Some(w) => {
-            let (dx, dw) = backward_op(&x, &w.contiguous()?, dy, eps)?;
-            Ok((dx, Some(dw)))
-        }
-    }
+    backward_raw(x, weight, dy, None, eps)
 }

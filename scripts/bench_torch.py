@@ -1,0 +1,569 @@
+#!/usr/bin/env python3
+"""Time PyTorch on the shapes of `candle-fused bench`, in the same JSON row schema.
+
+Run it on the GPU machine in the same device call as `candle-fused bench --device cuda`,
+then merge both with `scripts/merge_bench.py`:
+
+    candle-fused bench --device cuda --json ours.json
+    python3 scripts/bench_torch.py --json torch.json --cases ours.json
+    python3 scripts/merge_bench.py ours.json torch.json --json merged.json --md merged.md
+
+What is timed (impl `torch_eager`, and `torch_compile` = the same function through
+`torch.compile(dynamic=False)`):
+  softmax         torch.softmax(x, -1)
+  masked_softmax  torch.softmax(x * scale + mask, -1); causal masking through a precomputed
+                  additive [S, T] mask (0 / -inf), plus the [S, T] mask of the case if any
+  rms_norm        F.rms_norm(x, (D,), w, eps)
+  add_rms_norm    s = x + r; (F.rms_norm(s, (D,), w, eps), s)
+Passes:
+  fwd      the function on plain tensors
+  bwd      torch.autograd.grad(outputs, inputs, grad_outputs=probes, retain_graph=True) on a
+           graph built once per input set before timing (the op's backward alone, like ours'
+           standalone backward given dy)
+  fwd+bwd  the function on leaf tensors, loss = sum(out * probe), torch.autograd.grad(loss)
+
+Timing: CUDA events around each call, device synchronised before and after, warm-up then the
+median (the same repetition budget as the Rust bench); small inputs rotate among several input
+sets (>= 128 MiB in all) so the 50 MB L2 does not hold them; inputs are random, never zeros.
+The script measures the copy bandwidth itself (dst.copy_(src), 1 GiB, bytes read + written)
+before and after the ops and uses the higher value for % copy, like the Rust bench.
+
+`--device cpu` exists only to try the script on a machine without a GPU (wall clock timing).
+"""
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+EPS = 1e-5
+SCALE = 0.125  # 1/sqrt(64), as in the Rust bench
+ROTATE_BYTES = 128 << 20
+MAX_SETS = 64
+
+DTYPES = {
+    "f32": torch.float32,
+    "bf16": torch.bfloat16,
+    "f16": torch.float16,
+    "f64": torch.float64,
+}
+
+# The shapes of src/bench/cases.rs (keep in sync; `--cases ours.json` takes them from a
+# candle-fused bench JSON instead, which is what the merged table needs).
+ROW_SHAPES = {
+    ("cuda", False): [
+        ([1, 128, 1024], "f32"),
+        ([4096, 4096], "f32"),
+        ([4096, 4096], "bf16"),
+        ([32768, 4096], "bf16"),
+        ([8192, 32768], "bf16"),
+        ([16384, 8192], "f32"),
+        ([1024, 262144], "f32"),
+    ],
+    ("cuda", True): [([1, 128, 1024], "f32"), ([4096, 4096], "bf16")],
+    ("cpu", False): [
+        ([1, 128, 1024], "f32"),
+        ([1024, 1024], "bf16"),
+        ([4096, 4096], "f32"),
+        ([4096, 4096], "bf16"),
+        ([16, 262144], "f32"),
+    ],
+    ("cpu", True): [([1, 128, 1024], "f32"), ([64, 4096], "bf16")],
+}
+# (shape, dtype, op name): op name as candle_fused::check::OpKind::name() spells it.
+ATTN_SHAPES = {
+    ("cuda", False): [
+        ([32, 32, 2048, 2048], "bf16", "masked_softmax+causal"),
+        ([32, 32, 2048, 2048], "bf16", "masked_softmax+mask[S,T]"),
+    ],
+    ("cuda", True): [([4, 8, 512, 512], "bf16", "masked_softmax+causal")],
+    ("cpu", False): [
+        ([2, 8, 512, 512], "bf16", "masked_softmax+causal"),
+        ([2, 8, 512, 512], "f32", "masked_softmax+causal"),
+        ([2, 8, 512, 512], "f32", "masked_softmax+mask[S,T]"),
+    ],
+    ("cpu", True): [([1, 4, 128, 128], "f32", "masked_softmax+causal")],
+}
+
+# LoRA (issue 4) hook: the issue's bench shapes (M, K, N, r) and dtypes. To add LoRA rows,
+# write `lora_rows(ctx, m, k, n, r, dtype)` timing PEFT-style `x @ W.T + s * ((x @ A.T) @ B.T)`,
+# `torch.addmm`, and the bare base GEMM `x @ W.T` (fwd and fwd+bwd with grads for x, A, B),
+# record them with `ctx.record(...)` (pass `flops=` so rows get TFLOP/s; op name
+# "lora_linear", shape [M, K, N, r]), and call it from `run_family` for family "lora_linear".
+LORA_SHAPES = [
+    ((128, 512, 512, 8), "f32"),  # the seeds' shape
+    ((1, 4096, 4096, 16), "bf16"),
+    ((4096, 4096, 4096, 16), "bf16"),
+    ((16384, 4096, 4096, 16), "bf16"),
+    ((16384, 4096, 14336, 64), "bf16"),
+]
+
+FAMILIES = ["softmax", "masked_softmax", "rms_norm", "add_rms_norm"]  # + "lora_linear" (issue 4)
+
+
+def family_of(op):
+    if op.startswith("masked_softmax"):
+        return "masked_softmax"
+    if op in ("softmax", "rms_norm", "add_rms_norm", "lora_linear"):
+        return op
+    return None
+
+
+def elt_size(dtype):
+    return torch.tensor([], dtype=DTYPES[dtype]).element_size()
+
+
+def bytes_for(op, shape, dtype, pas):
+    """Bytes that must move, as in src/bench/memops.rs (inputs read once + outputs written)."""
+    e = elt_size(dtype)
+    n = math.prod(shape) * e
+    d = shape[-1] * e
+    m = 0
+    if "mask[S,T]" in op:
+        m = (shape[-2] if len(shape) >= 2 else 1) * shape[-1] * e
+    fam = family_of(op)
+    if fam in ("softmax", "masked_softmax"):
+        fwd, bwd = 2 * n + m, 3 * n
+    elif fam == "rms_norm":
+        fwd, bwd = 2 * n + d, 3 * n + 2 * d
+    elif fam == "add_rms_norm":
+        fwd, bwd = 4 * n + d, 4 * n + 2 * d
+    else:
+        raise ValueError(op)
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[pas]
+
+
+def sets_for(set_bytes):
+    return max(1, min(MAX_SETS, -(-ROTATE_BYTES // max(1, set_bytes))))
+
+
+def shape_str(shape):
+    return "x".join(str(d) for d in shape)
+
+
+class Budget:
+    def __init__(self, cuda, quick):
+        if cuda:
+            self.warmup, self.min_reps, self.max_reps, self.target_s = (
+                (3, 10, 50, 0.1) if quick else (5, 10, 200, 0.25)
+            )
+        else:
+            self.warmup, self.min_reps, self.max_reps, self.target_s = (
+                (1, 3, 20, 0.1) if quick else (1, 4, 40, 0.25)
+            )
+
+
+class Ctx:
+    def __init__(self, args):
+        self.args = args
+        self.device = torch.device(args.device)
+        self.cuda = self.device.type == "cuda"
+        self.budget = Budget(self.cuda, args.quick)
+        self.rows, self.skipped, self.notes = [], [], []
+        self.copy_gbps = None
+        self.t0 = time.time()
+        if self.cuda:
+            self.device_name = torch.cuda.get_device_name(self.device)
+            self.ev0 = torch.cuda.Event(enable_timing=True)
+            self.ev1 = torch.cuda.Event(enable_timing=True)
+        else:
+            self.device_name = f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def once(self, fn, s):
+        """One timed call, microseconds; the result is dropped after the clock stops."""
+        self.sync()
+        if self.cuda:
+            self.ev0.record()
+            r = fn(s)
+            self.ev1.record()
+            self.sync()
+            us = self.ev0.elapsed_time(self.ev1) * 1e3
+        else:
+            t = time.perf_counter()
+            r = fn(s)
+            us = (time.perf_counter() - t) * 1e6
+        del r
+        return us
+
+    def timeit(self, fn, setup=None):
+        """Warm-up, then as many reps as fit the budget; returns (median, min, reps)."""
+        setup = setup or (lambda i: i)
+        b = self.budget
+        i, warm = 0, float("inf")
+        for _ in range(max(1, b.warmup)):
+            warm = min(warm, self.once(fn, setup(i)))
+            i += 1
+        reps = max(b.min_reps, min(b.max_reps, int(b.target_s * 1e6 / max(warm, 1e-3))))
+        samples = []
+        for _ in range(reps):
+            samples.append(self.once(fn, setup(i)))
+            i += 1
+        samples.sort()
+        n = len(samples)
+        med = samples[n // 2] if n % 2 else 0.5 * (samples[n // 2 - 1] + samples[n // 2])
+        return med, samples[0], n
+
+    def record(self, op, pas, shape, dtype, impl, sets, fn, setup=None, nbytes=None, flops=None):
+        try:
+            med, mn, reps = self.timeit(fn, setup)
+        except Exception as e:  # OOM, compile failure, unsupported: a skipped row, not a crash
+            err = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+            print(f"  {op:<28} {pas:<8} {shape_str(shape):<18} {dtype:<5} {impl:<22} SKIPPED: {err}",
+                  file=sys.stderr)
+            self.skipped.append(dict(op=op, pass_=pas, shape=shape, dtype=dtype, impl=impl, error=err))
+            free_memory()
+            return
+        nbytes = bytes_for(op, shape, dtype, pas) if nbytes is None else nbytes
+        gbps = nbytes / (med * 1e3)
+        row = dict(
+            op=op, pass_=pas, shape=list(shape), dtype=dtype,
+            device=self.device.type, device_name=self.device_name, impl=impl,
+            median_us=med, min_us=mn, reps=reps, sets=sets, bytes=float(nbytes), gbps=gbps,
+            pct_copy=None, flops=flops, tflops=(flops / (med * 1e6)) if flops else None,
+            baseline="ours", speedup=None,
+        )
+        self.rows.append(row)
+        print(f"  {op:<28} {pas:<8} {shape_str(shape):<18} {dtype:<5} {impl:<22} "
+              f"{med:>12.1f} us {gbps:>8.1f} GB/s", file=sys.stderr)
+
+    def over_time(self):
+        return time.time() - self.t0 > self.args.max_seconds
+
+
+def free_memory():
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def randn(shape, std, dtype, device):
+    return (torch.randn(shape, device=device, dtype=torch.float32) * std).to(DTYPES[dtype])
+
+
+def rand(shape, lo, hi, dtype, device):
+    return (torch.rand(shape, device=device, dtype=torch.float32) * (hi - lo) + lo).to(DTYPES[dtype])
+
+
+def copy_bandwidth(ctx, nbytes):
+    src = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device=ctx.device)
+    dst = torch.empty_like(src)
+    med, _, reps = ctx.timeit(lambda i: dst.copy_(src))
+    del src, dst
+    free_memory()
+    return 2 * nbytes / (med * 1e3), reps
+
+
+# ---------------------------------------------------------------- the memory-bound ops
+
+
+def make_fn(op, shape):
+    """The PyTorch function of an op: f(*args) -> tuple of outputs, and which args are
+    differentiable."""
+    d = shape[-1]
+    if op == "softmax":
+        return (lambda x: (torch.softmax(x, -1),)), [True]
+    if op.startswith("masked_softmax"):
+        return (lambda x, add: (torch.softmax(x * SCALE + add, -1),)), [True, False]
+    if op == "rms_norm":
+        return (lambda x, w: (F.rms_norm(x, (d,), w, EPS),)), [True, True]
+    if op == "add_rms_norm":
+        def f(x, r, w):
+            s = x + r
+            return F.rms_norm(s, (d,), w, EPS), s
+        return f, [True, True, True]
+    raise ValueError(op)
+
+
+def make_inputs(op, shape, dtype, dev):
+    """(args, probes) with the distributions of the Rust bench."""
+    d = shape[-1]
+    if op == "softmax":
+        args = [randn(shape, 3.0, dtype, dev)]
+    elif op.startswith("masked_softmax"):
+        s, t = (shape[-2] if len(shape) >= 2 else 1), shape[-1]
+        add = torch.zeros((s, t), device=dev, dtype=DTYPES[dtype])
+        if "mask[S,T]" in op:
+            vals = randn((s, t), 1.0, dtype, dev)
+            hide = torch.rand((s, t), device=dev) < 0.2
+            add = vals.masked_fill(hide, float("-inf"))
+        if "causal" in op:
+            i = torch.arange(s, device=dev)[:, None]
+            j = torch.arange(t, device=dev)[None, :]
+            add = add.masked_fill(j > i + (t - s), float("-inf"))
+        args = [randn(shape, 3.0, dtype, dev), add]
+    elif op == "rms_norm":
+        args = [randn(shape, 1.0, dtype, dev), rand((d,), 0.5, 1.5, dtype, dev)]
+    elif op == "add_rms_norm":
+        args = [randn(shape, 1.0, dtype, dev), randn(shape, 1.0, dtype, dev),
+                rand((d,), 0.5, 1.5, dtype, dev)]
+    else:
+        raise ValueError(op)
+    n_out = 2 if op == "add_rms_norm" else 1
+    probes = [randn(shape, 1.0, dtype, dev) for _ in range(n_out)]
+    return args, probes
+
+
+def set_bytes(op, shape, dtype):
+    e = elt_size(dtype)
+    n = math.prod(shape) * e
+    k = 5 if op == "add_rms_norm" else 3
+    return k * n + shape[-1] * e
+
+
+def leaves(args, diff):
+    return [a.detach().requires_grad_() if dd else a for a, dd in zip(args, diff)]
+
+
+def build_graph(f, diff, args, probes):
+    la = leaves(args, diff)
+    return f(*la), [x for x, dd in zip(la, diff) if dd], probes
+
+
+def bwd_rows(ctx, op, shape, dtype, impl, f, diff, sets):
+    """The backward alone: autograd.grad with retain_graph=True on graphs built before timing.
+    If the graph cannot be kept (e.g. a compiled backward refusing retain_graph), each
+    repetition builds its graph untimed instead (noted)."""
+    k = len(sets)
+    try:
+        graphs = [build_graph(f, diff, a, p) for a, p in sets]
+        for g in graphs[:1]:
+            torch.autograd.grad(g[0], g[1], grad_outputs=g[2], retain_graph=True)
+            torch.autograd.grad(g[0], g[1], grad_outputs=g[2], retain_graph=True)
+    except Exception as e:
+        graphs = None
+        free_memory()
+        ctx.notes.append(f"{impl} {op} {shape_str(shape)} {dtype} bwd: graph not reusable "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+                         + "); timed on a graph rebuilt untimed each repetition")
+    if graphs is not None:
+        ctx.record(op, "bwd", shape, dtype, impl, k,
+                   lambda i: torch.autograd.grad(graphs[i % k][0], graphs[i % k][1],
+                                                 grad_outputs=graphs[i % k][2],
+                                                 retain_graph=True))
+        del graphs
+    else:
+        ctx.record(op, "bwd", shape, dtype, impl, k,
+                   lambda g: torch.autograd.grad(g[0], g[1], grad_outputs=g[2]),
+                   setup=lambda i: build_graph(f, diff, *sets[i % k]))
+
+
+def run_mem_case(ctx, op, shape, dtype, compile_it):
+    dev = ctx.device
+    f_eager, diff = make_fn(op, shape)
+    k = sets_for(set_bytes(op, shape, dtype))
+    print(f"{op} {shape_str(shape)} {dtype} ({k} input set(s))", file=sys.stderr)
+    try:
+        sets = [make_inputs(op, shape, dtype, dev) for _ in range(k)]
+    except Exception as e:
+        err = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+        for impl in ["torch_eager"] + (["torch_compile"] if compile_it else []):
+            for pas in ("fwd", "bwd", "fwd+bwd"):
+                ctx.skipped.append(dict(op=op, pass_=pas, shape=shape, dtype=dtype, impl=impl, error=err))
+        free_memory()
+        return
+
+    impls = [("torch_eager", f_eager)]
+    if compile_it:
+        if ctx.over_time():
+            ctx.notes.append(f"torch_compile skipped for {op} {shape_str(shape)} {dtype}: "
+                             f"past --max-seconds {ctx.args.max_seconds}")
+        else:
+            try:
+                torch._dynamo.reset()
+                f_c = torch.compile(f_eager, dynamic=False)
+                # Compile the forward and the backward outside the timed region.
+                a, p = sets[0]
+                with torch.no_grad():
+                    f_c(*a)
+                la = leaves(a, diff)
+                outs = f_c(*la)
+                torch.autograd.grad(sum((o * q).sum() for o, q in zip(outs, p)),
+                                    [x for x, dd in zip(la, diff) if dd])
+                del outs, la
+                ctx.sync()
+                impls.append(("torch_compile", f_c))
+            except Exception as e:
+                ctx.notes.append(f"torch_compile failed for {op} {shape_str(shape)} {dtype}: "
+                                 f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300])
+
+    for impl, f in impls:
+        # fwd
+        with torch.no_grad():
+            ctx.record(op, "fwd", shape, dtype, impl, k, lambda i: f(*sets[i % k][0]))
+        # bwd: a graph per input set, built before timing and kept (retain_graph=True).
+        bwd_rows(ctx, op, shape, dtype, impl, f, diff, sets)
+        free_memory()
+
+        # fwd+bwd
+        def fwd_bwd(i):
+            a, p = sets[i % k]
+            la = leaves(a, diff)
+            outs = f(*la)
+            loss = sum((o * q).sum() for o, q in zip(outs, p))
+            return torch.autograd.grad(loss, [x for x, dd in zip(la, diff) if dd])
+
+        ctx.record(op, "fwd+bwd", shape, dtype, impl, k, fwd_bwd)
+    del sets
+    free_memory()
+
+
+def cases_from_json(path):
+    with open(path) as fh:
+        data = json.load(fh)
+    seen, out = set(), []
+    for r in data["rows"]:
+        key = (r["op"], tuple(r["shape"]), r["dtype"])
+        if family_of(r["op"]) in FAMILIES and key not in seen:
+            seen.add(key)
+            out.append((r["op"], list(r["shape"]), r["dtype"]))
+    return out
+
+
+def default_cases(dev_type, quick):
+    out = []
+    for op in ("softmax", "masked_softmax", "rms_norm", "add_rms_norm"):
+        if op == "masked_softmax":
+            out += [(name, shape, dt) for shape, dt, name in ATTN_SHAPES[(dev_type, quick)]]
+        else:
+            out += [(op, shape, dt) for shape, dt in ROW_SHAPES[(dev_type, quick)]]
+    return out
+
+
+def git_commit():
+    """git describe in the repo; else .gpu/COMMIT (written by scripts/build-gpu-bundle.sh for a
+    machine without git); else $CANDLE_FUSED_COMMIT."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], cwd=root,
+                              capture_output=True, text=True, check=True).stdout.strip() or None
+    except Exception:
+        pass
+    try:
+        with open(os.path.join(root, ".gpu", "COMMIT")) as fh:
+            return fh.read().strip() or None
+    except OSError:
+        return os.environ.get("CANDLE_FUSED_COMMIT")
+
+
+def table(rows):
+    hdr = (f"{'op':<28} {'pass':<8} {'shape':<18} {'dtype':<5} {'impl':<22} "
+           f"{'median us':>12} {'GB/s':>9} {'% copy':>7}")
+    lines = [hdr, "-" * len(hdr)]
+    for r in rows:
+        lines.append(f"{r['op']:<28} {r['pass']:<8} {shape_str(r['shape']):<18} {r['dtype']:<5} "
+                     f"{r['impl']:<22} {r['median_us']:>12.1f} {r['gbps']:>9.1f} {r['pct_copy']:>6.1f}%")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--quick", action="store_true", help="the bench's --quick shapes")
+    ap.add_argument("--cases", help="take (op, shape, dtype) from this candle-fused bench JSON")
+    ap.add_argument("--op", help="comma-separated families: " + ", ".join(FAMILIES))
+    ap.add_argument("--compile", default="some", choices=["none", "some", "all"],
+                    help="torch.compile rows: none; some = where it can fuse more than eager "
+                         "(masked_softmax, add_rms_norm; default); all")
+    ap.add_argument("--max-seconds", type=float, default=420.0,
+                    help="start no new torch.compile work after this many seconds (eager rows "
+                         "still run)")
+    args = ap.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench_torch.py: CUDA is not available (use --device cpu to try the script)")
+
+    ctx = Ctx(args)
+    cases = cases_from_json(args.cases) if args.cases else default_cases(ctx.device.type, args.quick)
+    if args.op:
+        want = args.op.split(",")
+        bad = [w for w in want if w not in FAMILIES]
+        if bad:
+            sys.exit(f"bench_torch.py: unknown --op {bad}, expected one of {FAMILIES}")
+        cases = [c for c in cases if family_of(c[0]) in want]
+    compile_fams = {"none": set(), "some": {"masked_softmax", "add_rms_norm"},
+                    "all": set(FAMILIES)}[args.compile]
+    torch._dynamo.config.cache_size_limit = 256
+
+    copy_bytes = (1 << 30) if ctx.cuda else (256 << 20)
+    print(f"bench_torch.py on {ctx.device_name}, torch {torch.__version__}: copy bandwidth...",
+          file=sys.stderr)
+    before, reps = copy_bandwidth(ctx, copy_bytes)
+    ctx.copy_gbps = before
+    print(f"copy bandwidth: {before:.1f} GB/s", file=sys.stderr)
+    for op, shape, dtype in cases:
+        run_mem_case(ctx, op, shape, dtype, family_of(op) in compile_fams)
+        if args.json:  # a checkpoint, so a run cut short still leaves its rows
+            save(ctx, args, copy_bytes, partial=True)
+    after, _ = copy_bandwidth(ctx, copy_bytes)
+    ctx.copy_gbps = max(before, after)
+    ctx.notes.insert(0, f"copy bandwidth {before:.1f} GB/s before the ops and {after:.1f} GB/s after "
+                        f"({copy_bytes >> 20} MiB dst.copy_(src), {reps} reps); % copy uses the higher")
+    header, rows, skipped = save(ctx, args, copy_bytes, partial=False)
+    print(table(rows))
+    for s in skipped:
+        print(f"skipped: {s['op']} {s['pass']} {shape_str(s['shape'])} {s['dtype']} {s['impl']}: {s['error']}")
+    for n in ctx.notes:
+        print(f"note: {n}")
+    print(f"\nbench_torch.py on {ctx.device_name} ({header['date']}, torch {torch.__version__}): "
+          f"{len(rows)} rows, {len(skipped)} skipped, copy bandwidth {ctx.copy_gbps:.1f} GB/s, "
+          f"{time.time() - ctx.t0:.0f} s" + (f"; JSON: {args.json}" if args.json else ""))
+
+
+def save(ctx, args, copy_bytes, partial):
+    """Builds the JSON (rows with % copy of ctx.copy_gbps) and writes it if --json."""
+    # JSON field names: "pass" and "impl" (Python keywords avoided internally).
+    rows = [{("pass" if k == "pass_" else k): v for k, v in r.items()} for r in ctx.rows]
+    for r in rows:
+        r["pct_copy"] = 100.0 * r["gbps"] / ctx.copy_gbps
+    skipped = [{("pass" if k == "pass_" else k): v for k, v in s.items()} for s in ctx.skipped]
+    try:
+        import triton
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = None
+    notes = list(ctx.notes)
+    if partial:
+        notes.insert(0, "partial: the run was cut short; % copy uses the copy bandwidth measured "
+                        "before the ops")
+    header = dict(
+        tool="scripts/bench_torch.py",
+        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        device=ctx.device.type, device_name=ctx.device_name, copy_gbps=ctx.copy_gbps,
+        copy_bytes=copy_bytes, git_commit=git_commit(),
+        mode="partial" if partial else ("quick" if args.quick else "full"),
+        torch_version=torch.__version__, triton_version=triton_version,
+        cuda_version=torch.version.cuda,
+        legend=("Same bytes formulas and timing rules as candle-fused bench. torch_eager: "
+                "torch.softmax / softmax(x*scale + additive mask) / F.rms_norm / x + r then "
+                "F.rms_norm. torch_compile: the same function through torch.compile("
+                "dynamic=False). bwd: torch.autograd.grad(outputs, inputs, grad_outputs=probes, "
+                "retain_graph=True) on a prebuilt graph. fwd+bwd: loss = sum(out * probe), "
+                "torch.autograd.grad(loss, inputs)."),
+        notes=notes,
+    )
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(dict(header=header, rows=rows, skipped=skipped), fh, indent=2)
+    return header, rows, skipped
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception:
+        traceback.print_exc()
+        sys.exit(1)

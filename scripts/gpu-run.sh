@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine (carry .gpu/ from scripts/build-gpu-bundle.sh). Writes logs to $OUT
+# (or ./gpu-out). Phases: test (GPU tests + check), sanitize (compute-sanitizer memcheck and
+# racecheck on the GPU tests, small shapes), probe (quick kernel timings), bench (our bench + PyTorch + merge), peft (LoRA
+# interop with PEFT), or several: bash scripts/gpu-run.sh test bench
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu-out}; mkdir -p "$OUT"
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+export PYTHONUNBUFFERED=1
+B=/tmp/cf-bin; mkdir -p $B
+for f in .gpu/*.gz; do gunzip -c "$f" > "$B/$(basename "$f" .gz)"; done
+chmod +x $B/*
+GPU=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | head -n1)
+STAMP="$(date -u +%Y-%m-%dT%H:%MZ) | $GPU | commit $(cat .gpu/COMMIT 2>/dev/null)"
+echo "$STAMP"
+rc=0
+for phase in "$@"; do
+  case $phase in
+    test)
+      { echo "# $STAMP"; timeout ${TEST_TIMEOUT:-400} $B/gpu-tests --test-threads=1 --nocapture 2>&1; } > "$OUT/gpu-tests.log"; r=$?
+      grep -E '^test |test result' "$OUT/gpu-tests.log"; [ $r = 0 ] || { rc=1; grep -E 'FAIL|panicked|error' "$OUT/gpu-tests.log" | head -40; }
+      { echo "# $STAMP"; $B/candle-fused check --device cuda 2>&1; } > "$OUT/check-cuda.log"; r=$?
+      tail -n 3 "$OUT/check-cuda.log"; [ $r = 0 ] || { rc=1; grep FAIL "$OUT/check-cuda.log" | head -20; } ;;
+    sanitize)
+      for tool in memcheck racecheck; do
+        { echo "# $STAMP"; compute-sanitizer --tool $tool --error-exitcode 9 $B/gpu-tests --test-threads=1 \
+            misaligned fully_masked non_contiguous sanitizer_small 2>&1; } > "$OUT/sanitizer-$tool.log"; r=$?
+        echo "$tool exit $r"; tail -n 4 "$OUT/sanitizer-$tool.log"; [ $r = 0 ] || rc=1
+      done ;;
+    bench)
+      $B/candle-fused bench --device cuda --json "$OUT/bench-ours.json" > "$OUT/bench-ours.log" 2>&1 || rc=1
+      tail -n 60 "$OUT/bench-ours.log"
+      if [ -f scripts/bench_torch.py ]; then
+        python3 scripts/bench_torch.py --cases "$OUT/bench-ours.json" --json "$OUT/bench-torch.json" > "$OUT/bench-torch.log" 2>&1 || rc=1
+        tail -n 5 "$OUT/bench-torch.log"
+        python3 scripts/merge_bench.py "$OUT/bench-ours.json" "$OUT/bench-torch.json" --json "$OUT/bench-merged.json" --md "$OUT/bench-merged.md" || rc=1
+        cat "$OUT/bench-merged.md" | head -80
+      fi ;;
+    probe)
+      $B/kernel_probe 2>&1 | tee "$OUT/kernel-probe.log" || rc=1 ;;
+    ncu)
+      # Profile kernels of one probe shape (PROBE_SHAPE, default 3 = [32768,4096] bf16):
+      # NCU_KERNELS is a space-separated list of kernel-name regexes, one profiled launch each.
+      for k in ${NCU_KERNELS:-rms_fwd}; do
+        ncu --clock-control none -k "regex:$k" -c 1 --set full $B/kernel_probe ${PROBE_SHAPE:-3} \
+          > "$OUT/ncu-$k.log" 2>&1 || rc=1
+        grep -E '^  [a-z_0-9]+ \(|Duration|DRAM Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per|Block Size|Issued Ipc Active|Executed Instructions  |Warp Cycles Per Issued|Stall [A-Z][a-z]+ +|One or More Eligible|Dynamic Shared|Theoretical Occ|Block Limit' "$OUT/ncu-$k.log" | head -60
+      done ;;
+    peft)
+      if [ -f scripts/peft_interop.py ]; then
+        python3 scripts/peft_interop.py --bin $B/peft_interop --device cuda --out "$OUT/peft_interop_cuda" > "$OUT/peft-interop.log" 2>&1 || rc=1
+        tail -n 20 "$OUT/peft-interop.log"
+      fi ;;
+    *) echo "unknown phase $phase"; rc=2 ;;
+  esac
+done
+exit $rc

@@ -1,0 +1,89 @@
+//! The shapes the bench runs, per device and mode.
+//!
+//! CUDA (full) has the list: [1,128,1024] f32 (the seeds' shape), [4096,4096] f32 and
+//! bf16, [32768,4096] bf16, [8192,32768] bf16, [16384,8192] f32, [1024,262144] f32, and the
+//! attention softmax [32,32,2048,2048] bf16 (scale 1/8; causal, and with an [S,T] mask).
+//! The CPU (full) scales the big ones down so the run takes a few minutes on a small machine.
+//! `--quick` is a few small shapes (under a minute on a CPU).
+
+use candle_core::DType::{self, BF16, F32};
+
+use super::memops::{MemCase, SCALE};
+use crate::check::{MaskKind, OpKind};
+
+/// Which shapes to run.
+#[derive(Debug, Clone, Copy)]
+pub struct Plan {
+    pub cuda: bool,
+    pub quick: bool,
+}
+
+/// Shapes of the row-wise ops (softmax, rms_norm, add_rms_norm).
+pub fn row_shapes(plan: Plan) -> Vec<(Vec<usize>, DType)> {
+    match (plan.cuda, plan.quick) {
+        (true, false) => vec![
+            (vec![1, 128, 1024], F32),
+            (vec![4096, 4096], F32),
+            (vec![4096, 4096], BF16),
+            (vec![32768, 4096], BF16),
+            (vec![8192, 32768], BF16),
+            (vec![16384, 8192], F32),
+            (vec![1024, 262144], F32),
+        ],
+        (true, true) => vec![(vec![1, 128, 1024], F32), (vec![4096, 4096], BF16)],
+        (false, false) => vec![
+            (vec![1, 128, 1024], F32),
+            (vec![1024, 1024], BF16),
+            (vec![4096, 4096], F32),
+            (vec![4096, 4096], BF16),
+            (vec![16, 262144], F32),
+        ],
+        (false, true) => vec![(vec![1, 128, 1024], F32), (vec![64, 4096], BF16)],
+    }
+}
+
+/// Shapes of the attention softmax: (scores shape, dtype, mask, causal).
+pub fn attn_shapes(plan: Plan) -> Vec<(Vec<usize>, DType, MaskKind, bool)> {
+    match (plan.cuda, plan.quick) {
+        (true, false) => vec![
+            (vec![32, 32, 2048, 2048], BF16, MaskKind::None, true),
+            (vec![32, 32, 2048, 2048], BF16, MaskKind::Rows, false),
+        ],
+        (true, true) => vec![(vec![4, 8, 512, 512], BF16, MaskKind::None, true)],
+        (false, false) => vec![
+            (vec![2, 8, 512, 512], BF16, MaskKind::None, true),
+            (vec![2, 8, 512, 512], F32, MaskKind::None, true),
+            (vec![2, 8, 512, 512], F32, MaskKind::Rows, false),
+        ],
+        (false, true) => vec![(vec![1, 4, 128, 128], F32, MaskKind::None, true)],
+    }
+}
+
+/// The cases of one memory-bound family (`softmax`, `masked_softmax`, `rms_norm`,
+/// `add_rms_norm`).
+pub fn mem_cases(family: &str, plan: Plan) -> Vec<MemCase> {
+    let rows = |op: OpKind| {
+        row_shapes(plan)
+            .into_iter()
+            .map(move |(shape, dtype)| MemCase { op, shape, dtype })
+            .collect()
+    };
+    match family {
+        "softmax" => rows(OpKind::Softmax),
+        "rms_norm" => rows(OpKind::RmsNorm { weight: true }),
+        "add_rms_norm" => rows(OpKind::AddRmsNorm),
+        "masked_softmax" => attn_shapes(plan)
+            .into_iter()
+            .map(|(shape, dtype, mask, causal)| MemCase {
+                op: OpKind::MaskedSoftmax {
+                    scale: SCALE,
+                    mask,
+                    causal,
+                },
+                shape,
+                dtype,
+            })
+            .collect(),
+        _ => vec![],
+    }
+}

@@ -1,0 +1,243 @@
+//! The benchmark behind `candle-fused bench` (and the pieces `benches/ops.rs` reuses).
+//!
+//! For each op, shape and dtype it times, side by side in one run, ours against Candle's
+//! composed ops and Candle's built-in fused op, for the forward, the backward and
+//! forward+backward; measures the device's copy bandwidth in the same run; and reports each
+//! row's GB/s, % of copy bandwidth and how many times faster ours is (see [`report::LEGEND`]).
+//!
+//! Layout: [`timing`] (median timer, CUDA events, copy bandwidth), [`cases`] (the shapes),
+//! [`memops`] (inputs, bytes and implementations of the memory-bound ops), [`report`] (rows,
+//! tables, JSON).
+//!
+//! ## Adding an op family (e.g. LoRA, issue 4)
+//! Write `src/bench/<family>.rs` with a type implementing [`Family`] (its `run` builds random
+//! inputs, times each impl with [`timing::Timer`] and calls [`report::Collector::record`]
+//! with a [`report::Key`]; compute-bound ops pass `flops` so rows get TFLOP/s), and add it to
+//! [`families`]. `scripts/bench_torch.py` has the matching hook for the PyTorch side.
+
+pub mod cases;
+pub mod memops;
+pub mod report;
+pub mod timing;
+
+use candle_core::{Device, Result};
+
+use cases::Plan;
+use report::{Collector, Header, Report};
+use timing::{Budget, Timer};
+
+/// A family of benchmarked ops, selected by name with `--op`.
+pub trait Family {
+    /// The name `--op` matches (e.g. `softmax`).
+    fn name(&self) -> &'static str;
+    /// Times every case of the family for `plan`, recording rows (and skips) in `out`.
+    fn run(&self, plan: Plan, timer: &Timer, out: &mut Collector);
+}
+
+/// A memory-bound family: its cases come from [`cases::mem_cases`].
+pub struct MemFamily(pub &'static str);
+
+impl Family for MemFamily {
+    fn name(&self) -> &'static str {
+        self.0
+    }
+    fn run(&self, plan: Plan, timer: &Timer, out: &mut Collector) {
+        let cases = cases::mem_cases(self.0, plan);
+        for (i, case) in cases.iter().enumerate() {
+            eprintln!(
+                "[{}/{}] {} {} {} ({} input set(s))",
+                i + 1,
+                cases.len(),
+                case.op.name(),
+                report::shape_str(&case.shape),
+                case.dtype.as_str(),
+                memops::sets_for(case.set_bytes())
+            );
+            memops::run_case(case, timer, out);
+            out.checkpoint();
+        }
+    }
+}
+
+/// Every family, in the order they run.
+pub fn families() -> Vec<Box<dyn Family>> {
+    vec![
+        Box::new(MemFamily("softmax")),
+        Box::new(MemFamily("masked_softmax")),
+        Box::new(MemFamily("rms_norm")),
+        Box::new(MemFamily("add_rms_norm")),
+        // LoRA (issue 4): Box::new(lora::LoraFamily),
+    ]
+}
+
+/// `cpu` or `cuda` (GPU 0). Without the `cuda` feature, `cuda` is a clear error.
+pub fn device_from_name(name: &str) -> Result<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => {
+            #[cfg(feature = "cuda")]
+            {
+                Device::new_cuda(0)
+            }
+            #[cfg(not(feature = "cuda"))]
+            {
+                candle_core::bail!(
+                    "candle-fused: built without CUDA (rebuild with --features cuda)"
+                )
+            }
+        }
+        other => candle_core::bail!("candle-fused: unknown device {other:?}, expected cpu or cuda"),
+    }
+}
+
+/// What to bench.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub device: Device,
+    pub quick: bool,
+    /// Family names to run (`None`: all).
+    pub ops: Option<Vec<String>>,
+    /// Save the rows measured so far here after each case (the caller writes the final
+    /// report over it).
+    pub checkpoint: Option<std::path::PathBuf>,
+}
+
+/// Bytes of the copy that measures the copy bandwidth: 1 GiB per buffer on a GPU, 256 MiB on
+/// the CPU.
+fn copy_bytes(device: &Device) -> usize {
+    if device.is_cpu() {
+        256 << 20
+    } else {
+        1 << 30
+    }
+}
+
+/// Runs the bench. The copy bandwidth is measured before and after the ops; the higher of
+/// the two is the reference for % copy (both are in the header's notes).
+pub fn run(cfg: &Config) -> Result<Report> {
+    let fams = families();
+    let selected: Vec<&Box<dyn Family>> = match &cfg.ops {
+        None => fams.iter().collect(),
+        Some(names) => {
+            for n in names {
+                if !fams.iter().any(|f| f.name() == n) {
+                    let known: Vec<_> = fams.iter().map(|f| f.name()).collect();
+                    candle_core::bail!(
+                        "candle-fused bench: unknown --op {n:?}, expected one of {}",
+                        known.join(", ")
+                    )
+                }
+            }
+            fams.iter()
+                .filter(|f| names.iter().any(|n| n == f.name()))
+                .collect()
+        }
+    };
+    let device = &cfg.device;
+    let timer = Timer::new(device, Budget::new(device, cfg.quick))?;
+    let plan = Plan {
+        cuda: device.is_cuda(),
+        quick: cfg.quick,
+    };
+    let device_name = timing::device_name(device);
+    let cb = copy_bytes(device);
+    eprintln!(
+        "candle-fused bench on {device_name}: measuring copy bandwidth ({} MiB)...",
+        cb >> 20
+    );
+    let before = timing::copy_bandwidth(&timer, cb)?;
+    eprintln!("copy bandwidth: {:.1} GB/s", before.gbps);
+    let dev_kind = if device.is_cpu() { "cpu" } else { "cuda" };
+    let header = |copy_gbps: f64, mode: &str, notes: Vec<String>| Header {
+        tool: "candle-fused bench".into(),
+        date: report::utc_now(),
+        device: dev_kind.into(),
+        device_name: device_name.clone(),
+        copy_gbps,
+        copy_bytes: cb,
+        git_commit: report::git_commit(),
+        mode: mode.into(),
+        legend: report::LEGEND.into(),
+        notes,
+    };
+    let mut out = Collector {
+        device: dev_kind.into(),
+        device_name: device_name.clone(),
+        copy_gbps: before.gbps,
+        rows: vec![],
+        skipped: vec![],
+        checkpoint: cfg.checkpoint.clone().map(|p| {
+            let note = "partial: the run was cut short; % copy uses the copy bandwidth measured \
+                        before the ops"
+                .to_string();
+            (p, header(before.gbps, "partial", vec![note]))
+        }),
+    };
+    for f in selected {
+        f.run(plan, &timer, &mut out);
+    }
+    let after = timing::copy_bandwidth(&timer, cb)?;
+    let copy_gbps = before.gbps.max(after.gbps);
+    for r in &mut out.rows {
+        r.pct_copy = 100.0 * r.gbps / copy_gbps;
+    }
+    out.finish();
+    let mut notes = vec![format!(
+        "copy bandwidth {:.1} GB/s before the ops and {:.1} GB/s after ({} MiB copy, {} reps); \
+         % copy uses the higher",
+        before.gbps,
+        after.gbps,
+        cb >> 20,
+        before.stats.reps
+    )];
+    if device.is_cpu() {
+        notes.push(format!("rayon threads: {}", rayon::current_num_threads()));
+    }
+    let mode = if cfg.quick { "quick" } else { "full" };
+    Ok(Report {
+        header: header(copy_gbps, mode, notes),
+        rows: out.rows,
+        skipped: out.skipped,
+    })
+}
+
+impl Report {
+    /// Legend, full table, skipped measurements and the summary, in that order (the summary
+    /// last: it is what the tail of a log shows).
+    pub fn render(&self) -> String {
+        let h = &self.header;
+        let mut s = String::new();
+        s.push_str(report::LEGEND);
+        s.push_str("\n\n");
+        s.push_str(&report::table(&self.rows));
+        if !self.skipped.is_empty() {
+            s.push_str("\nSkipped:\n");
+            for k in &self.skipped {
+                s.push_str(&format!(
+                    "  {} {} {} {} {}: {}\n",
+                    k.op,
+                    k.pass,
+                    report::shape_str(&k.shape),
+                    k.dtype,
+                    k.imp,
+                    k.error
+                ));
+            }
+        }
+        s.push_str(&format!(
+            "\nSummary ({} on {}, {}, copy bandwidth {:.1} GB/s, commit {}):\n",
+            h.device,
+            h.device_name,
+            h.date,
+            h.copy_gbps,
+            h.git_commit.as_deref().unwrap_or("?")
+        ));
+        s.push_str(&report::summary(&self.rows));
+        s
+    }
+
+    /// The JSON file's content.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("the report serialises")
+    }
+}

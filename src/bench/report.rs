@@ -1,0 +1,388 @@
+//! The bench's rows, the printed tables and the JSON file.
+//!
+//! JSON layout (the PyTorch script `scripts/bench_torch.py` writes the same, and
+//! `scripts/merge_bench.py` merges them):
+//!
+//! ```text
+//! { "header": { "tool", "date", "device", "device_name", "copy_gbps", "copy_bytes",
+//!               "git_commit", "mode", "legend", "notes": [..] },
+//!   "rows": [ { "op", "pass", "shape", "dtype", "device", "device_name", "impl",
+//!               "median_us", "min_us", "reps", "sets", "bytes", "gbps", "pct_copy",
+//!               "flops", "tflops", "baseline", "speedup" }, .. ],
+//!   "skipped": [ { "op", "pass", "shape", "dtype", "impl", "error" }, .. ] }
+//! ```
+//!
+//! `speedup` = this row's median / the median of its `baseline` row (the like-for-like
+//! measurement of ours, same op, pass, shape and dtype): how many times faster ours is.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use super::timing::Stats;
+
+/// The printed legend (also stored in the JSON header).
+pub const LEGEND: &str = "\
+Legend. Times are medians after warm-up (CPU: wall clock; CUDA: CUDA events, device \
+synchronised around each repetition); small inputs rotate among several random input sets \
+('sets') so caches do not hold them.
+  N = elements of x, D = last dim, e = bytes per element, M = mask elements.
+  GB/s = bytes that must move / median time, inputs read once + outputs written once:
+    softmax fwd 2Ne (+ Me with a mask) | bwd 3Ne (y, dy -> dx)
+    rms_norm fwd 2Ne + De | bwd 3Ne + 2De (x, dy, w -> dx, dw)
+    add_rms_norm fwd 4Ne + De (x, r, w -> normed, sum) | bwd 4Ne + 2De (sum, dnormed, dsum, w -> dx, dw)
+    fwd+bwd = fwd bytes + bwd bytes.
+  % copy = GB/s / the copy bandwidth measured in this run (one large copy, read + write).
+  impls: ours = candle-fused op (bwd: the standalone backward fn, given dy);
+    ours_autograd = loss.backward() through our op (bwd only; graph built untimed);
+    candle_composed = composed Candle ops in the input dtype (bwd: loss.backward() alone,
+      graph built untimed); candle_fused_builtin = candle_nn::ops::{softmax_last_dim, rms_norm}
+      (fwd only: no backward). loss = sum(out * probe) with a fixed random probe.
+  xfaster = this impl's time / ours' time, like for like: for bwd candle_composed is
+    compared with ours_autograd (both time loss.backward()), everything else with ours.";
+
+/// One measured row.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub op: String,
+    pub pass: String,
+    pub shape: Vec<usize>,
+    pub dtype: String,
+    pub device: String,
+    pub device_name: String,
+    #[serde(rename = "impl")]
+    pub imp: String,
+    pub median_us: f64,
+    pub min_us: f64,
+    pub reps: usize,
+    /// Input sets rotated among.
+    pub sets: usize,
+    pub bytes: f64,
+    pub gbps: f64,
+    pub pct_copy: f64,
+    /// Floating-point operations of one call, where the op is compute-bound (LoRA).
+    pub flops: Option<f64>,
+    pub tflops: Option<f64>,
+    /// The impl whose time `speedup` divides by (`None` for ours).
+    pub baseline: Option<String>,
+    pub speedup: Option<f64>,
+}
+
+/// A measurement that could not be made (error, out of memory, not supported).
+#[derive(Debug, Clone, Serialize)]
+pub struct Skipped {
+    pub op: String,
+    pub pass: String,
+    pub shape: Vec<usize>,
+    pub dtype: String,
+    #[serde(rename = "impl")]
+    pub imp: String,
+    pub error: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Header {
+    pub tool: String,
+    pub date: String,
+    pub device: String,
+    pub device_name: String,
+    pub copy_gbps: f64,
+    pub copy_bytes: usize,
+    pub git_commit: Option<String>,
+    pub mode: String,
+    pub legend: String,
+    pub notes: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub header: Header,
+    pub rows: Vec<Row>,
+    pub skipped: Vec<Skipped>,
+}
+
+/// What identifies a measurement.
+#[derive(Debug, Clone)]
+pub struct Key {
+    pub op: String,
+    pub pass: &'static str,
+    pub shape: Vec<usize>,
+    pub dtype: String,
+    pub imp: &'static str,
+}
+
+/// Collects rows while the bench runs; prints one progress line per measurement to stderr.
+pub struct Collector {
+    pub device: String,
+    pub device_name: String,
+    pub copy_gbps: f64,
+    pub rows: Vec<Row>,
+    pub skipped: Vec<Skipped>,
+    /// Where to save the rows so far after each case (mode "partial"), so that a run cut
+    /// short (e.g. by a time limit on a GPU machine) still leaves its measurements.
+    pub checkpoint: Option<(std::path::PathBuf, Header)>,
+}
+
+impl Collector {
+    /// Writes the rows so far to the checkpoint file, if any (speedups are filled only in
+    /// the final file; `scripts/merge_bench.py` recomputes them anyway).
+    pub fn checkpoint(&self) {
+        if let Some((path, header)) = &self.checkpoint {
+            let partial = Report {
+                header: header.clone(),
+                rows: self.rows.clone(),
+                skipped: self.skipped.clone(),
+            };
+            if let Err(e) = std::fs::write(path, partial.to_json()) {
+                eprintln!("warning: cannot write {}: {e}", path.display());
+            }
+        }
+    }
+
+    /// Records a measurement (or its error). `baseline` names the ours-impl it is compared
+    /// with (`None` for ours itself).
+    pub fn record(
+        &mut self,
+        key: Key,
+        bytes: f64,
+        flops: Option<f64>,
+        sets: usize,
+        baseline: Option<&'static str>,
+        res: candle_core::Result<Stats>,
+    ) {
+        match res {
+            Ok(st) => {
+                let gbps = bytes / (st.median_us * 1e3);
+                let row = Row {
+                    op: key.op,
+                    pass: key.pass.into(),
+                    shape: key.shape,
+                    dtype: key.dtype,
+                    device: self.device.clone(),
+                    device_name: self.device_name.clone(),
+                    imp: key.imp.into(),
+                    median_us: st.median_us,
+                    min_us: st.min_us,
+                    reps: st.reps,
+                    sets,
+                    bytes,
+                    gbps,
+                    pct_copy: 100.0 * gbps / self.copy_gbps,
+                    flops,
+                    tflops: flops.map(|f| f / (st.median_us * 1e6)),
+                    baseline: baseline.map(String::from),
+                    speedup: None,
+                };
+                eprintln!(
+                    "  {:<28} {:<8} {:<18} {:<5} {:<22} {:>12.1} us {:>8.1} GB/s",
+                    row.op,
+                    row.pass,
+                    shape_str(&row.shape),
+                    row.dtype,
+                    row.imp,
+                    row.median_us,
+                    row.gbps
+                );
+                self.rows.push(row);
+            }
+            Err(e) => {
+                let error = first_line(&e.to_string());
+                eprintln!(
+                    "  {:<28} {:<8} {:<18} {:<5} {:<22} SKIPPED: {error}",
+                    key.op,
+                    key.pass,
+                    shape_str(&key.shape),
+                    key.dtype,
+                    key.imp
+                );
+                self.skipped.push(Skipped {
+                    op: key.op,
+                    pass: key.pass.into(),
+                    shape: key.shape,
+                    dtype: key.dtype,
+                    imp: key.imp.into(),
+                    error,
+                })
+            }
+        }
+    }
+
+    /// Records the same error for every measurement of a case that could not even be set up.
+    pub fn skip_all(&mut self, keys: Vec<Key>, error: &candle_core::Error) {
+        for k in keys {
+            self.record(
+                k,
+                0.0,
+                None,
+                0,
+                None,
+                Err(candle_core::Error::Msg(error.to_string())),
+            );
+        }
+    }
+
+    /// Fills every row's `speedup` from its baseline row.
+    pub fn finish(&mut self) {
+        let mut ours: BTreeMap<(String, String, Vec<usize>, String, String), f64> = BTreeMap::new();
+        for r in &self.rows {
+            if r.baseline.is_none() {
+                let k = (
+                    r.op.clone(),
+                    r.pass.clone(),
+                    r.shape.clone(),
+                    r.dtype.clone(),
+                );
+                ours.insert((k.0, k.1, k.2, k.3, r.imp.clone()), r.median_us);
+            }
+        }
+        for r in &mut self.rows {
+            if let Some(b) = &r.baseline {
+                let k = (
+                    r.op.clone(),
+                    r.pass.clone(),
+                    r.shape.clone(),
+                    r.dtype.clone(),
+                    b.clone(),
+                );
+                r.speedup = ours.get(&k).map(|t| r.median_us / t);
+            }
+        }
+    }
+}
+
+fn first_line(s: &str) -> String {
+    s.lines().next().unwrap_or("").chars().take(200).collect()
+}
+
+pub fn shape_str(shape: &[usize]) -> String {
+    shape
+        .iter()
+        .map(|d| d.to_string())
+        .collect::<Vec<_>>()
+        .join("x")
+}
+
+/// The full table: one line per measurement.
+pub fn table(rows: &[Row]) -> String {
+    let mut s = format!(
+        "{:<28} {:<8} {:<18} {:<5} {:<22} {:>12} {:>9} {:>7} {:>9}\n",
+        "op", "pass", "shape", "dtype", "impl", "median us", "GB/s", "% copy", "xfaster"
+    );
+    s.push_str(&"-".repeat(s.len() - 1));
+    s.push('\n');
+    let mut last: Option<(&str, &[usize], &str)> = None;
+    for r in rows {
+        let group = (r.op.as_str(), r.shape.as_slice(), r.dtype.as_str());
+        if last.is_some() && last != Some(group) {
+            s.push('\n');
+        }
+        last = Some(group);
+        s.push_str(&format!(
+            "{:<28} {:<8} {:<18} {:<5} {:<22} {:>12.1} {:>9.1} {:>6.1}% {:>9}\n",
+            r.op,
+            r.pass,
+            shape_str(&r.shape),
+            r.dtype,
+            r.imp,
+            r.median_us,
+            r.gbps,
+            r.pct_copy,
+            r.speedup.map(|x| format!("{x:.2}x")).unwrap_or_default()
+        ));
+    }
+    s
+}
+
+/// The compact summary: one line per op, shape, dtype and pass with ours' time and % of copy
+/// bandwidth and how many times faster ours is than each other impl.
+pub fn summary(rows: &[Row]) -> String {
+    let mut s = format!(
+        "{:<28} {:<18} {:<5} {:<8} {:>11} {:>7} {:>10} {:>10} {:>10}\n",
+        "op", "shape", "dtype", "pass", "ours us", "% copy", "x composed", "x builtin", "autograd%"
+    );
+    s.push_str(&"-".repeat(s.len() - 1));
+    s.push('\n');
+    let find = |r: &Row, imp: &str| {
+        rows.iter().find(|o| {
+            o.op == r.op
+                && o.pass == r.pass
+                && o.shape == r.shape
+                && o.dtype == r.dtype
+                && o.imp == imp
+        })
+    };
+    for r in rows.iter().filter(|r| r.imp == "ours") {
+        let sp = |imp: &str| {
+            find(r, imp)
+                .and_then(|o| o.speedup)
+                .map(|x| format!("{x:.2}x"))
+                .unwrap_or_else(|| "-".into())
+        };
+        // For bwd: the % of copy bandwidth that loss.backward() through our op reaches.
+        let ag = find(r, "ours_autograd")
+            .map(|o| format!("{:.1}%", o.pct_copy))
+            .unwrap_or_else(|| "-".into());
+        s.push_str(&format!(
+            "{:<28} {:<18} {:<5} {:<8} {:>11.1} {:>6.1}% {:>10} {:>10} {:>10}\n",
+            r.op,
+            shape_str(&r.shape),
+            r.dtype,
+            r.pass,
+            r.median_us,
+            r.pct_copy,
+            sp("candle_composed"),
+            sp("candle_fused_builtin"),
+            ag
+        ));
+    }
+    s
+}
+
+/// Today's date and time in UTC, ISO 8601 (civil-from-days conversion, no extra dependency).
+pub fn utc_now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+/// The git commit: `git describe --always --dirty` in the current directory (or the crate's
+/// source directory); else the file `.gpu/COMMIT` that `scripts/build-gpu-bundle.sh` writes next
+/// to the binaries for a machine without git; else `$CANDLE_FUSED_COMMIT`.
+pub fn git_commit() -> Option<String> {
+    let describe = |dir: &std::path::Path| -> Option<String> {
+        let out = std::process::Command::new("git")
+            .args(["describe", "--always", "--dirty", "--abbrev=12"])
+            .current_dir(dir)
+            .output()
+            .ok()?;
+        let s = String::from_utf8(out.stdout).ok()?.trim().to_string();
+        (out.status.success() && !s.is_empty()).then_some(s)
+    };
+    let cwd = std::env::current_dir().ok();
+    cwd.as_deref()
+        .and_then(describe)
+        .or_else(|| describe(std::path::Path::new(env!("CARGO_MANIFEST_DIR"))))
+        .or_else(|| {
+            let s = std::fs::read_to_string(cwd?.join(".gpu/COMMIT")).ok()?;
+            let s = s.trim().to_string();
+            (!s.is_empty()).then_some(s)
+        })
+        .or_else(|| std::env::var("CANDLE_FUSED_COMMIT").ok())
+}

@@ -1,0 +1,180 @@
+// Softmax over the last dim on the row engine (common.cuh): forward with scale, broadcast
+// additive mask, causal masking with KV offset, and the backward dx = scale·y⊙(dy − ⟨dy, y⟩).
+//
+// Forward: one staged read of x, one (max, Σexp) reduction combined online across threads,
+// blocks and the cluster, one write of y. Causal rows stage only their visible columns.
+#include "common.cuh"
+
+using namespace cf;
+
+// Where the mask value of (row, col) is: start + Σ idx_k·strides[k] + col·col_stride, idx_k the
+// row's index in the leading dims (innermost last). The host merges dims that can be merged and
+// drops outer dims of stride 0, so the usual [S, T] mask broadcast over [B, H] costs one division.
+struct MaskGeom {
+  int64_t nd;
+  int64_t dims[6];
+  int64_t strides[6];
+  int64_t col_stride;
+  int64_t start;
+};
+
+constexpr float LOG2E = 1.4426950408889634f;
+
+template <typename T, int VEC, bool MASKED> struct SoftmaxFwd {
+  using Red = MaxSum;
+  static constexpr int NIN = 1;
+  const T* __restrict__ x;
+  const T* __restrict__ mask;  // nullptr: no mask
+  T* __restrict__ y;
+  MaskGeom mg;
+  float scale;
+  int causal, zero_masked;
+  int64_t s_rows, d;
+  int64_t vis = 0, moff = 0;  // of the current row
+
+  __device__ void begin_row(int64_t row) {
+    if (!MASKED) return;
+    vis = visible(row);
+    moff = mask ? mask_offset(row) : 0;
+  }
+  __device__ const T* input(int, int64_t row) const { return x + row * d; }
+  __device__ void init(int64_t, int, unsigned char*) {}
+  __device__ void finish(int64_t, int64_t, int) {}
+
+  // Columns 0..visible(row) are seen; the rest are hidden by the causal mask.
+  __device__ int64_t visible(int64_t row) const {
+    if (!causal) return d;
+    const int64_t v = row % s_rows + d - s_rows + 1;
+    return v < 0 ? 0 : (v > d ? d : v);
+  }
+  __device__ int stage_len(int64_t, int64_t lo, int n) const {
+    if (!MASKED) return n;
+    int64_t v = vis - lo;
+    v = v < 0 ? 0 : (v > n ? n : v);
+    v = (v + VEC - 1) / VEC * VEC;
+    return (int)(v > n ? n : v);
+  }
+  __device__ int64_t mask_offset(int64_t row) const {
+    int64_t off = mg.start;
+#pragma unroll
+    for (int k = 5; k >= 0; k--) {  // constant indices keep mg in registers
+      if (k < mg.nd) {
+        off += (row % mg.dims[k]) * mg.strides[k];
+        row /= mg.dims[k];
+      }
+    }
+    return off;
+  }
+  // The logit of column `col` (absolute index in the row).
+  __device__ __forceinline__ float z(T xv, int64_t col) const {
+    if (!MASKED) return scale * ld(xv);  // scale is 1 on the plain path: folded away
+    if (col >= vis) return -INFINITY;
+    float v = scale * ld(xv);
+    if (mask) v += ld(mask[moff + col * mg.col_stride]);
+    return v;
+  }
+
+  // Per thread: the max of its logits, then the sum of their exponentials (two sweeps over the
+  // staged slice, 16 bytes at a time).
+  __device__ MaxSum partial(int64_t, int64_t lo, int n, T* const* s) const {
+    const Pack<T, VEC>* sx = reinterpret_cast<const Pack<T, VEC>*>(s[0]);
+    const int nu = n / VEC;
+    float m = -INFINITY;
+    for (int u = threadIdx.x; u < nu; u += blockDim.x) {
+      const Pack<T, VEC> p = sx[u];
+#pragma unroll
+      for (int e = 0; e < VEC; e++) m = fmaxf(m, z(p.v[e], lo + u * VEC + e));
+    }
+    float sum = 0.f;
+    if (m != -INFINITY) {
+      const float ml = m * LOG2E;
+      for (int u = threadIdx.x; u < nu; u += blockDim.x) {
+        const Pack<T, VEC> p = sx[u];
+#pragma unroll
+        for (int e = 0; e < VEC; e++) sum += fast_exp2(fmaf(z(p.v[e], lo + u * VEC + e), LOG2E, -ml));
+      }
+    }
+    return {m, sum};
+  }
+
+  __device__ void output(int64_t row, int64_t lo, int n, T* const* s, MaxSum r) const {
+    const bool dead = r.m == -INFINITY;  // every column masked
+    const float fill = zero_masked ? 0.f : NAN;
+    const float ml = r.m * LOG2E, inv = 1.f / r.s;
+    T* yr = y + row * d + lo;
+    const Pack<T, VEC>* sx = reinterpret_cast<const Pack<T, VEC>*>(s[0]);
+    for (int u = threadIdx.x; u < n / VEC; u += blockDim.x) {
+      const Pack<T, VEC> in = sx[u];
+      Pack<T, VEC> o;
+#pragma unroll
+      for (int e = 0; e < VEC; e++) {
+        const float zz = z(in.v[e], lo + u * VEC + e);
+        o.v[e] = st<T>(dead ? fill : fast_exp2(fmaf(zz, LOG2E, -ml)) * inv);
+      }
+      reinterpret_cast<Pack<T, VEC>*>(yr)[u] = o;
+    }
+  }
+};
+
+template <typename T, int VEC> struct SoftmaxBwd {
+  using Red = SumF;
+  static constexpr int NIN = 2;
+  const T* __restrict__ y;
+  const T* __restrict__ dy;
+  T* __restrict__ dx;
+  float scale;
+  int64_t d;
+
+  __device__ void begin_row(int64_t) {}
+  __device__ const T* input(int k, int64_t row) const { return (k == 0 ? y : dy) + row * d; }
+  __device__ void init(int64_t, int, unsigned char*) {}
+  __device__ void finish(int64_t, int64_t, int) {}
+  __device__ int stage_len(int64_t, int64_t, int n) const { return n; }
+
+  __device__ SumF partial(int64_t, int64_t, int n, T* const* s) const {
+    const Pack<T, VEC>* a = reinterpret_cast<const Pack<T, VEC>*>(s[0]);
+    const Pack<T, VEC>* b = reinterpret_cast<const Pack<T, VEC>*>(s[1]);
+    float acc = 0.f;
+    for (int u = threadIdx.x; u < n / VEC; u += blockDim.x) {
+      const Pack<T, VEC> pa = a[u], pb = b[u];
+#pragma unroll
+      for (int e = 0; e < VEC; e++) acc = fmaf(ld(pa.v[e]), ld(pb.v[e]), acc);
+    }
+    return {acc};
+  }
+  __device__ void output(int64_t row, int64_t lo, int n, T* const* s, SumF dot) const {
+    T* o = dx + row * d + lo;
+    for (int u = threadIdx.x; u < n / VEC; u += blockDim.x) {
+      const int j0 = u * VEC;
+      Pack<T, VEC> a = *reinterpret_cast<const Pack<T, VEC>*>(s[0] + j0);
+      Pack<T, VEC> b = *reinterpret_cast<const Pack<T, VEC>*>(s[1] + j0), r;
+#pragma unroll
+      for (int e = 0; e < VEC; e++) r.v[e] = st<T>(scale * ld(a.v[e]) * (ld(b.v[e]) - dot.v));
+      *reinterpret_cast<Pack<T, VEC>*>(o + j0) = r;
+    }
+  }
+};
+
+#define SOFTMAX_KERNELS_V(NAME, T, V)                                                           \
+  extern "C" __global__ void __launch_bounds__(1024)                                           \
+      softmax_fwd_##NAME##_v##V(const T* x, const T* mask, T* y, Geom g, MaskGeom mg,           \
+                                float scale, int causal, int zero_masked, int64_t s_rows) {     \
+    if (mask || causal) {                                                                       \
+      SoftmaxFwd<T, V, true> op{x, mask, y, mg, scale, causal, zero_masked, s_rows, g.d};      \
+      run_rows<T, V>(g, op);                                                                    \
+    } else {                                                                                    \
+      SoftmaxFwd<T, V, false> op{x, mask, y, mg, scale, causal, zero_masked, s_rows, g.d};     \
+      run_rows<T, V>(g, op);                                                                    \
+    }                                                                                           \
+  }                                                                                             \
+  extern "C" __global__ void __launch_bounds__(1024)                                           \
+      softmax_bwd_##NAME##_v##V(const T* y, const T* dy, T* dx, Geom g, float scale) {          \
+    SoftmaxBwd<T, V> op{y, dy, dx, scale, g.d};                                                 \
+    run_rows<T, V>(g, op);                                                                      \
+  }
+
+#define SOFTMAX_KERNELS(NAME, T, V) \
+  SOFTMAX_KERNELS_V(NAME, T, V)     \
+  SOFTMAX_KERNELS_V(NAME, T, 1)
+
+CF_FOR_DTYPES(SOFTMAX_KERNELS)
