@@ -218,7 +218,7 @@ where
         inputs.iter().all(|i| i.len() == len),
         "row driver: inputs differ in length"
     );
-    let n_rows = if d == 0 { 0 } else { len / d };
+    let n_rows = len.checked_div(d).unwrap_or(0);
     let mut total = vec![T::A::zero(); acc_len];
     if n_rows == 0 {
         return total;

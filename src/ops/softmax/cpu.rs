@@ -10,6 +10,9 @@ use crate::cpu::{self, dispatch, Acc, Elem};
 
 const OP: &str = "softmax";
 
+/// The mask in the accumulation type (borrowed when it already is), and its index.
+type MaskParts<'a, A> = (Option<std::borrow::Cow<'a, [A]>>, Option<MaskIndex>);
+
 /// Where the mask value of (row, column) lives in the mask's storage.
 struct MaskIndex {
     start: usize,
@@ -86,7 +89,7 @@ fn forward_t<T: Elem>(
         });
     } else {
         // The mask, in the accumulation type, read through its (broadcast) strides.
-        let (mask_vals, index): (Option<std::borrow::Cow<[T::A]>>, Option<MaskIndex>) = match mask {
+        let (mask_vals, index): MaskParts<T::A> = match mask {
             None => (None, None),
             Some((ms, ml)) => {
                 let data = T::cpu_storage_as_slice(ms)?;
