@@ -125,7 +125,7 @@ fn gradient_through_one_output_only() {
                 &pick(refr),
                 &inputs,
                 &[true; 3],
-                &[probe.clone()],
+                std::slice::from_ref(&probe),
             );
             if which == 1 {
                 // Only `sum` is used: dx = dresidual = probe and dweight = 0.

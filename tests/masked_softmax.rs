@@ -79,7 +79,7 @@ fn backward_matches_finite_differences() {
                 )?])
             };
             let inputs = [x, m];
-            let (_, g) = fwd_bwd(&f, &inputs, &[true, true], &[probe.clone()]).unwrap();
+            let (_, g) = fwd_bwd(&f, &inputs, &[true, true], std::slice::from_ref(&probe)).unwrap();
             for (k, name) in [(0, "dx"), (1, "dmask")] {
                 let want = fd(&f, &inputs, k, 0, &probe);
                 assert_close_tol(
@@ -385,10 +385,9 @@ fn long_half_rows_with_mask_sum_to_one() {
 #[test]
 fn strided_inputs_and_masks_match_contiguous_copies() {
     testing::set_poison(true);
-    type View = fn(&Tensor) -> Result<Tensor>;
     let (s, t) = (5usize, 7usize);
     // (name, x base shape, x view, mask base shape, mask view)
-    let cases: Vec<(&str, Vec<usize>, View, Vec<usize>, View)> = vec![
+    let cases: Vec<ViewCase> = vec![
         (
             "mask transposed",
             vec![2, s, t],
@@ -485,7 +484,13 @@ fn strided_inputs_and_masks_match_contiguous_copies() {
                 )?])
             };
             let probe = randn(xv.dims(), 1.0, dt);
-            let both = run_both(&f, &r, &[xb, mb], &[true, true], &[probe.clone()]);
+            let both = run_both(
+                &f,
+                &r,
+                &[xb, mb],
+                &[true, true],
+                std::slice::from_ref(&probe),
+            );
             let per_row_mask = mv.dim(D::Minus1).unwrap() == 1 || ms.last() == Some(&1);
             if per_row_mask {
                 let dm = both.2[1].as_ref().unwrap();

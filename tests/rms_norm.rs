@@ -23,7 +23,13 @@ fn check(ctx: &str, x: &Tensor, w: Option<&Tensor>, eps: f64, dt: DType) {
     inputs.extend(w.cloned());
     let diff = vec![true; inputs.len()];
     let probe = randn(x.dims(), 1.0, dt);
-    let both = run_both(&fused(eps), &refr(eps), &inputs, &diff, &[probe.clone()]);
+    let both = run_both(
+        &fused(eps),
+        &refr(eps),
+        &inputs,
+        &diff,
+        std::slice::from_ref(&probe),
+    );
     let (fx, fw) = rms_floors(x, w, &probe, eps, dt);
     let floor = |k: usize| if k == 0 { fx } else { fw };
     compare_all(ctx, &both, &["y"], &["x", "weight"], &diff, dt, &floor);
@@ -98,14 +104,14 @@ fn backward_matches_finite_differences() {
             let probe = randn(shape, 1.0, DType::F64);
             let f = fused(eps);
             let inputs = [x, w];
-            let (_, g) = fwd_bwd(&f, &inputs, &[true, true], &[probe.clone()]).unwrap();
+            let (_, g) = fwd_bwd(&f, &inputs, &[true, true], std::slice::from_ref(&probe)).unwrap();
             for (k, name) in [(0, "dx"), (1, "dweight")] {
                 let want = fd(&f, &inputs, k, 0, &probe);
                 let ctx = format!("{name} vs finite differences {shape:?} eps {eps}");
                 assert_close_tol(&ctx, g[k].as_ref().unwrap(), &want, FD_TOL);
             }
             // Without weight.
-            let (_, g) = fwd_bwd(&f, &inputs[..1], &[true], &[probe.clone()]).unwrap();
+            let (_, g) = fwd_bwd(&f, &inputs[..1], &[true], std::slice::from_ref(&probe)).unwrap();
             let want = fd(&f, &inputs[..1], 0, 0, &probe);
             assert_close_tol(
                 "dx (no weight) vs fd",
@@ -132,7 +138,7 @@ fn public_backward_matches_reference_autograd() {
                 &refr(eps),
                 &[x.clone(), w.clone()],
                 &[true, true],
-                &[dy.clone()],
+                std::slice::from_ref(&dy),
             );
             let (dx, dw) = ops::rms_norm_backward(&x, Some(&w), &dy, eps).unwrap();
             let dw = dw.expect("dweight with a weight");
@@ -141,7 +147,13 @@ fn public_backward_matches_reference_autograd() {
             let (rdx, rdw) = (both.3[0].as_ref().unwrap(), both.3[1].as_ref().unwrap());
             assert_close_floor("rms_norm_backward dx", &dx, rdx, dt, fx);
             assert_close_floor("rms_norm_backward dw", &dw, rdw, dt, fw);
-            let both = run_both(&refr(eps), &refr(eps), &[x.clone()], &[true], &[dy.clone()]);
+            let both = run_both(
+                &refr(eps),
+                &refr(eps),
+                std::slice::from_ref(&x),
+                &[true],
+                std::slice::from_ref(&dy),
+            );
             let (dx, dw) = ops::rms_norm_backward(&x, None, &dy, eps).unwrap();
             assert!(dw.is_none());
             let (fx, _) = rms_floors(&x, None, &dy, eps, dt);
@@ -185,9 +197,14 @@ fn weight_gradient_is_bitwise_deterministic() {
             }
             // Through autograd too.
             let f = fused(1e-5);
-            let g1 = fwd_bwd(&f, &[x.clone(), w.clone()], &[true, true], &[dy.clone()])
-                .unwrap()
-                .1;
+            let g1 = fwd_bwd(
+                &f,
+                &[x.clone(), w.clone()],
+                &[true, true],
+                std::slice::from_ref(&dy),
+            )
+            .unwrap()
+            .1;
             assert_eq!(bits(g1[1].as_ref().unwrap()), bits(&dw0));
             // And right.
             let (_, fw) = rms_floors(&x, Some(&w), &dy, 1e-5, dt);
@@ -254,9 +271,8 @@ fn large_and_tiny_values() {
 #[test]
 fn strided_inputs_and_weights_match_contiguous_copies() {
     testing::set_poison(true);
-    type View = fn(&Tensor) -> Result<Tensor>;
     let d = 12usize;
-    let cases: Vec<(&str, Vec<usize>, View, Vec<usize>, View)> = vec![
+    let cases: Vec<ViewCase> = vec![
         (
             "x transposed",
             vec![d, 5],
@@ -342,7 +358,13 @@ fn strided_inputs_and_weights_match_contiguous_copies() {
                 )?])
             };
             let probe = randn(xv.dims(), 1.0, dt);
-            let both = run_both(&f, &r, &[xb, wb], &[true, true], &[probe.clone()]);
+            let both = run_both(
+                &f,
+                &r,
+                &[xb, wb],
+                &[true, true],
+                std::slice::from_ref(&probe),
+            );
             // Broadcast views sum gradients in dt inside Candle: the floor of that sum, from
             // the reference gradients of the views themselves.
             let views = [

@@ -21,7 +21,13 @@ fn refr(a: &[Tensor]) -> Result<Vec<Tensor>> {
 /// ops), in `dt`. The gradient gets the floor of a backward that reads the rounded `y`.
 fn check(ctx: &str, x: &Tensor, dt: DType) {
     let probe = randn(x.dims(), 1.0, dt);
-    let both = run_both(&fused, &refr, &[x.clone()], &[true], &[probe.clone()]);
+    let both = run_both(
+        &fused,
+        &refr,
+        std::slice::from_ref(x),
+        &[true],
+        std::slice::from_ref(&probe),
+    );
     compare_softmax(
         ctx,
         &both,
@@ -88,8 +94,14 @@ fn backward_matches_finite_differences() {
     for shape in [&[5usize][..], &[3, 4], &[2, 3, 6], &[4, 1]] {
         let x = randn(shape, 1.5, DType::F64);
         let probe = randn(shape, 1.0, DType::F64);
-        let (_, g) = fwd_bwd(&fused, &[x.clone()], &[true], &[probe.clone()]).unwrap();
-        let want = fd(&fused, &[x.clone()], 0, 0, &probe);
+        let (_, g) = fwd_bwd(
+            &fused,
+            std::slice::from_ref(&x),
+            &[true],
+            std::slice::from_ref(&probe),
+        )
+        .unwrap();
+        let want = fd(&fused, std::slice::from_ref(&x), 0, 0, &probe);
         assert_close_tol(
             &format!("dx vs finite differences {shape:?}"),
             g[0].as_ref().unwrap(),
@@ -268,7 +280,13 @@ fn check_view_impl(
         |a: &[Tensor]| -> Result<Vec<Tensor>> { Ok(vec![ops::softmax_last_dim(&view(&a[0])?)?]) };
     let r = |a: &[Tensor]| -> Result<Vec<Tensor>> { Ok(vec![reference::softmax(&view(&a[0])?)?]) };
     let probe = randn(v.dims(), 1.0, dt);
-    let both = run_both(&f, &r, &[base.clone()], &[true], &[probe.clone()]);
+    let both = run_both(
+        &f,
+        &r,
+        std::slice::from_ref(base),
+        &[true],
+        std::slice::from_ref(&probe),
+    );
     if grad_is_zero {
         assert_close(what, &both.0[0], &both.1[0], dt);
         let g = both.2[0].as_ref().expect("gradient of the base");
@@ -344,7 +362,13 @@ fn empty_in_empty_out() {
             let g = ops::softmax_backward(&y, &y, 0.5).unwrap();
             assert_eq!(g.dims(), shape);
             // Backward through an empty op runs.
-            let (outs, _) = fwd_bwd(&fused, &[x.clone()], &[true], &[y.clone()]).unwrap();
+            let (outs, _) = fwd_bwd(
+                &fused,
+                std::slice::from_ref(&x),
+                &[true],
+                std::slice::from_ref(&y),
+            )
+            .unwrap();
             assert_eq!(outs[0].dims(), shape);
         }
     }

@@ -15,6 +15,12 @@ pub const DTYPES: [DType; 4] = [DType::F32, DType::F64, DType::F16, DType::BF16]
 pub const HALF: [DType; 2] = [DType::F16, DType::BF16];
 pub const CPU: Device = Device::Cpu;
 
+/// A strided view of a tensor (transpose, narrow, broadcast, ...).
+pub type View = fn(&Tensor) -> Result<Tensor>;
+
+/// A strided-input case: name, first base shape and its view, second base shape and its view.
+pub type ViewCase = (&'static str, Vec<usize>, View, Vec<usize>, View);
+
 /// An op under test: inputs in, every output out.
 pub type OpFn<'a> = &'a dyn Fn(&[Tensor]) -> Result<Vec<Tensor>>;
 
@@ -432,7 +438,7 @@ pub fn check_masked_softmax(
         inputs.push(m.clone());
         diff.push(learned);
     }
-    let both = run_both(&f, &r, &inputs, &diff, &[probe.clone()]);
+    let both = run_both(&f, &r, &inputs, &diff, std::slice::from_ref(probe));
     assert!(
         vec64(&both.0[0]).iter().all(|v| v.is_finite()),
         "{ctx}: non-finite output without NaN/inf input"
