@@ -350,14 +350,6 @@ pub(crate) fn sum_map<A: Acc>(x: &[A], g: impl Fn(A) -> A) -> A {
     blocked_sum(x.len(), |i| g(x[i]))
 }
 
-/// Sum of `g(a, b)` over two rows of equal length.
-#[inline(always)]
-pub(crate) fn sum_map2<A: Acc>(a: &[A], b: &[A], g: impl Fn(A, A) -> A) -> A {
-    let n = a.len();
-    let (a, b) = (&a[..n], &b[..n]);
-    blocked_sum(n, |i| g(a[i], b[i]))
-}
-
 /// `dst[i] = exp(src[i] - m)`, returning the sum of the results.
 #[inline(always)]
 pub(crate) fn exp_sub_sum<A: Acc>(src: &[A], dst: &mut [A], m: A) -> A {
@@ -440,7 +432,7 @@ mod tests {
         let s: f64 = x.iter().map(|&v| v as f64).sum();
         assert!((sum_map(&x, |v| v) as f64 - s).abs() < 1e-3);
         let d: f64 = x.iter().map(|&v| (v as f64) * (v as f64)).sum();
-        assert!((sum_map2(&x, &x, |a, b| a * b) as f64 - d).abs() / d < 1e-6);
+        assert!((blocked_sum(x.len(), |i| x[i] * x[i]) as f64 - d).abs() / d < 1e-6);
     }
 
     #[test]

@@ -84,7 +84,7 @@ pub fn add_rms_norm(
     eps: f64,
 ) -> Result<(Tensor, Tensor)> {
     const OP: &str = "add_rms_norm";
-    rms_norm::check(OP, x, Some(weight), eps)?;
+    rms_norm::check(OP, "x", x, Some(weight), eps)?;
     validate::same_dtype_device(OP, "residual", residual, x)?;
     validate::shape_eq(OP, "residual", residual, x.dims(), "the shape of x")?;
     if x.elem_count() == 0 {
@@ -109,7 +109,7 @@ pub fn add_rms_norm_backward(
     eps: f64,
 ) -> Result<(Tensor, Tensor)> {
     const OP: &str = "add_rms_norm_backward";
-    rms_norm::check(OP, sum, Some(weight), eps)?;
+    rms_norm::check(OP, "sum", sum, Some(weight), eps)?;
     for (name, t) in [("d_normed", d_normed), ("d_sum", d_sum)] {
         validate::same_dtype_device(OP, name, t, sum)?;
         validate::shape_eq(OP, name, t, sum.dims(), "the shape of sum")?;

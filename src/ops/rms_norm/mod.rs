@@ -154,16 +154,16 @@ pub(crate) fn backward_raw(
     ))
 }
 
-/// Checks shared by the RMSNorm ops: `x` (rank >= 1, float), `eps`, and a weight of shape
-/// `[D]` with `x`'s dtype and device.
-pub(crate) fn check(op: &str, x: &Tensor, w: Option<&Tensor>, eps: f64) -> Result<()> {
-    validate::rank_ge1(op, "x", x)?;
-    validate::float_dtype(op, "x", x)?;
+/// Checks shared by the RMSNorm ops: the input `x` (named `arg` in messages; rank >= 1,
+/// float), `eps`, and a weight of shape `[D]` with `x`'s dtype and device.
+pub(crate) fn check(op: &str, arg: &str, x: &Tensor, w: Option<&Tensor>, eps: f64) -> Result<()> {
+    validate::rank_ge1(op, arg, x)?;
+    validate::float_dtype(op, arg, x)?;
     validate::eps(op, eps)?;
     if let Some(w) = w {
         validate::same_dtype_device(op, "weight", w, x)?;
         let d = x.dim(candle_core::D::Minus1)?;
-        validate::shape_eq(op, "weight", w, &[d], "the last dim of x")?;
+        validate::shape_eq(op, "weight", w, &[d], &format!("the last dim of {arg}"))?;
     }
     Ok(())
 }
@@ -172,7 +172,7 @@ pub(crate) fn check(op: &str, x: &Tensor, w: Option<&Tensor>, eps: f64) -> Resul
 /// `x / sqrt(mean(x², -1) + eps) * weight`. `weight` has shape `[D]`; `None` means no scaling.
 pub fn rms_norm(x: &Tensor, weight: Option<&Tensor>, eps: f64) -> Result<Tensor> {
     const OP: &str = "rms_norm";
-    check(OP, x, weight, eps)?;
+    check(OP, "x", x, weight, eps)?;
     if x.elem_count() == 0 {
         return x.zeros_like();
     }
@@ -192,7 +192,7 @@ pub fn rms_norm_backward(
     eps: f64,
 ) -> Result<(Tensor, Option<Tensor>)> {
     const OP: &str = "rms_norm_backward";
-    check(OP, x, weight, eps)?;
+    check(OP, "x", x, weight, eps)?;
     validate::same_dtype_device(OP, "dy", dy, x)?;
     validate::shape_eq(OP, "dy", dy, x.dims(), "the shape of x")?;
     if x.elem_count() == 0 {

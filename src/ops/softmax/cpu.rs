@@ -1,8 +1,6 @@
 //! CPU kernels for softmax: rows in parallel, three sweeps over a row that stays in cache
 //! (max; exp and sum written to the output; scale), vectorized, f32 accumulation for halves.
 
-use std::borrow::Cow;
-
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result, Shape};
 use num_traits::{Float, Zero};
@@ -11,6 +9,9 @@ use super::{Softmax, SoftmaxBwd};
 use crate::cpu::{self, dispatch, Acc, Elem};
 
 const OP: &str = "softmax";
+
+/// The mask in the accumulation type (borrowed when it already is), and its index.
+type MaskParts<'a, A> = (Option<std::borrow::Cow<'a, [A]>>, Option<MaskIndex>);
 
 /// Where the mask value of (row, column) lives in the mask's storage.
 struct MaskIndex {
@@ -81,21 +82,24 @@ fn forward_t<T: Elem>(
         cpu::rows([x], [&mut out], t, 0, |_, [x], [y], _| {
             let m = cpu::max(x);
             let sum = cpu::exp_sub_sum(x, y, m);
-            normalize(y, sum, op.zero_masked_rows && m == T::A::neg_infinity());
+            // A fully masked row is zeros, unless it holds a NaN (NaN propagates).
+            let zero =
+                op.zero_masked_rows && m == T::A::neg_infinity() && !x.iter().any(|v| v.is_nan());
+            normalize(y, sum, zero);
         });
     } else {
         // The mask, in the accumulation type, read through its (broadcast) strides.
-        let mask_data: Option<(Cow<[T::A]>, MaskIndex)> = match mask {
-            None => None,
+        let (mask_vals, index): MaskParts<T::A> = match mask {
+            None => (None, None),
             Some((ms, ml)) => {
                 let data = T::cpu_storage_as_slice(ms)?;
                 let index = MaskIndex::new(ml);
                 let data = &data[..index.extent(t).min(data.len())];
                 let vals = match T::as_acc(data) {
-                    Some(a) => Cow::Borrowed(a),
-                    None => Cow::Owned(cpu::to_acc_vec(data)),
+                    Some(a) => std::borrow::Cow::Borrowed(a),
+                    None => std::borrow::Cow::Owned(cpu::to_acc_vec(data)),
                 };
-                Some((vals, index))
+                (Some(vals), Some(index))
             }
         };
         let scale = T::A::of(op.scale);
@@ -109,8 +113,8 @@ fn forward_t<T: Elem>(
             };
             let (zv, zh) = z.split_at_mut(vis);
             zh.fill(T::A::zero());
-            match &mask_data {
-                Some((mv, ix)) => {
+            match (&mask_vals, &index) {
+                (Some(mv), Some(ix)) => {
                     let off = ix.row_offset(r);
                     match ix.col_stride {
                         0 => {
@@ -131,7 +135,7 @@ fn forward_t<T: Elem>(
                         }
                     }
                 }
-                None => {
+                _ => {
                     for (zj, &xj) in zv.iter_mut().zip(x) {
                         *zj = scale * xj;
                     }
@@ -139,12 +143,18 @@ fn forward_t<T: Elem>(
             }
             let m = cpu::max(zv);
             let all_masked = vis == 0 || m == neg_inf;
-            if all_masked && op.zero_masked_rows {
+            // `max` skips NaN: a row of -inf and NaN is not "fully masked", its NaN propagates.
+            if all_masked && op.zero_masked_rows && !zv.iter().any(|v| v.is_nan()) {
                 zv.fill(T::A::zero());
                 return;
             }
             let sum = cpu::exp_sub_sum_inplace(zv, m);
             normalize(zv, sum, false);
+            if sum.is_nan() {
+                // A NaN (or +inf) logit makes the whole row NaN, causally hidden columns
+                // included, as an additive -inf mask and the f64 reference do.
+                zh.fill(T::A::nan());
+            }
         });
     }
     Ok((T::to_cpu_storage_owned(out), l.shape().clone()))
@@ -184,11 +194,14 @@ fn backward_t<T: Elem>(
     let dims = yl.dims();
     let t = dims[dims.len() - 1];
     let mut out = cpu::alloc::<T>(y.len());
-    let scale = T::A::of(op.scale);
+    let scale = op.scale;
     cpu::rows([y, g], [&mut out], t, 0, |_, [y, g], [dx], _| {
-        let dot = cpu::sum_map2(y, g, |a, b| a * b);
+        // ⟨dy, y⟩ and `dy − ⟨dy, y⟩` in f64 (products of f32 values are exact there): for a
+        // nearly one-hot row `dy_max − ⟨dy, y⟩` cancels, and in f32 only rounding noise of
+        // `⟨dy, y⟩` would be left (relative errors ~1e-4 at logit gaps of ~10).
+        let dot = cpu::blocked_sum::<f64>(t, |j| y[j].wide() * g[j].wide());
         for ((d, &yj), &gj) in dx.iter_mut().zip(y).zip(g) {
-            *d = scale * yj * (gj - dot);
+            *d = T::A::of(scale * yj.wide() * (gj.wide() - dot));
         }
     });
     Ok((T::to_cpu_storage_owned(out), yl.shape().clone()))

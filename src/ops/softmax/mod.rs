@@ -94,11 +94,15 @@ impl CustomOp2 for Softmax {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let dx = backward_op(y, dy, self.scale)?;
         // The mask's gradient is g = dx / scale; Candle's broadcast backward then sums it over
-        // the broadcast dims. Only computed when the mask is tracked (e.g. a learned bias).
-        let dmask = if mask.track_op() {
-            Some((&dx / self.scale)?)
-        } else {
+        // the broadcast dims. Only computed when the mask is tracked (e.g. a learned bias), and
+        // by its own kernel call unless scale = 1: dividing dx by scale would give NaN for
+        // scale = 0 and lose range for tiny scales.
+        let dmask = if !mask.track_op() {
             None
+        } else if self.scale == 1.0 {
+            Some(dx.clone())
+        } else {
+            Some(backward_op(y, dy, 1.0)?)
         };
         Ok((Some(dx), dmask))
     }
@@ -136,16 +140,16 @@ fn backward_op(y: &Tensor, dy: &Tensor, scale: f64) -> Result<Tensor> {
         .apply_op2_no_bwd(&dy.contiguous()?, &SoftmaxBwd { scale })
 }
 
-fn check_x(op: &str, x: &Tensor) -> Result<()> {
-    validate::rank_ge1(op, "x", x)?;
-    validate::float_dtype(op, "x", x)
+fn check_x(op: &str, arg: &str, x: &Tensor) -> Result<()> {
+    validate::rank_ge1(op, arg, x)?;
+    validate::float_dtype(op, arg, x)
 }
 
 /// Softmax over the last dimension, differentiable. A row of only `-inf` gives NaN (as the
 /// math and PyTorch do); use [`masked_softmax`] for attention, where such rows give zeros.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     const OP: &str = "softmax_last_dim";
-    check_x(OP, x)?;
+    check_x(OP, "x", x)?;
     if x.elem_count() == 0 {
         return x.zeros_like();
     }
@@ -173,7 +177,7 @@ pub fn masked_softmax(
     causal: bool,
 ) -> Result<Tensor> {
     const OP: &str = "masked_softmax";
-    check_x(OP, x)?;
+    check_x(OP, "x", x)?;
     validate::finite(OP, "scale", scale)?;
     if let Some(m) = mask {
         validate::same_dtype_device(OP, "mask", m, x)?;
@@ -198,7 +202,7 @@ pub fn masked_softmax(
 /// from the forward's output `y` and the output gradient `dy` (same shape).
 pub fn softmax_backward(y: &Tensor, dy: &Tensor, scale: f64) -> Result<Tensor> {
     const OP: &str = "softmax_backward";
-    check_x(OP, y)?;
+    check_x(OP, "y", y)?;
     validate::same_dtype_device(OP, "dy", dy, y)?;
     validate::shape_eq(OP, "dy", dy, y.dims(), "the shape of y")?;
     validate::finite(OP, "scale", scale)?;
