@@ -3,7 +3,7 @@
 //! reference and against this crate's CPU backend, with outputs poisoned before each launch.
 #![cfg(feature = "cuda")]
 
-use candle_core::{DType, Device, D};
+use candle_core::{DType, Device, Tensor, D};
 use candle_fused::check::{self, Case, MaskKind, OpKind};
 use candle_fused::{ops, testing};
 
@@ -282,4 +282,53 @@ fn lora_grad_flags_and_errors() {
 #[test]
 fn lora_module() {
     lora::module_trains_merges_and_round_trips()
+}
+
+/// Nearly one-hot rows: dy_j − ⟨dy, y⟩ cancels; the GPU backward keeps the CPU's precision.
+#[test]
+fn softmax_backward_one_hot_rows_on_gpu() {
+    let dev = gpu();
+    for &dt in &[DType::F32, DType::BF16] {
+        let x = testing::randn(&[64, 1000], 1.0, DType::F32, &Device::Cpu).unwrap();
+        let bump = Tensor::zeros((64, 1000), DType::F32, &Device::Cpu)
+            .unwrap()
+            .slice_assign(
+                &[0..64, 7..8],
+                &Tensor::full(30f32, (64, 1), &Device::Cpu).unwrap(),
+            )
+            .unwrap();
+        let x = (x + bump).unwrap().to_dtype(dt).unwrap();
+        let y = ops::softmax_last_dim(&x).unwrap();
+        let dy = testing::randn(&[64, 1000], 1.0, dt, &Device::Cpu).unwrap();
+        let cpu = ops::softmax_backward(&y, &dy, 1.0).unwrap();
+        let g = ops::softmax_backward(
+            &y.to_device(&dev).unwrap(),
+            &dy.to_device(&dev).unwrap(),
+            1.0,
+        )
+        .unwrap();
+        let err = testing::rel_err(&g, &cpu).unwrap();
+        assert!(err < testing::tolerance(dt), "{dt:?}: {err:e}");
+    }
+}
+
+/// A masked row with NaN among -inf logits is NaN (as in the reference), not a masked zero row.
+#[test]
+fn nan_in_fully_masked_row_is_nan_on_gpu() {
+    let dev = gpu();
+    let x = Tensor::new(&[[f32::NAN, 1.0, 2.0], [0.5, 1.0, 2.0]], &dev).unwrap();
+    let m = Tensor::new(
+        &[
+            [f32::NEG_INFINITY, f32::NEG_INFINITY, f32::NEG_INFINITY],
+            [0.0, 0.0, 0.0],
+        ],
+        &dev,
+    )
+    .unwrap();
+    let y = ops::masked_softmax(&x, 1.0, Some(&m), false)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    assert!(y[0].iter().all(|v| v.is_nan()), "{y:?}");
+    assert!(y[1].iter().all(|v| v.is_finite()), "{y:?}");
 }

@@ -153,6 +153,7 @@ struct MaxSum {
   float m, s;
   static __device__ __forceinline__ MaxSum identity() { return {-INFINITY, 0.f}; }
   static __device__ __forceinline__ MaxSum combine(MaxSum a, MaxSum b) {
+    if (isnan(a.m) || isnan(b.m)) return {NAN, NAN};  // a NaN logit poisons the row
     float m = fmaxf(a.m, b.m);
     if (m == -INFINITY) return {m, a.s + b.s};
     return {m, a.s * fast_exp2((a.m - m) * 1.4426950408889634f) +

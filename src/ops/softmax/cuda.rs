@@ -168,7 +168,7 @@ fn backward_t<T: CudaDType + DeviceRepr>(
         elem: std::mem::size_of::<T>(),
         nin: 2,
         extra_per_col: 0,
-        red: 4,
+        red: 16,
         vec_ok,
     };
     let prefix = format!("softmax_bwd_{}", cuda::dtype_name(OP, ys.dtype())?);

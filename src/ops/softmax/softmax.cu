@@ -102,7 +102,17 @@ template <typename T, int VEC, bool MASKED> struct SoftmaxFwd {
       for (int e = 0; e < VEC; e++) m = fmaxf(m, zz[e]);
     }
     float sum = 0.f;
-    if (m != -INFINITY) {
+    if (m == -INFINITY) {
+      // No finite logit: the row is fully masked, unless a NaN (skipped by fmaxf) hides in it,
+      // which makes the row NaN as in the reference.
+      for (int u = threadIdx.x; u < nu; u += blockDim.x) {
+        float zz[VEC];
+        logits(ld_pack<T, VEC>(sx + u * VEC), lo + u * VEC, zz);
+#pragma unroll
+        for (int e = 0; e < VEC; e++)
+          if (isnan(zz[e])) m = NAN;
+      }
+    } else {
       const float ml = m * LOG2E;
       for (int u = threadIdx.x; u < nu; u += blockDim.x) {
         float zz[VEC];
@@ -131,8 +141,11 @@ template <typename T, int VEC, bool MASKED> struct SoftmaxFwd {
   }
 };
 
+// ⟨dy, y⟩ is summed from exact product splits (p + e = y·dy) and joined in f64, and dy − ⟨dy, y⟩
+// is formed against its two-float split: on nearly one-hot rows dy_j ≈ ⟨dy, y⟩ and plain f32
+// would leave only rounding noise in the difference.
 template <typename T, int VEC> struct SoftmaxBwd {
-  using Red = SumF;
+  using Red = Sum2D;
   static constexpr int NIN = 2;
   const T* __restrict__ y;
   const T* __restrict__ dy;
@@ -146,25 +159,31 @@ template <typename T, int VEC> struct SoftmaxBwd {
   __device__ void finish(int64_t, int64_t, int) {}
   __device__ int stage_len(int64_t, int64_t, int n) const { return n; }
 
-  __device__ SumF partial(int64_t, int64_t, int n, T* const* s) const {
+  __device__ Sum2D partial(int64_t, int64_t, int n, T* const* s) const {
     const T* a = s[0];
     const T* b = s[1];
-    float acc = 0.f;
+    float acc = 0.f, acc_e = 0.f;
     for (int u = threadIdx.x; u < n / VEC; u += blockDim.x) {
       const Pack<T, VEC> pa = ld_pack<T, VEC>(a + u * VEC), pb = ld_pack<T, VEC>(b + u * VEC);
 #pragma unroll
-      for (int e = 0; e < VEC; e++) acc = fmaf(ld(pa.v[e]), ld(pb.v[e]), acc);
+      for (int e = 0; e < VEC; e++) {
+        const float ya = ld(pa.v[e]), ga = ld(pb.v[e]);
+        const float p = ya * ga;
+        acc += p;
+        acc_e += fmaf(ya, ga, -p);
+      }
     }
-    return {acc};
+    return {(double)acc + (double)acc_e, 0.0};
   }
-  __device__ void output(int64_t row, int64_t lo, int n, T* const* s, SumF dot) const {
+  __device__ void output(int64_t row, int64_t lo, int n, T* const* s, Sum2D red) const {
+    const float dot_hi = (float)red.a, dot_lo = (float)(red.a - (double)dot_hi);
     T* o = dx + row * d + lo;
     for (int u = threadIdx.x; u < n / VEC; u += blockDim.x) {
       const int j0 = u * VEC;
       Pack<T, VEC> a = ld_pack<T, VEC>(s[0] + j0);
       Pack<T, VEC> b = ld_pack<T, VEC>(s[1] + j0), r;
 #pragma unroll
-      for (int e = 0; e < VEC; e++) r.v[e] = st<T>(scale * ld(a.v[e]) * (ld(b.v[e]) - dot.v));
+      for (int e = 0; e < VEC; e++) r.v[e] = st<T>(scale * ld(a.v[e]) * ((ld(b.v[e]) - dot_hi) - dot_lo));
       st_pack<T, VEC>(o + j0, r);
     }
   }
