@@ -111,6 +111,9 @@ pub(crate) struct RowSpec {
     pub red: usize,
     /// 16-byte vectors are possible (the row length and every pointer line up).
     pub vec_ok: bool,
+    /// A persistent grid (at most as many CTAs as fit on the GPU at once, walking the rows):
+    /// for ops that accumulate per-CTA partials (dw). Otherwise one cluster per row.
+    pub persistent: bool,
 }
 
 /// The launch of a row op.
@@ -167,9 +170,10 @@ pub(crate) fn plan(
             }
         )
     }
-    // Slices of at most ~56 KB (112 KB double-buffered) let two CTAs share an SM; and few long
-    // rows get more CTAs per row (each still >= 8192 columns) so the grid covers the GPU.
-    while c < max_c && smem_of(chunk_of(c)) > 56 * 1024 {
+    // Slices of at most ~110 KB let two CTAs share an SM, so one stages while the other
+    // computes; and few long rows get more CTAs per row (each still >= 8192 columns) so the
+    // grid covers the GPU.
+    while c < max_c && smem_of(chunk_of(c)) > 110 * 1024 {
         c *= 2;
     }
     while c < max_c && s.rows * c < 2 * info.sms as usize && chunk_of(2 * c) >= 8192 {
@@ -178,13 +182,10 @@ pub(crate) fn plan(
     let chunk = chunk_of(c);
     let units = chunk.div_ceil(vec);
     let threads = units.div_ceil(4).next_power_of_two().clamp(32, 1024) as u32;
-    let single = smem_of(chunk);
-    let dbuf = single + stage_of(chunk) <= limit;
-    let smem = (if dbuf {
-        single + stage_of(chunk)
-    } else {
-        single
-    }) as u32;
+    // The engine can double-buffer (stage the next row while computing this one), but measured
+    // on an H200 it lost to more CTAs per SM with one buffer (NOTES.md), so it is off.
+    let dbuf = false;
+    let smem = smem_of(chunk) as u32;
     let name = format!("{prefix}_v{vec}");
     let func = function(dev, ptx, &name)?;
     let per_sm = func
@@ -192,9 +193,12 @@ pub(crate) fn plan(
         .w()?
         .max(1) as usize;
     let max_clusters = (1usize << 24) / c;
-    let clusters = (info.sms as usize * per_sm / c)
-        .clamp(1, s.rows.max(1))
-        .min(max_clusters);
+    let clusters = if s.persistent {
+        (info.sms as usize * per_sm / c).clamp(1, s.rows.max(1))
+    } else {
+        s.rows.max(1)
+    }
+    .min(max_clusters);
     Ok(Plan {
         geom: Geom {
             rows: s.rows as i64,

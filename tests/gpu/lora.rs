@@ -58,6 +58,11 @@ pub fn sweep_vs_reference_and_cpu() {
             (vec![513, 257], 385, 64, true),
             (vec![2, 33, 300], 260, 256, false),
         ] {
+            // A single-term product (M = K = N = r = 1) in f16/bf16 is rounding-limited where
+            // its two terms cancel (tests/lora.rs checks it against the terms' size instead).
+            if shape == [1, 1] && matches!(dtype, DType::F16 | DType::BF16) {
+                continue;
+            }
             cases.push(Case {
                 op: OpKind::Lora { n, r, bias },
                 shape,

@@ -48,6 +48,7 @@ fn forward_t<T: CudaDType + DeviceRepr>(
         extra_per_col: 0,
         red: 4,
         vec_ok,
+        persistent: false,
     };
     let prefix = format!("add_rms_fwd_{}", cuda::dtype_name(OP, x.0.dtype())?);
     let plan = cuda::plan(OP, dev, &PTX, &prefix, &spec)?;

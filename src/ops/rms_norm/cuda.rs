@@ -51,6 +51,7 @@ fn forward_t<T: CudaDType + DeviceRepr>(
         extra_per_col: 0,
         red: 4,
         vec_ok,
+        persistent: false,
     };
     let prefix = format!("rms_fwd_{}", cuda::dtype_name(OP, s.dtype())?);
     let plan = cuda::plan(OP, dev, &PTX, &prefix, &spec)?;
@@ -111,6 +112,7 @@ fn backward_t<T: CudaDType + DeviceRepr>(
         extra_per_col: if w.is_some() { 4 } else { 0 },
         red: 16,
         vec_ok,
+        persistent: w.is_some(),
     };
     let dt = cuda::dtype_name(OP, a.x.0.dtype())?;
     let op = if a.dres.is_some() {

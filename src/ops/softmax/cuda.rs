@@ -104,6 +104,7 @@ fn forward_t<T: CudaDType + DeviceRepr>(
         extra_per_col: 0,
         red: 8,
         vec_ok,
+        persistent: false,
     };
     // The masked kernel (mask, causal) or the leaner plain one.
     let kind = if mask.is_some() || op.causal {
@@ -170,6 +171,7 @@ fn backward_t<T: CudaDType + DeviceRepr>(
         extra_per_col: 0,
         red: 16,
         vec_ok,
+        persistent: false,
     };
     let prefix = format!("softmax_bwd_{}", cuda::dtype_name(OP, ys.dtype())?);
     let plan = cuda::plan("softmax_backward", dev, &PTX, &prefix, &spec)?;

@@ -162,18 +162,21 @@ template <typename T, int VEC> struct SoftmaxBwd {
   __device__ Sum2D partial(int64_t, int64_t, int n, T* const* s) const {
     const T* a = s[0];
     const T* b = s[1];
-    float acc = 0.f, acc_e = 0.f;
+    // acc + comp carries the sum with (almost) twice f32's precision: each product is split
+    // exactly (p + fma residual) and each addition's rounding error recovered (TwoSum).
+    float acc = 0.f, comp = 0.f;
     for (int u = threadIdx.x; u < n / VEC; u += blockDim.x) {
       const Pack<T, VEC> pa = ld_pack<T, VEC>(a + u * VEC), pb = ld_pack<T, VEC>(b + u * VEC);
 #pragma unroll
       for (int e = 0; e < VEC; e++) {
         const float ya = ld(pa.v[e]), ga = ld(pb.v[e]);
         const float p = ya * ga;
-        acc += p;
-        acc_e += fmaf(ya, ga, -p);
+        const float t = acc + p, bp = t - acc;
+        comp += ((acc - (t - bp)) + (p - bp)) + fmaf(ya, ga, -p);
+        acc = t;
       }
     }
-    return {(double)acc + (double)acc_e, 0.0};
+    return {(double)acc + (double)comp, 0.0};
   }
   __device__ void output(int64_t row, int64_t lo, int n, T* const* s, Sum2D red) const {
     const float dot_hi = (float)red.a, dot_lo = (float)(red.a - (double)dot_hi);
