@@ -22,6 +22,16 @@ Passes:
            standalone backward given dy)
   fwd+bwd  the function on leaf tensors, loss = sum(out * probe), torch.autograd.grad(loss)
 
+LoRA (family lora_linear, shape [M, K, N, r], x [M, K], frozen W [N, K], A [r, K], B [N, r],
+s = 2.0, no bias; passes fwd and fwd+bwd only, like the Rust bench):
+  torch_base     F.linear(x, W)                                      (the bare base GEMM)
+  torch_peft     F.linear(x, W) + F.linear(F.linear(x, A), B) * s    (what PEFT's Linear does)
+  torch_addmm    y = x @ W.T; y.addmm_(x @ A.T, B.T, alpha=s)
+  torch_merged   F.linear(x, W + s * B @ A)  (fwd only; the merge is done before timing)
+  torch_compile  torch_peft through torch.compile(dynamic=False)
+  fwd+bwd: x, A, B require grad (torch_base: x only), W does not; loss = sum(y * probe),
+  torch.autograd.grad(loss, [x, A, B]). Flops and bytes as in src/bench/lora.rs.
+
 Timing: CUDA events around each call, device synchronised before and after, warm-up then the
 median (the same repetition budget as the Rust bench); small inputs rotate among several input
 sets (>= 128 MiB in all) so the 50 MB L2 does not hold them; inputs are random, never zeros.
@@ -94,20 +104,27 @@ ATTN_SHAPES = {
     ("cpu", True): [([1, 4, 128, 128], "f32", "masked_softmax+causal")],
 }
 
-# LoRA (issue 4) hook: the issue's bench shapes (M, K, N, r) and dtypes. To add LoRA rows,
-# write `lora_rows(ctx, m, k, n, r, dtype)` timing PEFT-style `x @ W.T + s * ((x @ A.T) @ B.T)`,
-# `torch.addmm`, and the bare base GEMM `x @ W.T` (fwd and fwd+bwd with grads for x, A, B),
-# record them with `ctx.record(...)` (pass `flops=` so rows get TFLOP/s; op name
-# "lora_linear", shape [M, K, N, r]), and call it from `run_family` for family "lora_linear".
-LORA_SHAPES = [
-    ((128, 512, 512, 8), "f32"),  # the seeds' shape
-    ((1, 4096, 4096, 16), "bf16"),
-    ((4096, 4096, 4096, 16), "bf16"),
-    ((16384, 4096, 4096, 16), "bf16"),
-    ((16384, 4096, 14336, 64), "bf16"),
-]
+# The LoRA shapes [M, K, N, r] of src/bench/cases.rs::lora_shapes (keep in sync).
+LORA_SHAPES = {
+    ("cuda", False): [
+        ([128, 512, 512, 8], "f32"),  # the seeds' shape
+        ([1, 4096, 4096, 16], "bf16"),
+        ([4096, 4096, 4096, 16], "bf16"),
+        ([16384, 4096, 4096, 16], "bf16"),
+        ([16384, 4096, 14336, 64], "bf16"),
+    ],
+    ("cuda", True): [([128, 512, 512, 8], "f32"), ([4096, 4096, 4096, 16], "bf16")],
+    ("cpu", False): [
+        ([128, 512, 512, 8], "f32"),
+        ([1, 4096, 4096, 16], "bf16"),
+        ([1024, 1024, 1024, 16], "f32"),
+        ([1024, 1024, 1024, 16], "bf16"),
+    ],
+    ("cpu", True): [([128, 512, 512, 8], "f32")],
+}
+LORA_SCALE = 2.0  # src/bench/lora.rs::SCALE
 
-FAMILIES = ["softmax", "masked_softmax", "rms_norm", "add_rms_norm"]  # + "lora_linear" (issue 4)
+FAMILIES = ["softmax", "masked_softmax", "rms_norm", "add_rms_norm", "lora_linear"]
 
 
 def family_of(op):
@@ -216,7 +233,8 @@ class Ctx:
         med = samples[n // 2] if n % 2 else 0.5 * (samples[n // 2 - 1] + samples[n // 2])
         return med, samples[0], n
 
-    def record(self, op, pas, shape, dtype, impl, sets, fn, setup=None, nbytes=None, flops=None):
+    def record(self, op, pas, shape, dtype, impl, sets, fn, setup=None, nbytes=None, flops=None,
+               baseline="ours"):
         try:
             med, mn, reps = self.timeit(fn, setup)
         except Exception as e:  # OOM, compile failure, unsupported: a skipped row, not a crash
@@ -233,11 +251,12 @@ class Ctx:
             device=self.device.type, device_name=self.device_name, impl=impl,
             median_us=med, min_us=mn, reps=reps, sets=sets, bytes=float(nbytes), gbps=gbps,
             pct_copy=None, flops=flops, tflops=(flops / (med * 1e6)) if flops else None,
-            baseline="ours", speedup=None,
+            baseline=baseline, speedup=None,
         )
         self.rows.append(row)
+        tf = f" {row['tflops']:>8.3g} TFLOP/s" if row["tflops"] else ""
         print(f"  {op:<28} {pas:<8} {shape_str(shape):<18} {dtype:<5} {impl:<22} "
-              f"{med:>12.1f} us {gbps:>8.1f} GB/s", file=sys.stderr)
+              f"{med:>12.1f} us {gbps:>8.1f} GB/s{tf}", file=sys.stderr)
 
     def over_time(self):
         return time.time() - self.t0 > self.args.max_seconds
@@ -419,6 +438,183 @@ def run_mem_case(ctx, op, shape, dtype, compile_it):
     free_memory()
 
 
+# ---------------------------------------------------------------- LoRA
+
+
+def lora_flops(shape, impl, pas):
+    """Useful flops of one call, as src/bench/lora.rs: LoRA fwd 2MKN + 2MKr + 2MrN, bwd
+    2MNK + 4MNr + 4MKr (dx, dA, dB; no dW); the plain GEMMs (base, merged) 2MKN each way."""
+    m, k, n, r = shape
+    gemm = 2 * m * k * n
+    if impl in ("torch_base", "torch_merged"):
+        fwd, bwd = gemm, gemm
+    else:
+        fwd, bwd = gemm + 2 * m * k * r + 2 * m * r * n, gemm + 4 * m * n * r + 4 * m * k * r
+    return float({"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[pas])
+
+
+def lora_bytes(shape, dtype, impl, pas):
+    """Minimum bytes, as src/bench/lora.rs: LoRA fwd e(MK + NK + rK + Nr + MN), bwd
+    e(MN + 2MK + NK + 2rK + 2Nr + Mr); plain GEMMs fwd e(MK + NK + MN), bwd e(MN + NK + MK)."""
+    m, k, n, r = shape
+    e = elt_size(dtype)
+    if impl in ("torch_base", "torch_merged"):
+        fwd, bwd = m * k + n * k + m * n, m * n + n * k + m * k
+    else:
+        fwd = m * k + n * k + r * k + n * r + m * n
+        bwd = m * n + 2 * m * k + n * k + 2 * r * k + 2 * n * r + m * r
+    return float(e * {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[pas])
+
+
+def lora_set_bytes(shape, dtype):
+    m, k, n, r = shape
+    return elt_size(dtype) * (m * k + 2 * n * k + r * k + n * r + m * n)
+
+
+def lora_inputs(shape, dtype, dev):
+    """x ~ N(0, 1), W, A ~ N(0, 1/K), B ~ N(0, 1/r), probe ~ N(0, 1) (as the Rust bench);
+    the merged weight W + s*B@A computed in f32 and rounded once."""
+    m, k, n, r = shape
+    x = randn((m, k), 1.0, dtype, dev)
+    w = randn((n, k), 1.0 / math.sqrt(k), dtype, dev)
+    a = randn((r, k), 1.0 / math.sqrt(k), dtype, dev)
+    b = randn((n, r), 1.0 / math.sqrt(r), dtype, dev)
+    probe = randn((m, n), 1.0, dtype, dev)
+    merged = (w.float() + LORA_SCALE * (b.float() @ a.float())).to(DTYPES[dtype])
+    return dict(x=x, w=w, a=a, b=b, probe=probe, merged=merged)
+
+
+def lora_base(x, w, a, b):
+    return F.linear(x, w)
+
+
+def lora_peft(x, w, a, b):
+    return F.linear(x, w) + F.linear(F.linear(x, a), b) * LORA_SCALE
+
+
+def lora_addmm(x, w, a, b):
+    y = x @ w.T
+    return y.addmm_(x @ a.T, b.T, alpha=LORA_SCALE)
+
+
+def lora_fwd_bwd(f, st, only_x=False):
+    x = st["x"].detach().requires_grad_()
+    a, b = st["a"], st["b"]
+    if not only_x:
+        a, b = a.detach().requires_grad_(), b.detach().requires_grad_()
+    loss = (f(x, st["w"], a, b) * st["probe"]).sum()
+    return torch.autograd.grad(loss, [x] if only_x else [x, a, b])
+
+
+def lora_check(impl, got, want, dtype):
+    """got vs want (torch_peft), relative to max |want|: a wrong formula is not timed."""
+    rel = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+    half = dtype in ("bf16", "f16")
+    tol = (5e-2 if half else 1e-3) if impl == "torch_merged" else (2e-2 if half else 1e-4)
+    if not rel <= tol:
+        raise ValueError(f"{impl} forward differs from torch_peft: rel {rel:.3e} > {tol:.0e}")
+
+
+def run_lora_case(ctx, op, shape, dtype, compile_it):
+    dev = ctx.device
+    k = sets_for(lora_set_bytes(shape, dtype))
+    print(f"{op} {shape_str(shape)} {dtype} ({k} input set(s))", file=sys.stderr)
+    fwd_impls = ["torch_base", "torch_peft", "torch_addmm", "torch_merged"]
+    fb_impls = ["torch_base", "torch_peft", "torch_addmm"]
+    if compile_it:
+        fwd_impls.append("torch_compile")
+        fb_impls.append("torch_compile")
+
+    def skip(impls, pas, err):
+        for impl in impls:
+            ctx.skipped.append(dict(op=op, pass_=pas, shape=list(shape), dtype=dtype, impl=impl,
+                                    error=err))
+            print(f"  {op:<28} {pas:<8} {shape_str(shape):<18} {dtype:<5} {impl:<22} SKIPPED: {err}",
+                  file=sys.stderr)
+
+    def errstr(e):
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+
+    try:
+        sets = [lora_inputs(shape, dtype, dev) for _ in range(k)]
+    except Exception as e:
+        skip(fwd_impls, "fwd", errstr(e))
+        skip(fb_impls, "fwd+bwd", errstr(e))
+        free_memory()
+        return
+
+    fns = {
+        "torch_base": lora_base,
+        "torch_peft": lora_peft,
+        "torch_addmm": lora_addmm,
+        "torch_merged": lambda x, w, a, b: F.linear(x, w),  # called with the merged weight
+    }
+    if compile_it:
+        if ctx.over_time():
+            ctx.notes.append(f"torch_compile skipped for {op} {shape_str(shape)} {dtype}: "
+                             f"past --max-seconds {ctx.args.max_seconds}")
+            fwd_impls.remove("torch_compile")
+            fb_impls.remove("torch_compile")
+        else:
+            try:
+                torch._dynamo.reset()
+                f_c = torch.compile(lora_peft, dynamic=False)
+                st = sets[0]
+                with torch.no_grad():  # compile the forward and the backward untimed
+                    f_c(st["x"], st["w"], st["a"], st["b"])
+                lora_fwd_bwd(f_c, st)
+                ctx.sync()
+                fns["torch_compile"] = f_c
+            except Exception as e:
+                ctx.notes.append(f"torch_compile failed for {op} {shape_str(shape)} {dtype}: "
+                                 + errstr(e))
+                fwd_impls.remove("torch_compile")
+                fb_impls.remove("torch_compile")
+                free_memory()
+
+    def args_of(impl, st):
+        w = st["merged"] if impl == "torch_merged" else st["w"]
+        return st["x"], w, st["a"], st["b"]
+
+    # Each impl's forward against torch_peft's on the first set (a wrong formula is not timed).
+    bad = {}
+    with torch.no_grad():
+        try:
+            want = lora_peft(*args_of("torch_peft", sets[0]))
+            for impl in fwd_impls:
+                if impl not in ("torch_base", "torch_peft"):
+                    try:
+                        lora_check(impl, fns[impl](*args_of(impl, sets[0])), want, dtype)
+                    except Exception as e:
+                        bad[impl] = errstr(e)
+            del want
+        except Exception as e:
+            bad["torch_peft"] = errstr(e)
+    free_memory()
+
+    for pas, impls in (("fwd", fwd_impls), ("fwd+bwd", fb_impls)):
+        for impl in impls:
+            if impl in bad:
+                skip([impl], pas, bad[impl])
+                continue
+            f = fns[impl]
+            nbytes = lora_bytes(shape, dtype, impl, pas)
+            flops = lora_flops(shape, impl, pas)
+            if pas == "fwd":
+                with torch.no_grad():
+                    ctx.record(op, pas, shape, dtype, impl, k,
+                               lambda i, f=f, impl=impl: f(*args_of(impl, sets[i % k])),
+                               nbytes=nbytes, flops=flops)
+            else:
+                only_x = impl == "torch_base"
+                ctx.record(op, pas, shape, dtype, impl, k,
+                           lambda i, f=f, only_x=only_x: lora_fwd_bwd(f, sets[i % k], only_x),
+                           nbytes=nbytes, flops=flops)
+            free_memory()
+    del sets
+    free_memory()
+
+
 def cases_from_json(path):
     with open(path) as fh:
         data = json.load(fh)
@@ -433,9 +629,11 @@ def cases_from_json(path):
 
 def default_cases(dev_type, quick):
     out = []
-    for op in ("softmax", "masked_softmax", "rms_norm", "add_rms_norm"):
+    for op in FAMILIES:
         if op == "masked_softmax":
             out += [(name, shape, dt) for shape, dt, name in ATTN_SHAPES[(dev_type, quick)]]
+        elif op == "lora_linear":
+            out += [(op, shape, dt) for shape, dt in LORA_SHAPES[(dev_type, quick)]]
         else:
             out += [(op, shape, dt) for shape, dt in ROW_SHAPES[(dev_type, quick)]]
     return out
@@ -459,11 +657,13 @@ def git_commit():
 
 def table(rows):
     hdr = (f"{'op':<28} {'pass':<8} {'shape':<18} {'dtype':<5} {'impl':<22} "
-           f"{'median us':>12} {'GB/s':>9} {'% copy':>7}")
+           f"{'median us':>12} {'GB/s':>9} {'% copy':>7} {'TFLOP/s':>9}")
     lines = [hdr, "-" * len(hdr)]
     for r in rows:
+        tf = (f"{r['tflops']:.2f}" if r["tflops"] >= 0.1 else f"{r['tflops']:.3g}") if r.get("tflops") else ""
         lines.append(f"{r['op']:<28} {r['pass']:<8} {shape_str(r['shape']):<18} {r['dtype']:<5} "
-                     f"{r['impl']:<22} {r['median_us']:>12.1f} {r['gbps']:>9.1f} {r['pct_copy']:>6.1f}%")
+                     f"{r['impl']:<22} {r['median_us']:>12.1f} {r['gbps']:>9.1f} {r['pct_copy']:>6.1f}% "
+                     f"{tf:>9}")
     return "\n".join(lines)
 
 
@@ -476,7 +676,7 @@ def main():
     ap.add_argument("--op", help="comma-separated families: " + ", ".join(FAMILIES))
     ap.add_argument("--compile", default="some", choices=["none", "some", "all"],
                     help="torch.compile rows: none; some = where it can fuse more than eager "
-                         "(masked_softmax, add_rms_norm; default); all")
+                         "(masked_softmax, add_rms_norm, lora_linear; default); all")
     ap.add_argument("--max-seconds", type=float, default=420.0,
                     help="start no new torch.compile work after this many seconds (eager rows "
                          "still run)")
@@ -492,7 +692,7 @@ def main():
         if bad:
             sys.exit(f"bench_torch.py: unknown --op {bad}, expected one of {FAMILIES}")
         cases = [c for c in cases if family_of(c[0]) in want]
-    compile_fams = {"none": set(), "some": {"masked_softmax", "add_rms_norm"},
+    compile_fams = {"none": set(), "some": {"masked_softmax", "add_rms_norm", "lora_linear"},
                     "all": set(FAMILIES)}[args.compile]
     torch._dynamo.config.cache_size_limit = 256
 
@@ -503,7 +703,8 @@ def main():
     ctx.copy_gbps = before
     print(f"copy bandwidth: {before:.1f} GB/s", file=sys.stderr)
     for op, shape, dtype in cases:
-        run_mem_case(ctx, op, shape, dtype, family_of(op) in compile_fams)
+        run = run_lora_case if family_of(op) == "lora_linear" else run_mem_case
+        run(ctx, op, shape, dtype, family_of(op) in compile_fams)
         if args.json:  # a checkpoint, so a run cut short still leaves its rows
             save(ctx, args, copy_bytes, partial=True)
     after, _ = copy_bandwidth(ctx, copy_bytes)
@@ -550,7 +751,12 @@ def save(ctx, args, copy_bytes, partial):
                 "F.rms_norm. torch_compile: the same function through torch.compile("
                 "dynamic=False). bwd: torch.autograd.grad(outputs, inputs, grad_outputs=probes, "
                 "retain_graph=True) on a prebuilt graph. fwd+bwd: loss = sum(out * probe), "
-                "torch.autograd.grad(loss, inputs)."),
+                "torch.autograd.grad(loss, inputs). LoRA (lora_linear, shape MxKxNxr, s = 2): "
+                "torch_base = F.linear(x, W); torch_peft = F.linear(x, W) + F.linear(F.linear("
+                "x, A), B) * s; torch_addmm = (x @ W.T).addmm_(x @ A.T, B.T, alpha=s); "
+                "torch_merged = F.linear(x, W + s*B@A) (merged untimed); torch_compile = "
+                "torch_peft compiled; fwd+bwd: grads of x, A, B (torch_base: x), W frozen, "
+                "loss = sum(y * probe); TFLOP/s and GB/s with the formulas of the Rust bench."),
         notes=notes,
     )
     if args.json:

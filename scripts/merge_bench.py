@@ -12,8 +12,10 @@ for Candle's composed backward): this row's median / the baseline's median, i.e.
 times faster ours is.
 
 The markdown has a summary table (one line per op, pass, shape, dtype: ours' time, GB/s and %
-of copy bandwidth, then each other impl's time and how many times faster ours is) and the full
-table (one line per impl), ready to paste into BENCHMARKS.md.
+of copy bandwidth, then each other impl's time and how many times faster ours is), for the
+compute-bound rows (LoRA, rows with flops) a summary with TFLOP/s, ours / the base GEMM and
+ours / PyTorch's autograd against the issue's targets, and the full table (one line per impl),
+ready to paste into BENCHMARKS.md.
 """
 
 import argparse
@@ -24,11 +26,24 @@ import sys
 IMPL_ORDER = [
     "ours",
     "ours_autograd",
+    "base_gemm",
+    "base_linear",
     "candle_fused_builtin",
     "candle_composed",
+    "merged",
     "torch_eager",
+    "torch_base",
+    "torch_peft",
+    "torch_addmm",
+    "torch_merged",
     "torch_compile",
 ]
+# Compute-bound rows (those with flops: LoRA) get their own summary with TFLOP/s and the
+# targets of issue 4: fwd <= 1.05x the limit (the faster of base_gemm and base_linear) for
+# M >= 4096, fwd+bwd <= 0.85x PyTorch's autograd (torch_peft).
+LIMIT_IMPLS = ("base_gemm", "base_linear")
+FWD_TARGET, FWD_TARGET_MIN_M = 1.05, 4096
+FWD_BWD_TARGET, FWD_BWD_VS = 0.85, "torch_peft"
 PASS_ORDER = {"fwd": 0, "bwd": 1, "fwd+bwd": 2}
 
 
@@ -116,52 +131,29 @@ def markdown(runs, rows, skipped):
     if len(names) > 1:
         out.append(f"\n**Warning: the runs are on different devices: {sorted(map(str, names))}.**")
 
+    mem_rows = [r for r in rows if not r.get("flops")]
     impls = []
-    for r in rows:
+    for r in mem_rows:
         if r["impl"] not in impls:
             impls.append(r["impl"])
     impls.sort(key=lambda n: IMPL_ORDER.index(n) if n in IMPL_ORDER else len(IMPL_ORDER))
     others = [n for n in impls if n != "ours"]
 
-    out.append("\n### Summary\n")
-    out.append(
-        "Times are medians in µs. `ours`: GB/s of the bytes that must move and % of the copy "
-        "bandwidth measured in the same run. Other impls: time, then (×N) = ours is N times "
-        "faster (bwd of `candle_composed` is compared with `ours_autograd`: both time "
-        "`loss.backward()`; everything else with `ours`).\n"
-    )
-    head = ["op", "pass", "shape", "dtype", "ours µs", "ours GB/s", "ours % copy"] + others
-    out.append("| " + " | ".join(head) + " |")
-    out.append("|" + "|".join(["---"] * 4 + ["---:"] * (len(head) - 4)) + "|")
-    groups = {}
-    for r in rows:
-        groups.setdefault(key(r), {})[r["impl"]] = r
-    for k, g in groups.items():
-        op, pas, shape, dtype, _ = k
-        o = g.get("ours")
-        cells = [op, pas, shape_str(shape), dtype]
-        if o:
-            cells += [fmt_us(o["median_us"]), f"{o['gbps']:.1f}", f"{o['pct_copy']:.1f}%"]
-        else:
-            cells += ["-", "-", "-"]
-        for n in others:
-            r = g.get(n)
-            if r is None:
-                cells.append("")
-            elif r.get("speedup") is not None:
-                cells.append(f"{fmt_us(r['median_us'])} (×{r['speedup']:.2f})")
-            else:
-                cells.append(f"{fmt_us(r['median_us'])} ({r['pct_copy']:.0f}% copy)")
-        out.append("| " + " | ".join(cells) + " |")
+    if mem_rows:
+        out += mem_summary(mem_rows, others)
+    lora_rows = [r for r in rows if r.get("flops")]
+    if lora_rows:
+        out += compute_summary(lora_rows)
 
     out.append("\n### All rows\n")
-    out.append("| op | pass | shape | dtype | impl | median µs | GB/s | % copy | ours ×faster | run |")
-    out.append("|---|---|---|---|---|---:|---:|---:|---:|---:|")
+    out.append("| op | pass | shape | dtype | impl | median µs | GB/s | % copy | TFLOP/s | ours ×faster | run |")
+    out.append("|---|---|---|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         sp = f"×{r['speedup']:.2f}" if r.get("speedup") is not None else ""
+        tf = fmt_tf(r.get("tflops"), "")
         out.append(
             f"| {r['op']} | {r['pass']} | {shape_str(r['shape'])} | {r['dtype']} | {r['impl']} | "
-            f"{fmt_us(r['median_us'])} | {r['gbps']:.1f} | {r['pct_copy']:.1f}% | {sp} | {r['run']} |"
+            f"{fmt_us(r['median_us'])} | {r['gbps']:.1f} | {r['pct_copy']:.1f}% | {tf} | {sp} | {r['run']} |"
         )
     if skipped:
         out.append("\n### Not measured\n")
@@ -182,6 +174,102 @@ def markdown(runs, rows, skipped):
             if h.get("legend"):
                 out.append(f"run {i} (`{h.get('tool', '?')}`):\n\n```text\n{h['legend']}\n```\n")
     return "\n".join(out) + "\n"
+
+
+def fmt_tf(t, missing="-"):
+    """TFLOP/s: two decimals, or three significant digits below 0.1 (CPU, tiny shapes)."""
+    if not t:
+        return missing
+    return f"{t:.2f}" if t >= 0.1 else f"{t:.3g}"
+
+
+def impl_cell(r):
+    if r is None:
+        return ""
+    if r.get("speedup") is not None:
+        return f"{fmt_us(r['median_us'])} (×{r['speedup']:.2f})"
+    return f"{fmt_us(r['median_us'])} ({r['pct_copy']:.0f}% copy)"
+
+
+def compute_summary(rows):
+    """LoRA (rows with flops): ours' time and TFLOP/s, ours / the limit (the faster of
+    base_gemm and base_linear) and ours / torch_peft with the issue's targets, then each other
+    impl's time and how many times faster ours is."""
+    out = ["\n### Summary: LoRA (compute-bound)\n"]
+    out.append(
+        "Times are medians in µs; TFLOP/s = useful flops / time (formulas in the legend). "
+        "`ours/limit` = ours' time / the faster of `base_gemm` and `base_linear` (the bare "
+        f"x·Wᵀ; target ≤ {FWD_TARGET} for the forward with M ≥ {FWD_TARGET_MIN_M}); "
+        f"`ours/{FWD_BWD_VS}` = ours' time / PyTorch's PEFT-style time (target ≤ "
+        f"{FWD_BWD_TARGET} for fwd+bwd). Other impls: time, then (×N) = ours is N times faster "
+        "(×N < 1: that impl is faster).\n"
+    )
+    impls = []
+    for r in rows:
+        if r["impl"] not in impls and r["impl"] != "ours":
+            impls.append(r["impl"])
+    impls.sort(key=lambda n: IMPL_ORDER.index(n) if n in IMPL_ORDER else len(IMPL_ORDER))
+    head = ["op", "pass", "shape", "dtype", "ours µs", "ours TFLOP/s", "ours/limit",
+            f"ours/{FWD_BWD_VS}"] + impls
+    out.append("| " + " | ".join(head) + " |")
+    out.append("|" + "|".join(["---"] * 4 + ["---:"] * (len(head) - 4)) + "|")
+    groups = {}
+    for r in rows:
+        groups.setdefault(key(r), {})[r["impl"]] = r
+    for k, g in groups.items():
+        op, pas, shape, dtype, _ = k
+        o = g.get("ours")
+        cells = [op, pas, shape_str(shape), dtype]
+        if o:
+            cells += [fmt_us(o["median_us"]), fmt_tf(o.get("tflops"))]
+            limit = min((g[n]["median_us"] for n in LIMIT_IMPLS if n in g), default=None)
+            if limit:
+                ratio = o["median_us"] / limit
+                mark = ""
+                if pas == "fwd" and shape[0] >= FWD_TARGET_MIN_M:
+                    mark = " ✓" if ratio <= FWD_TARGET else " ✗"
+                cells.append(f"{ratio:.3f}{mark}")
+            else:
+                cells.append("-")
+            vs = g.get(FWD_BWD_VS)
+            if vs:
+                ratio = o["median_us"] / vs["median_us"]
+                mark = (" ✓" if ratio <= FWD_BWD_TARGET else " ✗") if pas == "fwd+bwd" else ""
+                cells.append(f"{ratio:.3f}{mark}")
+            else:
+                cells.append("-")
+        else:
+            cells += ["-", "-", "-", "-"]
+        cells += [impl_cell(g.get(n)) for n in impls]
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
+def mem_summary(rows, others):
+    out = ["\n### Summary\n"]
+    out.append(
+        "Times are medians in µs. `ours`: GB/s of the bytes that must move and % of the copy "
+        "bandwidth measured in the same run. Other impls: time, then (×N) = ours is N times "
+        "faster (bwd of `candle_composed` is compared with `ours_autograd`: both time "
+        "`loss.backward()`; everything else with `ours`).\n"
+    )
+    head = ["op", "pass", "shape", "dtype", "ours µs", "ours GB/s", "ours % copy"] + others
+    out.append("| " + " | ".join(head) + " |")
+    out.append("|" + "|".join(["---"] * 4 + ["---:"] * (len(head) - 4)) + "|")
+    groups = {}
+    for r in rows:
+        groups.setdefault(key(r), {})[r["impl"]] = r
+    for k, g in groups.items():
+        op, pas, shape, dtype, _ = k
+        o = g.get("ours")
+        cells = [op, pas, shape_str(shape), dtype]
+        if o:
+            cells += [fmt_us(o["median_us"]), f"{o['gbps']:.1f}", f"{o['pct_copy']:.1f}%"]
+        else:
+            cells += ["-", "-", "-"]
+        cells += [impl_cell(g.get(n)) for n in others]
+        out.append("| " + " | ".join(cells) + " |")
+    return out
 
 
 def main():

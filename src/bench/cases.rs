@@ -5,6 +5,9 @@
 //! attention softmax [32,32,2048,2048] bf16 (scale 1/8; causal, and with an [S,T] mask).
 //! The CPU (full) scales the big ones down so the run takes a few minutes on a small machine.
 //! `--quick` is a few small shapes (under a minute on a CPU).
+//!
+//! LoRA ([`lora_shapes`]) has the (M, K, N, r) list on CUDA; the CPU runs the two
+//! small ones plus a 1024³ case.
 
 use candle_core::DType::{self, BF16, F32};
 
@@ -56,6 +59,30 @@ pub fn attn_shapes(plan: Plan) -> Vec<(Vec<usize>, DType, MaskKind, bool)> {
             (vec![2, 8, 512, 512], F32, MaskKind::Rows, false),
         ],
         (false, true) => vec![(vec![1, 4, 128, 128], F32, MaskKind::None, true)],
+    }
+}
+
+/// Shapes `(M, K, N, r)` and dtypes of the LoRA family (`lora_linear`): the list on
+/// CUDA (the seeds' shape in f32, the large ones in bf16); on the CPU the first two plus
+/// 1024³ r16 in f32 and bf16. `--quick`: the seeds' shape (CUDA: also 4096³ r16 bf16, the
+/// first shape where the forward target applies).
+pub fn lora_shapes(plan: Plan) -> Vec<([usize; 4], DType)> {
+    match (plan.cuda, plan.quick) {
+        (true, false) => vec![
+            ([128, 512, 512, 8], F32),
+            ([1, 4096, 4096, 16], BF16),
+            ([4096, 4096, 4096, 16], BF16),
+            ([16384, 4096, 4096, 16], BF16),
+            ([16384, 4096, 14336, 64], BF16),
+        ],
+        (true, true) => vec![([128, 512, 512, 8], F32), ([4096, 4096, 4096, 16], BF16)],
+        (false, false) => vec![
+            ([128, 512, 512, 8], F32),
+            ([1, 4096, 4096, 16], BF16),
+            ([1024, 1024, 1024, 16], F32),
+            ([1024, 1024, 1024, 16], BF16),
+        ],
+        (false, true) => vec![([128, 512, 512, 8], F32)],
     }
 }
 

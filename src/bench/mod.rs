@@ -6,16 +6,17 @@
 //! row's GB/s, % of copy bandwidth and how many times faster ours is (see [`report::LEGEND`]).
 //!
 //! Layout: [`timing`] (median timer, CUDA events, copy bandwidth), [`cases`] (the shapes),
-//! [`memops`] (inputs, bytes and implementations of the memory-bound ops), [`report`] (rows,
-//! tables, JSON).
+//! [`memops`] (inputs, bytes and implementations of the memory-bound ops), [`lora`] (the
+//! LoRA linear: flops, bytes, impls), [`report`] (rows, tables, JSON).
 //!
-//! ## Adding an op family (e.g. LoRA, issue 4)
+//! ## Adding an op family (as [`lora`] does)
 //! Write `src/bench/<family>.rs` with a type implementing [`Family`] (its `run` builds random
 //! inputs, times each impl with [`timing::Timer`] and calls [`report::Collector::record`]
 //! with a [`report::Key`]; compute-bound ops pass `flops` so rows get TFLOP/s), and add it to
 //! [`families`]. `scripts/bench_torch.py` has the matching hook for the PyTorch side.
 
 pub mod cases;
+pub mod lora;
 pub mod memops;
 pub mod report;
 pub mod timing;
@@ -66,7 +67,7 @@ pub fn families() -> Vec<Box<dyn Family>> {
         Box::new(MemFamily("masked_softmax")),
         Box::new(MemFamily("rms_norm")),
         Box::new(MemFamily("add_rms_norm")),
-        // LoRA (issue 4): Box::new(lora::LoraFamily),
+        Box::new(lora::LoraFamily),
     ]
 }
 
@@ -232,7 +233,17 @@ impl Report {
             h.copy_gbps,
             h.git_commit.as_deref().unwrap_or("?")
         ));
-        s.push_str(&report::summary(&self.rows));
+        let parts = [
+            report::summary(&self.rows),
+            report::compute_summary(&self.rows),
+        ];
+        let parts: Vec<&String> = parts.iter().filter(|p| !p.is_empty()).collect();
+        for (i, p) in parts.iter().enumerate() {
+            if i > 0 {
+                s.push('\n');
+            }
+            s.push_str(p);
+        }
         s
     }
 

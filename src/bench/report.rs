@@ -39,7 +39,19 @@ synchronised around each repetition); small inputs rotate among several random i
       graph built untimed); candle_fused_builtin = candle_nn::ops::{softmax_last_dim, rms_norm}
       (fwd only: no backward). loss = sum(out * probe) with a fixed random probe.
   xfaster = this impl's time / ours' time, like for like: for bwd candle_composed is
-    compared with ours_autograd (both time loss.backward()), everything else with ours.";
+    compared with ours_autograd (both time loss.backward()), everything else with ours.
+  LoRA (lora_linear, shape MxKxNxr, y = x.W^T + s.(x.A^T).B^T, s = 2, no bias, W frozen):
+    TFLOP/s = useful flops / median: fwd 2MKN + 2MKr + 2MrN | fwd+bwd (grads of x, A, B)
+    4MKN + 6MNr + 6MKr | base_gemm, base_linear, merged: 2MKN (fwd+bwd 4MKN).
+    GB/s: fwd e(MK + NK + rK + Nr + MN) | bwd e(MN + 2MK + NK + 2rK + 2Nr + Mr) |
+    base, merged: fwd e(MK + NK + MN), bwd e(MN + NK + MK); fwd+bwd = fwd + bwd bytes.
+    impls: base_gemm = x.matmul(w.t()) (Candle's matmul) | base_linear = candle-fused linear
+    without adapter | ours = candle_fused::ops::lora_linear | candle_composed = the same
+    function from Candle ops (what candle-lora does) | merged = candle-fused linear with
+    W' = W + s.B.A (merged untimed). fwd+bwd = forward on Vars, loss = sum(y * probe),
+    loss.backward(); Candle's matmul backward (base_gemm, candle_composed) also computes an
+    unused dW (not counted in the flops). ours/limit = ours' time / the faster of base_gemm
+    and base_linear (target: fwd <= 1.05 for M >= 4096).";
 
 /// One measured row.
 #[derive(Debug, Clone, Serialize)]
@@ -174,14 +186,17 @@ impl Collector {
                     speedup: None,
                 };
                 eprintln!(
-                    "  {:<28} {:<8} {:<18} {:<5} {:<22} {:>12.1} us {:>8.1} GB/s",
+                    "  {:<28} {:<8} {:<18} {:<5} {:<22} {:>12.1} us {:>8.1} GB/s{}",
                     row.op,
                     row.pass,
                     shape_str(&row.shape),
                     row.dtype,
                     row.imp,
                     row.median_us,
-                    row.gbps
+                    row.gbps,
+                    row.tflops
+                        .map(|t| format!(" {:>8} TFLOP/s", fmt_tflops(t)))
+                        .unwrap_or_default()
                 );
                 self.rows.push(row);
             }
@@ -250,6 +265,15 @@ impl Collector {
     }
 }
 
+/// TFLOP/s with two decimals, or four below 0.1 (a CPU, a tiny shape).
+fn fmt_tflops(t: f64) -> String {
+    if t < 0.1 {
+        format!("{t:.4}")
+    } else {
+        format!("{t:.2}")
+    }
+}
+
 fn first_line(s: &str) -> String {
     s.lines().next().unwrap_or("").chars().take(200).collect()
 }
@@ -265,8 +289,8 @@ pub fn shape_str(shape: &[usize]) -> String {
 /// The full table: one line per measurement.
 pub fn table(rows: &[Row]) -> String {
     let mut s = format!(
-        "{:<28} {:<8} {:<18} {:<5} {:<22} {:>12} {:>9} {:>7} {:>9}\n",
-        "op", "pass", "shape", "dtype", "impl", "median us", "GB/s", "% copy", "xfaster"
+        "{:<28} {:<8} {:<18} {:<5} {:<22} {:>12} {:>9} {:>7} {:>9} {:>9}\n",
+        "op", "pass", "shape", "dtype", "impl", "median us", "GB/s", "% copy", "TFLOP/s", "xfaster"
     );
     s.push_str(&"-".repeat(s.len() - 1));
     s.push('\n');
@@ -278,7 +302,7 @@ pub fn table(rows: &[Row]) -> String {
         }
         last = Some(group);
         s.push_str(&format!(
-            "{:<28} {:<8} {:<18} {:<5} {:<22} {:>12.1} {:>9.1} {:>6.1}% {:>9}\n",
+            "{:<28} {:<8} {:<18} {:<5} {:<22} {:>12.1} {:>9.1} {:>6.1}% {:>9} {:>9}\n",
             r.op,
             r.pass,
             shape_str(&r.shape),
@@ -287,15 +311,20 @@ pub fn table(rows: &[Row]) -> String {
             r.median_us,
             r.gbps,
             r.pct_copy,
+            r.tflops.map(fmt_tflops).unwrap_or_default(),
             r.speedup.map(|x| format!("{x:.2}x")).unwrap_or_default()
         ));
     }
     s
 }
 
-/// The compact summary: one line per op, shape, dtype and pass with ours' time and % of copy
-/// bandwidth and how many times faster ours is than each other impl.
+/// The compact summary of the memory-bound ops: one line per op, shape, dtype and pass with
+/// ours' time and % of copy bandwidth and how many times faster ours is than each other impl
+/// (compute-bound rows, those with flops, are in [`compute_summary`]); empty if there are none.
 pub fn summary(rows: &[Row]) -> String {
+    if !rows.iter().any(|r| r.imp == "ours" && r.flops.is_none()) {
+        return String::new();
+    }
     let mut s = format!(
         "{:<28} {:<18} {:<5} {:<8} {:>11} {:>7} {:>10} {:>10} {:>10}\n",
         "op", "shape", "dtype", "pass", "ours us", "% copy", "x composed", "x builtin", "autograd%"
@@ -311,7 +340,7 @@ pub fn summary(rows: &[Row]) -> String {
                 && o.imp == imp
         })
     };
-    for r in rows.iter().filter(|r| r.imp == "ours") {
+    for r in rows.iter().filter(|r| r.imp == "ours" && r.flops.is_none()) {
         let sp = |imp: &str| {
             find(r, imp)
                 .and_then(|o| o.speedup)
@@ -333,6 +362,73 @@ pub fn summary(rows: &[Row]) -> String {
             sp("candle_composed"),
             sp("candle_fused_builtin"),
             ag
+        ));
+    }
+    s
+}
+
+/// The summary of the compute-bound rows (those with flops: LoRA), empty if there are none:
+/// one line per op, shape, dtype and pass with ours' time and TFLOP/s, the limit (the faster
+/// of `base_gemm` and `base_linear`), ours / limit, and how many times faster ours is than
+/// the composed ops and the merged weights.
+pub fn compute_summary(rows: &[Row]) -> String {
+    let ours: Vec<&Row> = rows
+        .iter()
+        .filter(|r| r.imp == "ours" && r.flops.is_some())
+        .collect();
+    if ours.is_empty() {
+        return String::new();
+    }
+    let mut s = format!(
+        "{:<28} {:<18} {:<5} {:<8} {:>11} {:>8} {:>11} {:>10} {:>10} {:>10}\n",
+        "op",
+        "shape",
+        "dtype",
+        "pass",
+        "ours us",
+        "TFLOP/s",
+        "limit us",
+        "ours/limit",
+        "x composed",
+        "x merged"
+    );
+    s.push_str(&"-".repeat(s.len() - 1));
+    s.push('\n');
+    let find = |r: &Row, imp: &str| {
+        rows.iter().find(|o| {
+            o.op == r.op
+                && o.pass == r.pass
+                && o.shape == r.shape
+                && o.dtype == r.dtype
+                && o.imp == imp
+        })
+    };
+    for r in ours {
+        let sp = |imp: &str| {
+            find(r, imp)
+                .map(|o| format!("{:.2}x", o.median_us / r.median_us))
+                .unwrap_or_else(|| "-".into())
+        };
+        let limit = ["base_gemm", "base_linear"]
+            .iter()
+            .filter_map(|imp| find(r, imp).map(|o| o.median_us))
+            .min_by(|a, b| a.total_cmp(b));
+        s.push_str(&format!(
+            "{:<28} {:<18} {:<5} {:<8} {:>11.1} {:>8} {:>11} {:>10} {:>10} {:>10}\n",
+            r.op,
+            shape_str(&r.shape),
+            r.dtype,
+            r.pass,
+            r.median_us,
+            r.tflops.map(fmt_tflops).unwrap_or_default(),
+            limit
+                .map(|t| format!("{t:.1}"))
+                .unwrap_or_else(|| "-".into()),
+            limit
+                .map(|t| format!("{:.3}", r.median_us / t))
+                .unwrap_or_else(|| "-".into()),
+            sp("candle_composed"),
+            sp("merged")
         ));
     }
     s
