@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine (carry .gpu/ from scripts/build-gpu-bundle.sh). Writes logs to $OUT
 # (or ./gpu-out). Phases: test (GPU tests + check), sanitize (compute-sanitizer memcheck and
-# racecheck on the GPU tests, small shapes), probe (quick kernel timings), bench (our bench + PyTorch + merge), peft (LoRA
+# racecheck on the GPU tests, small shapes), probe (quick kernel timings), bench (ours),
+# torch (PyTorch on the same cases + the merged table), (our bench + PyTorch + merge), peft (LoRA
 # interop with PEFT), or several: bash scripts/gpu-run.sh test bench
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,16 +30,17 @@ for phase in "$@"; do
         echo "$tool exit $r"; tail -n 4 "$OUT/sanitizer-$tool.log"; [ $r = 0 ] || rc=1
       done ;;
     bench)
-      $B/candle-fused bench --device cuda --json "$OUT/bench-ours.json" > "$OUT/bench-ours.log" 2>&1 || rc=1
-      tail -n 60 "$OUT/bench-ours.log"
-      if [ -f scripts/bench_torch.py ]; then
-        python3 scripts/bench_torch.py --cases "$OUT/bench-ours.json" --json "$OUT/bench-torch.json" > "$OUT/bench-torch.log" 2>&1 || rc=1
-        tail -n 5 "$OUT/bench-torch.log"
-        python3 scripts/merge_bench.py "$OUT/bench-ours.json" "$OUT/bench-torch.json" --json "$OUT/bench-merged.json" --md "$OUT/bench-merged.md" || rc=1
-        cat "$OUT/bench-merged.md" | head -80
-      fi ;;
-    probe)
-      $B/kernel_probe 2>&1 | tee "$OUT/kernel-probe.log" || rc=1 ;;
+      # Our bench (all families, CUDA); prints its summary last.
+      timeout ${BENCH_TIMEOUT:-420} $B/candle-fused bench --device cuda --json "$OUT/bench-ours.json" > "$OUT/bench-ours.log" 2>&1 || rc=1
+      tail -n 70 "$OUT/bench-ours.log" ;;
+    torch)
+      # PyTorch on the same cases as our JSON (BENCH_OURS, default $OUT/bench-ours.json), then
+      # one merged table.
+      ours=${BENCH_OURS:-$OUT/bench-ours.json}
+      timeout ${TORCH_TIMEOUT:-420} python3 scripts/bench_torch.py --cases "$ours" --json "$OUT/bench-torch.json" ${TORCH_ARGS:-} > "$OUT/bench-torch.log" 2>&1 || rc=1
+      tail -n 5 "$OUT/bench-torch.log"
+      python3 scripts/merge_bench.py "$ours" "$OUT/bench-torch.json" --json "$OUT/bench-merged.json" --md "$OUT/bench-merged.md" || rc=1
+      head -n 90 "$OUT/bench-merged.md" ;;
     ncu)
       # Profile kernels of one probe shape (PROBE_SHAPE, default 3 = [32768,4096] bf16):
       # NCU_KERNELS is a space-separated list of kernel-name regexes, one profiled launch each.
