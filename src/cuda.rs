@@ -188,12 +188,14 @@ pub(crate) fn plan(
     let smem = smem_of(chunk) as u32;
     let name = format!("{prefix}_v{vec}");
     let func = function(dev, ptx, &name)?;
-    let per_sm = func
-        .occupancy_max_active_blocks_per_multiprocessor(threads, smem as usize, None)
-        .w()?
-        .max(1) as usize;
     let max_clusters = (1usize << 24) / c;
     let clusters = if s.persistent {
+        // As many CTAs as the driver says fit at once (asked only here: a driver call costs
+        // microseconds, which matter for small shapes).
+        let per_sm = func
+            .occupancy_max_active_blocks_per_multiprocessor(threads, smem as usize, None)
+            .w()?
+            .max(1) as usize;
         (info.sms as usize * per_sm / c).clamp(1, s.rows.max(1))
     } else {
         s.rows.max(1)

@@ -80,12 +80,40 @@ pub struct MemCase {
     pub dtype: DType,
 }
 
+/// Candle's own elementwise kernels index with u32, so a tensor of 2^31 elements or more
+/// (the [32, 32, 2048, 2048] scores) is built from random blocks along dim 0 (4 distinct blocks,
+/// each far larger than the L2 cache, repeated).
+fn blocks(
+    shape: &[usize],
+    dev: &Device,
+    gen: impl Fn(&[usize]) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    if n < (1 << 31) || shape.len() < 2 || shape[0] < 2 {
+        return gen(shape);
+    }
+    let mut b = shape.to_vec();
+    b[0] = 1;
+    let distinct: Vec<Tensor> = (0..4.min(shape[0]))
+        .map(|_| gen(&b))
+        .collect::<Result<_>>()?;
+    let parts: Vec<&Tensor> = (0..shape[0])
+        .map(|i| &distinct[i % distinct.len()])
+        .collect();
+    let _ = dev;
+    Tensor::cat(&parts, 0)
+}
+
 fn randn(shape: &[usize], std: f64, dtype: DType, dev: &Device) -> Result<Tensor> {
-    Tensor::randn(0f32, std as f32, shape, dev)?.to_dtype(dtype)
+    blocks(shape, dev, |s| {
+        Tensor::randn(0f32, std as f32, s, dev)?.to_dtype(dtype)
+    })
 }
 
 fn rand(shape: &[usize], lo: f64, hi: f64, dtype: DType, dev: &Device) -> Result<Tensor> {
-    Tensor::rand(lo as f32, hi as f32, shape, dev)?.to_dtype(dtype)
+    blocks(shape, dev, |s| {
+        Tensor::rand(lo as f32, hi as f32, s, dev)?.to_dtype(dtype)
+    })
 }
 
 impl MemCase {
