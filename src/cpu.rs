@@ -350,6 +350,29 @@ pub(crate) fn sum_map<A: Acc>(x: &[A], g: impl Fn(A) -> A) -> A {
     blocked_sum(x.len(), |i| g(x[i]))
 }
 
+/// `(Σ x², Σ g·x)` in f64 (products of f32 values are exact there), lane-parallel.
+#[inline(always)]
+pub(crate) fn wide_sums<A: Acc>(x: &[A], g: &[A]) -> (f64, f64) {
+    let mut ss = [0f64; LANES];
+    let mut dt = [0f64; LANES];
+    let cx = x.chunks_exact(LANES);
+    let cg = g.chunks_exact(LANES);
+    let (rx, rg) = (cx.remainder(), cg.remainder());
+    for (a, b) in cx.zip(cg) {
+        for i in 0..LANES {
+            let xv = a[i].wide();
+            ss[i] += xv * xv;
+            dt[i] += b[i].wide() * xv;
+        }
+    }
+    let (mut s, mut d) = (0f64, 0f64);
+    for (&a, &b) in rx.iter().zip(rg) {
+        s += a.wide() * a.wide();
+        d += b.wide() * a.wide();
+    }
+    (ss.iter().sum::<f64>() + s, dt.iter().sum::<f64>() + d)
+}
+
 /// `dst[i] = exp(src[i] - m)`, returning the sum of the results.
 #[inline(always)]
 pub(crate) fn exp_sub_sum<A: Acc>(src: &[A], dst: &mut [A], m: A) -> A {

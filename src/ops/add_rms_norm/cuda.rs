@@ -13,7 +13,8 @@ static PTX: Ptx = ptx!("add_rms_norm");
 
 type Arg<'a> = (&'a CudaStorage, &'a Layout);
 
-pub(super) fn forward(eps: f64, x: Arg, r: Arg, w: Arg) -> Result<(CudaStorage, Shape)> {
+/// Returns `(normed, sum)`, each of x's shape.
+pub(super) fn forward(eps: f64, x: Arg, r: Arg, w: Arg) -> Result<(CudaStorage, CudaStorage)> {
     dispatch!(OP, x.0.dtype(), |T| forward_t::<T>(eps, x, r, w))
 }
 
@@ -22,7 +23,7 @@ fn forward_t<T: CudaDType + DeviceRepr>(
     x: Arg,
     r: Arg,
     w: Arg,
-) -> Result<(CudaStorage, Shape)> {
+) -> Result<(CudaStorage, CudaStorage)> {
     let dev = x.0.device();
     let stream = dev.cuda_stream();
     let (xs, xo) = cuda::slice::<T>(OP, "x", x.0, x.1)?;
@@ -32,14 +33,15 @@ fn forward_t<T: CudaDType + DeviceRepr>(
     let d = dims[dims.len() - 1];
     let n = x.1.shape().elem_count();
     let rows = n / d;
-    let mut out = cuda::alloc::<T>(dev, 2 * n)?;
+    let mut normed = cuda::alloc::<T>(dev, n)?;
+    let mut sum = cuda::alloc::<T>(dev, n)?;
     let vec = 16 / std::mem::size_of::<T>();
     let vec_ok = d % vec == 0
         && cuda::aligned16(xs, xo, &stream)
         && cuda::aligned16(rs, ro, &stream)
         && cuda::aligned16(ws, wo, &stream)
-        && cuda::aligned16(&out, n, &stream)
-        && cuda::aligned16(&out, 0, &stream);
+        && cuda::aligned16(&normed, 0, &stream)
+        && cuda::aligned16(&sum, 0, &stream);
     let spec = RowSpec {
         rows,
         d,
@@ -57,12 +59,11 @@ fn forward_t<T: CudaDType + DeviceRepr>(
         args.input(xs, xo)
             .input(rs, ro)
             .input(ws, wo)
-            .outputs(&mut out, &[0, n])
+            .output(&mut normed, 0)
+            .output(&mut sum, 0)
             .val(plan.geom)
             .val(eps as f32);
         cuda::launch(&plan, &args)?;
     }
-    let mut packed = vec![2];
-    packed.extend_from_slice(dims);
-    Ok((cuda::storage(out, dev), Shape::from(packed)))
+    Ok((cuda::storage(normed, dev), cuda::storage(sum, dev)))
 }

@@ -6,22 +6,55 @@
 //!
 //! Backward, through both outputs: with `g = d_normed ⊙ w` and `ŝ = sum·r`,
 //! `d_sum_total = r·(g − ŝ·⟨g, ŝ⟩/D) + d_sum`, `dx = dresidual = d_sum_total`,
-//! `dw = Σ_rows d_normed ⊙ ŝ`.
+//! `dw = Σ_rows d_normed ⊙ ŝ`. The two outputs are two graph nodes (the fused op, which also
+//! computes the sum, and a node that owns the sum), so Candle adds `d_sum` to the normed path's
+//! gradient itself and no stacked buffer has to be split or padded.
 
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use std::sync::{Arc, Mutex};
 
-use crate::ops::packed;
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+
 use crate::ops::rms_norm;
 use crate::validate;
 
-/// The forward op `(x, residual, w) -> [normed; sum]`, stacked as `[2, ...x.shape]`.
-#[derive(Debug, Clone, Copy)]
+/// Hands the forward's second result (`sum`) from [`AddRmsNorm`], which computes both results in
+/// one kernel, to [`SumOut`], the graph node that owns it; and `sum` itself back to
+/// `AddRmsNorm`'s backward, which reads it. Never reaches the public API.
+#[derive(Debug, Default)]
+pub(crate) struct Handoff {
+    storage: Mutex<Option<Storage>>,
+    sum: Mutex<Option<Tensor>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn missing(what: &str) -> candle_core::Error {
+    validate::err(
+        "add_rms_norm",
+        format!("internal: {what} was not handed over"),
+    )
+}
+
+/// The forward op `(x, residual, w) -> normed`; it also computes `sum` in the same pass and
+/// leaves it in the handoff. Its backward covers the `normed` path (gradients of x, residual
+/// through the sum, and w); the `sum` path is [`SumOut`]'s.
+#[derive(Debug, Clone)]
 pub(crate) struct AddRmsNorm {
     pub eps: f64,
+    pub handoff: Arc<Handoff>,
+}
+
+/// `(x, residual) -> sum`: returns the sum computed by [`AddRmsNorm`]; backward passes the
+/// gradient of `sum` to both inputs.
+#[derive(Debug, Clone)]
+pub(crate) struct SumOut {
+    pub handoff: Arc<Handoff>,
 }
 
 impl CustomOp3 for AddRmsNorm {
@@ -38,7 +71,9 @@ impl CustomOp3 for AddRmsNorm {
         ws: &CpuStorage,
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        cpu::forward(self.eps, (xs, xl), (rs, rl), (ws, wl))
+        let (normed, sum) = cpu::forward(self.eps, (xs, xl), (rs, rl), (ws, wl))?;
+        *lock(&self.handoff.storage) = Some(Storage::Cpu(sum));
+        Ok((normed, xl.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -51,7 +86,9 @@ impl CustomOp3 for AddRmsNorm {
         ws: &candle_core::CudaStorage,
         wl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::forward(self.eps, (xs, xl), (rs, rl), (ws, wl))
+        let (normed, sum) = cuda::forward(self.eps, (xs, xl), (rs, rl), (ws, wl))?;
+        *lock(&self.handoff.storage) = Some(Storage::Cuda(sum));
+        Ok((normed, xl.shape().clone()))
     }
 
     fn bwd(
@@ -59,19 +96,57 @@ impl CustomOp3 for AddRmsNorm {
         _x: &Tensor,
         _residual: &Tensor,
         w: &Tensor,
-        packed_out: &Tensor,
-        packed_grad: &Tensor,
+        _normed: &Tensor,
+        d_normed: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // Views into the stacked buffers, no copies: x = sum, dy = d normed, dres = d sum.
-        let grad = packed_grad.contiguous()?;
-        let (ds, dw) = rms_norm::backward_raw(
-            &packed_out.get(1)?,
-            Some(w),
-            &grad.get(0)?,
-            Some(&grad.get(1)?),
-            self.eps,
-        )?;
+        let sum = lock(&self.handoff.sum)
+            .clone()
+            .ok_or_else(|| missing("sum"))?;
+        let (ds, dw) = rms_norm::backward_raw(&sum, Some(w), d_normed, None, self.eps)?;
         Ok((Some(ds.clone()), Some(ds), dw))
+    }
+}
+
+impl CustomOp2 for SumOut {
+    fn name(&self) -> &'static str {
+        "candle-fused-add-rms-norm-sum"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        xl: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        match lock(&self.handoff.storage).take() {
+            Some(Storage::Cpu(s)) => Ok((s, xl.shape().clone())),
+            _ => Err(missing("the CPU sum")),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        xl: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        match lock(&self.handoff.storage).take() {
+            Some(Storage::Cuda(s)) => Ok((s, xl.shape().clone())),
+            _ => Err(missing("the CUDA sum")),
+        }
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _residual: &Tensor,
+        _sum: &Tensor,
+        d_sum: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(d_sum.clone()), Some(d_sum.clone())))
     }
 }
 
@@ -90,12 +165,26 @@ pub fn add_rms_norm(
     if x.elem_count() == 0 {
         return Ok((x.zeros_like()?, (x + residual)?));
     }
-    let packed = x.contiguous()?.apply_op3(
-        &residual.contiguous()?,
+    // One kernel computes both results; the sum gets its own graph node so each output's
+    // gradient flows without stacking (Candle's backward of a split would copy both halves).
+    let handoff = Arc::new(Handoff::default());
+    let (x, residual) = (x.contiguous()?, residual.contiguous()?);
+    let normed = x.apply_op3(
+        &residual,
         &weight.contiguous()?,
-        AddRmsNorm { eps },
+        AddRmsNorm {
+            eps,
+            handoff: handoff.clone(),
+        },
     )?;
-    packed::split2(&packed)
+    let sum = x.apply_op2(
+        &residual,
+        SumOut {
+            handoff: handoff.clone(),
+        },
+    )?;
+    *lock(&handoff.sum) = Some(sum.detach());
+    Ok((normed, sum))
 }
 
 /// The add+RMSNorm backward on its own: from the forward's `sum = x + residual`, `weight`, and

@@ -51,17 +51,21 @@ fn bwd_row<A: Acc>(
     eps: f64,
 ) {
     let n = x.len();
-    let g = |j: usize| match w {
-        Some(w) => dy[j] * w[j],
-        None => dy[j],
-    };
-    let ss = cpu::blocked_sum::<f64>(n, |j| x[j].wide() * x[j].wide());
-    let dot = cpu::blocked_sum::<f64>(n, |j| g(j).wide() * x[j].wide());
+    // g = dy ⊙ w, kept in dx until dx is written.
+    match w {
+        Some(w) => {
+            for ((o, &d), &wv) in dx.iter_mut().zip(dy).zip(w) {
+                *o = d * wv;
+            }
+        }
+        None => dx.copy_from_slice(dy),
+    }
+    let (ss, dot) = cpu::wide_sums(x, dx);
     let denom = ss + n as f64 * eps;
     let r = 1.0 / (ss / n as f64 + eps).sqrt();
     let c = dot / denom;
-    for (j, o) in dx.iter_mut().enumerate() {
-        *o = A::of(r * (g(j).wide() - x[j].wide() * c));
+    for (o, &xv) in dx.iter_mut().zip(x) {
+        *o = A::of(r * (o.wide() - xv.wide() * c));
     }
     if let Some(dres) = dres {
         for (o, &v) in dx.iter_mut().zip(dres) {
