@@ -64,7 +64,16 @@ fn main() -> Result<()> {
         let w = testing::rand(&[d], 0.5, 1.5, dt, &dev)?;
         let y = ops::softmax_last_dim(&x)?;
         let s = (&x + &r)?;
-        let row = |name: &str, bytes: usize, us: f64| {
+        // PROBE_OPS: only rows whose name starts with one of these comma-separated prefixes.
+        let ops_env = std::env::var("PROBE_OPS").unwrap_or_default();
+        let wanted = |name: &str| {
+            ops_env.is_empty() || ops_env.split(',').any(|p| name.starts_with(p.trim()))
+        };
+        let row = |name: &str, bytes: usize, f: &mut dyn FnMut() -> Result<f64>| -> Result<()> {
+            if !wanted(name) {
+                return Ok(());
+            }
+            let us = f()?;
             let gbps = bytes as f64 / us / 1e3;
             println!(
                 "{name:<14} {:<18} {:<5} {us:>9.1} {gbps:>8.0} {:>5.0}%",
@@ -72,52 +81,37 @@ fn main() -> Result<()> {
                 format!("{dt:?}"),
                 100.0 * gbps / copy_gbps
             );
+            Ok(())
         };
-        row(
-            "softmax fwd",
-            2 * n * es,
-            median_us(&dev, 20, || ops::softmax_last_dim(&x))?,
-        );
-        row(
-            "softmax bwd",
-            3 * n * es,
-            median_us(&dev, 20, || ops::softmax_backward(&y, &dy, 1.0))?,
-        );
-        row(
-            "rms fwd",
-            2 * n * es,
-            median_us(&dev, 20, || ops::rms_norm(&x, Some(&w), 1e-6))?,
-        );
-        row(
-            "rms bwd",
-            3 * n * es,
+        row("softmax fwd", 2 * n * es, &mut || {
+            median_us(&dev, 20, || ops::softmax_last_dim(&x))
+        })?;
+        row("softmax bwd", 3 * n * es, &mut || {
+            median_us(&dev, 20, || ops::softmax_backward(&y, &dy, 1.0))
+        })?;
+        row("rms fwd", 2 * n * es, &mut || {
+            median_us(&dev, 20, || ops::rms_norm(&x, Some(&w), 1e-6))
+        })?;
+        row("rms bwd", 3 * n * es, &mut || {
             median_us(&dev, 20, || {
                 Ok(ops::rms_norm_backward(&x, Some(&w), &dy, 1e-6)?.0)
-            })?,
-        );
-        row(
-            "add_rms fwd",
-            4 * n * es,
-            median_us(&dev, 20, || Ok(ops::add_rms_norm(&x, &r, &w, 1e-6)?.0))?,
-        );
-        row(
-            "add_rms bwd",
-            4 * n * es,
+            })
+        })?;
+        row("add_rms fwd", 4 * n * es, &mut || {
+            median_us(&dev, 20, || Ok(ops::add_rms_norm(&x, &r, &w, 1e-6)?.0))
+        })?;
+        row("add_rms bwd", 4 * n * es, &mut || {
             median_us(&dev, 20, || {
                 Ok(ops::add_rms_norm_backward(&s, &w, &dy, &r, 1e-6)?.0)
-            })?,
-        );
-        row(
-            "candle sm",
-            2 * n * es,
-            median_us(&dev, 20, || candle_nn::ops::softmax_last_dim(&x))?,
-        );
-        row(
-            "candle rms",
-            2 * n * es,
-            median_us(&dev, 20, || candle_nn::ops::rms_norm(&x, &w, 1e-6))?,
-        );
-        if shape == [32768, 4096] && dt == DType::BF16 {
+            })
+        })?;
+        row("candle sm", 2 * n * es, &mut || {
+            median_us(&dev, 20, || candle_nn::ops::softmax_last_dim(&x))
+        })?;
+        row("candle rms", 2 * n * es, &mut || {
+            median_us(&dev, 20, || candle_nn::ops::rms_norm(&x, &w, 1e-6))
+        })?;
+        if shape == [32768, 4096] && dt == DType::BF16 && wanted("masked") {
             let (b, h, sq) = (32usize, 32usize, 2048usize);
             // 2^32 elements: Candle's own elementwise kernels index with u32, so build the
             // scores by concatenating random [1, H, S, S] blocks.
@@ -129,19 +123,15 @@ fn main() -> Result<()> {
             let na = b * h * sq * sq;
             let scale = 0.125;
             println!("-- masked softmax [32,32,2048,2048] bf16");
-            row(
-                "masked causal",
-                2 * na * es,
-                median_us(&dev, 10, || ops::masked_softmax(&xa, scale, None, true))?,
-            );
+            row("masked causal", 2 * na * es, &mut || {
+                median_us(&dev, 10, || ops::masked_softmax(&xa, scale, None, true))
+            })?;
             let m = testing::randn(&[sq, sq], 1.0, dt, &dev)?;
-            row(
-                "masked [S,T]",
-                2 * na * es + sq * sq * es,
+            row("masked [S,T]", 2 * na * es + sq * sq * es, &mut || {
                 median_us(&dev, 10, || {
                     ops::masked_softmax(&xa, scale, Some(&m), false)
-                })?,
-            );
+                })
+            })?;
         }
     }
     Ok(())

@@ -23,12 +23,14 @@ Passes:
   fwd+bwd  the function on leaf tensors, loss = sum(out * probe), torch.autograd.grad(loss)
 
 LoRA (family lora_linear, shape [M, K, N, r], x [M, K], frozen W [N, K], A [r, K], B [N, r],
-s = 2.0, no bias; passes fwd and fwd+bwd only, like the Rust bench):
+s = 2.0, no bias; passes fwd, bwd and fwd+bwd, like the Rust bench):
   torch_base     F.linear(x, W)                                      (the bare base GEMM)
   torch_peft     F.linear(x, W) + F.linear(F.linear(x, A), B) * s    (what PEFT's Linear does)
   torch_addmm    y = x @ W.T; y.addmm_(x @ A.T, B.T, alpha=s)
   torch_merged   F.linear(x, W + s * B @ A)  (fwd only; the merge is done before timing)
   torch_compile  torch_peft through torch.compile(dynamic=False)
+  bwd: torch_base and torch_peft only: torch.autograd.grad(y, [x, A, B] (torch_base: [x]),
+  grad_outputs=probe, retain_graph=True) on a graph built before timing (the backward alone).
   fwd+bwd: x, A, B require grad (torch_base: x only), W does not; loss = sum(y * probe),
   torch.autograd.grad(loss, [x, A, B]). Flops and bytes as in src/bench/lora.rs.
 
@@ -611,6 +613,34 @@ def run_lora_case(ctx, op, shape, dtype, compile_it):
                            lambda i, f=f, only_x=only_x: lora_fwd_bwd(f, sets[i % k], only_x),
                            nbytes=nbytes, flops=flops)
             free_memory()
+    # The backward alone given dy (the probe), on graphs built before timing: torch_base
+    # (dx = dy @ W) and torch_peft (grads of x, A, B), like the Rust bench's bwd rows.
+    for impl in ("torch_base", "torch_peft"):
+        if impl in bad:
+            skip([impl], "bwd", bad[impl])
+            continue
+        try:
+            graphs = []
+            for st in sets:
+                x = st["x"].detach().requires_grad_()
+                if impl == "torch_base":
+                    a, b, ins = st["a"], st["b"], None
+                else:
+                    a, b = st["a"].detach().requires_grad_(), st["b"].detach().requires_grad_()
+                    ins = [x, a, b]
+                graphs.append((fns[impl](x, st["w"], a, b), ins or [x], st["probe"]))
+        except Exception as e:
+            skip([impl], "bwd", errstr(e))
+            free_memory()
+            continue
+        ctx.record(op, "bwd", shape, dtype, impl, k,
+                   lambda i, g=graphs: torch.autograd.grad(g[i % k][0], g[i % k][1],
+                                                           grad_outputs=g[i % k][2],
+                                                           retain_graph=True),
+                   nbytes=lora_bytes(shape, dtype, impl, "bwd"),
+                   flops=lora_flops(shape, impl, "bwd"))
+        del graphs
+        free_memory()
     del sets
     free_memory()
 

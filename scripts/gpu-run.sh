@@ -2,8 +2,9 @@
 # Runs on the GPU machine (carry .gpu/ from scripts/build-gpu-bundle.sh). Writes logs to $OUT
 # (or ./gpu-out). Phases: test (GPU tests + check), sanitize (compute-sanitizer memcheck and
 # racecheck on the GPU tests, small shapes), probe (quick kernel timings), bench (ours),
-# torch (PyTorch on the same cases + the merged table), (our bench + PyTorch + merge), peft (LoRA
-# interop with PEFT), or several: bash scripts/gpu-run.sh test bench
+# torch (PyTorch on the same cases + the merged table), peft (LoRA interop with PEFT), or
+# several: bash scripts/gpu-run.sh test bench. Environment: TEST_TIMEOUT, SAN_TIMEOUT,
+# PROBE_OPS/PROBE_TAG, BENCH_ARGS/BENCH_TIMEOUT, TORCH_ARGS/TORCH_TIMEOUT, PACK (see below).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}; mkdir -p "$OUT"
@@ -25,13 +26,19 @@ for phase in "$@"; do
       tail -n 3 "$OUT/check-cuda.log"; [ $r = 0 ] || { rc=1; grep FAIL "$OUT/check-cuda.log" | head -20; } ;;
     sanitize)
       for tool in memcheck racecheck; do
-        { echo "# $STAMP"; compute-sanitizer --tool $tool --error-exitcode 9 $B/gpu-tests --test-threads=1 \
+        { echo "# $STAMP"; timeout ${SAN_TIMEOUT:-300} compute-sanitizer --tool $tool --error-exitcode 9 $B/gpu-tests --test-threads=1 \
             misaligned fully_masked non_contiguous sanitizer_small 2>&1; } > "$OUT/sanitizer-$tool.log"; r=$?
         echo "$tool exit $r"; tail -n 4 "$OUT/sanitizer-$tool.log"; [ $r = 0 ] || rc=1
       done ;;
+    probe)
+      # Quick kernel timings (examples/kernel_probe.rs); PROBE_OPS filters rows by name prefix,
+      # PROBE_TAG names the log (e.g. one per CANDLE_FUSED_DBUF setting).
+      { echo "# $STAMP CANDLE_FUSED_DBUF=${CANDLE_FUSED_DBUF:-}"; timeout ${PROBE_TIMEOUT:-120} $B/kernel_probe 2>&1; } > "$OUT/probe${PROBE_TAG:-}.log" || rc=1
+      cat "$OUT/probe${PROBE_TAG:-}.log" ;;
     bench)
-      # Our bench (all families, CUDA); prints its summary last.
-      timeout ${BENCH_TIMEOUT:-420} $B/candle-fused bench --device cuda --json "$OUT/bench-ours.json" > "$OUT/bench-ours.log" 2>&1 || rc=1
+      # Our bench (all families, or BENCH_ARGS such as "--op rms_norm,add_rms_norm"), CUDA;
+      # prints its summary last.
+      timeout ${BENCH_TIMEOUT:-420} $B/candle-fused bench --device cuda --json "$OUT/bench-ours.json" ${BENCH_ARGS:-} > "$OUT/bench-ours.log" 2>&1 || rc=1
       tail -n 70 "$OUT/bench-ours.log" ;;
     torch)
       # PyTorch on the same cases as our JSON (BENCH_OURS, default $OUT/bench-ours.json), then
@@ -56,5 +63,8 @@ for phase in "$@"; do
       fi ;;
     *) echo "unknown phase $phase"; rc=2 ;;
   esac
+  # PACK=FILE: after every phase, pack everything so far into one archive (a run cut short
+  # still returns what it finished; the device tool returns few files).
+  [ -n "${PACK:-}" ] && tar czf "$PACK" -C "$OUT" .
 done
 exit $rc

@@ -175,6 +175,9 @@ pub(crate) fn alloc<T: Elem>(n: usize) -> Vec<T> {
     }
 }
 
+/// Below this many elements a row op runs single-threaded.
+const SMALL_PROBLEM: usize = 1 << 18;
+
 /// Elements a parallel task should cover, so rayon's overhead stays small for short rows.
 const TASK_ELEMS: usize = 1 << 15;
 
@@ -226,41 +229,44 @@ where
     let ptrs: [OutPtr<T>; M] = outs.map(|o| OutPtr(o.as_mut_ptr()));
     let rpt = rows_per_task(n_rows, d, if acc_len > 0 { 64 } else { usize::MAX });
     let n_tasks = n_rows.div_ceil(rpt);
-    let partials: Vec<Vec<T::A>> = (0..n_tasks)
-        .into_par_iter()
-        .map(|task| {
-            let mut acc = vec![T::A::zero(); acc_len];
-            let mut scratch: Vec<T::A> = Vec::new();
-            for r in task * rpt..((task + 1) * rpt).min(n_rows) {
-                let ins: [&[T]; N] = std::array::from_fn(|k| &inputs[k][r * d..(r + 1) * d]);
-                // SAFETY: row r lies inside every output (r < n_rows) and belongs to this task
-                // alone; the slices live until the end of this iteration.
-                let orows: [&mut [T]; M] = std::array::from_fn(|k| unsafe {
-                    std::slice::from_raw_parts_mut(ptrs[k].0.add(r * d), d)
-                });
-                if T::IS_ACC {
-                    let ins_a = ins.map(|s| T::as_acc(s).expect("IS_ACC"));
-                    let outs_a = orows.map(|o| T::as_acc_mut(o).expect("IS_ACC"));
-                    f(r, ins_a, outs_a, &mut acc);
-                } else {
-                    scratch.resize((N + M) * d, T::A::zero());
-                    let (ins_buf, out_buf) = scratch.split_at_mut(N * d);
-                    for (k, s) in ins.iter().enumerate() {
-                        T::to_acc(s, &mut ins_buf[k * d..(k + 1) * d]);
-                    }
-                    let ins_a: [&[T::A]; N] = std::array::from_fn(|k| &ins_buf[k * d..(k + 1) * d]);
-                    let mut it = out_buf.chunks_exact_mut(d);
-                    let outs_a: [&mut [T::A]; M] =
-                        std::array::from_fn(|_| it.next().expect("scratch has M rows"));
-                    f(r, ins_a, outs_a, &mut acc);
-                    for (o, a) in orows.into_iter().zip(out_buf.chunks_exact(d)) {
-                        T::from_acc(a, o);
-                    }
+    let run_task = |task: usize| {
+        let mut acc = vec![T::A::zero(); acc_len];
+        let mut scratch: Vec<T::A> = Vec::new();
+        for r in task * rpt..((task + 1) * rpt).min(n_rows) {
+            let ins: [&[T]; N] = std::array::from_fn(|k| &inputs[k][r * d..(r + 1) * d]);
+            // SAFETY: row r lies inside every output (r < n_rows) and belongs to this task
+            // alone; the slices live until the end of this iteration.
+            let orows: [&mut [T]; M] = std::array::from_fn(|k| unsafe {
+                std::slice::from_raw_parts_mut(ptrs[k].0.add(r * d), d)
+            });
+            if T::IS_ACC {
+                let ins_a = ins.map(|s| T::as_acc(s).expect("IS_ACC"));
+                let outs_a = orows.map(|o| T::as_acc_mut(o).expect("IS_ACC"));
+                f(r, ins_a, outs_a, &mut acc);
+            } else {
+                scratch.resize((N + M) * d, T::A::zero());
+                let (ins_buf, out_buf) = scratch.split_at_mut(N * d);
+                for (k, s) in ins.iter().enumerate() {
+                    T::to_acc(s, &mut ins_buf[k * d..(k + 1) * d]);
+                }
+                let ins_a: [&[T::A]; N] = std::array::from_fn(|k| &ins_buf[k * d..(k + 1) * d]);
+                let mut it = out_buf.chunks_exact_mut(d);
+                let outs_a: [&mut [T::A]; M] =
+                    std::array::from_fn(|_| it.next().expect("scratch has M rows"));
+                f(r, ins_a, outs_a, &mut acc);
+                for (o, a) in orows.into_iter().zip(out_buf.chunks_exact(d)) {
+                    T::from_acc(a, o);
                 }
             }
-            acc
-        })
-        .collect();
+        }
+        acc
+    };
+    // Small problems run on the calling thread: waking the pool costs more than they do.
+    let partials: Vec<Vec<T::A>> = if n_rows * d < SMALL_PROBLEM {
+        (0..n_tasks).map(run_task).collect()
+    } else {
+        (0..n_tasks).into_par_iter().map(run_task).collect()
+    };
     for p in partials {
         for (t, v) in total.iter_mut().zip(p) {
             *t += v;

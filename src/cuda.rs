@@ -114,6 +114,25 @@ pub(crate) struct RowSpec {
     /// A persistent grid (at most as many CTAs as fit on the GPU at once, walking the rows):
     /// for ops that accumulate per-CTA partials (dw). Otherwise one cluster per row.
     pub persistent: bool,
+    /// Columns of the slice one thread may own at most (a per-thread register accumulator, like
+    /// the RMSNorm backward's dw), with at most `max_threads` threads: the slice is then capped
+    /// at `cols · max_threads` columns and each thread owns at most `cols` of them.
+    /// `None`: no such limit (about 4 packs per thread, up to 1024 threads).
+    pub owned: Option<Owned>,
+}
+
+/// See [`RowSpec::owned`]; must match the kernel (`DW_REGS` and `__launch_bounds__`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Owned {
+    pub cols: usize,
+    pub max_threads: usize,
+}
+
+/// Double-buffered staging for persistent kernels (fetch the next row while this one
+/// computes). A tuning switch: `CANDLE_FUSED_DBUF=1` turns it on, `0` off; default off.
+fn dbuf_enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("CANDLE_FUSED_DBUF").is_ok_and(|v| v == "1"))
 }
 
 /// The launch of a row op.
@@ -144,20 +163,24 @@ pub(crate) fn plan(
 ) -> Result<Plan> {
     let info = DeviceInfo::of(dev)?;
     let vec = if s.vec_ok { 16 / s.elem } else { 1 };
+    let dbuf = s.persistent && dbuf_enabled();
+    let sets = 1 + usize::from(dbuf);
     let fixed = align16(35 * s.red) + 64;
     let limit = (info.smem_optin as usize).saturating_sub(fixed);
-    let per_col = s.nin * s.elem + s.extra_per_col;
-    let stage_of = |chunk: usize| s.nin * align16(chunk * s.elem);
+    let per_col = sets * s.nin * s.elem + s.extra_per_col;
+    let stage_of = |chunk: usize| sets * s.nin * align16(chunk * s.elem);
     let smem_of = |chunk: usize| stage_of(chunk) + align16(35 * s.red) + s.extra_per_col * chunk;
     let chunk_of = |c: usize| s.d.div_ceil(c).div_ceil(vec) * vec;
+    let max_chunk = s.owned.map_or(usize::MAX, |o| o.cols * o.max_threads);
+    let fits = |c: usize| smem_of(chunk_of(c)) <= limit && chunk_of(c) <= max_chunk;
     let max_c = if info.clusters() { 16 } else { 1 };
     // Smallest cluster whose slice fits.
     let mut c = 1;
-    while c <= max_c && smem_of(chunk_of(c)) > limit {
+    while c <= max_c && !fits(c) {
         c *= 2;
     }
     if c > max_c {
-        let cap = (limit / per_col.max(1)) * max_c / vec * vec;
+        let cap = ((limit / per_col.max(1)).min(max_chunk) * max_c) / vec * vec;
         fail!(
             op,
             "rows of {} elements do not fit on chip on this GPU (at most {cap} for this dtype{}), \
@@ -181,10 +204,14 @@ pub(crate) fn plan(
     }
     let chunk = chunk_of(c);
     let units = chunk.div_ceil(vec);
-    let threads = units.div_ceil(4).next_power_of_two().clamp(32, 1024) as u32;
-    // The engine can double-buffer (stage the next row while computing this one), but measured
-    // on an H200 it lost to more CTAs per SM with one buffer (NOTES.md), so it is off.
-    let dbuf = false;
+    let threads = match s.owned {
+        // Each thread owns at most `cols` columns (whole packs: cols is a multiple of vec).
+        Some(o) => chunk
+            .div_ceil(o.cols)
+            .next_power_of_two()
+            .clamp(32, o.max_threads),
+        None => units.div_ceil(4).next_power_of_two().clamp(32, 1024),
+    } as u32;
     let smem = smem_of(chunk) as u32;
     let name = format!("{prefix}_v{vec}");
     let func = function(dev, ptx, &name)?;
@@ -255,17 +282,6 @@ impl<'a> Args<'a> {
         let (p, g) = s.device_ptr_mut(self.stream);
         self.guards.push(g);
         self.val(p + (offset * std::mem::size_of::<T>()) as u64)
-    }
-
-    /// Several device pointers into one output buffer (e.g. the two halves of a stacked result),
-    /// in the order of `offsets`.
-    pub fn outputs<T>(&mut self, s: &'a mut CudaSlice<T>, offsets: &[usize]) -> &mut Self {
-        let (p, g) = s.device_ptr_mut(self.stream);
-        self.guards.push(g);
-        for &o in offsets {
-            self.val(p + (o * std::mem::size_of::<T>()) as u64);
-        }
-        self
     }
 
     /// A null pointer (an absent optional input).

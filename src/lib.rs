@@ -36,3 +36,8 @@ pub mod testing;
 pub(crate) mod validate;
 
 pub use prelude::FusedOps;
+
+/// The README's Rust example, compiled and run as a doctest.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -284,6 +284,31 @@ fn lora_module() {
     lora::module_trains_merges_and_round_trips()
 }
 
+#[test]
+fn lora_standalone_backward() {
+    lora::standalone_backward_matches_autograd_and_cpu()
+}
+
+/// The RMSNorm backward keeps each thread's dw columns in registers: at most 16384 columns per
+/// CTA, 16 CTAs per row, so rows beyond 262144 are a clear error (and 262144 works).
+#[test]
+fn rms_norm_backward_row_limit() {
+    let dev = gpu();
+    let d = 262144 + 8;
+    let x = testing::randn(&[2, d], 1.0, DType::F32, &dev).unwrap();
+    let w = testing::rand(&[d], 0.5, 1.5, DType::F32, &dev).unwrap();
+    let dy = testing::randn(&[2, d], 1.0, DType::F32, &dev).unwrap();
+    let y = ops::rms_norm(&x, Some(&w), 1e-6).unwrap();
+    assert_eq!(y.dims(), &[2, d]);
+    let e = ops::rms_norm_backward(&x, Some(&w), &dy, 1e-6)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("do not fit on chip") && e.contains("262144"),
+        "{e}"
+    );
+}
+
 /// Nearly one-hot rows (1 − max y ≈ 3e-4): dy_j − ⟨dy, y⟩ cancels, and a plain f32 dot would
 /// be off by ~2e-4; the GPU backward keeps the CPU's precision. (Its compensated f32 dot holds
 /// down to 1 − max y ≈ 1e-9; beyond that only the CPU's f64 path does.)

@@ -3,7 +3,7 @@
 //! random shapes, bad input, and the `LoraLinear` module (training, merge, enable/disable).
 
 use candle_core::{DType, Device, Result, Tensor, Var};
-use candle_fused::ops::{lora_linear, lora_linear_composed};
+use candle_fused::ops::{lora_linear, lora_linear_backward, lora_linear_composed};
 use candle_fused::prelude::*;
 use candle_fused::testing::{self, rel_err, tolerance};
 use proptest::prelude::*;
@@ -184,6 +184,104 @@ fn backward_matches_autograd_through_composed_ops() {
             }
         }
     }
+}
+
+/// The standalone backward (given dy) equals autograd through the fused op (W frozen) and the
+/// f64 reference, and checks dy.
+#[test]
+fn standalone_backward_matches_autograd() {
+    testing::set_poison(true);
+    for dtype in [DType::F32, DType::F64, DType::BF16, DType::F16] {
+        for &(lead, k, n, r) in &[
+            (&[1usize][..], 1usize, 1usize, 1usize),
+            (&[2, 3][..], 33, 17, 8),
+            (&[64][..], 96, 80, 32),
+        ] {
+            for with_bias in [false, true] {
+                let (x, w, bias, a, b) = inputs(lead, k, n, r, dtype).unwrap();
+                let s = 1.5 / r as f64;
+                let mut out = lead.to_vec();
+                out.push(n);
+                let dy = testing::randn(&out, 1.0, dtype, &CPU).unwrap();
+                let bias_opt = with_bias.then_some(&bias);
+                let g = lora_linear_backward(&x, &w, bias_opt, &a, &b, s, &dy).unwrap();
+                assert_eq!(g.dbias.is_some(), with_bias);
+                // Autograd through the fused op with a frozen (plain) W.
+                let vars: Vec<Var> = [&x, &bias, &a, &b]
+                    .iter()
+                    .map(|t| Var::from_tensor(t).unwrap())
+                    .collect();
+                let [xv, bv, av, bbv] = [0, 1, 2, 3].map(|i| vars[i].as_tensor().clone());
+                let y = lora_linear(&xv, &w, with_bias.then_some(&bv), &av, &bbv, s).unwrap();
+                let auto = (&y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+                let mut pairs = vec![
+                    ("x", &g.dx, auto.get(&vars[0]).unwrap()),
+                    ("a", &g.da, auto.get(&vars[2]).unwrap()),
+                    ("b", &g.db, auto.get(&vars[3]).unwrap()),
+                ];
+                if let Some(db) = g.dbias.as_ref() {
+                    pairs.push(("bias", db, auto.get(&vars[1]).unwrap()));
+                }
+                // And the f64 reference (autograd through the composed ops).
+                let (_, want) = grads(
+                    false,
+                    [
+                        &f64(&x).unwrap(),
+                        &f64(&w).unwrap(),
+                        &f64(&bias).unwrap(),
+                        &f64(&a).unwrap(),
+                        &f64(&b).unwrap(),
+                    ],
+                    s,
+                    &f64(&dy).unwrap(),
+                    with_bias,
+                )
+                .unwrap();
+                let (_, mag) = grads(
+                    false,
+                    [
+                        &abs64(&x),
+                        &abs64(&w),
+                        &abs64(&bias),
+                        &abs64(&a),
+                        &abs64(&b),
+                    ],
+                    s,
+                    &abs64(&dy),
+                    with_bias,
+                )
+                .unwrap();
+                for (name, got, via_autograd) in pairs {
+                    assert_eq!(got.dims(), via_autograd.dims(), "d{name} shape");
+                    assert_eq!(got.dtype(), dtype);
+                    let same = rel_err(got, &f64(via_autograd).unwrap()).unwrap();
+                    assert!(
+                        same <= 1e-6,
+                        "d{name} {dtype:?}: standalone vs autograd {same:.3e}"
+                    );
+                    let i = ["x", "w", "bias", "a", "b"]
+                        .iter()
+                        .position(|v| *v == name)
+                        .unwrap();
+                    let err = err_vs(got, want[i].as_ref().unwrap(), mag[i].as_ref().unwrap());
+                    assert!(
+                        err <= tolerance(dtype),
+                        "d{name} {dtype:?} K={k} N={n} r={r}: {err:.3e}"
+                    );
+                }
+            }
+        }
+    }
+    // dy must have the output's shape.
+    let (x, w, _, a, b) = inputs(&[4], 8, 6, 2, DType::F32).unwrap();
+    let dy = testing::randn(&[4, 5], 1.0, DType::F32, &CPU).unwrap();
+    let e = lora_linear_backward(&x, &w, None, &a, &b, 1.0, &dy)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("lora_linear_backward") && e.contains("dy"),
+        "{e}"
+    );
 }
 
 #[test]

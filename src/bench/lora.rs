@@ -11,6 +11,11 @@
 //! | `candle_composed` | [`ops::lora_linear_composed`] (what candle-lora does) | x, A, B `Var`s (+ the unused `dW`, see above) |
 //! | `merged`          | [`ops::lora::linear`] with `W' = W + s·B·A` (merged untimed) | (inference only) |
 //!
+//! The `bwd` pass times the backward alone, given `dy` (the probe), outside Candle's autograd:
+//! ours is [`ops::lora_linear_backward`] (dx, dA, dB), `base_gemm` the base layer's
+//! `dx = dy·W` (Candle's matmul, the limit). `fwd` + `bwd` is the kernel-level cost of a
+//! training step's LoRA layer, without Candle's autograd bookkeeping (see `fwd+bwd`).
+//!
 //! `base_gemm` and `base_linear` are the same product `x·Wᵀ` through Candle's matmul and
 //! through our op's GEMM; the faster of the two is "the limit" the summary compares ours
 //! with (the target: ours fwd <= 1.05x the limit for M >= 4096). fwd+bwd times
@@ -105,11 +110,11 @@ pub fn impls(pass: Pass) -> Vec<Impl> {
             Impl::Merged,
         ],
         Pass::FwdBwd => vec![Impl::BaseGemm, Impl::BaseLinear, Impl::Ours, Impl::Composed],
-        Pass::Bwd => vec![],
+        Pass::Bwd => vec![Impl::BaseGemm, Impl::Ours],
     }
 }
 
-const PASSES: [Pass; 2] = [Pass::Fwd, Pass::FwdBwd];
+const PASSES: [Pass; 3] = [Pass::Fwd, Pass::Bwd, Pass::FwdBwd];
 
 /// One LoRA problem: sizes and dtype.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -259,6 +264,24 @@ impl LoraCase {
         (y * &s.probe)?.sum_all()?.backward()
     }
 
+    /// The backward alone given `dy` (the set's probe), outside autograd: ours is
+    /// [`ops::lora_linear_backward`] (dx, dA, dB); `base_gemm` is the base layer's `dx = dy·W`
+    /// through Candle's matmul (the limit: what any LoRA backward must at least do).
+    pub fn backward(&self, imp: Impl, s: &LoraSet) -> Result<Tensor> {
+        match imp {
+            Impl::BaseGemm => s.probe.matmul(&s.w),
+            Impl::Ours => {
+                let g =
+                    ops::lora_linear_backward(&s.xd, &s.w, None, &s.ad, &s.bd, SCALE, &s.probe)?;
+                Ok(g.dx)
+            }
+            _ => candle_core::bail!(
+                "candle-fused bench: no standalone {OP} backward for {}",
+                imp.as_str()
+            ),
+        }
+    }
+
     /// Checks `imp`'s forward against Candle's (`base_linear` against `base_gemm`, the others
     /// against `candle_composed`) on `s`, relative to the largest |y|; the merged weight is
     /// rounded once to the dtype, so it gets a looser bound.
@@ -297,7 +320,7 @@ impl LoraCase {
         match pass {
             Pass::Fwd => timer.time(|i| self.forward(imp, &sets[i % k])),
             Pass::FwdBwd => timer.time(|i| self.fwd_bwd(imp, &sets[i % k])),
-            Pass::Bwd => candle_core::bail!("candle-fused bench: {OP} has no bwd-only rows"),
+            Pass::Bwd => timer.time(|i| self.backward(imp, &sets[i % k])),
         }
     }
 }

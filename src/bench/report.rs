@@ -48,7 +48,9 @@ synchronised around each repetition); small inputs rotate among several random i
     impls: base_gemm = x.matmul(w.t()) (Candle's matmul) | base_linear = candle-fused linear
     without adapter | ours = candle_fused::ops::lora_linear | candle_composed = the same
     function from Candle ops (what candle-lora does) | merged = candle-fused linear with
-    W' = W + s.B.A (merged untimed). fwd+bwd = forward on Vars, loss = sum(y * probe),
+    W' = W + s.B.A (merged untimed). bwd = the backward alone given dy = probe, outside
+    autograd: ours = candle_fused::ops::lora_linear_backward (dx, dA, dB), base_gemm = dy.W
+    (Candle's matmul). fwd+bwd = forward on Vars, loss = sum(y * probe),
     loss.backward(); Candle's matmul backward (base_gemm, candle_composed) also computes an
     unused dW (not counted in the flops). ours/limit = ours' time / the faster of base_gemm
     and base_linear (target: fwd <= 1.05 for M >= 4096).";

@@ -18,7 +18,7 @@ use candle_fused::check::{self, Case, OpKind};
 use candle_fused::nn::{
     lora_linear as lora_layer, save_adapters, LoraConfig, LoraLinear, PeftAdapters,
 };
-use candle_fused::ops::{lora_linear, lora_linear_composed};
+use candle_fused::ops::{lora_linear, lora_linear_backward, lora_linear_composed};
 use candle_fused::testing::{self, rel_err, tolerance};
 use candle_nn::{Optimizer, VarBuilder, VarMap};
 
@@ -255,4 +255,74 @@ pub fn module_trains_merges_and_round_trips() {
     assert_eq!(rel_err(&yc, &y).unwrap(), 0.0);
     std::fs::remove_dir_all(&dir).ok();
     println!("LoraLinear on CUDA: loss {l0:.4} -> {l_end:.4}, merge and PEFT round trip: PASS");
+}
+
+/// The standalone backward (`lora_linear_backward`, what the bench's `bwd` rows time) on the
+/// GPU: equal to autograd through the fused op there, and to the CPU backend within the
+/// dtype's tolerance; outputs poisoned.
+pub fn standalone_backward_matches_autograd_and_cpu() {
+    testing::set_poison(true);
+    let dev = gpu();
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        for &(m, k, n, r) in &[
+            (1usize, 1usize, 1usize, 1usize),
+            (65, 96, 80, 16),
+            (300, 257, 129, 8),
+        ] {
+            let cpu = Device::Cpu;
+            let x = testing::randn(&[m, k], 1.0, dtype, &cpu).unwrap();
+            let w = testing::randn(&[n, k], 1.0 / (k as f64).sqrt(), dtype, &cpu).unwrap();
+            let bias = testing::randn(&[n], 0.5, dtype, &cpu).unwrap();
+            let a = testing::randn(&[r, k], 1.0 / (k as f64).sqrt(), dtype, &cpu).unwrap();
+            let b = testing::randn(&[n, r], 1.0 / (r as f64).sqrt(), dtype, &cpu).unwrap();
+            let dy = testing::randn(&[m, n], 1.0, dtype, &cpu).unwrap();
+            let s = 2.0 / r as f64;
+            let on = |t: &Tensor| t.to_device(&dev).unwrap();
+            let g_cpu = lora_linear_backward(&x, &w, Some(&bias), &a, &b, s, &dy).unwrap();
+            let (xg, wg, biasg, ag, bg, dyg) = (on(&x), on(&w), on(&bias), on(&a), on(&b), on(&dy));
+            let g = lora_linear_backward(&xg, &wg, Some(&biasg), &ag, &bg, s, &dyg).unwrap();
+            let vars: Vec<Var> = [&xg, &biasg, &ag, &bg]
+                .iter()
+                .map(|t| Var::from_tensor(t).unwrap())
+                .collect();
+            let [xv, biasv, av, bv] = [0, 1, 2, 3].map(|i| vars[i].as_tensor().clone());
+            let y = lora_linear(&xv, &wg, Some(&biasv), &av, &bv, s).unwrap();
+            let auto = (&y * &dyg).unwrap().sum_all().unwrap().backward().unwrap();
+            let rows = [
+                ("dx", &g.dx, &g_cpu.dx, auto.get(&vars[0]).unwrap()),
+                (
+                    "dbias",
+                    g.dbias.as_ref().unwrap(),
+                    g_cpu.dbias.as_ref().unwrap(),
+                    auto.get(&vars[1]).unwrap(),
+                ),
+                ("dA", &g.da, &g_cpu.da, auto.get(&vars[2]).unwrap()),
+                ("dB", &g.db, &g_cpu.db, auto.get(&vars[3]).unwrap()),
+            ];
+            for (what, got, cpu_ref, via_autograd) in rows {
+                let same = rel_err(got, &via_autograd.to_dtype(DType::F64).unwrap()).unwrap();
+                let vs_cpu = rel_err(
+                    &got.to_device(&cpu).unwrap(),
+                    &cpu_ref.to_dtype(DType::F64).unwrap(),
+                )
+                .unwrap();
+                let tol = tolerance(dtype);
+                let ok = same <= 1e-6 && vs_cpu <= tol;
+                println!(
+                    "{:<34} {:<12} {:<16} {:<5} {:>10.3e} {:>8.0e} {}",
+                    "lora_linear_backward",
+                    format!("{what} vs cpu"),
+                    format!("{:?}", [m, k, n, r]),
+                    format!("{dtype:?}"),
+                    vs_cpu,
+                    tol,
+                    if ok { "PASS" } else { "FAIL" }
+                );
+                assert!(
+                    ok,
+                    "{what} {dtype:?} {m}x{k}x{n}x{r}: vs autograd {same:.3e}, vs cpu {vs_cpu:.3e}"
+                );
+            }
+        }
+    }
 }

@@ -4,7 +4,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::DeviceRepr;
 use candle_core::cuda_backend::CudaDType;
-use candle_core::{CudaStorage, Layout, Result, Shape};
+use candle_core::{CudaStorage, Layout, Result};
 
 use crate::cuda::{self, dispatch, ptx, Args, Ptx, RowSpec};
 
@@ -51,6 +51,7 @@ fn forward_t<T: CudaDType + DeviceRepr>(
         red: 4,
         vec_ok,
         persistent: false,
+        owned: None,
     };
     let prefix = format!("add_rms_fwd_{}", cuda::dtype_name(OP, x.0.dtype())?);
     let plan = cuda::plan(OP, dev, &PTX, &prefix, &spec)?;

@@ -103,7 +103,7 @@ pub(crate) mod cuda;
 
 use candle_core::{Result, Tensor};
 
-use op::{Dims, LoraDown, LoraFwd, Need};
+use op::{Dims, LoraBwd, LoraDown, LoraFwd, Need};
 
 use crate::validate::{self, fail};
 
@@ -270,59 +270,11 @@ pub(crate) fn core(
         bias: bias.is_some(),
         base: w.is_some(),
     };
-    if d.m > i32::MAX as usize || d.k > i32::MAX as usize || d.n > i32::MAX as usize {
-        fail!(
-            "lora_linear",
-            "sizes M = {m}, K = {k}, N = {n} exceed the GEMM limit of 2^31 - 1 per dimension"
-        )
-    }
+    gemm_limit("lora_linear", &d)?;
     let x2 = x.reshape((m, k))?.contiguous()?;
     let w = w.map(|w| w.contiguous()).transpose()?;
-    // The packed adapter [A | 0.. | B_ext] with B_ext = [B | bias | 0..] (widths padded to
-    // multiples of PAD); a differentiable cat, so A, B, bias get their gradients (the zero pads'
-    // gradients are dropped by cat's backward).
-    let kk = d.kk();
-    let packed = if kk == 0 {
-        None
-    } else {
-        let zeros = |n: usize, shape: &[usize]| -> Result<Option<Tensor>> {
-            if n == 0 {
-                Ok(None)
-            } else {
-                Tensor::zeros(shape, x.dtype(), x.device()).map(Some)
-            }
-        };
-        let mut cols: Vec<Tensor> = Vec::new();
-        if let Some((_, b)) = adapter {
-            cols.push(b.clone());
-        }
-        if let Some(bias) = bias {
-            cols.push(bias.unsqueeze(1)?);
-        }
-        let used = r + usize::from(d.bias);
-        cols.extend(zeros(kk - used, &[n, kk - used])?);
-        let bext = Tensor::cat(&cols, 1)?.flatten_all()?;
-        let mut parts = Vec::new();
-        if let Some((a, _)) = adapter {
-            parts.push(a.flatten_all()?);
-            parts.extend(zeros(d.a_len() - r * k, &[d.a_len() - r * k])?);
-        }
-        parts.push(bext);
-        Some(Tensor::cat(&parts, 0)?.contiguous()?)
-    };
-    // u_ext = [s·x·Aᵀ | 1 | 0..], a constant of the graph (no gradient flows through it).
-    let u = match adapter {
-        Some((a, _)) => Some(
-            x2.detach()
-                .apply_op2_no_bwd(&a.detach().contiguous()?, &LoraDown { dims: d, scale })?,
-        ),
-        None if d.bias => {
-            let ones = Tensor::ones((m, 1), x.dtype(), x.device())?;
-            let pad = Tensor::zeros((m, kk - 1), x.dtype(), x.device())?;
-            Some(Tensor::cat(&[ones, pad], 1)?)
-        }
-        None => None,
-    };
+    let packed = pack_adapter(x, &d, bias, adapter)?;
+    let u = low_rank_input(&x2, &d, adapter, scale)?;
     let need = Need {
         dx: x.track_op(),
         dw: w.as_ref().is_some_and(|w| w.track_op()),
@@ -342,6 +294,172 @@ pub(crate) fn core(
         (None, None) => unreachable!("checked above"),
     };
     y.reshape(out_dims)
+}
+
+/// cuBLAS takes `i32` sizes.
+fn gemm_limit(op: &str, d: &Dims) -> Result<()> {
+    let (m, k, n) = (d.m, d.k, d.n);
+    if m > i32::MAX as usize || k > i32::MAX as usize || n > i32::MAX as usize {
+        fail!(
+            op,
+            "sizes M = {m}, K = {k}, N = {n} exceed the GEMM limit of 2^31 - 1 per dimension"
+        )
+    }
+    Ok(())
+}
+
+/// The packed adapter `[A | 0.. | B_ext]` with `B_ext = [B | bias | 0..]` (widths padded to
+/// multiples of `PAD`); a differentiable `cat`, so `A`, `B`, `bias` get their gradients (the
+/// zero pads' gradients are dropped by cat's backward). `None` when there is neither an adapter
+/// nor a bias.
+fn pack_adapter(
+    x: &Tensor,
+    d: &Dims,
+    bias: Option<&Tensor>,
+    adapter: Option<(&Tensor, &Tensor)>,
+) -> Result<Option<Tensor>> {
+    let (k, n, r, kk) = (d.k, d.n, d.r, d.kk());
+    if kk == 0 {
+        return Ok(None);
+    }
+    let zeros = |len: usize, shape: &[usize]| -> Result<Option<Tensor>> {
+        if len == 0 {
+            Ok(None)
+        } else {
+            Tensor::zeros(shape, x.dtype(), x.device()).map(Some)
+        }
+    };
+    let mut cols: Vec<Tensor> = Vec::new();
+    if let Some((_, b)) = adapter {
+        cols.push(b.clone());
+    }
+    if let Some(bias) = bias {
+        cols.push(bias.unsqueeze(1)?);
+    }
+    let used = r + usize::from(d.bias);
+    cols.extend(zeros(kk - used, &[n, kk - used])?);
+    let bext = Tensor::cat(&cols, 1)?.flatten_all()?;
+    let mut parts = Vec::new();
+    if let Some((a, _)) = adapter {
+        parts.push(a.flatten_all()?);
+        parts.extend(zeros(d.a_len() - r * k, &[d.a_len() - r * k])?);
+    }
+    parts.push(bext);
+    Ok(Some(Tensor::cat(&parts, 0)?.contiguous()?))
+}
+
+/// `u_ext = [s·x·Aᵀ | 1 | 0..]` (`M × kk`), a constant of the graph (no gradient flows
+/// through it); `None` without adapter and bias.
+fn low_rank_input(
+    x2: &Tensor,
+    d: &Dims,
+    adapter: Option<(&Tensor, &Tensor)>,
+    scale: f64,
+) -> Result<Option<Tensor>> {
+    Ok(match adapter {
+        Some((a, _)) => Some(
+            x2.detach()
+                .apply_op2_no_bwd(&a.detach().contiguous()?, &LoraDown { dims: *d, scale })?,
+        ),
+        None if d.bias => {
+            let ones = Tensor::ones((d.m, 1), x2.dtype(), x2.device())?;
+            let pad = Tensor::zeros((d.m, d.kk() - 1), x2.dtype(), x2.device())?;
+            Some(Tensor::cat(&[ones, pad], 1)?)
+        }
+        None => None,
+    })
+}
+
+/// The gradients [`lora_linear_backward`] returns.
+#[derive(Debug, Clone)]
+pub struct LoraGrads {
+    /// `dy·W + s·(dy·B)·A`, shape of `x`.
+    pub dx: Tensor,
+    /// `s·(dy·B)ᵀ·x`, `[r, K]`.
+    pub da: Tensor,
+    /// `s·dyᵀ·(x·Aᵀ)`, `[N, r]`.
+    pub db: Tensor,
+    /// `Σ_rows dy`, `[N]` (when a bias was given).
+    pub dbias: Option<Tensor>,
+}
+
+/// The backward of [`lora_linear`] given the output gradient `dy` (`[..., N]`), outside
+/// autograd: the same kernels `Tensor::backward` runs through [`lora_linear`] (CPU: gemm,
+/// CUDA: cuBLAS), for custom training loops and for timing the backward alone. `W` is frozen
+/// (no `dW`). Arguments as [`lora_linear`]; `dy` must match its output's shape, dtype and
+/// device.
+pub fn lora_linear_backward(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    dy: &Tensor,
+) -> Result<LoraGrads> {
+    const OP: &str = "lora_linear_backward";
+    let (k, n, r) = check(OP, x, w, bias, a, b, scale)?;
+    let dims = x.dims();
+    let m: usize = dims[..dims.len() - 1].iter().product();
+    let mut out_dims = dims[..dims.len() - 1].to_vec();
+    out_dims.push(n);
+    check_arg(OP, "dy", dy, x, &out_dims, "the output's shape [..., N]")?;
+    let (dt, dev) = (x.dtype(), x.device());
+    if m == 0 || k == 0 || n == 0 {
+        // Empty products: every gradient is zero (or empty).
+        let dy2 = dy.reshape((m, n))?.to_dtype(candle_core::DType::F32)?;
+        return Ok(LoraGrads {
+            dx: Tensor::zeros(dims, dt, dev)?,
+            da: Tensor::zeros((r, k), dt, dev)?,
+            db: Tensor::zeros((n, r), dt, dev)?,
+            dbias: match bias {
+                Some(_) => Some(dy2.sum(0)?.to_dtype(dt)?),
+                None => None,
+            },
+        });
+    }
+    let d = Dims {
+        m,
+        k,
+        n,
+        r,
+        bias: bias.is_some(),
+        base: true,
+    };
+    gemm_limit(OP, &d)?;
+    let x2 = x.reshape((m, k))?.contiguous()?.detach();
+    let (a, b) = (a.detach(), b.detach());
+    let bias = bias.map(|t| t.detach());
+    let adapter = pack_adapter(&x2, &d, bias.as_ref(), Some((&a, &b)))?;
+    let u = low_rank_input(&x2, &d, Some((&a, &b)), scale)?;
+    let need = Need {
+        dx: true,
+        dw: false,
+        da: true,
+        db: true,
+    };
+    let bwd = LoraBwd {
+        dims: d,
+        scale,
+        need,
+        adapter,
+        u,
+    };
+    let dy2 = dy.reshape((m, n))?.contiguous()?;
+    let flat = dy2.apply_op3_no_bwd(&x2, &w.detach().contiguous()?, &bwd)?;
+    let dx = flat.narrow(0, 0, m * k)?.reshape(dims)?;
+    let dad = flat.narrow(0, m * k, d.adapter_len())?;
+    let da = dad.narrow(0, 0, r * k)?.reshape((r, k))?;
+    let bext = dad.narrow(0, d.a_len(), n * d.kk())?.reshape((n, d.kk()))?;
+    Ok(LoraGrads {
+        dx,
+        da,
+        db: bext.narrow(1, 0, r)?.contiguous()?,
+        dbias: match d.bias {
+            true => Some(bext.narrow(1, r, 1)?.squeeze(1)?.contiguous()?),
+            false => None,
+        },
+    })
 }
 
 /// The same function from composed Candle ops (`matmul`, `broadcast_add`, `affine`): the

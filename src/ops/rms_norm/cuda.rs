@@ -7,7 +7,7 @@ use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, Layout, Result, Shape};
 
 use super::BwdArgs;
-use crate::cuda::{self, dispatch, ptx, Args, Ptx, RowSpec};
+use crate::cuda::{self, dispatch, ptx, Args, Owned, Ptx, RowSpec};
 
 const OP: &str = "rms_norm";
 pub(crate) static PTX: Ptx = ptx!("rms_norm");
@@ -52,6 +52,7 @@ fn forward_t<T: CudaDType + DeviceRepr>(
         red: 4,
         vec_ok,
         persistent: false,
+        owned: None,
     };
     let prefix = format!("rms_fwd_{}", cuda::dtype_name(OP, s.dtype())?);
     let plan = cuda::plan(OP, dev, &PTX, &prefix, &spec)?;
@@ -109,10 +110,16 @@ fn backward_t<T: CudaDType + DeviceRepr>(
         d,
         elem,
         nin: 2,
-        extra_per_col: if w.is_some() { 4 } else { 0 },
+        extra_per_col: 0,
         red: 16,
         vec_ok,
         persistent: w.is_some(),
+        // Each thread owns a fixed set of columns (the dw accumulator in registers); the
+        // kernel's DW_REGS and __launch_bounds__(512).
+        owned: Some(Owned {
+            cols: 32,
+            max_threads: 512,
+        }),
     };
     let dt = cuda::dtype_name(OP, a.x.0.dtype())?;
     let op = if a.dres.is_some() {

@@ -5,8 +5,10 @@
 // When g is nearly parallel to x (always for D = 1) g − x·c cancels and plain f32 would leave
 // only rounding noise: the backward sums exact product splits and joins them in f64, and
 // forms g − x·c with c split into two floats (see RmsBwd).
-// dw: each CTA accumulates its rows' dy⊙x·r for its column slice in f32 shared memory and
-// writes one partial row; `dw_reduce` sums the partials in a fixed order (deterministic).
+// dw: each CTA walks its rows (persistent grid) and every thread accumulates dy⊙x·r for the
+// columns it owns in f32 registers (the same columns for every row: at most DW_REGS of them,
+// which the launch plan guarantees), then writes one partial row per CTA; `dw_reduce` sums the
+// partials in a fixed order (deterministic).
 #include "common.cuh"
 
 using namespace cf;
@@ -55,18 +57,7 @@ template <typename T, int VEC> struct RmsFwd {
   }
 };
 
-// VEC floats of shared memory, as float4s when VEC is a multiple of 4.
-template <int VEC> __device__ __forceinline__ void load_f32(const float* p, float (&a)[VEC]) {
-#pragma unroll
-  for (int i = 0; i < VEC; i += (VEC % 4 == 0 ? 4 : 1)) {
-    if constexpr (VEC % 4 == 0) {
-      const float4 v = *reinterpret_cast<const float4*>(p + i);
-      a[i] = v.x, a[i + 1] = v.y, a[i + 2] = v.z, a[i + 3] = v.w;
-    } else {
-      a[i] = p[i];
-    }
-  }
-}
+// VEC floats to (16-byte aligned when VEC is a multiple of 4) memory, as float4s when possible.
 template <int VEC> __device__ __forceinline__ void store_f32(float* p, const float (&a)[VEC]) {
 #pragma unroll
   for (int i = 0; i < VEC; i += (VEC % 4 == 0 ? 4 : 1)) {
@@ -78,9 +69,14 @@ template <int VEC> __device__ __forceinline__ void store_f32(float* p, const flo
   }
 }
 
+// Columns of the dw accumulator one thread keeps in registers (cuda.rs: `DW_REGS`).
+constexpr int DW_REGS = 32;
+
 template <typename T, int VEC> struct RmsBwd {
   using Red = Sum2D;
   static constexpr int NIN = 2;
+  // Packs a thread owns: u = threadIdx.x + it·blockDim.x for it < IT.
+  static constexpr int IT = DW_REGS / VEC;
   const T* __restrict__ x;
   const T* __restrict__ dy;
   const T* __restrict__ dres;  // nullptr: none (plain RMSNorm)
@@ -89,19 +85,27 @@ template <typename T, int VEC> struct RmsBwd {
   float* __restrict__ part;    // [clusters, d] partial dw, nullptr without weight
   double eps;
   int64_t d;
-  float* dws = nullptr;        // this CTA's dw slice (shared memory)
+  float acc[IT][VEC];          // this thread's dw columns (registers: indexed by unrolled loops)
 
-  __device__ void begin_row(int64_t) {}
-  __device__ const T* input(int k, int64_t row) const { return (k == 0 ? x : dy) + row * d; }
-  __device__ int stage_len(int64_t, int64_t, int n) const { return n; }
-  __device__ void init(int64_t, int n, unsigned char* extra) {
+  __device__ __forceinline__ void begin_row(int64_t) {}
+  __device__ __forceinline__ const T* input(int k, int64_t row) const { return (k == 0 ? x : dy) + row * d; }
+  __device__ __forceinline__ int stage_len(int64_t, int64_t, int n) const { return n; }
+  __device__ __forceinline__ void init(int64_t, int n, unsigned char*) {
+    // The plan keeps a slice within IT packs per thread; anything else would drop columns.
+    if (n / VEC > IT * (int)blockDim.x) __trap();
     if (!w) return;
-    dws = reinterpret_cast<float*>(extra);
-    for (int j = threadIdx.x; j < n; j += blockDim.x) dws[j] = 0.f;
+#pragma unroll
+    for (int it = 0; it < IT; it++)
+#pragma unroll
+      for (int e = 0; e < VEC; e++) acc[it][e] = 0.f;
   }
-  __device__ void finish(int64_t cluster, int64_t lo, int n) {
+  __device__ __forceinline__ void finish(int64_t cluster, int64_t lo, int n) {
     if (!w) return;
-    for (int j = threadIdx.x; j < n; j += blockDim.x) part[cluster * d + lo + j] = dws[j];
+#pragma unroll
+    for (int it = 0; it < IT; it++) {
+      const int u = threadIdx.x + it * blockDim.x;
+      if (u < n / VEC) store_f32<VEC>(part + cluster * d + lo + u * VEC, acc[it]);
+    }
   }
   __device__ __forceinline__ Pack<T, VEC> weights(int64_t lo, int u) const {
     return ldg_pack<T, VEC>(w + lo + u * VEC);
@@ -134,7 +138,7 @@ template <typename T, int VEC> struct RmsBwd {
 
   // dx = r·(g − x·c) (+ dres): c is split into two floats so g − x·c keeps its precision when
   // it cancels (two FMAs, each rounding once relative to the small result).
-  __device__ void output(int64_t row, int64_t lo, int n, T* const* s, Sum2D red) const {
+  __device__ __forceinline__ void output(int64_t row, int64_t lo, int n, T* const* s, Sum2D red) {
     const double rd = 1.0 / sqrt(red.a / (double)d + eps);
     const double c = red.b / (red.a + (double)d * eps);
     const float r = (float)rd, c_hi = (float)c, c_lo = (float)(c - (double)c_hi);
@@ -142,24 +146,25 @@ template <typename T, int VEC> struct RmsBwd {
     const T* dr = dres ? dres + row * d + lo : nullptr;
     const T* sx = s[0];
     const T* sg = s[1];
-    for (int u = threadIdx.x; u < n / VEC; u += blockDim.x) {
-      const Pack<T, VEC> px = ld_pack<T, VEC>(sx + u * VEC), pg = ld_pack<T, VEC>(sg + u * VEC);
-      Pack<T, VEC> pw, pr, out;
-      if (w) pw = weights(lo, u);
-      if (dr) pr = ld_pack<T, VEC>(dr + u * VEC);
-      float acc[VEC];
-      if (w) load_f32<VEC>(dws + u * VEC, acc);
 #pragma unroll
-      for (int e = 0; e < VEC; e++) {
-        const float xv = ld(px.v[e]), dyv = ld(pg.v[e]);
-        const float gv = w ? dyv * ld(pw.v[e]) : dyv;
-        float v = fmaf(-xv, c_lo, fmaf(-xv, c_hi, gv)) * r;
-        if (dr) v += ld(pr.v[e]);
-        out.v[e] = st<T>(v);
-        if (w) acc[e] = fmaf(dyv * xv, r, acc[e]);
+    for (int it = 0; it < IT; it++) {
+      const int u = threadIdx.x + it * blockDim.x;
+      if (u < n / VEC) {
+        const Pack<T, VEC> px = ld_pack<T, VEC>(sx + u * VEC), pg = ld_pack<T, VEC>(sg + u * VEC);
+        Pack<T, VEC> pw, pr, out;
+        if (w) pw = weights(lo, u);
+        if (dr) pr = ld_pack<T, VEC>(dr + u * VEC);
+#pragma unroll
+        for (int e = 0; e < VEC; e++) {
+          const float xv = ld(px.v[e]), dyv = ld(pg.v[e]);
+          const float gv = w ? dyv * ld(pw.v[e]) : dyv;
+          float v = fmaf(-xv, c_lo, fmaf(-xv, c_hi, gv)) * r;
+          if (dr) v += ld(pr.v[e]);
+          out.v[e] = st<T>(v);
+          if (w) acc[it][e] = fmaf(dyv * xv, r, acc[it][e]);
+        }
+        st_pack<T, VEC>(o + u * VEC, out);
       }
-      if (w) store_f32<VEC>(dws + u * VEC, acc);
-      st_pack<T, VEC>(o + u * VEC, out);
     }
   }
 };
@@ -170,7 +175,7 @@ template <typename T, int VEC> struct RmsBwd {
     RmsFwd<T, V> op{x, w, y, eps, g.d};                                                        \
     run_rows<T, V>(g, op);                                                                     \
   }                                                                                            \
-  extern "C" __global__ void __launch_bounds__(1024)                                          \
+  extern "C" __global__ void __launch_bounds__(512)                                           \
       rms_bwd_##NAME##_v##V(const T* x, const T* dy, const T* dres, const T* w, T* dx,         \
                             float* part, Geom g, double eps) {                                 \
     RmsBwd<T, V> op{x, dy, dres, w, dx, part, eps, g.d};                                       \

@@ -105,6 +105,7 @@ fn forward_t<T: CudaDType + DeviceRepr>(
         red: 8,
         vec_ok,
         persistent: false,
+        owned: None,
     };
     // The masked kernel (mask, causal) or the leaner plain one.
     let kind = if mask.is_some() || op.causal {
@@ -172,6 +173,7 @@ fn backward_t<T: CudaDType + DeviceRepr>(
         red: 16,
         vec_ok,
         persistent: false,
+        owned: None,
     };
     let prefix = format!("softmax_bwd_{}", cuda::dtype_name(OP, ys.dtype())?);
     let plan = cuda::plan("softmax_backward", dev, &PTX, &prefix, &spec)?;
