@@ -69,6 +69,23 @@ fn forward_t<T: CudaDType + DeviceRepr>(
     Ok((cuda::storage(y, dev), l.shape().clone()))
 }
 
+/// The backward kernel build: each thread owns at most `cols` columns (its dw accumulator in
+/// registers) with at most `max_threads` threads (the kernel's `__launch_bounds__`).
+/// `CANDLE_FUSED_RMS_BWD_COLS=16|32` picks the build (a tuning switch; default 16).
+fn bwd_owned() -> Owned {
+    static COLS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let cols = *COLS.get_or_init(
+        || match std::env::var("CANDLE_FUSED_RMS_BWD_COLS").as_deref() {
+            Ok("32") => 32,
+            _ => 16,
+        },
+    );
+    Owned {
+        cols,
+        max_threads: if cols == 32 { 512 } else { 1024 },
+    }
+}
+
 /// Returns `dx` (shape of x) and, with a weight, `dw` (`[D]`).
 pub(crate) fn backward(
     eps: f64,
@@ -114,12 +131,9 @@ fn backward_t<T: CudaDType + DeviceRepr>(
         red: 16,
         vec_ok,
         persistent: w.is_some(),
-        // Each thread owns a fixed set of columns (the dw accumulator in registers); the
-        // kernel's DW_REGS and __launch_bounds__(512).
-        owned: Some(Owned {
-            cols: 32,
-            max_threads: 512,
-        }),
+        // Each thread owns a fixed set of columns (the dw accumulator in registers): the
+        // kernel's COLS and __launch_bounds__.
+        owned: Some(bwd_owned()),
     };
     let dt = cuda::dtype_name(OP, a.x.0.dtype())?;
     let op = if a.dres.is_some() {
@@ -127,7 +141,13 @@ fn backward_t<T: CudaDType + DeviceRepr>(
     } else {
         "rms_norm_backward"
     };
-    let plan = cuda::plan(op, dev, &PTX, &format!("rms_bwd_{dt}"), &spec)?;
+    let plan = cuda::plan(
+        op,
+        dev,
+        &PTX,
+        &format!("rms_bwd{}_{dt}", bwd_owned().cols),
+        &spec,
+    )?;
     let mut part = if w.is_some() {
         Some(cuda::alloc::<f32>(dev, plan.clusters as usize * d)?)
     } else {

@@ -6,7 +6,7 @@
 // only rounding noise: the backward sums exact product splits and joins them in f64, and
 // forms g − x·c with c split into two floats (see RmsBwd).
 // dw: each CTA walks its rows (persistent grid) and every thread accumulates dy⊙x·r for the
-// columns it owns in f32 registers (the same columns for every row: at most DW_REGS of them,
+// columns it owns in f32 registers (the same columns for every row: at most COLS of them,
 // which the launch plan guarantees), then writes one partial row per CTA; `dw_reduce` sums the
 // partials in a fixed order (deterministic).
 #include "common.cuh"
@@ -69,14 +69,14 @@ template <int VEC> __device__ __forceinline__ void store_f32(float* p, const flo
   }
 }
 
-// Columns of the dw accumulator one thread keeps in registers (cuda.rs: `DW_REGS`).
-constexpr int DW_REGS = 32;
-
-template <typename T, int VEC> struct RmsBwd {
+// COLS: columns of the dw accumulator one thread keeps in registers. Two builds: COLS = 16 with
+// up to 1024 threads (at most 64 registers per thread) and COLS = 32 with up to 512 threads;
+// cuda.rs picks one (`Owned`), both cap a CTA's slice at 16384 columns.
+template <typename T, int VEC, int COLS> struct RmsBwd {
   using Red = Sum2D;
   static constexpr int NIN = 2;
   // Packs a thread owns: u = threadIdx.x + it·blockDim.x for it < IT.
-  static constexpr int IT = DW_REGS / VEC;
+  static constexpr int IT = COLS / VEC;
   const T* __restrict__ x;
   const T* __restrict__ dy;
   const T* __restrict__ dres;  // nullptr: none (plain RMSNorm)
@@ -169,18 +169,22 @@ template <typename T, int VEC> struct RmsBwd {
   }
 };
 
+#define RMS_BWD_KERNEL(NAME, T, V, COLS, THREADS)                                              \
+  extern "C" __global__ void __launch_bounds__(THREADS)                                       \
+      rms_bwd##COLS##_##NAME##_v##V(const T* x, const T* dy, const T* dres, const T* w, T* dx, \
+                                    float* part, Geom g, double eps) {                         \
+    RmsBwd<T, V, COLS> op{x, dy, dres, w, dx, part, eps, g.d};                                 \
+    run_rows<T, V>(g, op);                                                                     \
+  }
+
 #define RMS_KERNELS_V(NAME, T, V)                                                              \
   extern "C" __global__ void __launch_bounds__(1024)                                          \
       rms_fwd_##NAME##_v##V(const T* x, const T* w, T* y, Geom g, float eps) {                 \
     RmsFwd<T, V> op{x, w, y, eps, g.d};                                                        \
     run_rows<T, V>(g, op);                                                                     \
   }                                                                                            \
-  extern "C" __global__ void __launch_bounds__(512)                                           \
-      rms_bwd_##NAME##_v##V(const T* x, const T* dy, const T* dres, const T* w, T* dx,         \
-                            float* part, Geom g, double eps) {                                 \
-    RmsBwd<T, V> op{x, dy, dres, w, dx, part, eps, g.d};                                       \
-    run_rows<T, V>(g, op);                                                                     \
-  }
+  RMS_BWD_KERNEL(NAME, T, V, 16, 1024)                                                         \
+  RMS_BWD_KERNEL(NAME, T, V, 32, 512)
 
 #define RMS_KERNELS(NAME, T, V)                                                                \
   RMS_KERNELS_V(NAME, T, V)                                                                    \
