@@ -14,7 +14,7 @@ B=/tmp/cf-bin; mkdir -p $B
 for f in .gpu/*.gz; do gunzip -c "$f" > "$B/$(basename "$f" .gz)"; done
 chmod +x $B/*
 GPU=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | head -n1)
-STAMP="$(date -u +%Y-%m-%dT%H:%MZ) | $GPU | commit $(cat .gpu/COMMIT 2>/dev/null)"
+STAMP="$(date -u +%Y-%m-%dT%H:%MZ) | $GPU | commit $(cat .gpu/COMMIT 2>/dev/null) | env: $(env | grep -E '^CANDLE_FUSED_' | tr '\n' ' ')"
 echo "$STAMP"
 rc=0
 for phase in "$@"; do

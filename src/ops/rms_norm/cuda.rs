@@ -71,13 +71,14 @@ fn forward_t<T: CudaDType + DeviceRepr>(
 
 /// The backward kernel build: each thread owns at most `cols` columns (its dw accumulator in
 /// registers) with at most `max_threads` threads (the kernel's `__launch_bounds__`).
-/// `CANDLE_FUSED_RMS_BWD_COLS=16|32` picks the build (a tuning switch; default 16).
+/// `CANDLE_FUSED_RMS_BWD_COLS=16|32` picks the build (a tuning switch; default 32, measured
+/// faster overall on an H200: `results/gpu/kernel-probe-rms-bwd-2026-11-27.log`).
 fn bwd_owned() -> Owned {
     static COLS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     let cols = *COLS.get_or_init(
         || match std::env::var("CANDLE_FUSED_RMS_BWD_COLS").as_deref() {
-            Ok("32") => 32,
-            _ => 16,
+            Ok("16") => 16,
+            _ => 32,
         },
     );
     Owned {
