@@ -495,14 +495,14 @@ mod tests {
         run_case(&case(DType::F32), &timer, &mut out);
         out.finish();
         assert!(out.skipped.is_empty(), "{:?}", out.skipped);
-        assert_eq!(out.rows.len(), 9);
+        assert_eq!(out.rows.len(), 11);
         for r in &out.rows {
             assert_eq!(r.shape, vec![37, 70, 50, 5]);
             assert!(r.tflops.is_some_and(|t| t > 0.0) && r.median_us > 0.0);
             assert_eq!(r.speedup.is_some(), r.imp != "ours", "{}", r.imp);
         }
         let s = report::compute_summary(&out.rows);
-        assert_eq!(s.lines().count(), 4, "{s}");
+        assert_eq!(s.lines().count(), 5, "{s}");
         assert!(report::summary(&out.rows).is_empty());
     }
 }
