@@ -12,6 +12,8 @@
 //!   mismatches are clear errors.
 //! - [`module_trains_merges_and_round_trips`]: `LoraLinear` on the GPU: training lowers the loss
 //!   and changes only A and B; merge = unmerged output; PEFT save/load round trip.
+//! - [`standalone_backward_matches_autograd_and_cpu`]: `lora_linear_backward` (given dy) equals
+//!   autograd through the fused op on the GPU and the CPU backend within tolerance.
 
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_fused::check::{self, Case, OpKind};
