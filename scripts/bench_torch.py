@@ -352,10 +352,11 @@ def build_graph(f, diff, args, probes):
     return f(*la), [x for x, dd in zip(la, diff) if dd], probes
 
 
-def bwd_rows(ctx, op, shape, dtype, impl, f, diff, sets):
+def bwd_rows(ctx, op, shape, dtype, impl, f, diff, sets, nbytes=None, flops=None):
     """The backward alone: autograd.grad with retain_graph=True on graphs built before timing.
     If the graph cannot be kept (e.g. a compiled backward refusing retain_graph), each
-    repetition builds its graph untimed instead (noted)."""
+    repetition builds its graph untimed instead (noted). `sets`: (args, probes) pairs; `diff`:
+    which args get gradients; nbytes/flops as for ctx.record (None: the memory-bound formulas)."""
     k = len(sets)
     try:
         graphs = [build_graph(f, diff, a, p) for a, p in sets]
@@ -372,12 +373,13 @@ def bwd_rows(ctx, op, shape, dtype, impl, f, diff, sets):
         ctx.record(op, "bwd", shape, dtype, impl, k,
                    lambda i: torch.autograd.grad(graphs[i % k][0], graphs[i % k][1],
                                                  grad_outputs=graphs[i % k][2],
-                                                 retain_graph=True))
+                                                 retain_graph=True),
+                   nbytes=nbytes, flops=flops)
         del graphs
     else:
         ctx.record(op, "bwd", shape, dtype, impl, k,
                    lambda g: torch.autograd.grad(g[0], g[1], grad_outputs=g[2]),
-                   setup=lambda i: build_graph(f, diff, *sets[i % k]))
+                   setup=lambda i: build_graph(f, diff, *sets[i % k]), nbytes=nbytes, flops=flops)
 
 
 def run_mem_case(ctx, op, shape, dtype, compile_it):
@@ -619,27 +621,11 @@ def run_lora_case(ctx, op, shape, dtype, compile_it):
         if impl in bad:
             skip([impl], "bwd", bad[impl])
             continue
-        try:
-            graphs = []
-            for st in sets:
-                x = st["x"].detach().requires_grad_()
-                if impl == "torch_base":
-                    a, b, ins = st["a"], st["b"], None
-                else:
-                    a, b = st["a"].detach().requires_grad_(), st["b"].detach().requires_grad_()
-                    ins = [x, a, b]
-                graphs.append((fns[impl](x, st["w"], a, b), ins or [x], st["probe"]))
-        except Exception as e:
-            skip([impl], "bwd", errstr(e))
-            free_memory()
-            continue
-        ctx.record(op, "bwd", shape, dtype, impl, k,
-                   lambda i, g=graphs: torch.autograd.grad(g[i % k][0], g[i % k][1],
-                                                           grad_outputs=g[i % k][2],
-                                                           retain_graph=True),
-                   nbytes=lora_bytes(shape, dtype, impl, "bwd"),
-                   flops=lora_flops(shape, impl, "bwd"))
-        del graphs
+        adapter = impl != "torch_base"
+        bwd_rows(ctx, op, shape, dtype, impl, fns[impl], [True, False, adapter, adapter],
+                 [((st["x"], st["w"], st["a"], st["b"]), st["probe"]) for st in sets],
+                 nbytes=lora_bytes(shape, dtype, impl, "bwd"),
+                 flops=lora_flops(shape, impl, "bwd"))
         free_memory()
     del sets
     free_memory()

@@ -310,16 +310,14 @@ pub fn standalone_backward_matches_autograd_and_cpu() {
                 .unwrap();
                 let tol = tolerance(dtype);
                 let ok = same <= 1e-6 && vs_cpu <= tol;
-                println!(
-                    "{:<34} {:<12} {:<16} {:<5} {:>10.3e} {:>8.0e} {}",
-                    "lora_linear_backward",
-                    format!("{what} vs cpu"),
-                    format!("{:?}", [m, k, n, r]),
-                    format!("{dtype:?}"),
-                    vs_cpu,
+                report(&check::Outcome {
+                    op: "lora_linear_backward".into(),
+                    what: format!("{what} vs cpu"),
+                    shape: vec![m, k, n, r],
+                    dtype,
+                    rel_err: vs_cpu,
                     tol,
-                    if ok { "PASS" } else { "FAIL" }
-                );
+                });
                 assert!(
                     ok,
                     "{what} {dtype:?} {m}x{k}x{n}x{r}: vs autograd {same:.3e}, vs cpu {vs_cpu:.3e}"

@@ -103,7 +103,7 @@ pub(crate) mod cuda;
 
 use candle_core::{Result, Tensor};
 
-use op::{Dims, LoraBwd, LoraDown, LoraFwd, Need};
+use op::{Dims, LoraDown, LoraFwd, Need};
 
 use crate::validate::{self, fail};
 
@@ -438,17 +438,19 @@ pub fn lora_linear_backward(
         da: true,
         db: true,
     };
-    let bwd = LoraBwd {
+    let op = LoraFwd {
         dims: d,
         scale,
         need,
-        adapter,
         u,
     };
-    let dy2 = dy.reshape((m, n))?.contiguous()?;
-    let flat = dy2.apply_op3_no_bwd(&x2, &w.detach().contiguous()?, &bwd)?;
-    let dx = flat.narrow(0, 0, m * k)?.reshape(dims)?;
-    let dad = flat.narrow(0, m * k, d.adapter_len())?;
+    let dy2 = dy.reshape((m, n))?;
+    let w = w.detach().contiguous()?;
+    let (dx, _, dad) = op.backward(&x2, Some(&w), adapter.as_ref(), &dy2)?;
+    let missing = || validate::err(OP, "internal: the backward returned no gradient");
+    let dx = dx.ok_or_else(missing)?.reshape(dims)?;
+    // The adapter's gradient, unpacked like `pack_adapter` packed it: [dA | 0.. | dB_ext].
+    let dad = dad.ok_or_else(missing)?;
     let da = dad.narrow(0, 0, r * k)?.reshape((r, k))?;
     let bext = dad.narrow(0, d.a_len(), n * d.kk())?.reshape((n, d.kk()))?;
     Ok(LoraGrads {

@@ -121,7 +121,9 @@ impl CustomOp2 for LoraDown {
 }
 
 impl LoraFwd {
-    fn backward(
+    /// `(dx, dW, d_adapter)` as the need flags ask, from one no-grad [`LoraBwd`] launch (the
+    /// autograd backward, and [`super::lora_linear_backward`]).
+    pub(super) fn backward(
         &self,
         x: &Tensor,
         w: Option<&Tensor>,

@@ -123,6 +123,7 @@ fn backward_t<T: CudaDType + DeviceRepr>(
         && dres.is_none_or(|(s, o)| cuda::aligned16(s, o, &stream))
         && w.is_none_or(|(w, wo)| cuda::aligned16(w, wo, &stream))
         && cuda::aligned16(&dx, 0, &stream);
+    let owned = bwd_owned();
     let spec = RowSpec {
         rows,
         d,
@@ -134,7 +135,7 @@ fn backward_t<T: CudaDType + DeviceRepr>(
         persistent: w.is_some(),
         // Each thread owns a fixed set of columns (the dw accumulator in registers): the
         // kernel's COLS and __launch_bounds__.
-        owned: Some(bwd_owned()),
+        owned: Some(owned),
     };
     let dt = cuda::dtype_name(OP, a.x.0.dtype())?;
     let op = if a.dres.is_some() {
@@ -142,13 +143,7 @@ fn backward_t<T: CudaDType + DeviceRepr>(
     } else {
         "rms_norm_backward"
     };
-    let plan = cuda::plan(
-        op,
-        dev,
-        &PTX,
-        &format!("rms_bwd{}_{dt}", bwd_owned().cols),
-        &spec,
-    )?;
+    let plan = cuda::plan(op, dev, &PTX, &format!("rms_bwd{}_{dt}", owned.cols), &spec)?;
     let mut part = if w.is_some() {
         Some(cuda::alloc::<f32>(dev, plan.clusters as usize * d)?)
     } else {
