@@ -272,8 +272,19 @@ fn standalone_backward_matches_autograd() {
             }
         }
     }
-    // dy must have the output's shape.
+    // dy must have x's dtype.
     let (x, w, _, a, b) = inputs(&[4], 8, 6, 2, DType::F32).unwrap();
+    let dy = testing::randn(&[4, 6], 1.0, DType::BF16, &CPU).unwrap();
+    let e = lora_linear_backward(&x, &w, None, &a, &b, 1.0, &dy)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("lora_linear_backward")
+            && e.contains("dy")
+            && e.to_lowercase().contains("dtype"),
+        "{e}"
+    );
+    // dy must have the output's shape.
     let dy = testing::randn(&[4, 5], 1.0, DType::F32, &CPU).unwrap();
     let e = lora_linear_backward(&x, &w, None, &a, &b, 1.0, &dy)
         .unwrap_err()
