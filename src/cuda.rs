@@ -128,11 +128,17 @@ pub(crate) struct Owned {
     pub max_threads: usize,
 }
 
-/// Double-buffered staging for persistent kernels (fetch the next row while this one
-/// computes). A tuning switch: `CANDLE_FUSED_DBUF=1` turns it on, `0` off; default off.
-fn dbuf_enabled() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var("CANDLE_FUSED_DBUF").is_ok_and(|v| v == "1"))
+/// A tuning switch read once per process: on when the environment variable `name` is `1`.
+/// Known switches: `CANDLE_FUSED_DBUF` (double-buffered staging for persistent kernels: fetch
+/// the next row while this one computes) and `CANDLE_FUSED_SOFTMAX_PERSIST` (softmax forward on
+/// a persistent grid instead of one cluster per row). All default off.
+pub(crate) fn tuning_switch(name: &'static str) -> bool {
+    static ON: OnceLock<Mutex<HashMap<&'static str, bool>>> = OnceLock::new();
+    *ON.get_or_init(Default::default)
+        .lock()
+        .expect("switch lock")
+        .entry(name)
+        .or_insert_with(|| std::env::var(name).is_ok_and(|v| v == "1"))
 }
 
 /// The launch of a row op.
@@ -163,7 +169,7 @@ pub(crate) fn plan(
 ) -> Result<Plan> {
     let info = DeviceInfo::of(dev)?;
     let vec = if s.vec_ok { 16 / s.elem } else { 1 };
-    let dbuf = s.persistent && dbuf_enabled();
+    let dbuf = s.persistent && tuning_switch("CANDLE_FUSED_DBUF");
     let sets = 1 + usize::from(dbuf);
     let fixed = align16(35 * s.red) + 64;
     let limit = (info.smem_optin as usize).saturating_sub(fixed);

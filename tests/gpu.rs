@@ -76,6 +76,11 @@ fn long_rows_and_odd_row_counts() {
         vec![33, 4096],
         vec![1025, 1],
         vec![129, 3],
+        // Slices of more than 4 packs per thread at 1024 threads (f32 > 16384, 16-bit > 32768
+        // columns on one CTA): softmax's forward re-reads those packs from shared memory
+        // instead of keeping them in registers.
+        vec![3, 20000],
+        vec![2, 40000],
     ];
     for &dtype in &DTYPES {
         for shape in &shapes {
@@ -99,13 +104,24 @@ fn long_rows_and_odd_row_counts() {
             shape: vec![1, 262147],
             dtype,
         });
-        for shape in [vec![2, 3, 9, 262144 / 8], vec![1, 2, 5, 4097]] {
-            let op = OpKind::MaskedSoftmax {
-                scale: 0.3,
-                mask: MaskKind::Rows,
-                causal: true,
-            };
-            cases.push(Case { op, shape, dtype });
+        for shape in [
+            vec![2, 3, 9, 262144 / 8],
+            vec![1, 2, 5, 4097],
+            vec![1, 2, 3, 40000],
+        ] {
+            // A mask and causal (the masked kernel), and causal alone (the causal kernel).
+            for mask in [MaskKind::Rows, MaskKind::None] {
+                let op = OpKind::MaskedSoftmax {
+                    scale: 0.3,
+                    mask,
+                    causal: true,
+                };
+                cases.push(Case {
+                    op,
+                    shape: shape.clone(),
+                    dtype,
+                });
+            }
         }
     }
     run_cases(&cases);

@@ -118,10 +118,16 @@ __device__ __forceinline__ void cp_async_wait(int pending) {
 }
 
 // Copies n elements (a multiple of VEC) from global g to shared s, block-strided.
+// The 16-byte path walks 32-bit shared and 64-bit global addresses by increments (a few
+// instructions per copy instead of re-deriving both addresses from the index).
 template <typename T, int VEC>
 __device__ __forceinline__ void stage(T* s, const T* __restrict__ g, int n) {
   if (VEC * sizeof(T) == 16) {
-    for (int v = threadIdx.x; v < n / VEC; v += blockDim.x) cp_async16(s + v * VEC, g + v * VEC);
+    const int nv = n / VEC, step = blockDim.x * 16;
+    unsigned sa = static_cast<unsigned>(__cvta_generic_to_shared(s)) + threadIdx.x * 16;
+    const char* ga = reinterpret_cast<const char*>(g) + threadIdx.x * 16;
+    for (int v = threadIdx.x; v < nv; v += blockDim.x, sa += step, ga += step)
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(sa), "l"(ga));
   } else {
     for (int i = threadIdx.x; i < n; i += blockDim.x) s[i] = g[i];
   }

@@ -72,7 +72,9 @@ fn forward_t<T: CudaDType + DeviceRepr>(
 /// The backward kernel build: each thread owns at most `cols` columns (its dw accumulator in
 /// registers) with at most `max_threads` threads (the kernel's `__launch_bounds__`).
 /// `CANDLE_FUSED_RMS_BWD_COLS=16|32` picks the build (a tuning switch; default 32, measured
-/// faster overall on an H200: `results/gpu/kernel-probe-rms-bwd-2026-11-27.log`).
+/// faster overall on an H200: `results/gpu/kernel-probe-rms-bwd-2026-11-27.log`). The 32-column
+/// build held to 96 registers per thread (5 instead of 4 CTAs per SM on 4096-wide rows) was
+/// measured slower at every shape (`results/gpu/kernel-probe-2026-11-27-softmax-rms.log`).
 fn bwd_owned() -> Owned {
     static COLS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     let cols = *COLS.get_or_init(

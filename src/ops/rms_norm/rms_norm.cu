@@ -11,6 +11,8 @@
 // partials in a fixed order (deterministic).
 #include "common.cuh"
 
+#include <type_traits>
+
 using namespace cf;
 
 template <typename T, int VEC> struct RmsFwd {
@@ -128,9 +130,10 @@ template <typename T, int VEC, int COLS> struct RmsBwd {
         const float gv = w ? ld(pg.v[e]) * ld(pw.v[e]) : ld(pg.v[e]);
         const float p = xv * xv, q = gv * xv;
         ss += p;
-        ss_e += fmaf(xv, xv, -p);
         dt += q;
-        dt_e += fmaf(gv, xv, -q);
+        // bf16 products (8-bit significands: x², dy·w·x) and f16 squares are exact in f32.
+        if constexpr (sizeof(T) == 4) ss_e += fmaf(xv, xv, -p);
+        if constexpr (!std::is_same_v<T, __nv_bfloat16>) dt_e += fmaf(gv, xv, -q);
       }
     }
     return {(double)ss + (double)ss_e, (double)dt + (double)dt_e};

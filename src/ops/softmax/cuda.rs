@@ -104,17 +104,35 @@ fn forward_t<T: CudaDType + DeviceRepr>(
         extra_per_col: 0,
         red: 8,
         vec_ok,
-        persistent: false,
+        persistent: cuda::tuning_switch("CANDLE_FUSED_SOFTMAX_PERSIST"),
         owned: None,
     };
-    // The masked kernel (mask, causal) or the leaner plain one.
-    let kind = if mask.is_some() || op.causal {
+    // The masked kernel (a mask, maybe causal too), the causal-only one, or the plain one.
+    let kind = if mask.is_some() {
         "masked_softmax"
+    } else if op.causal {
+        "causal_softmax"
     } else {
         "softmax"
     };
-    let prefix = format!("{kind}_fwd_{}", cuda::dtype_name(OP, s.dtype())?);
-    let plan = cuda::plan("masked_softmax", dev, &PTX, &prefix, &spec)?;
+    let dt = cuda::dtype_name(OP, s.dtype())?;
+    let mut plan = cuda::plan(
+        "masked_softmax",
+        dev,
+        &PTX,
+        &format!("{kind}_fwd_{dt}"),
+        &spec,
+    )?;
+    let tag = cache_tag(plan.geom.chunk as usize);
+    if !tag.is_empty() {
+        plan = cuda::plan(
+            "masked_softmax",
+            dev,
+            &PTX,
+            &format!("{kind}_fwd{tag}_{dt}"),
+            &spec,
+        )?;
+    }
     {
         let mut args = Args::new(&stream);
         args.input(x, xo);
@@ -132,6 +150,25 @@ fn forward_t<T: CudaDType + DeviceRepr>(
         cuda::launch(&plan, &args)?;
     }
     Ok((cuda::storage(y, dev), l.shape().clone()))
+}
+
+/// The forward build's register cache (softmax.cu's CACHE): `"c"` keeps each thread's
+/// exponentials in registers (one ex2 per element, no shared-memory re-read), `""` re-reads
+/// shared memory. Cached when a CTA's slice has
+/// at most 8192 elements: the cache holds the slice in f32 registers, and longer slices would
+/// cost occupancy (measured on an H200: 33% slower at [8192, 32768] bf16, 36% at [1024, 262144]
+/// f32). `CANDLE_FUSED_SOFTMAX_CACHE=none|c` forces a build (a tuning switch). A third build
+/// that cached the raw packs (fewer registers, ex2 twice) was slower everywhere
+/// (`results/gpu/kernel-probe-2026-11-27-softmax-rms.log`) and was dropped.
+fn cache_tag(chunk: usize) -> &'static str {
+    static FORCED: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let forced = FORCED.get_or_init(|| std::env::var("CANDLE_FUSED_SOFTMAX_CACHE").ok());
+    match forced.as_deref() {
+        Some("none") => "",
+        Some("c") => "c",
+        _ if chunk <= 8192 => "c",
+        _ => "",
+    }
 }
 
 pub(super) fn backward(
