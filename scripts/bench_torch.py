@@ -656,9 +656,12 @@ def default_cases(dev_type, quick):
 
 
 def git_commit():
-    """git describe in the repo; else .gpu/COMMIT (written by scripts/build-gpu-bundle.sh for a
-    machine without git); else $CANDLE_FUSED_COMMIT."""
+    """$CANDLE_FUSED_COMMIT when set (scripts/gpu-run.sh sets it to the bundle's commit: the GPU
+    machine's copy of the tree may carry a stale .git); else git describe in the repo; else
+    .gpu/COMMIT (written by scripts/build-gpu-bundle.sh)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.environ.get("CANDLE_FUSED_COMMIT"):
+        return os.environ["CANDLE_FUSED_COMMIT"]
     try:
         return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], cwd=root,
                               capture_output=True, text=True, check=True).stdout.strip() or None
@@ -668,7 +671,7 @@ def git_commit():
         with open(os.path.join(root, ".gpu", "COMMIT")) as fh:
             return fh.read().strip() or None
     except OSError:
-        return os.environ.get("CANDLE_FUSED_COMMIT")
+        return None
 
 
 def table(rows):

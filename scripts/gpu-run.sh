@@ -13,6 +13,8 @@ export PYTHONUNBUFFERED=1
 B=/tmp/cf-bin; mkdir -p $B
 for f in .gpu/*.gz; do gunzip -c "$f" > "$B/$(basename "$f" .gz)"; done
 chmod +x $B/*
+# The bundle's commit for the bench reports (this copy of the tree may carry a stale .git).
+[ -s .gpu/COMMIT ] && export CANDLE_FUSED_COMMIT=$(cat .gpu/COMMIT)
 GPU=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | head -n1)
 STAMP="$(date -u +%Y-%m-%dT%H:%MZ) | $GPU | commit $(cat .gpu/COMMIT 2>/dev/null) | env: $(env | grep -E '^CANDLE_FUSED_' | tr '\n' ' ')"
 echo "$STAMP"

@@ -460,10 +460,14 @@ pub fn utc_now() -> String {
     )
 }
 
-/// The git commit: `git describe --always --dirty` in the current directory (or the crate's
-/// source directory); else the file `.gpu/COMMIT` that `scripts/build-gpu-bundle.sh` writes next
-/// to the binaries for a machine without git; else `$CANDLE_FUSED_COMMIT`.
+/// The git commit: `$CANDLE_FUSED_COMMIT` when set (`scripts/gpu-run.sh` sets it to the commit
+/// the bundle's binaries were built from: the GPU machine's copy of the tree may carry a stale
+/// `.git`); else `git describe --always --dirty` in the current directory (or the crate's source
+/// directory); else the file `.gpu/COMMIT` that `scripts/build-gpu-bundle.sh` writes.
 pub fn git_commit() -> Option<String> {
+    if let Ok(c) = std::env::var("CANDLE_FUSED_COMMIT") {
+        return Some(c);
+    }
     let describe = |dir: &std::path::Path| -> Option<String> {
         let out = std::process::Command::new("git")
             .args(["describe", "--always", "--dirty", "--abbrev=12"])
@@ -482,5 +486,4 @@ pub fn git_commit() -> Option<String> {
             let s = s.trim().to_string();
             (!s.is_empty()).then_some(s)
         })
-        .or_else(|| std::env::var("CANDLE_FUSED_COMMIT").ok())
 }

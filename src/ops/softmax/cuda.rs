@@ -157,9 +157,10 @@ fn forward_t<T: CudaDType + DeviceRepr>(
 /// shared memory. Cached when a CTA's slice has
 /// at most 8192 elements: the cache holds the slice in f32 registers, and longer slices would
 /// cost occupancy (measured on an H200: 33% slower at [8192, 32768] bf16, 36% at [1024, 262144]
-/// f32). `CANDLE_FUSED_SOFTMAX_CACHE=none|c` forces a build (a tuning switch). A third build
-/// that cached the raw packs (fewer registers, ex2 twice) was slower everywhere
-/// (`results/gpu/kernel-probe-2026-11-27-softmax-rms.log`) and was dropped.
+/// f32). `CANDLE_FUSED_SOFTMAX_CACHE=none|c` forces a build (a tuning switch). Two other builds
+/// were slower at every shape and were dropped (`results/gpu/kernel-probe-2026-11-27-softmax-rms.log`):
+/// one caching the raw packs (fewer registers, ex2 twice), one caching 2 packs per thread with
+/// twice the threads (more occupancy, but more per-row reduction work).
 fn cache_tag(chunk: usize) -> &'static str {
     static FORCED: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     let forced = FORCED.get_or_init(|| std::env::var("CANDLE_FUSED_SOFTMAX_CACHE").ok());
