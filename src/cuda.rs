@@ -128,17 +128,11 @@ pub(crate) struct Owned {
     pub max_threads: usize,
 }
 
-/// A tuning switch read once per process: on when the environment variable `name` is `1`.
-/// Known switches: `CANDLE_FUSED_DBUF` (double-buffered staging for persistent kernels: fetch
-/// the next row while this one computes) and `CANDLE_FUSED_SOFTMAX_PERSIST` (softmax forward on
-/// a persistent grid instead of one cluster per row). All default off.
-pub(crate) fn tuning_switch(name: &'static str) -> bool {
-    static ON: OnceLock<Mutex<HashMap<&'static str, bool>>> = OnceLock::new();
-    *ON.get_or_init(Default::default)
-        .lock()
-        .expect("switch lock")
-        .entry(name)
-        .or_insert_with(|| std::env::var(name).is_ok_and(|v| v == "1"))
+/// Double-buffered staging for persistent kernels (fetch the next row while this one
+/// computes). A tuning switch: `CANDLE_FUSED_DBUF=1` turns it on, `0` off; default off.
+fn dbuf_enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("CANDLE_FUSED_DBUF").is_ok_and(|v| v == "1"))
 }
 
 /// The launch of a row op.
@@ -167,9 +161,21 @@ pub(crate) fn plan(
     prefix: &str,
     s: &RowSpec,
 ) -> Result<Plan> {
+    plan_by(op, dev, ptx, s, |_| prefix.to_string())
+}
+
+/// [`plan`] for ops whose kernel build depends on the planned slice: `prefix_of(chunk)` names
+/// the kernel given the elements per CTA slice.
+pub(crate) fn plan_by(
+    op: &str,
+    dev: &CudaDevice,
+    ptx: &Ptx,
+    s: &RowSpec,
+    prefix_of: impl FnOnce(usize) -> String,
+) -> Result<Plan> {
     let info = DeviceInfo::of(dev)?;
     let vec = if s.vec_ok { 16 / s.elem } else { 1 };
-    let dbuf = s.persistent && tuning_switch("CANDLE_FUSED_DBUF");
+    let dbuf = s.persistent && dbuf_enabled();
     let sets = 1 + usize::from(dbuf);
     let fixed = align16(35 * s.red) + 64;
     let limit = (info.smem_optin as usize).saturating_sub(fixed);
@@ -219,7 +225,7 @@ pub(crate) fn plan(
         None => units.div_ceil(4).next_power_of_two().clamp(32, 1024),
     } as u32;
     let smem = smem_of(chunk) as u32;
-    let name = format!("{prefix}_v{vec}");
+    let name = format!("{}_v{vec}", prefix_of(chunk));
     let func = function(dev, ptx, &name)?;
     let max_clusters = (1usize << 24) / c;
     let clusters = if s.persistent {

@@ -104,7 +104,7 @@ fn forward_t<T: CudaDType + DeviceRepr>(
         extra_per_col: 0,
         red: 8,
         vec_ok,
-        persistent: cuda::tuning_switch("CANDLE_FUSED_SOFTMAX_PERSIST"),
+        persistent: false,
         owned: None,
     };
     // The masked kernel (a mask, maybe causal too), the causal-only one, or the plain one.
@@ -116,23 +116,9 @@ fn forward_t<T: CudaDType + DeviceRepr>(
         "softmax"
     };
     let dt = cuda::dtype_name(OP, s.dtype())?;
-    let mut plan = cuda::plan(
-        "masked_softmax",
-        dev,
-        &PTX,
-        &format!("{kind}_fwd_{dt}"),
-        &spec,
-    )?;
-    let tag = cache_tag(plan.geom.chunk as usize);
-    if !tag.is_empty() {
-        plan = cuda::plan(
-            "masked_softmax",
-            dev,
-            &PTX,
-            &format!("{kind}_fwd{tag}_{dt}"),
-            &spec,
-        )?;
-    }
+    let plan = cuda::plan_by("masked_softmax", dev, &PTX, &spec, |chunk| {
+        format!("{kind}_fwd{}_{dt}", cache_tag(chunk))
+    })?;
     {
         let mut args = Args::new(&stream);
         args.input(x, xo);
