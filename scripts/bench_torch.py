@@ -32,7 +32,7 @@ s = 2.0, no bias; passes fwd, bwd and fwd+bwd, like the Rust bench):
   bwd: torch_base and torch_peft only: torch.autograd.grad(y, [x, A, B] (torch_base: [x]),
   grad_outputs=probe, retain_graph=True) on a graph built before timing (the backward alone).
   fwd+bwd: x, A, B require grad (torch_base: x only), W does not; loss = sum(y * probe),
-  torch.autograd.grad(loss, [x, A, B]). Flops and bytes as in src/bench/lora.rs.
+  torch.autograd.grad(loss, [x, A, B]). Flops and bytes as in crates/candle-fused-cli/src/bench/lora.rs.
 
 Timing: CUDA events around each call, device synchronised before and after, warm-up then the
 median (the same repetition budget as the Rust bench); small inputs rotate among several input
@@ -69,7 +69,7 @@ DTYPES = {
     "f64": torch.float64,
 }
 
-# The shapes of src/bench/cases.rs (keep in sync; `--cases ours.json` takes them from a
+# The shapes of crates/candle-fused-cli/src/bench/cases.rs (keep in sync; `--cases ours.json` takes them from a
 # candle-fused bench JSON instead, which is what the merged table needs).
 ROW_SHAPES = {
     ("cuda", False): [
@@ -106,7 +106,7 @@ ATTN_SHAPES = {
     ("cpu", True): [([1, 4, 128, 128], "f32", "masked_softmax+causal")],
 }
 
-# The LoRA shapes [M, K, N, r] of src/bench/cases.rs::lora_shapes (keep in sync).
+# The LoRA shapes [M, K, N, r] of crates/candle-fused-cli/src/bench/cases.rs::lora_shapes (keep in sync).
 LORA_SHAPES = {
     ("cuda", False): [
         ([128, 512, 512, 8], "f32"),  # the seeds' shape
@@ -124,7 +124,7 @@ LORA_SHAPES = {
     ],
     ("cpu", True): [([128, 512, 512, 8], "f32")],
 }
-LORA_SCALE = 2.0  # src/bench/lora.rs::SCALE
+LORA_SCALE = 2.0  # crates/candle-fused-cli/src/bench/lora.rs::SCALE
 
 FAMILIES = ["softmax", "masked_softmax", "rms_norm", "add_rms_norm", "lora_linear"]
 
@@ -142,7 +142,7 @@ def elt_size(dtype):
 
 
 def bytes_for(op, shape, dtype, pas):
-    """Bytes that must move, as in src/bench/memops.rs (inputs read once + outputs written)."""
+    """Bytes that must move, as in crates/candle-fused-cli/src/bench/memops.rs (inputs read once + outputs written)."""
     e = elt_size(dtype)
     n = math.prod(shape) * e
     d = shape[-1] * e
@@ -446,7 +446,7 @@ def run_mem_case(ctx, op, shape, dtype, compile_it):
 
 
 def lora_flops(shape, impl, pas):
-    """Useful flops of one call, as src/bench/lora.rs: LoRA fwd 2MKN + 2MKr + 2MrN, bwd
+    """Useful flops of one call, as crates/candle-fused-cli/src/bench/lora.rs: LoRA fwd 2MKN + 2MKr + 2MrN, bwd
     2MNK + 4MNr + 4MKr (dx, dA, dB; no dW); the plain GEMMs (base, merged) 2MKN each way."""
     m, k, n, r = shape
     gemm = 2 * m * k * n
@@ -458,7 +458,7 @@ def lora_flops(shape, impl, pas):
 
 
 def lora_bytes(shape, dtype, impl, pas):
-    """Minimum bytes, as src/bench/lora.rs: LoRA fwd e(MK + NK + rK + Nr + MN), bwd
+    """Minimum bytes, as crates/candle-fused-cli/src/bench/lora.rs: LoRA fwd e(MK + NK + rK + Nr + MN), bwd
     e(MN + 2MK + NK + 2rK + 2Nr + Mr); plain GEMMs fwd e(MK + NK + MN), bwd e(MN + NK + MK)."""
     m, k, n, r = shape
     e = elt_size(dtype)

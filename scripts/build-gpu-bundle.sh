@@ -9,18 +9,18 @@ source .cuda/env.sh
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target/cuda}
 mkdir -p .gpu
 rm -f .gpu/*
-cargo build --release --features cuda --bin candle-fused
+cargo build --release --features cuda -p candle-fused-cli --bin candle-fused
 cp "$CARGO_TARGET_DIR/release/candle-fused" .gpu/candle-fused
 # The one GPU test target.
-exe=$(cargo test --release --features cuda --test gpu --no-run --message-format=json 2>/dev/null \
+exe=$(cargo test --release --features cuda -p candle-fused --test gpu --no-run --message-format=json 2>/dev/null \
   | python3 -c 'import json,sys
 for l in sys.stdin:
     m=json.loads(l)
     if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["name"]=="gpu": print(m["executable"])' | tail -n1)
 cp "$exe" .gpu/gpu-tests
 for ex in peft_interop kernel_probe; do
-  if [ -f examples/$ex.rs ]; then
-    cargo build --release --features cuda --example $ex
+  if [ -f crates/candle-fused/examples/$ex.rs ]; then
+    cargo build --release --features cuda -p candle-fused --example $ex
     cp "$CARGO_TARGET_DIR/release/examples/$ex" .gpu/$ex
   fi
 done

@@ -33,7 +33,7 @@ for phase in "$@"; do
         echo "$tool exit $r"; tail -n 4 "$OUT/sanitizer-$tool.log"; [ $r = 0 ] || rc=1
       done ;;
     probe)
-      # Quick kernel timings (examples/kernel_probe.rs); PROBE_OPS filters rows by name prefix,
+      # Quick kernel timings (crates/candle-fused/examples/kernel_probe.rs); PROBE_OPS filters rows by name prefix,
       # PROBE_TAG names the log (e.g. one per CANDLE_FUSED_DBUF setting).
       { echo "# $STAMP CANDLE_FUSED_DBUF=${CANDLE_FUSED_DBUF:-}"; timeout ${PROBE_TIMEOUT:-120} $B/kernel_probe 2>&1; } > "$OUT/probe${PROBE_TAG:-}.log" || rc=1
       cat "$OUT/probe${PROBE_TAG:-}.log" ;;

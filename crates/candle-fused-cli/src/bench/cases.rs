@@ -1,0 +1,116 @@
+//! The shapes the bench runs, per device and mode.
+//!
+//! CUDA (full) has the list: [1,128,1024] f32 (the seeds' shape), [4096,4096] f32 and
+//! bf16, [32768,4096] bf16, [8192,32768] bf16, [16384,8192] f32, [1024,262144] f32, and the
+//! attention softmax [32,32,2048,2048] bf16 (scale 1/8; causal, and with an [S,T] mask).
+//! The CPU (full) scales the big ones down so the run takes a few minutes on a small machine.
+//! `--quick` is a few small shapes (under a minute on a CPU).
+//!
+//! LoRA ([`lora_shapes`]) has the (M, K, N, r) list on CUDA; the CPU runs the two
+//! small ones plus a 1024³ case.
+
+use candle_core::DType::{self, BF16, F32};
+
+use super::memops::{MemCase, SCALE};
+use candle_fused_testkit::check::{MaskKind, OpKind};
+
+/// Which shapes to run.
+#[derive(Debug, Clone, Copy)]
+pub struct Plan {
+    pub cuda: bool,
+    pub quick: bool,
+}
+
+/// Shapes of the row-wise ops (softmax, rms_norm, add_rms_norm).
+pub fn row_shapes(plan: Plan) -> Vec<(Vec<usize>, DType)> {
+    match (plan.cuda, plan.quick) {
+        (true, false) => vec![
+            (vec![1, 128, 1024], F32),
+            (vec![4096, 4096], F32),
+            (vec![4096, 4096], BF16),
+            (vec![32768, 4096], BF16),
+            (vec![8192, 32768], BF16),
+            (vec![16384, 8192], F32),
+            (vec![1024, 262144], F32),
+        ],
+        (true, true) => vec![(vec![1, 128, 1024], F32), (vec![4096, 4096], BF16)],
+        (false, false) => vec![
+            (vec![1, 128, 1024], F32),
+            (vec![1024, 1024], BF16),
+            (vec![4096, 4096], F32),
+            (vec![4096, 4096], BF16),
+            (vec![16, 262144], F32),
+        ],
+        (false, true) => vec![(vec![1, 128, 1024], F32), (vec![64, 4096], BF16)],
+    }
+}
+
+/// Shapes of the attention softmax: (scores shape, dtype, mask, causal).
+pub fn attn_shapes(plan: Plan) -> Vec<(Vec<usize>, DType, MaskKind, bool)> {
+    match (plan.cuda, plan.quick) {
+        (true, false) => vec![
+            (vec![32, 32, 2048, 2048], BF16, MaskKind::None, true),
+            (vec![32, 32, 2048, 2048], BF16, MaskKind::Rows, false),
+        ],
+        (true, true) => vec![(vec![4, 8, 512, 512], BF16, MaskKind::None, true)],
+        (false, false) => vec![
+            (vec![2, 8, 512, 512], BF16, MaskKind::None, true),
+            (vec![2, 8, 512, 512], F32, MaskKind::None, true),
+            (vec![2, 8, 512, 512], F32, MaskKind::Rows, false),
+        ],
+        (false, true) => vec![(vec![1, 4, 128, 128], F32, MaskKind::None, true)],
+    }
+}
+
+/// Shapes `(M, K, N, r)` and dtypes of the LoRA family (`lora_linear`): the list on
+/// CUDA (the seeds' shape in f32, the large ones in bf16); on the CPU the first two plus
+/// 1024³ r16 in f32 and bf16. `--quick`: the seeds' shape (CUDA: also 4096³ r16 bf16, the
+/// first shape where the forward target applies).
+pub fn lora_shapes(plan: Plan) -> Vec<([usize; 4], DType)> {
+    match (plan.cuda, plan.quick) {
+        (true, false) => vec![
+            ([128, 512, 512, 8], F32),
+            ([1, 4096, 4096, 16], BF16),
+            ([4096, 4096, 4096, 16], BF16),
+            ([16384, 4096, 4096, 16], BF16),
+            ([16384, 4096, 14336, 64], BF16),
+        ],
+        (true, true) => vec![([128, 512, 512, 8], F32), ([4096, 4096, 4096, 16], BF16)],
+        (false, false) => vec![
+            ([128, 512, 512, 8], F32),
+            ([1, 4096, 4096, 16], BF16),
+            ([1024, 1024, 1024, 16], F32),
+            ([1024, 1024, 1024, 16], BF16),
+        ],
+        (false, true) => vec![([128, 512, 512, 8], F32)],
+    }
+}
+
+/// The cases of one memory-bound family (`softmax`, `masked_softmax`, `rms_norm`,
+/// `add_rms_norm`).
+pub fn mem_cases(family: &str, plan: Plan) -> Vec<MemCase> {
+    let rows = |op: OpKind| {
+        row_shapes(plan)
+            .into_iter()
+            .map(move |(shape, dtype)| MemCase { op, shape, dtype })
+            .collect()
+    };
+    match family {
+        "softmax" => rows(OpKind::Softmax),
+        "rms_norm" => rows(OpKind::RmsNorm { weight: true }),
+        "add_rms_norm" => rows(OpKind::AddRmsNorm),
+        "masked_softmax" => attn_shapes(plan)
+            .into_iter()
+            .map(|(shape, dtype, mask, causal)| MemCase {
+                op: OpKind::MaskedSoftmax {
+                    scale: SCALE,
+                    mask,
+                    causal,
+                },
+                shape,
+                dtype,
+            })
+            .collect(),
+        _ => vec![],
+    }
+}

@@ -1,0 +1,30 @@
+//! The `candle-fused check` sweep on the CPU: every op, every dtype, forward and every input
+//! gradient against the f64 reference (composed Candle ops + autograd).
+
+use candle_core::{DType, Device};
+use candle_fused_testkit::check;
+
+#[test]
+fn cpu_sweep_all_ops_all_dtypes() {
+    candle_fused_testkit::testing::set_poison(true);
+    let mut failures = Vec::new();
+    let mut n = 0;
+    for case in check::sweep(&[DType::F32, DType::F64, DType::F16, DType::BF16]) {
+        for o in check::run(&case, &Device::Cpu).unwrap() {
+            n += 1;
+            if !o.pass() {
+                failures.push(format!(
+                    "{} {} {:?} {:?}: rel err {:.3e} > {:.0e}",
+                    o.op, o.what, o.shape, o.dtype, o.rel_err, o.tol
+                ));
+            }
+        }
+    }
+    assert!(n > 300, "only {n} comparisons ran");
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
