@@ -11,6 +11,7 @@ use half::{bf16, f16};
 use num_traits::Zero;
 use rayon::prelude::*;
 
+use crate::config::CpuConfig;
 use crate::validate::fail;
 
 /// Accumulation type of the row kernels: `f32` (for f32, f16, bf16) or `f64`.
@@ -166,25 +167,21 @@ pub(crate) fn slice<'a, T: WithDType>(
     }
 }
 
-/// An output buffer: NaN when poisoning is on (tests), else zeros.
-pub(crate) fn alloc<T: Elem>(n: usize) -> Vec<T> {
-    if crate::poison::poison_enabled() {
+/// An output buffer: NaN when `poison` is on (tests, [`crate::KernelConfig::poison`]), else
+/// zeros.
+pub(crate) fn alloc<T: Elem>(n: usize, poison: bool) -> Vec<T> {
+    if poison {
         vec![T::nan(); n]
     } else {
         vec![T::zero(); n]
     }
 }
 
-/// Below this many elements a row op runs single-threaded.
-const SMALL_PROBLEM: usize = 1 << 18;
-
-/// Elements a parallel task should cover, so rayon's overhead stays small for short rows.
-const TASK_ELEMS: usize = 1 << 15;
-
-/// Rows per task: enough work per task, and (for the deterministic reductions) at most
-/// `max_tasks` tasks. Depends only on the problem size, never on the thread count.
-fn rows_per_task(rows: usize, d: usize, max_tasks: usize) -> usize {
-    let by_size = TASK_ELEMS.div_ceil(d.max(1));
+/// Rows per task: at least `task_elems` elements per task, and (for the deterministic
+/// reductions) at most `max_tasks` tasks. Depends only on the problem size and the
+/// configuration, never on the thread count.
+fn rows_per_task(task_elems: usize, rows: usize, d: usize, max_tasks: usize) -> usize {
+    let by_size = task_elems.div_ceil(d.max(1));
     let by_count = rows.div_ceil(max_tasks.max(1));
     by_size.max(by_count).clamp(1, rows.max(1))
 }
@@ -196,13 +193,14 @@ struct OutPtr<T>(*mut T);
 unsafe impl<T: Send> Send for OutPtr<T> {}
 unsafe impl<T: Sync> Sync for OutPtr<T> {}
 
-/// The parallel row driver. `inputs` hold `rows` rows of length `d` each (contiguous), each of
+/// The parallel row driver (work sizing from `cfg`). `inputs` hold `rows` rows of length `d` each (contiguous), each of
 /// the `M` outputs receives `rows` rows. For each row, `f(row, [input rows], [output rows],
 /// acc)` runs on rows of the accumulation type (converted through per-task scratch for half
 /// types). `acc` is a per-task accumulator of length `acc_len`; the tasks' accumulators are
 /// summed in task order, so the returned total is deterministic run to run (the tasks are fixed
 /// by the problem size, never by the thread count).
 pub(crate) fn rows<T: Elem, const N: usize, const M: usize, F>(
+    cfg: &CpuConfig,
     inputs: [&[T]; N],
     outs: [&mut [T]; M],
     d: usize,
@@ -227,7 +225,8 @@ where
         return total;
     }
     let ptrs: [OutPtr<T>; M] = outs.map(|o| OutPtr(o.as_mut_ptr()));
-    let rpt = rows_per_task(n_rows, d, if acc_len > 0 { 64 } else { usize::MAX });
+    let max_tasks = if acc_len > 0 { 64 } else { usize::MAX };
+    let rpt = rows_per_task(cfg.task_elems, n_rows, d, max_tasks);
     let n_tasks = n_rows.div_ceil(rpt);
     let run_task = |task: usize| {
         let mut acc = vec![T::A::zero(); acc_len];
@@ -262,7 +261,7 @@ where
         acc
     };
     // Small problems run on the calling thread: waking the pool costs more than they do.
-    let partials: Vec<Vec<T::A>> = if n_rows * d < SMALL_PROBLEM {
+    let partials: Vec<Vec<T::A>> = if n_rows * d < cfg.serial_below {
         (0..n_tasks).map(run_task).collect()
     } else {
         (0..n_tasks).into_par_iter().map(run_task).collect()
@@ -473,7 +472,7 @@ mod tests {
             (100_000, 2),
             (5, 1 << 20),
         ] {
-            let rpt = rows_per_task(rows, d, 64);
+            let rpt = rows_per_task(1 << 15, rows, d, 64);
             assert!(rpt >= 1 && rpt <= rows);
             assert!(rows.div_ceil(rpt) <= 64, "{rows}x{d}: {rpt} rows per task");
         }

@@ -121,6 +121,36 @@ pub(crate) struct RowSpec {
     pub owned: Option<Owned>,
 }
 
+impl RowSpec {
+    /// A row op over `rows × d` elements of `T` that stages `nin` inputs and reduces values of
+    /// `red` bytes, one cluster per row, no owned columns. 16-byte vectors when `d` is a
+    /// multiple of the vector width and every pointer in `ptrs` (slice, element offset) is
+    /// 16-byte aligned.
+    pub fn new<T>(
+        rows: usize,
+        d: usize,
+        nin: usize,
+        red: usize,
+        ptrs: &[(&CudaSlice<T>, usize)],
+        stream: &CudaStream,
+    ) -> Self {
+        let elem = std::mem::size_of::<T>();
+        let vec = 16 / elem;
+        let vec_ok = d % vec == 0 && ptrs.iter().all(|&(s, o)| aligned16(s, o, stream));
+        Self {
+            rows,
+            d,
+            elem,
+            nin,
+            extra_per_col: 0,
+            red,
+            vec_ok,
+            persistent: false,
+            owned: None,
+        }
+    }
+}
+
 /// See [`RowSpec::owned`]; must match the kernel (`DW_REGS` and `__launch_bounds__`).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Owned {
@@ -408,14 +438,16 @@ fn raw_launch(
 }
 
 /// An output buffer of `n` elements; filled with 0xFF bytes (NaN in every float dtype) when
-/// output poisoning is on, so elements a kernel fails to write are caught.
+/// `poison` is on ([`crate::KernelConfig::poison`]), so elements a kernel fails to write are
+/// caught.
 pub(crate) fn alloc<T: candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
     dev: &CudaDevice,
     n: usize,
+    poison: bool,
 ) -> Result<CudaSlice<T>> {
     // SAFETY: the kernels write every element (checked by the poisoned tests).
     let mut s = unsafe { dev.alloc::<T>(n.max(1))? };
-    if crate::poison::poison_enabled() {
+    if poison {
         let stream = dev.cuda_stream();
         let (p, _g) = s.device_ptr_mut(&stream);
         // SAFETY: p points at n·size_of::<T>() bytes owned by `s`.

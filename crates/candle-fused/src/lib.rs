@@ -23,6 +23,7 @@
 //! argument checks in `validate`, the CPU row drivers and vector math in `cpu`, the CUDA
 //! launch helpers in `cuda`.
 
+pub mod config;
 pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
@@ -31,8 +32,10 @@ pub mod ops;
 #[doc(hidden)]
 pub mod poison;
 pub mod prelude;
+pub(crate) mod seam;
 pub(crate) mod validate;
 
+pub use config::{KernelConfig, Kernels};
 pub use prelude::FusedOps;
 
 /// The README's Rust example, compiled and run as a doctest.

@@ -8,7 +8,6 @@
 
 pub mod add_rms_norm;
 pub mod lora;
-pub(crate) mod raw;
 pub mod rms_norm;
 pub mod softmax;
 

@@ -3,31 +3,44 @@
 //! once. The backward is RMSNorm's (`rms_norm::cpu::backward` in fused-add mode).
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, Layout, Result};
+use candle_core::{CpuStorage, Result};
 
+use super::AddRmsNormFwd;
+use crate::config::KernelConfig;
 use crate::cpu::{self, dispatch, Acc, Elem};
 use crate::ops::rms_norm::cpu::{rstd, write_row};
+use crate::seam::Inputs;
 
-const OP: &str = "add_rms_norm";
-
-type Arg<'a> = (&'a CpuStorage, &'a Layout);
-
-/// Returns `(normed, sum)`, each of x's shape.
-pub(super) fn forward(eps: f64, x: Arg, r: Arg, w: Arg) -> Result<(CpuStorage, CpuStorage)> {
-    dispatch!(OP, x.0.dtype(), |T| forward_t::<T>(eps, x, r, w))
+/// Returns `[normed, sum]`, each of x's shape.
+pub(super) fn forward(
+    k: &AddRmsNormFwd,
+    cfg: &KernelConfig,
+    ins: &Inputs<CpuStorage>,
+) -> Result<Vec<CpuStorage>> {
+    let (xs, _) = ins.get(0)?;
+    dispatch!(ins.op(), xs.dtype(), |T| forward_t::<T>(k.eps, cfg, ins))
 }
 
-fn forward_t<T: Elem>(eps: f64, x: Arg, r: Arg, w: Arg) -> Result<(CpuStorage, CpuStorage)> {
-    let xs = cpu::slice::<T>(OP, "x", x.0, x.1)?;
-    let rs = cpu::slice::<T>(OP, "residual", r.0, r.1)?;
-    let w = cpu::to_acc_vec(cpu::slice::<T>(OP, "weight", w.0, w.1)?);
-    let dims = x.1.dims();
+fn forward_t<T: Elem>(
+    eps: f64,
+    cfg: &KernelConfig,
+    ins: &Inputs<CpuStorage>,
+) -> Result<Vec<CpuStorage>> {
+    let op = ins.op();
+    let (x0, xl) = ins.get(0)?;
+    let (r0, rl) = ins.get(1)?;
+    let (w0, wl) = ins.get(2)?;
+    let xs = cpu::slice::<T>(op, "x", x0, xl)?;
+    let rs = cpu::slice::<T>(op, "residual", r0, rl)?;
+    let w = cpu::to_acc_vec(cpu::slice::<T>(op, "weight", w0, wl)?);
+    let dims = xl.dims();
     let d = dims[dims.len() - 1];
     let eps = T::A::of(eps);
     let n = xs.len();
-    let mut normed = cpu::alloc::<T>(n);
-    let mut sum = cpu::alloc::<T>(n);
+    let mut normed = cpu::alloc::<T>(n, cfg.poison);
+    let mut sum = cpu::alloc::<T>(n, cfg.poison);
     cpu::rows(
+        &cfg.cpu,
         [xs, rs],
         [&mut normed, &mut sum],
         d,
@@ -39,8 +52,8 @@ fn forward_t<T: Elem>(eps: f64, x: Arg, r: Arg, w: Arg) -> Result<(CpuStorage, C
             write_row(s, rstd(s, eps), Some(&w), y);
         },
     );
-    Ok((
+    Ok(vec![
         T::to_cpu_storage_owned(normed),
         T::to_cpu_storage_owned(sum),
-    ))
+    ])
 }

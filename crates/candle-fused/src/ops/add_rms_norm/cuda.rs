@@ -4,57 +4,49 @@
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::DeviceRepr;
 use candle_core::cuda_backend::CudaDType;
-use candle_core::{CudaStorage, Layout, Result};
+use candle_core::{CudaStorage, Result};
 
+use super::AddRmsNormFwd;
+use crate::config::KernelConfig;
 use crate::cuda::{self, dispatch, ptx, Args, Ptx, RowSpec};
+use crate::seam::Inputs;
 
-const OP: &str = "add_rms_norm";
 static PTX: Ptx = ptx!("add_rms_norm");
 
-type Arg<'a> = (&'a CudaStorage, &'a Layout);
-
-/// Returns `(normed, sum)`, each of x's shape.
-pub(super) fn forward(eps: f64, x: Arg, r: Arg, w: Arg) -> Result<(CudaStorage, CudaStorage)> {
-    dispatch!(OP, x.0.dtype(), |T| forward_t::<T>(eps, x, r, w))
+/// Returns `[normed, sum]`, each of x's shape.
+pub(super) fn forward(
+    k: &AddRmsNormFwd,
+    cfg: &KernelConfig,
+    ins: &Inputs<CudaStorage>,
+) -> Result<Vec<CudaStorage>> {
+    let (xs, _) = ins.get(0)?;
+    dispatch!(ins.op(), xs.dtype(), |T| forward_t::<T>(k.eps, cfg, ins))
 }
 
 fn forward_t<T: CudaDType + DeviceRepr>(
     eps: f64,
-    x: Arg,
-    r: Arg,
-    w: Arg,
-) -> Result<(CudaStorage, CudaStorage)> {
-    let dev = x.0.device();
+    cfg: &KernelConfig,
+    ins: &Inputs<CudaStorage>,
+) -> Result<Vec<CudaStorage>> {
+    let op = ins.op();
+    let (x0, xl) = ins.get(0)?;
+    let (r0, rl) = ins.get(1)?;
+    let (w0, wl) = ins.get(2)?;
+    let dev = x0.device();
     let stream = dev.cuda_stream();
-    let (xs, xo) = cuda::slice::<T>(OP, "x", x.0, x.1)?;
-    let (rs, ro) = cuda::slice::<T>(OP, "residual", r.0, r.1)?;
-    let (ws, wo) = cuda::slice::<T>(OP, "weight", w.0, w.1)?;
-    let dims = x.1.dims();
+    let (xs, xo) = cuda::slice::<T>(op, "x", x0, xl)?;
+    let (rs, ro) = cuda::slice::<T>(op, "residual", r0, rl)?;
+    let (ws, wo) = cuda::slice::<T>(op, "weight", w0, wl)?;
+    let dims = xl.dims();
     let d = dims[dims.len() - 1];
-    let n = x.1.shape().elem_count();
+    let n = xl.shape().elem_count();
     let rows = n / d;
-    let mut normed = cuda::alloc::<T>(dev, n)?;
-    let mut sum = cuda::alloc::<T>(dev, n)?;
-    let vec = 16 / std::mem::size_of::<T>();
-    let vec_ok = d % vec == 0
-        && cuda::aligned16(xs, xo, &stream)
-        && cuda::aligned16(rs, ro, &stream)
-        && cuda::aligned16(ws, wo, &stream)
-        && cuda::aligned16(&normed, 0, &stream)
-        && cuda::aligned16(&sum, 0, &stream);
-    let spec = RowSpec {
-        rows,
-        d,
-        elem: std::mem::size_of::<T>(),
-        nin: 2,
-        extra_per_col: 0,
-        red: 4,
-        vec_ok,
-        persistent: false,
-        owned: None,
-    };
-    let prefix = format!("add_rms_fwd_{}", cuda::dtype_name(OP, x.0.dtype())?);
-    let plan = cuda::plan(OP, dev, &PTX, &prefix, &spec)?;
+    let mut normed = cuda::alloc::<T>(dev, n, cfg.poison)?;
+    let mut sum = cuda::alloc::<T>(dev, n, cfg.poison)?;
+    let ptrs = [(xs, xo), (rs, ro), (ws, wo), (&normed, 0), (&sum, 0)];
+    let spec = RowSpec::new(rows, d, 2, 4, &ptrs, &stream);
+    let prefix = format!("add_rms_fwd_{}", cuda::dtype_name(op, x0.dtype())?);
+    let plan = cuda::plan(op, dev, &PTX, &prefix, &spec)?;
     {
         let mut args = Args::new(&stream);
         args.input(xs, xo)
@@ -66,5 +58,5 @@ fn forward_t<T: CudaDType + DeviceRepr>(
             .val(eps as f32);
         cuda::launch(&plan, &args)?;
     }
-    Ok((cuda::storage(normed, dev), cuda::storage(sum, dev)))
+    Ok(vec![cuda::storage(normed, dev), cuda::storage(sum, dev)])
 }

@@ -6,147 +6,118 @@
 //!
 //! Backward, through both outputs: with `g = d_normed ⊙ w` and `ŝ = sum·r`,
 //! `d_sum_total = r·(g − ŝ·⟨g, ŝ⟩/D) + d_sum`, `dx = dresidual = d_sum_total`,
-//! `dw = Σ_rows d_normed ⊙ ŝ`. The two outputs are two graph nodes (the fused op, which also
-//! computes the sum, and a node that owns the sum), so Candle adds `d_sum` to the normed path's
-//! gradient itself and no stacked buffer has to be split or padded.
+//! `dw = Σ_rows d_normed ⊙ ŝ`.
+//!
+//! Kernels: [`AddRmsNormFwd`] `(x, residual, weight) -> (normed, sum)`; the backward is
+//! RMSNorm's kernel with `d_sum` (one pass: `dx` and `dw` with `d_sum` added). Through autograd
+//! the two outputs are two graph nodes of one kernel run, so Candle adds `d_sum` itself.
 
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
 
-use std::sync::{Arc, Mutex};
+use candle_core::{CpuStorage, Result, Tensor};
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor};
-
+use crate::config::{KernelConfig, Kernels};
 use crate::ops::rms_norm;
+use crate::seam::{self, Inputs, Kernel};
 use crate::validate;
 
-/// Hands the forward's second result (`sum`) from [`AddRmsNorm`], which computes both results in
-/// one kernel, to [`SumOut`], the graph node that owns it; and `sum` itself back to
-/// `AddRmsNorm`'s backward, which reads it. Never reaches the public API.
-#[derive(Debug, Default)]
-pub(crate) struct Handoff {
-    storage: Mutex<Option<Storage>>,
-    sum: Mutex<Option<Tensor>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn missing(what: &str) -> candle_core::Error {
-    validate::err(
-        "add_rms_norm",
-        format!("internal: {what} was not handed over"),
-    )
-}
-
-/// The forward op `(x, residual, w) -> normed`; it also computes `sum` in the same pass and
-/// leaves it in the handoff. Its backward covers the `normed` path (gradients of x, residual
-/// through the sum, and w); the `sum` path is [`SumOut`]'s.
-#[derive(Debug, Clone)]
-pub(crate) struct AddRmsNorm {
+/// Forward kernel: inputs `(x, residual, weight)`, outputs `(normed, sum)` (x's shape).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AddRmsNormFwd {
     pub eps: f64,
-    pub handoff: Arc<Handoff>,
 }
 
-/// `(x, residual) -> sum`: returns the sum computed by [`AddRmsNorm`]; backward passes the
-/// gradient of `sum` to both inputs.
-#[derive(Debug, Clone)]
-pub(crate) struct SumOut {
-    pub handoff: Arc<Handoff>,
-}
-
-impl CustomOp3 for AddRmsNorm {
+impl Kernel for AddRmsNormFwd {
     fn name(&self) -> &'static str {
-        "candle-fused-add-rms-norm"
+        "add_rms_norm"
     }
-
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        rs: &CpuStorage,
-        rl: &Layout,
-        ws: &CpuStorage,
-        wl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (normed, sum) = cpu::forward(self.eps, (xs, xl), (rs, rl), (ws, wl))?;
-        *lock(&self.handoff.storage) = Some(Storage::Cpu(sum));
-        Ok((normed, xl.shape().clone()))
+    fn inputs(&self) -> &'static [&'static str] {
+        &["x", "residual", "weight"]
     }
-
+    fn cpu(&self, cfg: &KernelConfig, ins: &Inputs<CpuStorage>) -> Result<Vec<CpuStorage>> {
+        cpu::forward(self, cfg, ins)
+    }
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
+    fn cuda(
         &self,
-        xs: &candle_core::CudaStorage,
-        xl: &Layout,
-        rs: &candle_core::CudaStorage,
-        rl: &Layout,
-        ws: &candle_core::CudaStorage,
-        wl: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (normed, sum) = cuda::forward(self.eps, (xs, xl), (rs, rl), (ws, wl))?;
-        *lock(&self.handoff.storage) = Some(Storage::Cuda(sum));
-        Ok((normed, xl.shape().clone()))
+        cfg: &KernelConfig,
+        ins: &Inputs<candle_core::CudaStorage>,
+    ) -> Result<Vec<candle_core::CudaStorage>> {
+        cuda::forward(self, cfg, ins)
+    }
+}
+
+impl Kernels {
+    /// [`add_rms_norm`] with this handle's configuration.
+    pub fn add_rms_norm(
+        &self,
+        x: &Tensor,
+        residual: &Tensor,
+        weight: &Tensor,
+        eps: f64,
+    ) -> Result<(Tensor, Tensor)> {
+        const OP: &str = "add_rms_norm";
+        rms_norm::check(OP, "x", x, Some(weight), eps)?;
+        validate::same_dtype_device(OP, "residual", residual, x)?;
+        validate::shape_eq(OP, "residual", residual, x.dims(), "the shape of x")?;
+        if x.elem_count() == 0 {
+            return Ok((x.zeros_like()?, (x + residual)?));
+        }
+        let cfg = self.config;
+        let mut out = seam::run(
+            &AddRmsNormFwd { eps },
+            &cfg,
+            &[Some(x), Some(residual), Some(weight)],
+        )?
+        .into_iter();
+        let (Some(normed), Some(sum)) = (out.next(), out.next()) else {
+            validate::fail!(OP, "internal: the kernel did not return both outputs")
+        };
+        let shape = x.shape().clone();
+        let sum = seam::attach(OP, sum, shape.clone(), &[x, residual], |_, g| {
+            Ok(vec![Some(g.clone()), Some(g.clone())])
+        })?;
+        let (s, w) = (sum.detach(), weight.detach());
+        let normed = seam::attach(OP, normed, shape, &[x, residual, weight], move |_, dy| {
+            let (ds, dw) = rms_norm::backward(&cfg, OP, &s, Some(&w), dy, None, eps)?;
+            Ok(vec![Some(ds.clone()), Some(ds), dw])
+        })?;
+        Ok((normed, sum))
     }
 
-    fn bwd(
+    /// [`add_rms_norm_backward`] with this handle's configuration.
+    pub fn add_rms_norm_backward(
         &self,
-        _x: &Tensor,
-        _residual: &Tensor,
-        w: &Tensor,
-        _normed: &Tensor,
+        sum: &Tensor,
+        weight: &Tensor,
         d_normed: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let sum = lock(&self.handoff.sum)
-            .clone()
-            .ok_or_else(|| missing("sum"))?;
-        let (ds, dw) = rms_norm::backward_raw(&sum, Some(w), d_normed, None, self.eps)?;
-        Ok((Some(ds.clone()), Some(ds), dw))
-    }
-}
-
-impl CustomOp2 for SumOut {
-    fn name(&self) -> &'static str {
-        "candle-fused-add-rms-norm-sum"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        xl: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        match lock(&self.handoff.storage).take() {
-            Some(Storage::Cpu(s)) => Ok((s, xl.shape().clone())),
-            _ => Err(missing("the CPU sum")),
-        }
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        xl: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        match lock(&self.handoff.storage).take() {
-            Some(Storage::Cuda(s)) => Ok((s, xl.shape().clone())),
-            _ => Err(missing("the CUDA sum")),
-        }
-    }
-
-    fn bwd(
-        &self,
-        _x: &Tensor,
-        _residual: &Tensor,
-        _sum: &Tensor,
         d_sum: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(d_sum.clone()), Some(d_sum.clone())))
+        eps: f64,
+    ) -> Result<(Tensor, Tensor)> {
+        const OP: &str = "add_rms_norm_backward";
+        rms_norm::check(OP, "sum", sum, Some(weight), eps)?;
+        for (name, t) in [("d_normed", d_normed), ("d_sum", d_sum)] {
+            validate::same_dtype_device(OP, name, t, sum)?;
+            validate::shape_eq(OP, name, t, sum.dims(), "the shape of sum")?;
+        }
+        if sum.elem_count() == 0 {
+            return Ok((sum.zeros_like()?, weight.zeros_like()?));
+        }
+        let (ds, dw) = rms_norm::backward(
+            &self.config,
+            OP,
+            sum,
+            Some(weight),
+            d_normed,
+            Some(d_sum),
+            eps,
+        )?;
+        match dw {
+            Some(dw) => Ok((ds, dw)),
+            None => validate::fail!(OP, "internal: the backward returned no dweight"),
+        }
     }
 }
 
@@ -158,33 +129,7 @@ pub fn add_rms_norm(
     weight: &Tensor,
     eps: f64,
 ) -> Result<(Tensor, Tensor)> {
-    const OP: &str = "add_rms_norm";
-    rms_norm::check(OP, "x", x, Some(weight), eps)?;
-    validate::same_dtype_device(OP, "residual", residual, x)?;
-    validate::shape_eq(OP, "residual", residual, x.dims(), "the shape of x")?;
-    if x.elem_count() == 0 {
-        return Ok((x.zeros_like()?, (x + residual)?));
-    }
-    // One kernel computes both results; the sum gets its own graph node so each output's
-    // gradient flows without stacking (Candle's backward of a split would copy both halves).
-    let handoff = Arc::new(Handoff::default());
-    let (x, residual) = (x.contiguous()?, residual.contiguous()?);
-    let normed = x.apply_op3(
-        &residual,
-        &weight.contiguous()?,
-        AddRmsNorm {
-            eps,
-            handoff: handoff.clone(),
-        },
-    )?;
-    let sum = x.apply_op2(
-        &residual,
-        SumOut {
-            handoff: handoff.clone(),
-        },
-    )?;
-    *lock(&handoff.sum) = Some(sum.detach());
-    Ok((normed, sum))
+    Kernels::default().add_rms_norm(x, residual, weight, eps)
 }
 
 /// The add+RMSNorm backward on its own: from the forward's `sum = x + residual`, `weight`, and
@@ -197,15 +142,5 @@ pub fn add_rms_norm_backward(
     d_sum: &Tensor,
     eps: f64,
 ) -> Result<(Tensor, Tensor)> {
-    const OP: &str = "add_rms_norm_backward";
-    rms_norm::check(OP, "sum", sum, Some(weight), eps)?;
-    for (name, t) in [("d_normed", d_normed), ("d_sum", d_sum)] {
-        validate::same_dtype_device(OP, name, t, sum)?;
-        validate::shape_eq(OP, name, t, sum.dims(), "the shape of sum")?;
-    }
-    if sum.elem_count() == 0 {
-        return Ok((sum.zeros_like()?, weight.zeros_like()?));
-    }
-    let (ds, dw) = rms_norm::backward_raw(sum, Some(weight), d_normed, Some(d_sum), eps)?;
-    Ok((ds, dw.expect("a weight gives dw")))
+    Kernels::default().add_rms_norm_backward(sum, weight, d_normed, d_sum, eps)
 }

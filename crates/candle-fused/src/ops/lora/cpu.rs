@@ -222,7 +222,7 @@ pub(crate) fn down(
         let xs = data::<T>("x", x.0, x.1)?;
         let a_s = widen_weight::<T>("a", a.0, a.1)?;
         let kk = d.kk();
-        let mut u = cpu::alloc::<T>(d.m * kk);
+        let mut u = cpu::alloc::<T>(d.m * kk, crate::poison::poison_enabled());
         let mut xbuf = Vec::new();
         for (m0, m1) in blocks(d.m, block_rows::<T>(d.m, d.k)) {
             let xb = acc(&xs[m0 * d.k..m1 * d.k], &mut xbuf);
@@ -268,7 +268,7 @@ pub(crate) fn forward(
             .map(|(s, l)| widen_weight::<T>("adapter", s, l))
             .transpose()?;
         let u_held = if kk > 0 { op.u.as_ref() } else { None };
-        let mut y = cpu::alloc::<T>(d.m * d.n);
+        let mut y = cpu::alloc::<T>(d.m * d.n, crate::poison::poison_enabled());
         with_held_opt::<T, _>("u", u_held, |us| {
             let (mut xbuf, mut ubuf) = (Vec::new(), Vec::new());
             for (m0, m1) in blocks(d.m, block_rows::<T>(d.m, d.k.max(d.n))) {
@@ -398,7 +398,7 @@ pub(crate) fn backward(
         } else {
             None
         };
-        let mut out = cpu::alloc::<T>(need.out_len(&d));
+        let mut out = cpu::alloc::<T>(need.out_len(&d), crate::poison::poison_enabled());
         {
             let rest: &mut [T] = &mut out;
             let (dx_out, rest) = rest.split_at_mut(if need.dx { d.m * d.k } else { 0 });

@@ -3,12 +3,12 @@
 //! accumulated per fixed row block and summed in order (deterministic).
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, Layout, Result, Shape};
+use candle_core::{CpuStorage, Result};
 
-use super::BwdArgs;
+use super::{RmsNormBwd, RmsNormFwd};
+use crate::config::KernelConfig;
 use crate::cpu::{self, dispatch, Acc, Elem};
-
-const OP: &str = "rms_norm";
+use crate::seam::Inputs;
 
 /// `1 / sqrt(mean(x²) + eps)` of a row.
 #[inline(always)]
@@ -81,77 +81,87 @@ fn bwd_row<A: Acc>(
 }
 
 pub(crate) fn forward(
-    eps: f64,
-    s: &CpuStorage,
-    l: &Layout,
-    w: Option<(&CpuStorage, &Layout)>,
-) -> Result<(CpuStorage, Shape)> {
-    dispatch!(OP, s.dtype(), |T| forward_t::<T>(eps, s, l, w))
+    k: &RmsNormFwd,
+    cfg: &KernelConfig,
+    ins: &Inputs<CpuStorage>,
+) -> Result<Vec<CpuStorage>> {
+    let (xs, _) = ins.get(0)?;
+    dispatch!(ins.op(), xs.dtype(), |T| forward_t::<T>(k.eps, cfg, ins))
 }
 
 fn forward_t<T: Elem>(
     eps: f64,
-    s: &CpuStorage,
-    l: &Layout,
-    w: Option<(&CpuStorage, &Layout)>,
-) -> Result<(CpuStorage, Shape)> {
-    let x = cpu::slice::<T>(OP, "x", s, l)?;
-    let d = l.dims()[l.dims().len() - 1];
-    let w = match w {
-        Some((ws, wl)) => Some(cpu::to_acc_vec(cpu::slice::<T>(OP, "weight", ws, wl)?)),
+    cfg: &KernelConfig,
+    ins: &Inputs<CpuStorage>,
+) -> Result<Vec<CpuStorage>> {
+    let op = ins.op();
+    let (xs, xl) = ins.get(0)?;
+    let x = cpu::slice::<T>(op, "x", xs, xl)?;
+    let d = xl.dims()[xl.dims().len() - 1];
+    let w = match ins.opt(1) {
+        Some((ws, wl)) => Some(cpu::to_acc_vec(cpu::slice::<T>(op, "weight", ws, wl)?)),
         None => None,
     };
     let eps = T::A::of(eps);
-    let mut out = cpu::alloc::<T>(x.len());
-    cpu::rows([x], [&mut out], d, 0, |_, [x], [y], _| {
+    let mut out = cpu::alloc::<T>(x.len(), cfg.poison);
+    cpu::rows(&cfg.cpu, [x], [&mut out], d, 0, |_, [x], [y], _| {
         write_row(x, rstd(x, eps), w.as_deref(), y)
     });
-    Ok((T::to_cpu_storage_owned(out), l.shape().clone()))
+    Ok(vec![T::to_cpu_storage_owned(out)])
 }
 
-/// Returns `dx` (shape of x) and, with a weight, `dw` (`[D]`).
+/// Returns `dx` (shape of x, plus `d_sum` when given) and, with a weight, `dw` (`[D]`).
 pub(crate) fn backward(
-    eps: f64,
-    a: BwdArgs<'_, CpuStorage>,
-) -> Result<(CpuStorage, Option<CpuStorage>)> {
-    dispatch!(OP, a.x.0.dtype(), |T| backward_t::<T>(eps, &a))
+    k: &RmsNormBwd,
+    cfg: &KernelConfig,
+    ins: &Inputs<CpuStorage>,
+) -> Result<Vec<CpuStorage>> {
+    let (xs, _) = ins.get(0)?;
+    dispatch!(ins.op(), xs.dtype(), |T| backward_t::<T>(k.eps, cfg, ins))
 }
 
 fn backward_t<T: Elem>(
     eps: f64,
-    a: &BwdArgs<'_, CpuStorage>,
-) -> Result<(CpuStorage, Option<CpuStorage>)> {
-    let x = cpu::slice::<T>(OP, "x", a.x.0, a.x.1)?;
-    let dy = cpu::slice::<T>(OP, "dy", a.dy.0, a.dy.1)?;
-    let dres = a
-        .dres
-        .map(|(s, l)| cpu::slice::<T>(OP, "d_sum", s, l))
+    cfg: &KernelConfig,
+    ins: &Inputs<CpuStorage>,
+) -> Result<Vec<CpuStorage>> {
+    let op = ins.op();
+    let (xs, xl) = ins.get(0)?;
+    let x = cpu::slice::<T>(op, "x", xs, xl)?;
+    let (gs, gl) = ins.get(2)?;
+    let dy = cpu::slice::<T>(op, "dy", gs, gl)?;
+    let dres = ins
+        .opt(3)
+        .map(|(s, l)| cpu::slice::<T>(op, "d_sum", s, l))
         .transpose()?;
-    let dims = a.x.1.dims();
+    let dims = xl.dims();
     let d = dims[dims.len() - 1];
-    let w = match a.w {
-        Some((ws, wl)) => Some(cpu::to_acc_vec(cpu::slice::<T>(OP, "weight", ws, wl)?)),
+    let w = match ins.opt(1) {
+        Some((ws, wl)) => Some(cpu::to_acc_vec(cpu::slice::<T>(op, "weight", ws, wl)?)),
         None => None,
     };
     let w = w.as_deref();
     let dw_len = if w.is_some() { d } else { 0 };
-    let mut dx = cpu::alloc::<T>(x.len());
+    let mut dx = cpu::alloc::<T>(x.len(), cfg.poison);
+    let c = &cfg.cpu;
     let dw = match dres {
         Some(dres) => cpu::rows(
+            c,
             [x, dy, dres],
             [&mut dx],
             d,
             dw_len,
             |_, [x, g, dr], [dx], acc| bwd_row(x, g, Some(dr), w, dx, acc, eps),
         ),
-        None => cpu::rows([x, dy], [&mut dx], d, dw_len, |_, [x, g], [dx], acc| {
+        None => cpu::rows(c, [x, dy], [&mut dx], d, dw_len, |_, [x, g], [dx], acc| {
             bwd_row(x, g, None, w, dx, acc, eps)
         }),
     };
-    let dw = w.map(|_| {
-        let mut out = vec![T::zero(); d];
-        cpu::from_acc_vec::<T>(&dw, &mut out);
-        T::to_cpu_storage_owned(out)
-    });
-    Ok((T::to_cpu_storage_owned(dx), dw))
+    let mut out = vec![T::to_cpu_storage_owned(dx)];
+    if w.is_some() {
+        let mut dwv = vec![T::zero(); d];
+        cpu::from_acc_vec::<T>(&dw, &mut dwv);
+        out.push(T::to_cpu_storage_owned(dwv));
+    }
+    Ok(out)
 }

@@ -7,151 +7,95 @@
 //! same pass that forms `⟨g, x⟩`), so saving it would not save a byte of memory traffic.
 //! `dw` accumulates in f32 (f64 for f64) per fixed block of rows and the blocks are summed in
 //! a fixed order: deterministic run to run.
+//!
+//! Kernels: [`RmsNormFwd`] `(x, weight?) -> y` and [`RmsNormBwd`]
+//! `(x, weight?, dy, d_sum?) -> (dx, dw?)`; the backward's optional `d_sum` is added to `dx`
+//! (add+RMSNorm's fused-add mode, see [`super::add_rms_norm`]).
 
 pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, Result, Tensor};
 
-use crate::ops::raw;
+use crate::config::{KernelConfig, Kernels};
+use crate::seam::{self, Inputs, Kernel};
 use crate::validate;
 
-/// The arguments of the backward kernels: the forward's input `x`, the weight, the output
-/// gradient `dy`, and for add+RMSNorm `dres`, the gradient of the sum, added to `dx`. All are
-/// contiguous (possibly offset views into a stacked buffer).
-pub(crate) struct BwdArgs<'a, S> {
-    pub x: (&'a S, &'a Layout),
-    pub w: Option<(&'a S, &'a Layout)>,
-    pub dy: (&'a S, &'a Layout),
-    pub dres: Option<(&'a S, &'a Layout)>,
-}
-
-/// The forward op (CustomOp1 without weight, CustomOp2 with).
+/// Forward kernel: inputs `(x, weight?)`, output `y` (x's shape).
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct RmsNorm {
+pub(crate) struct RmsNormFwd {
     pub eps: f64,
 }
 
-impl CustomOp1 for RmsNorm {
+/// Backward kernel: inputs `(x, weight?, dy, d_sum?)`, outputs `dx` (x's shape) and, with a
+/// weight, `dw` (`[D]`). `name` is the public op it serves (for error messages).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RmsNormBwd {
+    pub eps: f64,
+    pub name: &'static str,
+}
+
+impl Kernel for RmsNormFwd {
     fn name(&self) -> &'static str {
-        "candle-fused-rms-norm"
+        "rms_norm"
     }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        cpu::forward(self.eps, s, l, None)
+    fn inputs(&self) -> &'static [&'static str] {
+        &["x", "weight"]
     }
-
+    fn cpu(&self, cfg: &KernelConfig, ins: &Inputs<CpuStorage>) -> Result<Vec<CpuStorage>> {
+        cpu::forward(self, cfg, ins)
+    }
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
+    fn cuda(
         &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::forward(self.eps, s, l, None)
-    }
-
-    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(backward_raw(x, None, dy, None, self.eps)?.0))
+        cfg: &KernelConfig,
+        ins: &Inputs<candle_core::CudaStorage>,
+    ) -> Result<Vec<candle_core::CudaStorage>> {
+        cuda::forward(self, cfg, ins)
     }
 }
 
-impl CustomOp2 for RmsNorm {
+impl Kernel for RmsNormBwd {
     fn name(&self) -> &'static str {
-        "candle-fused-rms-norm"
+        self.name
     }
-
-    fn cpu_fwd(
-        &self,
-        s: &CpuStorage,
-        l: &Layout,
-        ws: &CpuStorage,
-        wl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu::forward(self.eps, s, l, Some((ws, wl)))
+    fn inputs(&self) -> &'static [&'static str] {
+        &["x", "weight", "dy", "d_sum"]
     }
-
+    fn cpu(&self, cfg: &KernelConfig, ins: &Inputs<CpuStorage>) -> Result<Vec<CpuStorage>> {
+        cpu::backward(self, cfg, ins)
+    }
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
+    fn cuda(
         &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-        ws: &candle_core::CudaStorage,
-        wl: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::forward(self.eps, s, l, Some((ws, wl)))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _y: &Tensor,
-        dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw) = backward_raw(x, Some(w), dy, None, self.eps)?;
-        Ok((Some(dx), dw))
+        cfg: &KernelConfig,
+        ins: &Inputs<candle_core::CudaStorage>,
+    ) -> Result<Vec<candle_core::CudaStorage>> {
+        cuda::backward(self, cfg, ins)
     }
 }
 
-/// The backward kernels outside autograd (gradients are not differentiated again): returns
-/// `dx` (+ `dres`) and `dw` when there is a weight. Any number of inputs and outputs, so no
-/// stacking is needed.
-pub(crate) fn backward_raw(
+/// The backward kernels outside autograd: `(dx, dw)` (`dw` when there is a weight), `d_sum`
+/// added to `dx` when given. Shared by the autograd closures and the standalone backwards.
+pub(crate) fn backward(
+    cfg: &KernelConfig,
+    name: &'static str,
     x: &Tensor,
     w: Option<&Tensor>,
     dy: &Tensor,
-    dres: Option<&Tensor>,
+    d_sum: Option<&Tensor>,
     eps: f64,
 ) -> Result<(Tensor, Option<Tensor>)> {
-    let (x, dy) = (x.contiguous()?, dy.contiguous()?);
-    let w = w.map(|t| t.contiguous()).transpose()?;
-    let dres = dres.map(|t| t.contiguous()).transpose()?;
-    let (xs, xl) = x.storage_and_layout();
-    let (gs, gl) = dy.storage_and_layout();
-    let ws = w.as_ref().map(|t| t.storage_and_layout());
-    let rs = dres.as_ref().map(|t| t.storage_and_layout());
-    let (dx, dw) = match &*xs {
-        Storage::Cpu(xc) => {
-            let args = BwdArgs {
-                x: (xc, xl),
-                w: ws
-                    .as_ref()
-                    .map(|(s, l)| Ok::<_, candle_core::Error>((raw::cpu(s, "weight")?, *l)))
-                    .transpose()?,
-                dy: (raw::cpu(&gs, "dy")?, gl),
-                dres: rs
-                    .as_ref()
-                    .map(|(s, l)| Ok::<_, candle_core::Error>((raw::cpu(s, "d_sum")?, *l)))
-                    .transpose()?,
-            };
-            let (dx, dw) = cpu::backward(eps, args)?;
-            (Storage::Cpu(dx), dw.map(Storage::Cpu))
-        }
-        #[cfg(feature = "cuda")]
-        Storage::Cuda(xc) => {
-            let args = BwdArgs {
-                x: (xc, xl),
-                w: ws
-                    .as_ref()
-                    .map(|(s, l)| Ok::<_, candle_core::Error>((raw::cuda(s, "weight")?, *l)))
-                    .transpose()?,
-                dy: (raw::cuda(&gs, "dy")?, gl),
-                dres: rs
-                    .as_ref()
-                    .map(|(s, l)| Ok::<_, candle_core::Error>((raw::cuda(s, "d_sum")?, *l)))
-                    .transpose()?,
-            };
-            let (dx, dw) = cuda::backward(eps, args)?;
-            (Storage::Cuda(dx), dw.map(Storage::Cuda))
-        }
-        _ => return Err(raw::unsupported("rms_norm_backward", x.device())),
-    };
+    let k = RmsNormBwd { eps, name };
+    let mut out = seam::run(&k, cfg, &[Some(x), w, Some(dy), d_sum])?.into_iter();
+    let dx = out.next().map(|s| seam::tensor(s, x.shape().clone()));
     let d = x.dim(candle_core::D::Minus1)?;
-    Ok((
-        raw::tensor(dx, x.shape().clone()),
-        dw.map(|s| raw::tensor(s, d)),
-    ))
+    let dw = out.next().map(|s| seam::tensor(s, d));
+    match dx {
+        Some(dx) => Ok((dx, dw)),
+        None => Err(validate::err(name, "internal: the backward returned no dx")),
+    }
 }
 
 /// Checks shared by the RMSNorm ops: the input `x` (named `arg` in messages; rank >= 1,
@@ -168,19 +112,49 @@ pub(crate) fn check(op: &str, arg: &str, x: &Tensor, w: Option<&Tensor>, eps: f6
     Ok(())
 }
 
+impl Kernels {
+    /// [`rms_norm`] with this handle's configuration.
+    pub fn rms_norm(&self, x: &Tensor, weight: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+        const OP: &str = "rms_norm";
+        check(OP, "x", x, weight, eps)?;
+        if x.elem_count() == 0 {
+            return x.zeros_like();
+        }
+        let cfg = self.config;
+        let y = seam::run(&RmsNormFwd { eps }, &cfg, &[Some(x), weight])?.remove(0);
+        let (xs, ws) = (x.detach(), weight.map(|w| w.detach()));
+        let parents: Vec<&Tensor> = std::iter::once(x).chain(weight).collect();
+        seam::attach(OP, y, x.shape().clone(), &parents, move |_, dy| {
+            let (dx, dw) = backward(&cfg, OP, &xs, ws.as_ref(), dy, None, eps)?;
+            Ok(std::iter::once(Some(dx))
+                .chain(ws.as_ref().map(|_| dw))
+                .collect())
+        })
+    }
+
+    /// [`rms_norm_backward`] with this handle's configuration.
+    pub fn rms_norm_backward(
+        &self,
+        x: &Tensor,
+        weight: Option<&Tensor>,
+        dy: &Tensor,
+        eps: f64,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        const OP: &str = "rms_norm_backward";
+        check(OP, "x", x, weight, eps)?;
+        validate::same_dtype_device(OP, "dy", dy, x)?;
+        validate::shape_eq(OP, "dy", dy, x.dims(), "the shape of x")?;
+        if x.elem_count() == 0 {
+            return Ok((x.zeros_like()?, weight.map(|w| w.zeros_like()).transpose()?));
+        }
+        backward(&self.config, OP, x, weight, dy, None, eps)
+    }
+}
+
 /// RMSNorm over the last dim, differentiable in `x` and `weight`:
 /// `x / sqrt(mean(x², -1) + eps) * weight`. `weight` has shape `[D]`; `None` means no scaling.
 pub fn rms_norm(x: &Tensor, weight: Option<&Tensor>, eps: f64) -> Result<Tensor> {
-    const OP: &str = "rms_norm";
-    check(OP, "x", x, weight, eps)?;
-    if x.elem_count() == 0 {
-        return x.zeros_like();
-    }
-    let x = x.contiguous()?;
-    match weight {
-        None => x.apply_op1(RmsNorm { eps }),
-        Some(w) => x.apply_op2(&w.contiguous()?, RmsNorm { eps }),
-    }
+    Kernels::default().rms_norm(x, weight, eps)
 }
 
 /// The RMSNorm backward on its own: from the forward's input `x`, its `weight` and the output
@@ -191,12 +165,5 @@ pub fn rms_norm_backward(
     dy: &Tensor,
     eps: f64,
 ) -> Result<(Tensor, Option<Tensor>)> {
-    const OP: &str = "rms_norm_backward";
-    check(OP, "x", x, weight, eps)?;
-    validate::same_dtype_device(OP, "dy", dy, x)?;
-    validate::shape_eq(OP, "dy", dy, x.dims(), "the shape of x")?;
-    if x.elem_count() == 0 {
-        return Ok((x.zeros_like()?, weight.map(|w| w.zeros_like()).transpose()?));
-    }
-    backward_raw(x, weight, dy, None, eps)
+    Kernels::default().rms_norm_backward(x, weight, dy, eps)
 }

@@ -2,13 +2,13 @@
 //! (max; exp and sum written to the output; scale), vectorized, f32 accumulation for halves.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, Layout, Result, Shape};
+use candle_core::{CpuStorage, Layout, Result};
 use num_traits::{Float, Zero};
 
-use super::{Softmax, SoftmaxBwd};
+use super::{SoftmaxBwd, SoftmaxFwd};
+use crate::config::KernelConfig;
 use crate::cpu::{self, dispatch, Acc, Elem};
-
-const OP: &str = "softmax";
+use crate::seam::Inputs;
 
 /// The mask in the accumulation type (borrowed when it already is), and its index.
 type MaskParts<'a, A> = (Option<std::borrow::Cow<'a, [A]>>, Option<MaskIndex>);
@@ -54,21 +54,22 @@ impl MaskIndex {
 }
 
 pub(super) fn forward(
-    op: &Softmax,
-    s: &CpuStorage,
-    l: &Layout,
-    mask: Option<(&CpuStorage, &Layout)>,
-) -> Result<(CpuStorage, Shape)> {
-    dispatch!(OP, s.dtype(), |T| forward_t::<T>(op, s, l, mask))
+    op: &SoftmaxFwd,
+    cfg: &KernelConfig,
+    ins: &Inputs<CpuStorage>,
+) -> Result<Vec<CpuStorage>> {
+    let (s, _) = ins.get(0)?;
+    dispatch!(op.name, s.dtype(), |T| forward_t::<T>(op, cfg, ins))
 }
 
 fn forward_t<T: Elem>(
-    op: &Softmax,
-    s: &CpuStorage,
-    l: &Layout,
-    mask: Option<(&CpuStorage, &Layout)>,
-) -> Result<(CpuStorage, Shape)> {
-    let x = cpu::slice::<T>(OP, "x", s, l)?;
+    op: &SoftmaxFwd,
+    cfg: &KernelConfig,
+    ins: &Inputs<CpuStorage>,
+) -> Result<Vec<CpuStorage>> {
+    let (s, l) = ins.get(0)?;
+    let mask = ins.opt(1);
+    let x = cpu::slice::<T>(op.name, "x", s, l)?;
     let dims = l.dims();
     let t = dims[dims.len() - 1];
     let s_rows = if dims.len() >= 2 {
@@ -76,10 +77,10 @@ fn forward_t<T: Elem>(
     } else {
         1
     };
-    let mut out = cpu::alloc::<T>(x.len());
+    let mut out = cpu::alloc::<T>(x.len(), cfg.poison);
     let plain = mask.is_none() && !op.causal && op.scale == 1.0;
     if plain {
-        cpu::rows([x], [&mut out], t, 0, |_, [x], [y], _| {
+        cpu::rows(&cfg.cpu, [x], [&mut out], t, 0, |_, [x], [y], _| {
             let m = cpu::max(x);
             let sum = cpu::exp_sub_sum(x, y, m);
             // A fully masked row is zeros, unless it holds a NaN (NaN propagates).
@@ -104,7 +105,7 @@ fn forward_t<T: Elem>(
         };
         let scale = T::A::of(op.scale);
         let neg_inf = T::A::neg_infinity();
-        cpu::rows([x], [&mut out], t, 0, |r, [x], [z], _| {
+        cpu::rows(&cfg.cpu, [x], [&mut out], t, 0, |r, [x], [z], _| {
             let vis = if op.causal {
                 let i = (r % s_rows) as i64;
                 (i + t as i64 - s_rows as i64 + 1).clamp(0, t as i64) as usize
@@ -157,7 +158,7 @@ fn forward_t<T: Elem>(
             }
         });
     }
-    Ok((T::to_cpu_storage_owned(out), l.shape().clone()))
+    Ok(vec![T::to_cpu_storage_owned(out)])
 }
 
 #[inline(always)]
@@ -174,28 +175,27 @@ fn normalize<A: Acc>(y: &mut [A], sum: A, zero: bool) {
 
 pub(super) fn backward(
     op: &SoftmaxBwd,
-    ys: &CpuStorage,
-    yl: &Layout,
-    gs: &CpuStorage,
-    gl: &Layout,
-) -> Result<(CpuStorage, Shape)> {
-    dispatch!(OP, ys.dtype(), |T| backward_t::<T>(op, ys, yl, gs, gl))
+    cfg: &KernelConfig,
+    ins: &Inputs<CpuStorage>,
+) -> Result<Vec<CpuStorage>> {
+    let (ys, _) = ins.get(0)?;
+    dispatch!(op.name, ys.dtype(), |T| backward_t::<T>(op, cfg, ins))
 }
 
 fn backward_t<T: Elem>(
     op: &SoftmaxBwd,
-    ys: &CpuStorage,
-    yl: &Layout,
-    gs: &CpuStorage,
-    gl: &Layout,
-) -> Result<(CpuStorage, Shape)> {
-    let y = cpu::slice::<T>(OP, "y", ys, yl)?;
-    let g = cpu::slice::<T>(OP, "dy", gs, gl)?;
+    cfg: &KernelConfig,
+    ins: &Inputs<CpuStorage>,
+) -> Result<Vec<CpuStorage>> {
+    let (ys, yl) = ins.get(0)?;
+    let (gs, gl) = ins.get(1)?;
+    let y = cpu::slice::<T>(op.name, "y", ys, yl)?;
+    let g = cpu::slice::<T>(op.name, "dy", gs, gl)?;
     let dims = yl.dims();
     let t = dims[dims.len() - 1];
-    let mut out = cpu::alloc::<T>(y.len());
+    let mut out = cpu::alloc::<T>(y.len(), cfg.poison);
     let scale = op.scale;
-    cpu::rows([y, g], [&mut out], t, 0, |_, [y, g], [dx], _| {
+    cpu::rows(&cfg.cpu, [y, g], [&mut out], t, 0, |_, [y, g], [dx], _| {
         // ⟨dy, y⟩ and `dy − ⟨dy, y⟩` in f64 (products of f32 values are exact there): for a
         // nearly one-hot row `dy_max − ⟨dy, y⟩` cancels, and in f32 only rounding noise of
         // `⟨dy, y⟩` would be left (relative errors ~1e-4 at logit gaps of ~10).
@@ -204,5 +204,5 @@ fn backward_t<T: Elem>(
             *d = T::A::of(scale * yj.wide() * (gj.wide() - dot));
         }
     });
-    Ok((T::to_cpu_storage_owned(out), yl.shape().clone()))
+    Ok(vec![T::to_cpu_storage_owned(out)])
 }

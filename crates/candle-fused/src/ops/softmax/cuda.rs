@@ -4,13 +4,14 @@
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::DeviceRepr;
 use candle_core::cuda_backend::CudaDType;
-use candle_core::{CudaStorage, Layout, Result, Shape};
+use candle_core::{CudaStorage, Layout, Result};
 
-use super::{Softmax, SoftmaxBwd};
+use super::{SoftmaxBwd, SoftmaxFwd};
+use crate::config::{KernelConfig, RegisterCache};
 use crate::cuda::{self, dispatch, ptx, Args, Ptx, RowSpec};
+use crate::seam::Inputs;
 use crate::validate::fail;
 
-const OP: &str = "softmax";
 static PTX: Ptx = ptx!("softmax");
 
 /// `MaskGeom` of softmax.cu: where the mask value of (row, col) is.
@@ -64,23 +65,24 @@ fn mask_geom(ml: &Layout) -> Result<MaskGeom> {
 }
 
 pub(super) fn forward(
-    op: &Softmax,
-    s: &CudaStorage,
-    l: &Layout,
-    mask: Option<(&CudaStorage, &Layout)>,
-) -> Result<(CudaStorage, Shape)> {
-    dispatch!(OP, s.dtype(), |T| forward_t::<T>(op, s, l, mask))
+    op: &SoftmaxFwd,
+    cfg: &KernelConfig,
+    ins: &Inputs<CudaStorage>,
+) -> Result<Vec<CudaStorage>> {
+    let (s, _) = ins.get(0)?;
+    dispatch!(op.name, s.dtype(), |T| forward_t::<T>(op, cfg, ins))
 }
 
 fn forward_t<T: CudaDType + DeviceRepr>(
-    op: &Softmax,
-    s: &CudaStorage,
-    l: &Layout,
-    mask: Option<(&CudaStorage, &Layout)>,
-) -> Result<(CudaStorage, Shape)> {
+    op: &SoftmaxFwd,
+    cfg: &KernelConfig,
+    ins: &Inputs<CudaStorage>,
+) -> Result<Vec<CudaStorage>> {
+    let (s, l) = ins.get(0)?;
+    let mask = ins.opt(1);
     let dev = s.device();
     let stream = dev.cuda_stream();
-    let (x, xo) = cuda::slice::<T>(OP, "x", s, l)?;
+    let (x, xo) = cuda::slice::<T>(op.name, "x", s, l)?;
     let dims = l.dims();
     let d = dims[dims.len() - 1];
     let rows = l.shape().elem_count() / d;
@@ -93,20 +95,8 @@ fn forward_t<T: CudaDType + DeviceRepr>(
         Some((ms, ml)) => (Some((ms.as_cuda_slice::<T>()?, ml)), mask_geom(ml)?),
         None => (None, MaskGeom::default()),
     };
-    let mut y = cuda::alloc::<T>(dev, rows * d)?;
-    let vec = 16 / std::mem::size_of::<T>();
-    let vec_ok = d % vec == 0 && cuda::aligned16(x, xo, &stream) && cuda::aligned16(&y, 0, &stream);
-    let spec = RowSpec {
-        rows,
-        d,
-        elem: std::mem::size_of::<T>(),
-        nin: 1,
-        extra_per_col: 0,
-        red: 8,
-        vec_ok,
-        persistent: false,
-        owned: None,
-    };
+    let mut y = cuda::alloc::<T>(dev, rows * d, cfg.poison)?;
+    let spec = RowSpec::new(rows, d, 1, 8, &[(x, xo), (&y, 0)], &stream);
     // The masked kernel (a mask, maybe causal too), the causal-only one, or the plain one.
     let kind = if mask.is_some() {
         "masked_softmax"
@@ -115,9 +105,10 @@ fn forward_t<T: CudaDType + DeviceRepr>(
     } else {
         "softmax"
     };
-    let dt = cuda::dtype_name(OP, s.dtype())?;
-    let plan = cuda::plan_by("masked_softmax", dev, &PTX, &spec, |chunk| {
-        format!("{kind}_fwd{}_{dt}", cache_tag(chunk))
+    let dt = cuda::dtype_name(op.name, s.dtype())?;
+    let cache = cfg.cuda.softmax_fwd.register_cache;
+    let plan = cuda::plan_by(op.name, dev, &PTX, &spec, |chunk| {
+        format!("{kind}_fwd{}_{dt}", cache_tag(cache, chunk))
     })?;
     {
         let mut args = Args::new(&stream);
@@ -135,72 +126,53 @@ fn forward_t<T: CudaDType + DeviceRepr>(
             .val(s_rows as i64);
         cuda::launch(&plan, &args)?;
     }
-    Ok((cuda::storage(y, dev), l.shape().clone()))
+    Ok(vec![cuda::storage(y, dev)])
 }
 
 /// The forward build's register cache (softmax.cu's CACHE): `"c"` keeps each thread's
 /// exponentials in registers (one ex2 per element, no shared-memory re-read), `""` re-reads
-/// shared memory. Cached when a CTA's slice has
-/// at most 8192 elements: the cache holds the slice in f32 registers, and longer slices would
-/// cost occupancy (measured on an H200: 33% slower at [8192, 32768] bf16, 36% at [1024, 262144]
-/// f32). `CANDLE_FUSED_SOFTMAX_CACHE=none|c` forces a build (a tuning switch). Two other builds
-/// were slower at every shape and were dropped (`results/gpu/kernel-probe-2026-11-27-softmax-rms.log`):
-/// one caching the raw packs (fewer registers, ex2 twice), one caching 2 packs per thread with
-/// twice the threads (more occupancy, but more per-row reduction work).
-fn cache_tag(chunk: usize) -> &'static str {
-    static FORCED: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-    let forced = FORCED.get_or_init(|| std::env::var("CANDLE_FUSED_SOFTMAX_CACHE").ok());
-    match forced.as_deref() {
-        Some("none") => "",
-        Some("c") => "c",
-        _ if chunk <= 8192 => "c",
-        _ => "",
+/// shared memory. [`RegisterCache::Auto`] caches when a CTA's slice has at most 8192 elements:
+/// the cache holds the slice in f32 registers, and longer slices would cost occupancy
+/// (measured on an H200: 33% slower at [8192, 32768] bf16, 36% at [1024, 262144] f32). Two
+/// other builds were slower at every shape and were dropped
+/// (`results/gpu/kernel-probe-2026-11-27-softmax-rms.log`): one caching the raw packs (fewer
+/// registers, ex2 twice), one caching 2 packs per thread with twice the threads.
+fn cache_tag(cache: RegisterCache, chunk: usize) -> &'static str {
+    match cache {
+        RegisterCache::Off => "",
+        RegisterCache::On => "c",
+        RegisterCache::Auto if chunk <= 8192 => "c",
+        RegisterCache::Auto => "",
     }
 }
 
 pub(super) fn backward(
     op: &SoftmaxBwd,
-    ys: &CudaStorage,
-    yl: &Layout,
-    gs: &CudaStorage,
-    gl: &Layout,
-) -> Result<(CudaStorage, Shape)> {
-    dispatch!(OP, ys.dtype(), |T| backward_t::<T>(op, ys, yl, gs, gl))
+    cfg: &KernelConfig,
+    ins: &Inputs<CudaStorage>,
+) -> Result<Vec<CudaStorage>> {
+    let (ys, _) = ins.get(0)?;
+    dispatch!(op.name, ys.dtype(), |T| backward_t::<T>(op, cfg, ins))
 }
 
 fn backward_t<T: CudaDType + DeviceRepr>(
     op: &SoftmaxBwd,
-    ys: &CudaStorage,
-    yl: &Layout,
-    gs: &CudaStorage,
-    gl: &Layout,
-) -> Result<(CudaStorage, Shape)> {
+    cfg: &KernelConfig,
+    ins: &Inputs<CudaStorage>,
+) -> Result<Vec<CudaStorage>> {
+    let (ys, yl) = ins.get(0)?;
+    let (gs, gl) = ins.get(1)?;
     let dev = ys.device();
     let stream = dev.cuda_stream();
-    let (y, yo) = cuda::slice::<T>(OP, "y", ys, yl)?;
-    let (g, go) = cuda::slice::<T>(OP, "dy", gs, gl)?;
+    let (y, yo) = cuda::slice::<T>(op.name, "y", ys, yl)?;
+    let (g, go) = cuda::slice::<T>(op.name, "dy", gs, gl)?;
     let dims = yl.dims();
     let d = dims[dims.len() - 1];
     let rows = yl.shape().elem_count() / d;
-    let mut dx = cuda::alloc::<T>(dev, rows * d)?;
-    let vec = 16 / std::mem::size_of::<T>();
-    let vec_ok = d % vec == 0
-        && cuda::aligned16(y, yo, &stream)
-        && cuda::aligned16(g, go, &stream)
-        && cuda::aligned16(&dx, 0, &stream);
-    let spec = RowSpec {
-        rows,
-        d,
-        elem: std::mem::size_of::<T>(),
-        nin: 2,
-        extra_per_col: 0,
-        red: 16,
-        vec_ok,
-        persistent: false,
-        owned: None,
-    };
-    let prefix = format!("softmax_bwd_{}", cuda::dtype_name(OP, ys.dtype())?);
-    let plan = cuda::plan("softmax_backward", dev, &PTX, &prefix, &spec)?;
+    let mut dx = cuda::alloc::<T>(dev, rows * d, cfg.poison)?;
+    let spec = RowSpec::new(rows, d, 2, 16, &[(y, yo), (g, go), (&dx, 0)], &stream);
+    let prefix = format!("softmax_bwd_{}", cuda::dtype_name(op.name, ys.dtype())?);
+    let plan = cuda::plan(op.name, dev, &PTX, &prefix, &spec)?;
     {
         let mut args = Args::new(&stream);
         args.input(y, yo)
@@ -210,5 +182,5 @@ fn backward_t<T: CudaDType + DeviceRepr>(
             .val(op.scale as f32);
         cuda::launch(&plan, &args)?;
     }
-    Ok((cuda::storage(dx, dev), yl.shape().clone()))
+    Ok(vec![cuda::storage(dx, dev)])
 }

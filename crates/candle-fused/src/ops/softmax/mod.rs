@@ -12,132 +12,95 @@
 //!
 //! Backward: with `g = y ⊙ (dy − ⟨dy, y⟩)` (per row), `dx = s·g`, and the mask (if it is a
 //! tracked variable) gets `g` summed over the dims it was broadcast along.
+//!
+//! Kernels: [`SoftmaxFwd`] `(x, mask?) -> y` (the mask read through its broadcast strides,
+//! never expanded) and [`SoftmaxBwd`] `(y, dy) -> dx`.
 
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, Result, Tensor};
 
+use crate::config::{KernelConfig, Kernels};
+use crate::seam::{self, Inputs, Kernel};
 use crate::validate;
 
-/// The forward op: `softmax(scale·x + mask)` with optional causal masking.
+/// Forward kernel: `softmax(scale·x + mask)` with optional causal masking; inputs
+/// `(x, mask?)` (the mask broadcast to x's shape, read through its strides), output `y`.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Softmax {
+pub(crate) struct SoftmaxFwd {
     pub scale: f64,
     pub causal: bool,
     /// Fully masked rows give zeros (`masked_softmax`) instead of NaN (`softmax_last_dim`).
     pub zero_masked_rows: bool,
+    pub name: &'static str,
 }
 
-/// The backward op: `dx = scale · y ⊙ (dy − ⟨dy, y⟩)`.
+/// Backward kernel: `dx = scale · y ⊙ (dy − ⟨dy, y⟩)`; inputs `(y, dy)`, output `dx`.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct SoftmaxBwd {
     pub scale: f64,
+    pub name: &'static str,
 }
 
-impl CustomOp1 for Softmax {
+impl Kernel for SoftmaxFwd {
     fn name(&self) -> &'static str {
-        "candle-fused-softmax"
+        self.name
     }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        cpu::forward(self, s, l, None)
+    fn inputs(&self) -> &'static [&'static str] {
+        &["x", "mask"]
     }
-
+    fn strided(&self, i: usize) -> bool {
+        i == 1
+    }
+    fn cpu(&self, cfg: &KernelConfig, ins: &Inputs<CpuStorage>) -> Result<Vec<CpuStorage>> {
+        cpu::forward(self, cfg, ins)
+    }
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
+    fn cuda(
         &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::forward(self, s, l, None)
-    }
-
-    fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(backward_op(y, dy, self.scale)?))
+        cfg: &KernelConfig,
+        ins: &Inputs<candle_core::CudaStorage>,
+    ) -> Result<Vec<candle_core::CudaStorage>> {
+        cuda::forward(self, cfg, ins)
     }
 }
 
-impl CustomOp2 for Softmax {
+impl Kernel for SoftmaxBwd {
     fn name(&self) -> &'static str {
-        "candle-fused-masked-softmax"
+        self.name
     }
-
-    fn cpu_fwd(
-        &self,
-        s: &CpuStorage,
-        l: &Layout,
-        ms: &CpuStorage,
-        ml: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu::forward(self, s, l, Some((ms, ml)))
+    fn inputs(&self) -> &'static [&'static str] {
+        &["y", "dy"]
     }
-
+    fn cpu(&self, cfg: &KernelConfig, ins: &Inputs<CpuStorage>) -> Result<Vec<CpuStorage>> {
+        cpu::backward(self, cfg, ins)
+    }
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
+    fn cuda(
         &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-        ms: &candle_core::CudaStorage,
-        ml: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::forward(self, s, l, Some((ms, ml)))
-    }
-
-    fn bwd(
-        &self,
-        _x: &Tensor,
-        mask: &Tensor,
-        y: &Tensor,
-        dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dx = backward_op(y, dy, self.scale)?;
-        // The mask's gradient is g = dx / scale; Candle's broadcast backward then sums it over
-        // the broadcast dims. Only computed when the mask is tracked (e.g. a learned bias), and
-        // by its own kernel call unless scale = 1: dividing dx by scale would give NaN for
-        // scale = 0 and lose range for tiny scales.
-        let dmask = if !mask.track_op() {
-            None
-        } else if self.scale == 1.0 {
-            Some(dx.clone())
-        } else {
-            Some(backward_op(y, dy, 1.0)?)
-        };
-        Ok((Some(dx), dmask))
+        cfg: &KernelConfig,
+        ins: &Inputs<candle_core::CudaStorage>,
+    ) -> Result<Vec<candle_core::CudaStorage>> {
+        cuda::backward(self, cfg, ins)
     }
 }
 
-impl CustomOp2 for SoftmaxBwd {
-    fn name(&self) -> &'static str {
-        "candle-fused-softmax-bwd"
-    }
-
-    fn cpu_fwd(
-        &self,
-        ys: &CpuStorage,
-        yl: &Layout,
-        gs: &CpuStorage,
-        gl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu::backward(self, ys, yl, gs, gl)
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        ys: &candle_core::CudaStorage,
-        yl: &Layout,
-        gs: &candle_core::CudaStorage,
-        gl: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::backward(self, ys, yl, gs, gl)
-    }
-}
-
-fn backward_op(y: &Tensor, dy: &Tensor, scale: f64) -> Result<Tensor> {
-    y.contiguous()?
-        .apply_op2_no_bwd(&dy.contiguous()?, &SoftmaxBwd { scale })
+/// The backward kernel outside autograd.
+fn backward(
+    cfg: &KernelConfig,
+    name: &'static str,
+    y: &Tensor,
+    dy: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    seam::run1(
+        &SoftmaxBwd { scale, name },
+        cfg,
+        &[Some(y), Some(dy)],
+        y.shape().clone(),
+    )
 }
 
 fn check_x(op: &str, arg: &str, x: &Tensor) -> Result<()> {
@@ -145,19 +108,97 @@ fn check_x(op: &str, arg: &str, x: &Tensor) -> Result<()> {
     validate::float_dtype(op, arg, x)
 }
 
+impl Kernels {
+    /// The forward and its graph node: gradients to `x` and (when tracked) the broadcast mask.
+    fn softmax_node(&self, op: SoftmaxFwd, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let cfg = self.config;
+        let y = seam::run(&op, &cfg, &[Some(x), mask])?.remove(0);
+        let parents: Vec<&Tensor> = std::iter::once(x).chain(mask).collect();
+        let (name, scale) = (op.name, op.scale);
+        let has_mask = mask.is_some();
+        let mask_tracked = mask.is_some_and(|m| m.track_op());
+        seam::attach(name, y, x.shape().clone(), &parents, move |y, dy| {
+            let dx = backward(&cfg, name, y, dy, scale)?;
+            if !has_mask {
+                return Ok(vec![Some(dx)]);
+            }
+            if !mask_tracked {
+                return Ok(vec![Some(dx), None]);
+            }
+            // The mask's gradient is g = dx / scale; Candle's broadcast backward then sums it
+            // over the broadcast dims. Its own kernel call unless scale = 1: dividing dx by
+            // scale would give NaN for scale = 0 and lose range for tiny scales.
+            let dmask = if scale == 1.0 {
+                dx.clone()
+            } else {
+                backward(&cfg, name, y, dy, 1.0)?
+            };
+            Ok(vec![Some(dx), Some(dmask)])
+        })
+    }
+
+    /// [`softmax_last_dim`] with this handle's configuration.
+    pub fn softmax_last_dim(&self, x: &Tensor) -> Result<Tensor> {
+        const OP: &str = "softmax_last_dim";
+        check_x(OP, "x", x)?;
+        if x.elem_count() == 0 {
+            return x.zeros_like();
+        }
+        let op = SoftmaxFwd {
+            scale: 1.0,
+            causal: false,
+            zero_masked_rows: false,
+            name: OP,
+        };
+        self.softmax_node(op, x, None)
+    }
+
+    /// [`masked_softmax`] with this handle's configuration.
+    pub fn masked_softmax(
+        &self,
+        x: &Tensor,
+        scale: f64,
+        mask: Option<&Tensor>,
+        causal: bool,
+    ) -> Result<Tensor> {
+        const OP: &str = "masked_softmax";
+        check_x(OP, "x", x)?;
+        validate::finite(OP, "scale", scale)?;
+        if let Some(m) = mask {
+            validate::same_dtype_device(OP, "mask", m, x)?;
+            validate::broadcastable(OP, "mask", m.dims(), x.dims())?;
+        }
+        if x.elem_count() == 0 {
+            return x.zeros_like();
+        }
+        let op = SoftmaxFwd {
+            scale,
+            causal,
+            zero_masked_rows: true,
+            name: OP,
+        };
+        let mask = mask.map(|m| m.broadcast_as(x.shape())).transpose()?;
+        self.softmax_node(op, x, mask.as_ref())
+    }
+
+    /// [`softmax_backward`] with this handle's configuration.
+    pub fn softmax_backward(&self, y: &Tensor, dy: &Tensor, scale: f64) -> Result<Tensor> {
+        const OP: &str = "softmax_backward";
+        check_x(OP, "y", y)?;
+        validate::same_dtype_device(OP, "dy", dy, y)?;
+        validate::shape_eq(OP, "dy", dy, y.dims(), "the shape of y")?;
+        validate::finite(OP, "scale", scale)?;
+        if y.elem_count() == 0 {
+            return y.zeros_like();
+        }
+        backward(&self.config, OP, y, dy, scale)
+    }
+}
+
 /// Softmax over the last dimension, differentiable. A row of only `-inf` gives NaN (as the
 /// math and PyTorch do); use [`masked_softmax`] for attention, where such rows give zeros.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    const OP: &str = "softmax_last_dim";
-    check_x(OP, "x", x)?;
-    if x.elem_count() == 0 {
-        return x.zeros_like();
-    }
-    x.contiguous()?.apply_op1(Softmax {
-        scale: 1.0,
-        causal: false,
-        zero_masked_rows: false,
-    })
+    Kernels::default().softmax_last_dim(x)
 }
 
 /// Attention softmax `softmax(scale·x + mask)` over the last dim, differentiable in `x` and (if
@@ -176,38 +217,11 @@ pub fn masked_softmax(
     mask: Option<&Tensor>,
     causal: bool,
 ) -> Result<Tensor> {
-    const OP: &str = "masked_softmax";
-    check_x(OP, "x", x)?;
-    validate::finite(OP, "scale", scale)?;
-    if let Some(m) = mask {
-        validate::same_dtype_device(OP, "mask", m, x)?;
-        validate::broadcastable(OP, "mask", m.dims(), x.dims())?;
-    }
-    if x.elem_count() == 0 {
-        return x.zeros_like();
-    }
-    let op = Softmax {
-        scale,
-        causal,
-        zero_masked_rows: true,
-    };
-    let x = x.contiguous()?;
-    match mask {
-        None => x.apply_op1(op),
-        Some(m) => x.apply_op2(&m.broadcast_as(x.shape())?, op),
-    }
+    Kernels::default().masked_softmax(x, scale, mask, causal)
 }
 
 /// The softmax backward on its own: `dx = scale · y ⊙ (dy − ⟨dy, y⟩)` per row of the last dim,
 /// from the forward's output `y` and the output gradient `dy` (same shape).
 pub fn softmax_backward(y: &Tensor, dy: &Tensor, scale: f64) -> Result<Tensor> {
-    const OP: &str = "softmax_backward";
-    check_x(OP, "y", y)?;
-    validate::same_dtype_device(OP, "dy", dy, y)?;
-    validate::shape_eq(OP, "dy", dy, y.dims(), "the shape of y")?;
-    validate::finite(OP, "scale", scale)?;
-    if y.elem_count() == 0 {
-        return y.zeros_like();
-    }
-    backward_op(y, dy, scale)
+    Kernels::default().softmax_backward(y, dy, scale)
 }
