@@ -9,6 +9,7 @@
 use std::time::Duration;
 
 use candle_core::{DType, Device};
+use candle_fused::Kernels;
 use candle_fused_cli::bench::memops::{Impl, MemCase, SCALE};
 use candle_fused_testkit::check::{MaskKind, OpKind};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
@@ -24,7 +25,12 @@ fn cases() -> Vec<MemCase> {
             (vec![1, 128, 1024], DType::F32),
             (vec![256, 4096], DType::BF16),
         ] {
-            v.push(MemCase { op, shape, dtype });
+            v.push(MemCase {
+                op,
+                shape,
+                dtype,
+                kernels: Kernels::default(),
+            });
         }
     }
     v.push(MemCase {
@@ -35,6 +41,7 @@ fn cases() -> Vec<MemCase> {
         },
         shape: vec![1, 4, 128, 128],
         dtype: DType::F32,
+        kernels: Kernels::default(),
     });
     v
 }
@@ -42,7 +49,7 @@ fn cases() -> Vec<MemCase> {
 fn bench_ops(c: &mut Criterion) {
     let dev = Device::Cpu;
     for case in cases() {
-        let set = case.inputs(&dev).expect("inputs");
+        let set = case.inputs(&dev, &mut case.stream()).expect("inputs");
         let id = format!(
             "{}/{}-{}",
             case.op.name(),

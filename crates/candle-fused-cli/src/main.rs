@@ -4,8 +4,9 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
+use candle_fused::{KernelConfig, Kernels};
 use candle_fused_cli::bench;
-use candle_fused_testkit::{check, testing};
+use candle_fused_testkit::{check, rng, testing};
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
@@ -60,6 +61,11 @@ enum Cmd {
         /// add_rms_norm, lora_linear.
         #[arg(long, value_delimiter = ',')]
         op: Option<Vec<String>>,
+        /// The kernel configuration ours run on, by name: default, or another of
+        /// `KernelConfig::candidates()` (softmax-cache-on, softmax-cache-off, rms-bwd-cols16,
+        /// rms-bwd-cols32).
+        #[arg(long, default_value = "default")]
+        kernel_config: String,
     },
 }
 
@@ -72,7 +78,8 @@ fn main() -> ExitCode {
             json,
             quick,
             op,
-        } => run_bench(device, json, quick, op),
+            kernel_config,
+        } => run_bench(device, json, quick, op, &kernel_config),
     };
     match res {
         Ok(code) => code,
@@ -103,9 +110,20 @@ struct CheckLine {
     status: &'static str,
 }
 
+/// The run's seed (`CANDLE_FUSED_SEED` or a fresh one), printed so a run can be repeated.
+fn seed() -> Result<u64> {
+    let seed = rng::init().map_err(|e| anyhow::anyhow!("{e}"))?;
+    eprintln!(
+        "random inputs from seed {seed} (rerun with {}={seed})",
+        rng::SEED_VAR
+    );
+    Ok(seed)
+}
+
 fn run_check(arg: DeviceArg, quick: bool) -> Result<ExitCode> {
     let dev = device(arg)?;
-    testing::set_poison(true);
+    let seed = seed()?;
+    let kernels = testing::poisoned();
     let mut dtypes = vec![DType::F32, DType::F16, DType::BF16];
     // f64 runs on the CPU; on a GPU it is tried, and if the first f64 case errors it is
     // reported as not supported there (not as a failure).
@@ -125,7 +143,7 @@ fn run_check(arg: DeviceArg, quick: bool) -> Result<ExitCode> {
             continue;
         }
         let shape = bench::report::shape_str(&case.shape);
-        let res = check::run(case, &dev);
+        let res = check::run(&kernels, case, &dev);
         if f64_on_gpu && f64_state.is_none() {
             f64_state = Some(res.is_ok());
             if let Err(e) = &res {
@@ -198,8 +216,14 @@ fn run_check(arg: DeviceArg, quick: bool) -> Result<ExitCode> {
     for n in &notes {
         println!("note: {n}");
     }
+    if !bad.is_empty() {
+        println!(
+            "rerun with the same inputs: {}={seed} candle-fused check ...",
+            rng::SEED_VAR
+        );
+    }
     println!(
-        "\ncandle-fused check on {} ({}): {} cases, {pass} PASS, {fail} FAIL, {errors} ERROR in {:.1} s",
+        "\ncandle-fused check on {} ({}, seed {seed}): {} cases, {pass} PASS, {fail} FAIL, {errors} ERROR in {:.1} s",
         arg.name(),
         bench::timing::device_name(&dev),
         cases.len(),
@@ -212,17 +236,35 @@ fn run_check(arg: DeviceArg, quick: bool) -> Result<ExitCode> {
     })
 }
 
+/// The kernel configuration named `name` among `KernelConfig::candidates()`.
+fn kernel_config(name: &str) -> Result<(String, Kernels)> {
+    let all = KernelConfig::candidates();
+    match all.iter().find(|(n, _)| *n == name) {
+        Some((n, c)) => Ok((n.to_string(), Kernels::new(*c))),
+        None => {
+            let names: Vec<&str> = all.iter().map(|(n, _)| *n).collect();
+            anyhow::bail!(
+                "unknown --kernel-config {name:?}, expected one of {}",
+                names.join(", ")
+            )
+        }
+    }
+}
+
 fn run_bench(
     arg: DeviceArg,
     json: Option<std::path::PathBuf>,
     quick: bool,
     ops: Option<Vec<String>>,
+    kernel_config_name: &str,
 ) -> Result<ExitCode> {
     let cfg = bench::Config {
         device: device(arg)?,
         quick,
         ops,
         checkpoint: json.clone(),
+        kernels: kernel_config(kernel_config_name)?,
+        seed: seed()?,
     };
     let report = bench::run(&cfg)?;
     if let Some(path) = &json {

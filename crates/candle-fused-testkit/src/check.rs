@@ -1,19 +1,24 @@
 //! The correctness sweep behind `candle-fused check`, the test suites and the GPU tests.
 //!
-//! One [`Case`] is an op, a shape and a dtype. [`run`] draws fresh random inputs on the device,
-//! runs the fused op forward and backward (loss `Σ out ⊙ probe`, random probe), and compares
-//! the output and the gradient of every input with the f64 reference (composed Candle ops in
-//! f64 on the CPU, on the same rounded inputs, differentiated by Candle's autograd) by relative
-//! error. On a non-CPU device it also compares with this crate's CPU backend.
+//! One [`Case`] is an op, a shape and a dtype. [`run`] draws random inputs from the case's own
+//! seeded stream ([`Case::stream`]: the same inputs for the same run seed, whatever ran
+//! before), runs the fused op forward and backward (loss `Σ out ⊙ probe`, random probe) with
+//! the given [`Kernels`] (poisoned: [`testing::poisoned`]), and compares the output and the
+//! gradient of every input with the f64 reference (composed Candle ops in f64 on the CPU, on the
+//! same rounded inputs, differentiated by Candle's autograd) by relative error. On a non-CPU
+//! device it also compares with this crate's CPU backend.
 //!
 //! The tolerance is [`testing::tolerance`] of the dtype, except where the dtype itself cannot
 //! hold the reference: then it is twice the error of the reference rounded to the dtype
-//! (e.g. f16 RMSNorm gradients for a last dim of 1 are ~1e-6·dy, in f16's subnormal range).
+//! (e.g. f16 RMSNorm gradients for a last dim of 1 are ~1e-6·dy, in f16's subnormal range),
+//! or twice the rounding bound of a sum over rows in the accumulation type
+//! ([`testing::sum_floor`], the RMSNorm weight gradient).
 
-use candle_core::{DType, Device, Result, Tensor, Var};
+use candle_core::{DType, Device, Result, Tensor};
+use candle_fused::Kernels;
 
+use crate::rng::Rng;
 use crate::{reference, testing};
-use candle_fused::ops;
 
 /// How the additive mask of a masked-softmax case is shaped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,6 +50,10 @@ pub enum OpKind {
     AddRmsNorm,
     /// LoRA linear on `x = shape` (last dim K): `W [n, K]`, `A [r, K]`, `B [n, r]`, optional
     /// bias `[n]`, scale `2 / r`; every input (W included, as a tracked variable) is checked.
+    /// `B ~ N(0, r/4)` makes the adapter term as large as the base term at every rank (with
+    /// PEFT's `B ~ N(0, 1/r)` it would be `2/r` of it: 0.8% at r = 256, below the half-type
+    /// tolerance), and the adapter term is also checked on its own (`fwd(adapter)`: `W = 0`,
+    /// no bias).
     Lora {
         n: usize,
         r: usize,
@@ -101,6 +110,18 @@ pub struct Case {
     pub dtype: DType,
 }
 
+impl Case {
+    /// The case's own random stream of the run's seed (named after the op, shape and dtype).
+    pub fn stream(&self) -> Rng {
+        Rng::stream(&format!(
+            "check {} {:?} {:?}",
+            self.op.name(),
+            self.shape,
+            self.dtype
+        ))
+    }
+}
+
 /// One compared quantity of a case.
 #[derive(Debug, Clone)]
 pub struct Outcome {
@@ -126,11 +147,11 @@ struct Inputs {
     differentiable: Vec<bool>,
 }
 
-fn make_inputs(case: &Case, device: &Device) -> Result<Inputs> {
+fn make_inputs(case: &Case, device: &Device, rng: &mut Rng) -> Result<Inputs> {
     let dt = case.dtype;
     let shape = &case.shape;
     let d = *shape.last().unwrap_or(&1);
-    let x = testing::randn(shape, 3.0, dt, device)?;
+    let x = rng.randn(shape, 3.0, dt, device)?;
     Ok(match case.op {
         OpKind::Softmax => Inputs {
             names: vec!["x"],
@@ -157,13 +178,7 @@ fn make_inputs(case: &Case, device: &Device) -> Result<Inputs> {
                 },
                 Some(ms) => {
                     // Normal values with about a fifth of the entries hidden (-inf).
-                    let vals = testing::randn(&ms, 1.0, DType::F64, &Device::Cpu)?;
-                    let hide = testing::rand(&ms, 0.0, 1.0, DType::F64, &Device::Cpu)?.lt(0.2)?;
-                    let neg = Tensor::full(f64::NEG_INFINITY, ms.as_slice(), &Device::Cpu)?;
-                    let m = hide
-                        .where_cond(&neg, &vals)?
-                        .to_dtype(dt)?
-                        .to_device(device)?;
+                    let m = rng.mask(&ms, 0.2, dt, device)?;
                     Inputs {
                         names: vec!["x", "mask"],
                         tensors: vec![x, m],
@@ -174,7 +189,7 @@ fn make_inputs(case: &Case, device: &Device) -> Result<Inputs> {
         }
         OpKind::RmsNorm { weight } => {
             if weight {
-                let w = testing::rand(&[d], 0.5, 1.5, dt, device)?;
+                let w = rng.rand(&[d], 0.5, 1.5, dt, device)?;
                 Inputs {
                     names: vec!["x", "weight"],
                     tensors: vec![x, w],
@@ -190,14 +205,14 @@ fn make_inputs(case: &Case, device: &Device) -> Result<Inputs> {
         }
         OpKind::Lora { n, r, bias } => {
             let sk = 1.0 / (d as f64).sqrt();
-            let w = testing::randn(&[n, d], sk, dt, device)?;
-            let a = testing::randn(&[r, d], sk, dt, device)?;
-            let b = testing::randn(&[n, r], 1.0 / (r as f64).sqrt(), dt, device)?;
+            let w = rng.randn(&[n, d], sk, dt, device)?;
+            let a = rng.randn(&[r, d], sk, dt, device)?;
+            let b = rng.randn(&[n, r], (r as f64).sqrt() / 2.0, dt, device)?;
             let mut names = vec!["x", "w", "a", "b"];
             let mut tensors = vec![x, w, a, b];
             if bias {
                 names.push("bias");
-                tensors.push(testing::randn(&[n], 1.0, dt, device)?);
+                tensors.push(rng.randn(&[n], 1.0, dt, device)?);
             }
             let differentiable = vec![true; tensors.len()];
             Inputs {
@@ -207,8 +222,8 @@ fn make_inputs(case: &Case, device: &Device) -> Result<Inputs> {
             }
         }
         OpKind::AddRmsNorm => {
-            let res = testing::randn(shape, 1.0, dt, device)?;
-            let w = testing::rand(&[d], 0.5, 1.5, dt, device)?;
+            let res = rng.randn(shape, 1.0, dt, device)?;
+            let w = rng.rand(&[d], 0.5, 1.5, dt, device)?;
             Inputs {
                 names: vec!["x", "residual", "weight"],
                 tensors: vec![x, res, w],
@@ -218,33 +233,35 @@ fn make_inputs(case: &Case, device: &Device) -> Result<Inputs> {
     })
 }
 
-/// The fused op (`fused = true`) or the reference, on `args`; every output of the op.
-pub fn apply(op: OpKind, args: &[Tensor], fused: bool) -> Result<Vec<Tensor>> {
+/// The fused op on `kernels` (`fused = true`) or the reference, on `args`; every output of
+/// the op.
+pub fn apply(kernels: &Kernels, op: OpKind, args: &[Tensor], fused: bool) -> Result<Vec<Tensor>> {
     let eps = 1e-5;
+    let k = kernels;
     Ok(match (op, fused) {
-        (OpKind::Softmax, true) => vec![ops::softmax_last_dim(&args[0])?],
+        (OpKind::Softmax, true) => vec![k.softmax_last_dim(&args[0])?],
         (OpKind::Softmax, false) => vec![reference::softmax(&args[0])?],
         (OpKind::MaskedSoftmax { scale, causal, .. }, f) => {
             let mask = args.get(1);
             if f {
-                vec![ops::masked_softmax(&args[0], scale, mask, causal)?]
+                vec![k.masked_softmax(&args[0], scale, mask, causal)?]
             } else {
                 vec![reference::masked_softmax(&args[0], scale, mask, causal)?]
             }
         }
-        (OpKind::RmsNorm { .. }, true) => vec![ops::rms_norm(&args[0], args.get(1), eps)?],
+        (OpKind::RmsNorm { .. }, true) => vec![k.rms_norm(&args[0], args.get(1), eps)?],
         (OpKind::RmsNorm { .. }, false) => vec![reference::rms_norm(&args[0], args.get(1), eps)?],
         (OpKind::Lora { r, .. }, fused) => {
             let s = 2.0 / r as f64;
             let (x, w, a, b, bias) = (&args[0], &args[1], &args[2], &args[3], args.get(4));
             if fused {
-                vec![ops::lora_linear(x, w, bias, a, b, s)?]
+                vec![k.lora_linear(x, w, bias, a, b, s)?]
             } else {
-                vec![ops::lora_linear_composed(x, w, bias, a, b, s)?]
+                vec![reference::lora_linear(x, w, bias, a, b, s)?]
             }
         }
         (OpKind::AddRmsNorm, true) => {
-            let (a, b) = ops::add_rms_norm(&args[0], &args[1], &args[2], eps)?;
+            let (a, b) = k.add_rms_norm(&args[0], &args[1], &args[2], eps)?;
             vec![a, b]
         }
         (OpKind::AddRmsNorm, false) => {
@@ -256,49 +273,15 @@ pub fn apply(op: OpKind, args: &[Tensor], fused: bool) -> Result<Vec<Tensor>> {
 
 /// Forward outputs and the gradients of the differentiable inputs of `Σ_k out_k ⊙ probe_k`.
 fn fwd_bwd(
+    k: &Kernels,
     op: OpKind,
     inputs: &[Tensor],
     differentiable: &[bool],
     probes: &[Tensor],
     fused: bool,
 ) -> Result<(Vec<Tensor>, Vec<Option<Tensor>>)> {
-    let vars: Vec<Option<Var>> = inputs
-        .iter()
-        .zip(differentiable)
-        .map(|(t, &d)| {
-            if d {
-                Var::from_tensor(t).map(Some)
-            } else {
-                Ok(None)
-            }
-        })
-        .collect::<Result<_>>()?;
-    let args: Vec<Tensor> = inputs
-        .iter()
-        .zip(&vars)
-        .map(|(t, v)| {
-            v.as_ref()
-                .map(|v| v.as_tensor().clone())
-                .unwrap_or_else(|| t.clone())
-        })
-        .collect();
-    let outs = apply(op, &args, fused)?;
-    let mut loss: Option<Tensor> = None;
-    for (o, p) in outs.iter().zip(probes) {
-        // The loss value is never read: its gradient w.r.t. `o` is exactly `p` in any dtype.
-        let term = (o * p)?.sum_all()?;
-        loss = Some(match loss {
-            None => term,
-            Some(l) => (l + term)?,
-        });
-    }
-    let loss = loss.expect("every op has an output");
-    let grads = loss.backward()?;
-    let g = vars
-        .iter()
-        .map(|v| v.as_ref().and_then(|v| grads.get(v).cloned()))
-        .collect();
-    Ok((outs, g))
+    let f = |args: &[Tensor]| apply(k, op, args, fused);
+    testing::fwd_bwd(&f, inputs, differentiable, probes)
 }
 
 /// `t` summed over its leading dims down to `dims` (a broadcast mask's gradient).
@@ -315,8 +298,8 @@ fn sum_to(t: &Tensor, dims: &[usize]) -> Result<Tensor> {
     Ok(t)
 }
 
-/// `Σ_rows |dy ⊙ x̂|` (f64) for the RMSNorm weight gradient, x̂ the normalized input (the sum
-/// for add+RMSNorm).
+/// The summands `dy ⊙ x̂` (f64, `[rows, D]`) of the RMSNorm weight gradient, x̂ the
+/// normalized input (the sum for add+RMSNorm).
 fn weight_grad_terms(op: OpKind, ref_in: &[Tensor], dy: &Tensor) -> Result<Tensor> {
     let x = match op {
         OpKind::AddRmsNorm => (&ref_in[0] + &ref_in[1])?,
@@ -324,19 +307,22 @@ fn weight_grad_terms(op: OpKind, ref_in: &[Tensor], dy: &Tensor) -> Result<Tenso
     };
     let xhat = reference::rms_norm(&x, None, 1e-5)?;
     let d = x.dim(candle_core::D::Minus1)?;
-    (dy * xhat)?.abs()?.reshape(((), d))?.sum(0)
+    (dy * xhat)?.reshape(((), d))
 }
 
-/// Runs one case on `device`; returns the forward comparison, one per input gradient, and on
-/// a non-CPU device the same against this crate's CPU backend.
-pub fn run(case: &Case, device: &Device) -> Result<Vec<Outcome>> {
-    let inputs = make_inputs(case, device)?;
+/// Runs one case on `device` with `kernels`; returns the forward comparison, one per input
+/// gradient, and on a non-CPU device the same against this crate's CPU backend.
+pub fn run(kernels: &Kernels, case: &Case, device: &Device) -> Result<Vec<Outcome>> {
+    let k = kernels;
+    let mut rng = case.stream();
+    let inputs = make_inputs(case, device, &mut rng)?;
     let tol = testing::tolerance(case.dtype);
     let n_out = if case.op == OpKind::AddRmsNorm { 2 } else { 1 };
     let probes: Vec<Tensor> = (0..n_out)
-        .map(|_| testing::randn(&case.op.out_shape(&case.shape), 1.0, case.dtype, device))
+        .map(|_| rng.randn(&case.op.out_shape(&case.shape), 1.0, case.dtype, device))
         .collect::<Result<_>>()?;
     let (outs, grads) = fwd_bwd(
+        k,
         case.op,
         &inputs.tensors,
         &inputs.differentiable,
@@ -347,8 +333,14 @@ pub fn run(case: &Case, device: &Device) -> Result<Vec<Outcome>> {
     let cpu64 = |t: &Tensor| t.to_device(&Device::Cpu)?.to_dtype(DType::F64);
     let ref_in: Vec<Tensor> = inputs.tensors.iter().map(cpu64).collect::<Result<_>>()?;
     let ref_probes: Vec<Tensor> = probes.iter().map(cpu64).collect::<Result<_>>()?;
-    let (ref_outs, ref_grads) =
-        fwd_bwd(case.op, &ref_in, &inputs.differentiable, &ref_probes, false)?;
+    let (ref_outs, ref_grads) = fwd_bwd(
+        k,
+        case.op,
+        &ref_in,
+        &inputs.differentiable,
+        &ref_probes,
+        false,
+    )?;
 
     let mut res = Vec::new();
     let mut push = |what: String, err: f64, floor: f64| {
@@ -364,23 +356,47 @@ pub fn run(case: &Case, device: &Device) -> Result<Vec<Outcome>> {
     // The error of the reference itself once rounded to the case's dtype.
     let floor = |r: &Tensor| -> Result<f64> { testing::rel_err(&r.to_dtype(case.dtype)?, r) };
     let out_names = ["fwd", "fwd(sum)"];
-    for (k, (o, r)) in outs.iter().zip(&ref_outs).enumerate() {
-        push(out_names[k].to_string(), testing::rel_err(o, r)?, floor(r)?);
+    for (j, (o, r)) in outs.iter().zip(&ref_outs).enumerate() {
+        push(out_names[j].to_string(), testing::rel_err(o, r)?, floor(r)?);
+    }
+    if let OpKind::Lora { r, .. } = case.op {
+        // The adapter term on its own (W = 0, no bias), so a wrong adapter cannot hide behind
+        // the base product.
+        let t = &inputs.tensors;
+        let s = 2.0 / r as f64;
+        let zero_w = t[1].zeros_like()?;
+        let y = k.lora_linear(&t[0], &zero_w, None, &t[2], &t[3], s)?;
+        let yr = reference::lora_linear(
+            &ref_in[0],
+            &ref_in[1].zeros_like()?,
+            None,
+            &ref_in[2],
+            &ref_in[3],
+            s,
+        )?;
+        push(
+            "fwd(adapter)".into(),
+            testing::rel_err(&y, &yr)?,
+            floor(&yr)?,
+        );
     }
     for (i, (g, r)) in grads.iter().zip(&ref_grads).enumerate() {
         if let (Some(g), Some(r)) = (g, r) {
-            // The RMSNorm weight gradient is a sum over rows, Σ dy ⊙ x̂, whose terms can cancel
-            // (for D = 1, x̂ = ±1): its error is measured against the size of the terms,
-            // ‖Σ|dy ⊙ x̂|‖, the scale any summation's rounding is proportional to.
-            let err = match (case.op, inputs.names[i]) {
+            let err = testing::rel_err(g, r)?;
+            // The RMSNorm weight gradient is a sum over rows, Σ dy ⊙ x̂, accumulated in f32
+            // (f64 for f64) whose terms cancel (for D = 1, x̂ = ±1): its floor is the
+            // rounding bound of that sum.
+            let floor_rows = match (case.op, inputs.names[i]) {
                 (OpKind::RmsNorm { .. } | OpKind::AddRmsNorm, "weight") => {
                     let terms = weight_grad_terms(case.op, &ref_in, &ref_probes[0])?;
-                    let norm = |t: &Tensor| -> Result<f64> {
-                        t.sqr()?.sum_all()?.sqrt()?.to_scalar::<f64>()
+                    let acc = if case.dtype == DType::F64 {
+                        DType::F64
+                    } else {
+                        DType::F32
                     };
-                    testing::rel_err(g, r)? * norm(r)? / norm(&terms)?.max(f64::MIN_POSITIVE)
+                    testing::sum_floor(&terms, testing::unit_roundoff(acc))?
                 }
-                _ => testing::rel_err(g, r)?,
+                _ => 0.0,
             };
             // add+RMSNorm's backward reads the forward's `sum` as stored, rounded to the dtype;
             // the reference evaluated at that rounded sum bounds what any backward can reach.
@@ -391,6 +407,7 @@ pub fn run(case: &Case, device: &Device) -> Result<Vec<Outcome>> {
                         .to_dtype(DType::F64)?;
                     let at_rounded = [s.clone(), s.zeros_like()?, ref_in[2].clone()];
                     let (_, gs) = fwd_bwd(
+                        k,
                         case.op,
                         &at_rounded,
                         &inputs.differentiable,
@@ -428,7 +445,7 @@ pub fn run(case: &Case, device: &Device) -> Result<Vec<Outcome>> {
             push(
                 format!("d{}", inputs.names[i]),
                 err,
-                floor(r)?.max(floor_sum),
+                floor(r)?.max(floor_sum).max(floor_rows),
             );
         } else if inputs.differentiable[i] {
             push(
@@ -448,11 +465,17 @@ pub fn run(case: &Case, device: &Device) -> Result<Vec<Outcome>> {
             .iter()
             .map(|t| t.to_device(&Device::Cpu))
             .collect::<Result<_>>()?;
-        let (c_outs, c_grads) =
-            fwd_bwd(case.op, &cpu_in, &inputs.differentiable, &cpu_probes, true)?;
-        for (k, (o, c)) in outs.iter().zip(&c_outs).enumerate() {
+        let (c_outs, c_grads) = fwd_bwd(
+            k,
+            case.op,
+            &cpu_in,
+            &inputs.differentiable,
+            &cpu_probes,
+            true,
+        )?;
+        for (j, (o, c)) in outs.iter().zip(&c_outs).enumerate() {
             push(
-                format!("{} vs cpu", out_names[k]),
+                format!("{} vs cpu", out_names[j]),
                 testing::rel_err(o, c)?,
                 0.0,
             );
@@ -506,6 +529,7 @@ pub fn sweep(dtypes: &[DType]) -> Vec<Case> {
                 (MaskKind::Rows, true),
                 (MaskKind::Full, false),
                 (MaskKind::Learned, true),
+                (MaskKind::Learned, false),
             ] {
                 let op = OpKind::MaskedSoftmax {
                     scale: 0.125,

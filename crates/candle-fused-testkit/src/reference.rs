@@ -85,3 +85,30 @@ pub fn add_rms_norm(
 pub fn f64(t: &Tensor) -> Result<Tensor> {
     t.to_dtype(DType::F64)
 }
+
+/// The LoRA linear `x·Wᵀ (+ bias) + scale·(x·Aᵀ)·Bᵀ` from composed Candle ops (`matmul`,
+/// `broadcast_add`, `affine`) for `x [..., K]`, `w [N, K]`, `a [r, K]`, `b [N, r]`: the
+/// reference of the tests (in f64) and the "Candle composed" row of the bench (what
+/// candle-lora does).
+pub fn lora_linear(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    let dims = x.dims();
+    let k = dims[dims.len() - 1];
+    let m: usize = dims[..dims.len() - 1].iter().product();
+    let x2 = x.reshape((m, k))?;
+    let mut y = x2.matmul(&w.t()?)?;
+    if let Some(bias) = bias {
+        y = y.broadcast_add(bias)?;
+    }
+    let low = x2.matmul(&a.t()?)?.matmul(&b.t()?)?.affine(scale, 0.0)?;
+    let y = (y + low)?;
+    let mut out = dims[..dims.len() - 1].to_vec();
+    out.push(w.dim(0)?);
+    y.reshape(out)
+}

@@ -46,7 +46,6 @@ pub(crate) struct Geom {
     pub d: i64,
     pub chunk: i64,
     pub csize: i64,
-    pub dbuf: i64,
 }
 
 /// What the planner needs to know about the device.
@@ -105,8 +104,6 @@ pub(crate) struct RowSpec {
     pub elem: usize,
     /// Staged input rows.
     pub nin: usize,
-    /// Extra shared bytes per column of the slice (e.g. the f32 dw accumulator).
-    pub extra_per_col: usize,
     /// Size of the reduction type.
     pub red: usize,
     /// 16-byte vectors are possible (the row length and every pointer line up).
@@ -142,7 +139,6 @@ impl RowSpec {
             d,
             elem,
             nin,
-            extra_per_col: 0,
             red,
             vec_ok,
             persistent: false,
@@ -151,23 +147,17 @@ impl RowSpec {
     }
 }
 
-/// See [`RowSpec::owned`]; must match the kernel (`DW_REGS` and `__launch_bounds__`).
+/// See [`RowSpec::owned`]; must match the kernel (`COLS` and `__launch_bounds__` of the
+/// RMSNorm backward).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Owned {
     pub cols: usize,
     pub max_threads: usize,
 }
 
-/// Double-buffered staging for persistent kernels (fetch the next row while this one
-/// computes). A tuning switch: `CANDLE_FUSED_DBUF=1` turns it on, `0` off; default off.
-fn dbuf_enabled() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var("CANDLE_FUSED_DBUF").is_ok_and(|v| v == "1"))
-}
-
-/// The launch of a row op.
+/// The planned launch of a row op.
 #[derive(Clone, Debug)]
-pub(crate) struct Plan {
+pub(crate) struct Launch {
     pub geom: Geom,
     pub threads: u32,
     pub smem: u32,
@@ -182,15 +172,15 @@ fn align16(b: usize) -> usize {
 }
 
 /// Plans the launch of the row-engine kernel `{prefix}_v{vec}` of `ptx`: vector width, slice
-/// and cluster size, threads, shared memory (double-buffered when it fits), and a persistent
-/// grid sized by the occupancy the driver reports. Errors when a row cannot stay on chip.
+/// and cluster size, threads, shared memory, and a persistent grid sized by the occupancy the
+/// driver reports. Errors when a row cannot stay on chip.
 pub(crate) fn plan(
     op: &str,
     dev: &CudaDevice,
     ptx: &Ptx,
     prefix: &str,
     s: &RowSpec,
-) -> Result<Plan> {
+) -> Result<Launch> {
     plan_by(op, dev, ptx, s, |_| prefix.to_string())
 }
 
@@ -202,16 +192,13 @@ pub(crate) fn plan_by(
     ptx: &Ptx,
     s: &RowSpec,
     prefix_of: impl FnOnce(usize) -> String,
-) -> Result<Plan> {
+) -> Result<Launch> {
     let info = DeviceInfo::of(dev)?;
     let vec = if s.vec_ok { 16 / s.elem } else { 1 };
-    let dbuf = s.persistent && dbuf_enabled();
-    let sets = 1 + usize::from(dbuf);
     let fixed = align16(35 * s.red) + 64;
     let limit = (info.smem_optin as usize).saturating_sub(fixed);
-    let per_col = sets * s.nin * s.elem + s.extra_per_col;
-    let stage_of = |chunk: usize| sets * s.nin * align16(chunk * s.elem);
-    let smem_of = |chunk: usize| stage_of(chunk) + align16(35 * s.red) + s.extra_per_col * chunk;
+    let per_col = s.nin * s.elem;
+    let smem_of = |chunk: usize| s.nin * align16(chunk * s.elem) + align16(35 * s.red);
     let chunk_of = |c: usize| s.d.div_ceil(c).div_ceil(vec) * vec;
     let max_chunk = s.owned.map_or(usize::MAX, |o| o.cols * o.max_threads);
     let fits = |c: usize| smem_of(chunk_of(c)) <= limit && chunk_of(c) <= max_chunk;
@@ -270,13 +257,12 @@ pub(crate) fn plan_by(
         s.rows.max(1)
     }
     .min(max_clusters);
-    Ok(Plan {
+    Ok(Launch {
         geom: Geom {
             rows: s.rows as i64,
             d: s.d as i64,
             chunk: chunk as i64,
             csize: c as i64,
-            dbuf: dbuf as i64,
         },
         threads,
         smem,
@@ -365,7 +351,7 @@ fn function(dev: &CudaDevice, ptx: &Ptx, name: &str) -> Result<CudaFunction> {
 }
 
 /// Launches a planned row-engine kernel.
-pub(crate) fn launch(plan: &Plan, args: &Args) -> Result<()> {
+pub(crate) fn launch(plan: &Launch, args: &Args) -> Result<()> {
     let csize = plan.geom.csize as u32;
     raw_launch(
         &plan.func,

@@ -2,8 +2,8 @@
 //!
 //! Fused, **trainable** transformer kernels for [Candle](https://github.com/huggingface/candle):
 //! softmax over the last dimension (plain, and attention-style with scale, additive mask and
-//! causal masking), RMSNorm, and residual-add + RMSNorm. Every op has a forward *and* a
-//! backward pass, so gradients flow through `Tensor::backward` (Candle's own fused
+//! causal masking), RMSNorm, residual-add + RMSNorm, and the LoRA linear. Every op has a
+//! forward *and* a backward pass, so gradients flow through `Tensor::backward` (Candle's own fused
 //! `softmax_last_dim`/`rms_norm` silently drop them).
 //!
 //! ```
@@ -18,10 +18,13 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 //!
-//! Layout: one folder per op under [`ops`] (the Candle `CustomOp` with its CPU forward, its
-//! backward and, with the `cuda` feature, its CUDA kernel). Shared pieces live once:
-//! argument checks in `validate`, the CPU row drivers and vector math in `cpu`, the CUDA
-//! launch helpers in `cuda`.
+//! Layout: one folder per op under [`ops`] (its kernels on the crate's one seam, forward and
+//! backward, with a CPU backend and, with the `cuda` feature, a CUDA one); every op is also a
+//! method of [`Kernels`], which carries a typed [`KernelConfig`] (tuning and output poisoning;
+//! the library reads no environment variables). [`nn`] holds modules built on the ops and the
+//! PEFT adapter files; [`prelude`] the `Tensor` methods. Shared pieces live once: argument
+//! checks in `validate`, the CPU row drivers and vector math in `cpu`, the CUDA launch helpers
+//! in `cuda`, the op seam in `seam`. See `ARCHITECTURE.md` in the repository.
 
 pub mod config;
 pub(crate) mod cpu;
@@ -29,8 +32,6 @@ pub(crate) mod cpu;
 pub(crate) mod cuda;
 pub mod nn;
 pub mod ops;
-#[doc(hidden)]
-pub mod poison;
 pub mod prelude;
 pub(crate) mod seam;
 pub(crate) mod validate;

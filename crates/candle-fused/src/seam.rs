@@ -91,6 +91,35 @@ pub(crate) trait Kernel {
     ) -> Result<Vec<candle_core::CudaStorage>>;
 }
 
+/// The `cpu` and `cuda` methods of a [`Kernel`] impl: `backends!(cpu::forward, cuda::forward)`
+/// runs the backend function `cpu::forward::<T>(self, cfg, ins)` (or the CUDA one) with `T`
+/// the element type of input 0 (the CPU's f32, f64, f16, bf16; CUDA's f32, f16, bf16, with the
+/// same clear error for any other dtype from every op).
+macro_rules! backends {
+    ($($cpu:ident)::+, $($cuda:ident)::+) => {
+        fn cpu(
+            &self,
+            cfg: &$crate::config::KernelConfig,
+            ins: &$crate::seam::Inputs<candle_core::CpuStorage>,
+        ) -> candle_core::Result<Vec<candle_core::CpuStorage>> {
+            use candle_core::backend::BackendStorage;
+            let (s, _) = ins.get(0)?;
+            $crate::cpu::dispatch!(ins.op(), s.dtype(), |T| $($cpu)::+::<T>(self, cfg, ins))
+        }
+        #[cfg(feature = "cuda")]
+        fn cuda(
+            &self,
+            cfg: &$crate::config::KernelConfig,
+            ins: &$crate::seam::Inputs<candle_core::CudaStorage>,
+        ) -> candle_core::Result<Vec<candle_core::CudaStorage>> {
+            use candle_core::backend::BackendStorage;
+            let (s, _) = ins.get(0)?;
+            $crate::cuda::dispatch!(ins.op(), s.dtype(), |T| $($cuda)::+::<T>(self, cfg, ins))
+        }
+    };
+}
+pub(crate) use backends;
+
 /// The error for a device without kernels (Metal, or CUDA without the `cuda` feature).
 pub(crate) fn unsupported(op: &str, device: &Device) -> candle_core::Error {
     err(

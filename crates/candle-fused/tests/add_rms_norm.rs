@@ -8,13 +8,13 @@ mod common;
 use candle_core::{DType, Module, Result, Tensor};
 use candle_fused::prelude::*;
 use candle_fused::{nn, ops};
-use candle_fused_testkit::{reference, testing};
+use candle_fused_testkit::reference;
 use common::*;
 
 const EPS: f64 = 1e-5;
 
 fn fused(a: &[Tensor]) -> Result<Vec<Tensor>> {
-    let (n, s) = ops::add_rms_norm(&a[0], &a[1], &a[2], EPS)?;
+    let (n, s) = poisoned().add_rms_norm(&a[0], &a[1], &a[2], EPS)?;
     Ok(vec![n, s])
 }
 
@@ -56,7 +56,6 @@ fn check(ctx: &str, x: &Tensor, res: &Tensor, w: &Tensor, dt: DType) {
 
 #[test]
 fn forward_and_backward_match_reference_all_dtypes() {
-    testing::set_poison(true);
     for &dt in &DTYPES {
         for shape in [
             &[1usize][..],
@@ -89,7 +88,7 @@ fn backward_matches_finite_differences() {
         let (p0, p1) = (randn(shape, 1.0, DType::F64), randn(shape, 1.0, DType::F64));
         // Loss through both outputs: Σ normed ⊙ p0 + Σ sum ⊙ p1.
         let both_out = |a: &[Tensor]| -> Result<Vec<Tensor>> {
-            let (n, s) = ops::add_rms_norm(&a[0], &a[1], &a[2], EPS)?;
+            let (n, s) = poisoned().add_rms_norm(&a[0], &a[1], &a[2], EPS)?;
             Ok(vec![((n * &p0)? + (s * &p1)?)?])
         };
         let ones = Tensor::ones(shape, DType::F64, &CPU).unwrap();
@@ -108,7 +107,6 @@ fn backward_matches_finite_differences() {
 
 #[test]
 fn gradient_through_one_output_only() {
-    testing::set_poison(true);
     for &dt in &DTYPES {
         let shape = [3usize, 40];
         let inputs = [
@@ -167,7 +165,6 @@ fn gradient_through_one_output_only() {
 
 #[test]
 fn public_backward_matches_reference_autograd() {
-    testing::set_poison(true);
     for &dt in &DTYPES {
         for shape in [&[6usize][..], &[4, 33], &[2, 3, 1000]] {
             let d = *shape.last().unwrap();
@@ -185,8 +182,10 @@ fn public_backward_matches_reference_autograd() {
                 &[dn.clone(), ds.clone()],
             );
             // The backward reads the forward's `sum` (rounded to dt), as the op's autograd.
-            let (_, sum) = ops::add_rms_norm(&x, &res, &w, EPS).unwrap();
-            let (dsum, dw) = ops::add_rms_norm_backward(&sum, &w, &dn, &ds, EPS).unwrap();
+            let (_, sum) = poisoned().add_rms_norm(&x, &res, &w, EPS).unwrap();
+            let (dsum, dw) = poisoned()
+                .add_rms_norm_backward(&sum, &w, &dn, &ds, EPS)
+                .unwrap();
             assert_eq!((dsum.dtype(), dw.dtype()), (dt, dt));
             let fl = add_rms_floors(&x, &res, &w, &dn, &ds, EPS, dt);
             let (rds, rdw) = (both.3[0].as_ref().unwrap(), both.3[2].as_ref().unwrap());
@@ -198,7 +197,6 @@ fn public_backward_matches_reference_autograd() {
 
 #[test]
 fn strided_inputs_match_contiguous_copies() {
-    testing::set_poison(true);
     for &dt in &DTYPES {
         let d = 10;
         let x = randn(&[d, 4], 2.0, dt).t().unwrap(); // transposed
@@ -208,9 +206,11 @@ fn strided_inputs_match_contiguous_copies() {
             .unwrap()
             .squeeze(1)
             .unwrap(); // strided
-        let (n, s) = ops::add_rms_norm(&x, &res, &w, EPS).unwrap();
+        let (n, s) = poisoned().add_rms_norm(&x, &res, &w, EPS).unwrap();
         let cont = |t: &Tensor| t.contiguous().unwrap();
-        let (nc, sc) = ops::add_rms_norm(&cont(&x), &cont(&res), &cont(&w), EPS).unwrap();
+        let (nc, sc) = poisoned()
+            .add_rms_norm(&cont(&x), &cont(&res), &cont(&w), EPS)
+            .unwrap();
         assert_same("strided normed", &n, &nc);
         assert_same("strided sum", &s, &sc);
         check("strided", &x, &res, &w, dt);
@@ -268,7 +268,7 @@ fn nan_and_inf_propagate_like_the_reference() {
         .unwrap();
         let res = randn(&[3, 4], 1.0, dt);
         let w = randn(&[4], 1.0, dt);
-        let (n, s) = ops::add_rms_norm(&x, &res, &w, EPS).unwrap();
+        let (n, s) = poisoned().add_rms_norm(&x, &res, &w, EPS).unwrap();
         let (rn, rs) = reference::add_rms_norm(&f64t(&x), &f64t(&res), &f64t(&w), EPS).unwrap();
         assert_close("add_rms_norm NaN/inf normed", &n, &rn, dt);
         assert_close("add_rms_norm NaN/inf sum", &s, &rs, dt);
@@ -308,10 +308,12 @@ fn empty_in_empty_out() {
         ] {
             let x = Tensor::zeros(xs, dt, &CPU).unwrap();
             let w = Tensor::ones(d, dt, &CPU).unwrap();
-            let (n, s) = ops::add_rms_norm(&x, &x, &w, EPS).unwrap();
+            let (n, s) = poisoned().add_rms_norm(&x, &x, &w, EPS).unwrap();
             assert_eq!((n.dims(), s.dims()), (xs, xs));
             assert_eq!((n.dtype(), s.dtype()), (dt, dt));
-            let (dsum, dw) = ops::add_rms_norm_backward(&x, &w, &x, &x, EPS).unwrap();
+            let (dsum, dw) = poisoned()
+                .add_rms_norm_backward(&x, &w, &x, &x, EPS)
+                .unwrap();
             assert_eq!((dsum.dims(), dw.dims()), (xs, &[d][..]));
             assert!(vec64(&dw).iter().all(|&v| v == 0.0));
         }

@@ -2,10 +2,8 @@
 //! and what was expected versus what was given.
 //!
 //! Not testable here:
-//! * Device mismatch (x on one device, weight/mask/residual/dy on another): this machine and CI
-//!   have only `Device::Cpu`, and every CPU tensor is on the same device. The check is
-//!   `validate::same_dtype_device`, the same call that the dtype cases below exercise; a GPU
-//!   test must cover the device half.
+//! * Device mismatch (x on one device, weight/mask/residual/dy on another) needs a second
+//!   device: `tests/gpu.rs` (`device_mismatch_is_a_clear_error_for_every_op`) covers it.
 //! * "Rows too long for a code path": the CPU kernels have no row-length limit (rows of 262144
 //!   run in `tests/proptests.rs`); limits belong to the CUDA kernels and their tests.
 

@@ -8,7 +8,7 @@ mod common;
 use candle_core::{DType, Result, Tensor, D};
 use candle_fused::ops;
 use candle_fused::prelude::*;
-use candle_fused_testkit::{reference, testing};
+use candle_fused_testkit::reference;
 use common::*;
 
 /// Forward, dx and (when `learned`) dmask against the f64 reference, with a fresh probe.
@@ -27,7 +27,6 @@ fn check(
 
 #[test]
 fn mask_broadcast_family_and_causal_match_reference() {
-    testing::set_poison(true);
     let scales = [1.0, 0.125, 0.3, -0.5, 2.0];
     let mut n = 0usize;
     for &dt in &DTYPES {
@@ -44,11 +43,13 @@ fn mask_broadcast_family_and_causal_match_reference() {
                 Some(vec![b, h, s, 1]),
                 Some(vec![h, s, t]),
             ];
+            // Every mask with and without causal, each learned (dmask checked) and not.
             for ms in &masks {
-                for causal in [false, true] {
+                for (causal, learned) in
+                    [(false, false), (false, true), (true, false), (true, true)]
+                {
                     n += 1;
                     let scale = scales[n % scales.len()];
-                    let learned = n % 2 == 0;
                     let x = randn(&[b, h, s, t], 2.0, dt);
                     let m = ms.as_ref().map(|ms| mask(ms, 0.2, dt));
                     let ctx = format!(
@@ -60,7 +61,7 @@ fn mask_broadcast_family_and_causal_match_reference() {
             }
         }
     }
-    assert_eq!(n, 4 * 4 * 10 * 2);
+    assert_eq!(n, 4 * 4 * 10 * 4);
 }
 
 #[test]
@@ -72,7 +73,7 @@ fn backward_matches_finite_differences() {
             let probe = randn(&[2, 3, 4], 1.0, DType::F64);
             let scale = 0.7;
             let f = move |a: &[Tensor]| -> Result<Vec<Tensor>> {
-                Ok(vec![ops::masked_softmax(
+                Ok(vec![poisoned().masked_softmax(
                     &a[0],
                     scale,
                     Some(&a[1]),
@@ -103,7 +104,11 @@ fn causal_rows_see_the_kv_cache_prefix() {
             let x = randn(&[2, s, t], 2.0, DType::F64);
             let m = with_mask.then(|| mask(&[s, t], 0.3, DType::F64));
             let scale = 0.5;
-            let y = vec64(&ops::masked_softmax(&x, scale, m.as_ref(), true).unwrap());
+            let y = vec64(
+                &poisoned()
+                    .masked_softmax(&x, scale, m.as_ref(), true)
+                    .unwrap(),
+            );
             let xv = vec64(&x);
             let mv = m.as_ref().map(vec64);
             for bi in 0..2 {
@@ -138,7 +143,6 @@ fn causal_rows_see_the_kv_cache_prefix() {
 
 #[test]
 fn causal_in_every_dtype() {
-    testing::set_poison(true);
     for &dt in &DTYPES {
         for &(s, t) in &[(3, 7), (4, 4), (6, 3)] {
             let x = randn(&[2, s, t], 2.0, dt);
@@ -151,7 +155,7 @@ fn causal_in_every_dtype() {
                 true,
                 dt,
             );
-            let y = vec64(&ops::masked_softmax(&x, 0.25, None, true).unwrap());
+            let y = vec64(&poisoned().masked_softmax(&x, 0.25, None, true).unwrap());
             for (k, v) in y.iter().enumerate() {
                 let (i, j) = ((k / t) % s, k % t);
                 if j as i64 > i as i64 + t as i64 - s as i64 {
@@ -167,15 +171,14 @@ fn causal_in_every_dtype() {
         let x = randn(&[11], 2.0, dt);
         assert_same(
             "rank-1 causal",
-            &ops::masked_softmax(&x, 0.5, None, true).unwrap(),
-            &ops::masked_softmax(&x, 0.5, None, false).unwrap(),
+            &poisoned().masked_softmax(&x, 0.5, None, true).unwrap(),
+            &poisoned().masked_softmax(&x, 0.5, None, false).unwrap(),
         );
     }
 }
 
 #[test]
 fn fully_masked_rows_give_zeros_and_zero_gradient() {
-    testing::set_poison(true);
     let ninf = f64::NEG_INFINITY;
     for &dt in &DTYPES {
         // Rows (0,1) and (1,3) hidden by the mask, row (0,2) all -inf in x itself.
@@ -195,7 +198,12 @@ fn fully_masked_rows_give_zeros_and_zero_gradient() {
             .to_dtype(dt)
             .unwrap();
         let f = |a: &[Tensor]| -> Result<Vec<Tensor>> {
-            Ok(vec![ops::masked_softmax(&a[0], 0.5, Some(&a[1]), false)?])
+            Ok(vec![poisoned().masked_softmax(
+                &a[0],
+                0.5,
+                Some(&a[1]),
+                false,
+            )?])
         };
         let probe = randn(&[2, 4, 6], 1.0, dt);
         let (o, g) = fwd_bwd(&f, &[x.clone(), m.clone()], &[true, true], &[probe]).unwrap();
@@ -228,7 +236,7 @@ fn fully_masked_rows_give_zeros_and_zero_gradient() {
         // Causal with T < S: the first rows see nothing; their gradient is zero too.
         let x = randn(&[3, 5, 2], 1.0, dt);
         let f = |a: &[Tensor]| -> Result<Vec<Tensor>> {
-            Ok(vec![ops::masked_softmax(&a[0], 1.0, None, true)?])
+            Ok(vec![poisoned().masked_softmax(&a[0], 1.0, None, true)?])
         };
         let probe = randn(&[3, 5, 2], 1.0, dt);
         let (_, g) = fwd_bwd(&f, &[x], &[true], &[probe]).unwrap();
@@ -265,7 +273,9 @@ fn nan_and_inf_propagate_like_the_reference() {
             .unwrap();
         for causal in [true, false] {
             for scale in [1.0, 0.5] {
-                let y = ops::masked_softmax(&x, scale, Some(&m), causal).unwrap();
+                let y = poisoned()
+                    .masked_softmax(&x, scale, Some(&m), causal)
+                    .unwrap();
                 let r =
                     reference::masked_softmax(&f64t(&x), scale, Some(&f64t(&m)), causal).unwrap();
                 assert_close(
@@ -299,7 +309,7 @@ fn nan_and_inf_propagate_like_the_reference() {
         .unwrap()
         .to_dtype(dt)
         .unwrap();
-        let y = ops::masked_softmax(&z, 1.0, None, false).unwrap();
+        let y = poisoned().masked_softmax(&z, 1.0, None, false).unwrap();
         let r = reference::masked_softmax(&f64t(&z), 1.0, None, false).unwrap();
         assert_close("plain-path masked softmax with -inf/NaN rows", &y, &r, dt);
         let yv = vec64(&y);
@@ -345,7 +355,7 @@ fn large_logits_stay_finite() {
         // accumulation type (|z|·2^-24 in f32, ~1e-4 relative at |z| = 3e3, as in any f32
         // softmax), so the reference is the f64 softmax of those rounded logits.
         let m = mask(&[200], 0.2, dt);
-        let y = ops::masked_softmax(&x, 0.3, Some(&m), true).unwrap();
+        let y = poisoned().masked_softmax(&x, 0.3, Some(&m), true).unwrap();
         let yv = vec64(&y);
         assert!(yv.iter().all(|v| v.is_finite()), "{dt:?}");
         for r in 0..6 {
@@ -364,7 +374,7 @@ fn long_half_rows_with_mask_sum_to_one() {
         for t in [4096usize, 4097, 10000] {
             let x = randn(&[3, t], 0.1, dt);
             let m = mask(&[t], 0.1, dt);
-            let y = ops::masked_softmax(&x, 0.7, Some(&m), false).unwrap();
+            let y = poisoned().masked_softmax(&x, 0.7, Some(&m), false).unwrap();
             for (r, s) in vec64(&f64t(&y).sum(D::Minus1).unwrap()).iter().enumerate() {
                 assert!((s - 1.0).abs() < 1e-3, "{dt:?} T={t} row {r}: {s}");
             }
@@ -385,7 +395,6 @@ fn long_half_rows_with_mask_sum_to_one() {
 /// the views, to the bases) equal the reference.
 #[test]
 fn strided_inputs_and_masks_match_contiguous_copies() {
-    testing::set_poison(true);
     let (s, t) = (5usize, 7usize);
     // (name, x base shape, x view, mask base shape, mask view)
     let cases: Vec<ViewCase> = vec![
@@ -456,20 +465,23 @@ fn strided_inputs_and_masks_match_contiguous_copies() {
                 "{name}: nothing strided"
             );
             for causal in [false, true] {
-                let y = ops::masked_softmax(&xv, 0.5, Some(&mv), causal).unwrap();
-                let yc = ops::masked_softmax(
-                    &xv.contiguous().unwrap(),
-                    0.5,
-                    Some(&mv.contiguous().unwrap()),
-                    causal,
-                )
-                .unwrap();
+                let y = poisoned()
+                    .masked_softmax(&xv, 0.5, Some(&mv), causal)
+                    .unwrap();
+                let yc = poisoned()
+                    .masked_softmax(
+                        &xv.contiguous().unwrap(),
+                        0.5,
+                        Some(&mv.contiguous().unwrap()),
+                        causal,
+                    )
+                    .unwrap();
                 assert_same(&format!("{name} {dt:?} causal {causal}"), &y, &yc);
             }
             // Gradients flow through the views to the bases.
             let (xview, mview) = (*xview, *mview);
             let f = move |a: &[Tensor]| -> Result<Vec<Tensor>> {
-                Ok(vec![ops::masked_softmax(
+                Ok(vec![poisoned().masked_softmax(
                     &xview(&a[0])?,
                     0.5,
                     Some(&mview(&a[1])?),
@@ -563,7 +575,9 @@ fn empty_in_empty_out() {
             let x = Tensor::zeros(xs, dt, &CPU).unwrap();
             let m = ms.map(|ms| Tensor::zeros(ms, dt, &CPU).unwrap());
             for causal in [false, true] {
-                let y = ops::masked_softmax(&x, 0.5, m.as_ref(), causal).unwrap();
+                let y = poisoned()
+                    .masked_softmax(&x, 0.5, m.as_ref(), causal)
+                    .unwrap();
                 assert_eq!(y.dims(), xs);
                 assert_eq!(y.dtype(), dt);
             }

@@ -4,15 +4,15 @@
 //! random eps/scales. Every case: forward against the f64 reference and every input gradient
 //! against Candle's autograd through the composed ops (f64).
 //!
-//! Input values come from a seed that is part of the case, so a failure proptest reports is
-//! reproduced exactly. The element count per case is capped (`CAP`) so a few hundred cases per
+//! The cases come from proptest's generator seeded with the run's seed (`CANDLE_FUSED_SEED`
+//! reruns them), and a case's input values from a seed that is part of the case, so a failure
+//! proptest reports is reproduced exactly. The element count per case is capped (`CAP`) so a few hundred cases per
 //! op run in seconds.
 
 mod common;
 
 use candle_core::{DType, Result, Tensor};
-use candle_fused::ops;
-use candle_fused_testkit::{reference, testing};
+use candle_fused_testkit::reference;
 use common::*;
 use proptest::prelude::*;
 
@@ -21,16 +21,16 @@ const CAP: usize = 300_000;
 const CASES: u32 = 500;
 
 fn config() -> ProptestConfig {
+    // PROPTEST_CASES overrides the count (e.g. for a long soak run).
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(CASES);
     ProptestConfig {
-        // PROPTEST_CASES overrides the count (e.g. for a long soak run).
-        cases: std::env::var("PROPTEST_CASES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(CASES),
         // Failures print the minimal case (with its seed); no files in the source tree.
         failure_persistence: None,
         max_shrink_iters: 200,
-        ..ProptestConfig::default()
+        ..proptest_config(cases)
     }
 }
 
@@ -94,15 +94,14 @@ proptest! {
 
     #[test]
     fn softmax(shape in shape(), dt in dtype(), seed in any::<u64>(), std in prop_oneof![Just(0.1), Just(1.0), Just(3.0)]) {
-        testing::set_poison(true);
-        let mut rng = SeededRng::new(seed);
-        let x = rng.randn(&shape, std, dt);
+        let mut rng = case_rng(seed);
+        let x = rng.randn(&shape, std, dt, &CPU).unwrap();
         if is_empty(&shape) {
-            check_empty(&ops::softmax_last_dim(&x).unwrap(), &shape, dt);
+            check_empty(&poisoned().softmax_last_dim(&x).unwrap(), &shape, dt);
             return Ok(());
         }
-        let probe = rng.randn(&shape, 1.0, dt);
-        let f = |a: &[Tensor]| -> Result<Vec<Tensor>> { Ok(vec![ops::softmax_last_dim(&a[0])?]) };
+        let probe = rng.randn(&shape, 1.0, dt, &CPU).unwrap();
+        let f = |a: &[Tensor]| -> Result<Vec<Tensor>> { Ok(vec![poisoned().softmax_last_dim(&a[0])?]) };
         let r = |a: &[Tensor]| -> Result<Vec<Tensor>> { Ok(vec![reference::softmax(&a[0])?]) };
         let both = run_both(&f, &r, &[x], &[true], std::slice::from_ref(&probe));
         let ctx = format!("softmax {shape:?} {dt:?} std {std}");
@@ -122,9 +121,8 @@ proptest! {
         learned in any::<bool>(),
         scale in prop_oneof![Just(1.0), Just(0.125), Just(0.3), Just(-0.7), Just(2.0)],
     ) {
-        testing::set_poison(true);
-        let mut rng = SeededRng::new(seed);
-        let x = rng.randn(&shape, 2.0, dt);
+        let mut rng = case_rng(seed);
+        let x = rng.randn(&shape, 2.0, dt, &CPU).unwrap();
         // A mask of rank min(mask_rank, rank of x) (0: no mask), each dim x's or 1.
         let r = shape.len();
         let mr = mask_rank.min(r);
@@ -136,17 +134,17 @@ proptest! {
                 })
                 .collect()
         });
-        let m = ms.as_ref().map(|ms| rng.mask(ms, p_hide, dt));
+        let m = ms.as_ref().map(|ms| rng.mask(ms, p_hide, dt, &CPU).unwrap());
         let ctx = format!(
             "masked_softmax x {shape:?} mask {ms:?} p_hide {p_hide} causal {causal} \
              learned {learned} scale {scale} {dt:?}"
         );
         if is_empty(&shape) {
-            let y = ops::masked_softmax(&x, scale, m.as_ref(), causal).unwrap();
+            let y = poisoned().masked_softmax(&x, scale, m.as_ref(), causal).unwrap();
             check_empty(&y, &shape, dt);
             return Ok(());
         }
-        let probe = rng.randn(&shape, 1.0, dt);
+        let probe = rng.randn(&shape, 1.0, dt, &CPU).unwrap();
         check_masked_softmax(&ctx, &x, m.as_ref(), learned, scale, causal, dt, &probe);
     }
 
@@ -159,22 +157,21 @@ proptest! {
         eps in prop_oneof![Just(1e-6), Just(1e-5), Just(1e-2)],
         std in prop_oneof![Just(0.01), Just(1.0), Just(10.0)],
     ) {
-        testing::set_poison(true);
-        let mut rng = SeededRng::new(seed);
+        let mut rng = case_rng(seed);
         let d = *shape.last().unwrap();
-        let x = rng.randn(&shape, std, dt);
-        let w = rng.randn(&[d], 1.0, dt);
+        let x = rng.randn(&shape, std, dt, &CPU).unwrap();
+        let w = rng.randn(&[d], 1.0, dt, &CPU).unwrap();
         let mut inputs = vec![x];
         if weight {
             inputs.push(w);
         }
         if is_empty(&shape) {
-            let y = ops::rms_norm(&inputs[0], inputs.get(1), eps).unwrap();
+            let y = poisoned().rms_norm(&inputs[0], inputs.get(1), eps).unwrap();
             check_empty(&y, &shape, dt);
             return Ok(());
         }
-        let probe = rng.randn(&shape, 1.0, dt);
-        let f = |a: &[Tensor]| -> Result<Vec<Tensor>> { Ok(vec![ops::rms_norm(&a[0], a.get(1), eps)?]) };
+        let probe = rng.randn(&shape, 1.0, dt, &CPU).unwrap();
+        let f = |a: &[Tensor]| -> Result<Vec<Tensor>> { Ok(vec![poisoned().rms_norm(&a[0], a.get(1), eps)?]) };
         let r = |a: &[Tensor]| -> Result<Vec<Tensor>> {
             Ok(vec![reference::rms_norm(&a[0], a.get(1), eps)?])
         };
@@ -194,23 +191,22 @@ proptest! {
         eps in prop_oneof![Just(1e-6), Just(1e-5), Just(1e-2)],
         std in prop_oneof![Just(0.01), Just(1.0), Just(10.0)],
     ) {
-        testing::set_poison(true);
-        let mut rng = SeededRng::new(seed);
+        let mut rng = case_rng(seed);
         let d = *shape.last().unwrap();
         let inputs = [
-            rng.randn(&shape, std, dt),
-            rng.randn(&shape, std, dt),
-            rng.randn(&[d], 1.0, dt),
+            rng.randn(&shape, std, dt, &CPU).unwrap(),
+            rng.randn(&shape, std, dt, &CPU).unwrap(),
+            rng.randn(&[d], 1.0, dt, &CPU).unwrap(),
         ];
         if is_empty(&shape) {
-            let (n, s) = ops::add_rms_norm(&inputs[0], &inputs[1], &inputs[2], eps).unwrap();
+            let (n, s) = poisoned().add_rms_norm(&inputs[0], &inputs[1], &inputs[2], eps).unwrap();
             check_empty(&n, &shape, dt);
             check_empty(&s, &shape, dt);
             return Ok(());
         }
-        let probes = [rng.randn(&shape, 1.0, dt), rng.randn(&shape, 1.0, dt)];
+        let probes = [rng.randn(&shape, 1.0, dt, &CPU).unwrap(), rng.randn(&shape, 1.0, dt, &CPU).unwrap()];
         let f = |a: &[Tensor]| -> Result<Vec<Tensor>> {
-            let (n, s) = ops::add_rms_norm(&a[0], &a[1], &a[2], eps)?;
+            let (n, s) = poisoned().add_rms_norm(&a[0], &a[1], &a[2], eps)?;
             Ok(vec![n, s])
         };
         let r = |a: &[Tensor]| -> Result<Vec<Tensor>> {

@@ -7,11 +7,11 @@ mod common;
 use candle_core::{DType, IndexOp, Result, Tensor};
 use candle_fused::ops;
 use candle_fused::prelude::*;
-use candle_fused_testkit::{reference, testing};
+use candle_fused_testkit::reference;
 use common::*;
 
 fn fused(eps: f64) -> impl Fn(&[Tensor]) -> Result<Vec<Tensor>> {
-    move |a: &[Tensor]| Ok(vec![ops::rms_norm(&a[0], a.get(1), eps)?])
+    move |a: &[Tensor]| Ok(vec![poisoned().rms_norm(&a[0], a.get(1), eps)?])
 }
 
 fn refr(eps: f64) -> impl Fn(&[Tensor]) -> Result<Vec<Tensor>> {
@@ -49,7 +49,6 @@ const SHAPES: &[&[usize]] = &[
 
 #[test]
 fn forward_and_backward_match_reference_all_dtypes() {
-    testing::set_poison(true);
     for &dt in &DTYPES {
         for shape in SHAPES {
             let d = *shape.last().unwrap();
@@ -80,7 +79,7 @@ fn forward_matches_naive_loop() {
     let (rows, d, eps) = (5, 9, 1e-3);
     let x = randn(&[rows, d], 2.0, DType::F64);
     let w = randn(&[d], 1.0, DType::F64);
-    let y = vec64(&ops::rms_norm(&x, Some(&w), eps).unwrap());
+    let y = vec64(&poisoned().rms_norm(&x, Some(&w), eps).unwrap());
     let (xv, wv) = (vec64(&x), vec64(&w));
     for r in 0..rows {
         let row = &xv[r * d..(r + 1) * d];
@@ -126,7 +125,6 @@ fn backward_matches_finite_differences() {
 
 #[test]
 fn public_backward_matches_reference_autograd() {
-    testing::set_poison(true);
     for &dt in &DTYPES {
         for shape in [&[6usize][..], &[4, 33], &[2, 3, 1000]] {
             let d = *shape.last().unwrap();
@@ -141,7 +139,9 @@ fn public_backward_matches_reference_autograd() {
                 &[true, true],
                 std::slice::from_ref(&dy),
             );
-            let (dx, dw) = ops::rms_norm_backward(&x, Some(&w), &dy, eps).unwrap();
+            let (dx, dw) = poisoned()
+                .rms_norm_backward(&x, Some(&w), &dy, eps)
+                .unwrap();
             let dw = dw.expect("dweight with a weight");
             assert_eq!((dx.dtype(), dw.dtype()), (dt, dt));
             let (fx, fw) = rms_floors(&x, Some(&w), &dy, eps, dt);
@@ -155,7 +155,7 @@ fn public_backward_matches_reference_autograd() {
                 &[true],
                 std::slice::from_ref(&dy),
             );
-            let (dx, dw) = ops::rms_norm_backward(&x, None, &dy, eps).unwrap();
+            let (dx, dw) = poisoned().rms_norm_backward(&x, None, &dy, eps).unwrap();
             assert!(dw.is_none());
             let (fx, _) = rms_floors(&x, None, &dy, eps, dt);
             let rdx = both.3[0].as_ref().unwrap();
@@ -171,7 +171,11 @@ fn weight_gradient_is_bitwise_deterministic() {
             let x = randn(&[rows, d], 1.0, dt);
             let w = randn(&[d], 1.0, dt);
             let dy = randn(&[rows, d], 1.0, dt);
-            let run = || ops::rms_norm_backward(&x, Some(&w), &dy, 1e-5).unwrap();
+            let run = || {
+                poisoned()
+                    .rms_norm_backward(&x, Some(&w), &dy, 1e-5)
+                    .unwrap()
+            };
             let (dx0, dw0) = run();
             let dw0 = dw0.unwrap();
             for _ in 0..4 {
@@ -232,7 +236,7 @@ fn nan_and_inf_propagate_like_the_reference() {
             .unwrap();
         let w = randn(&[5], 1.0, dt);
         for wopt in [Some(&w), None] {
-            let y = ops::rms_norm(&x, wopt, 1e-5).unwrap();
+            let y = poisoned().rms_norm(&x, wopt, 1e-5).unwrap();
             let r = reference::rms_norm(&f64t(&x), wopt.map(f64t).as_ref(), 1e-5).unwrap();
             assert_close("rms_norm NaN/inf", &y, &r, dt);
             let yv = vec64(&y);
@@ -246,7 +250,7 @@ fn nan_and_inf_propagate_like_the_reference() {
             .to_dtype(dt)
             .unwrap();
         let x = randn(&[3, 5], 1.0, dt);
-        let y = ops::rms_norm(&x, Some(&wn), 1e-5).unwrap();
+        let y = poisoned().rms_norm(&x, Some(&wn), 1e-5).unwrap();
         let r = reference::rms_norm(&f64t(&x), Some(&f64t(&wn)), 1e-5).unwrap();
         assert_close("rms_norm NaN weight", &y, &r, dt);
     }
@@ -259,7 +263,7 @@ fn large_and_tiny_values() {
         let big = if dt == DType::F16 { 6e4 } else { 1e6 };
         let x = rand(&[4, 300], -big, big, dt);
         let w = randn(&[300], 1.0, dt);
-        let y = ops::rms_norm(&x, Some(&w), 1e-5).unwrap();
+        let y = poisoned().rms_norm(&x, Some(&w), 1e-5).unwrap();
         assert!(vec64(&y).iter().all(|v| v.is_finite()), "{dt:?}");
         check("rms_norm large values", &x, Some(&w), 1e-5, dt);
         // Tiny rows: eps dominates.
@@ -271,7 +275,6 @@ fn large_and_tiny_values() {
 /// Strided x and weights: bitwise equal to contiguous copies, gradients through the views.
 #[test]
 fn strided_inputs_and_weights_match_contiguous_copies() {
-    testing::set_poison(true);
     let d = 12usize;
     let cases: Vec<ViewCase> = vec![
         (
@@ -335,17 +338,18 @@ fn strided_inputs_and_weights_match_contiguous_copies() {
             );
             assert_same(
                 name,
-                &ops::rms_norm(&xv, Some(&wv), 1e-5).unwrap(),
-                &ops::rms_norm(
-                    &xv.contiguous().unwrap(),
-                    Some(&wv.contiguous().unwrap()),
-                    1e-5,
-                )
-                .unwrap(),
+                &poisoned().rms_norm(&xv, Some(&wv), 1e-5).unwrap(),
+                &poisoned()
+                    .rms_norm(
+                        &xv.contiguous().unwrap(),
+                        Some(&wv.contiguous().unwrap()),
+                        1e-5,
+                    )
+                    .unwrap(),
             );
             let (xview, wview) = (*xview, *wview);
             let f = move |a: &[Tensor]| -> Result<Vec<Tensor>> {
-                Ok(vec![ops::rms_norm(
+                Ok(vec![poisoned().rms_norm(
                     &xview(&a[0])?,
                     Some(&wview(&a[1])?),
                     1e-5,
@@ -388,14 +392,17 @@ fn strided_inputs_and_weights_match_contiguous_copies() {
                 .unwrap()
                 .t()
                 .unwrap();
-            let (dx, dw) = ops::rms_norm_backward(&xv, Some(&wv), &dy, 1e-5).unwrap();
-            let (dxc, dwc) = ops::rms_norm_backward(
-                &xv.contiguous().unwrap(),
-                Some(&wv.contiguous().unwrap()),
-                &dy.contiguous().unwrap(),
-                1e-5,
-            )
-            .unwrap();
+            let (dx, dw) = poisoned()
+                .rms_norm_backward(&xv, Some(&wv), &dy, 1e-5)
+                .unwrap();
+            let (dxc, dwc) = poisoned()
+                .rms_norm_backward(
+                    &xv.contiguous().unwrap(),
+                    Some(&wv.contiguous().unwrap()),
+                    &dy.contiguous().unwrap(),
+                    1e-5,
+                )
+                .unwrap();
             assert_same(&format!("{name} backward dx"), &dx, &dxc);
             assert_same(&format!("{name} backward dw"), &dw.unwrap(), &dwc.unwrap());
         }
@@ -427,9 +434,9 @@ fn empty_in_empty_out() {
             let x = Tensor::zeros(xs, dt, &CPU).unwrap();
             let w = Tensor::ones(d, dt, &CPU).unwrap();
             for wopt in [Some(&w), None] {
-                let y = ops::rms_norm(&x, wopt, 1e-5).unwrap();
+                let y = poisoned().rms_norm(&x, wopt, 1e-5).unwrap();
                 assert_eq!((y.dims(), y.dtype()), (xs, dt));
-                let (dx, dw) = ops::rms_norm_backward(&x, wopt, &x, 1e-5).unwrap();
+                let (dx, dw) = poisoned().rms_norm_backward(&x, wopt, &x, 1e-5).unwrap();
                 assert_eq!(dx.dims(), xs);
                 assert_eq!(dw.map(|t| t.dims().to_vec()), wopt.map(|_| vec![d]));
             }

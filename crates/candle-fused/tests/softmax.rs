@@ -11,7 +11,7 @@ use candle_fused_testkit::{reference, testing};
 use common::*;
 
 fn fused(a: &[Tensor]) -> Result<Vec<Tensor>> {
-    Ok(vec![ops::softmax_last_dim(&a[0])?])
+    Ok(vec![poisoned().softmax_last_dim(&a[0])?])
 }
 
 fn refr(a: &[Tensor]) -> Result<Vec<Tensor>> {
@@ -55,7 +55,6 @@ const SHAPES: &[&[usize]] = &[
 
 #[test]
 fn forward_and_backward_match_reference_all_dtypes() {
-    testing::set_poison(true);
     for &dt in &DTYPES {
         for shape in SHAPES {
             let x = randn(shape, 3.0, dt);
@@ -80,7 +79,7 @@ fn prelude_method_is_the_free_function() {
 fn forward_matches_naive_loop() {
     // Independent of Candle's composed ops: a plain f64 loop per row.
     let x = randn(&[6, 11], 2.0, DType::F64);
-    let y = vec64(&ops::softmax_last_dim(&x).unwrap());
+    let y = vec64(&poisoned().softmax_last_dim(&x).unwrap());
     let xv = vec64(&x);
     for r in 0..6 {
         let want = naive_softmax_row(&xv[r * 11..(r + 1) * 11], false);
@@ -110,8 +109,8 @@ fn backward_matches_finite_differences() {
             FD_TOL,
         );
         // The public backward on its own, from the forward's output.
-        let y = ops::softmax_last_dim(&x).unwrap();
-        let dx = ops::softmax_backward(&y, &probe, 1.0).unwrap();
+        let y = poisoned().softmax_last_dim(&x).unwrap();
+        let dx = poisoned().softmax_backward(&y, &probe, 1.0).unwrap();
         assert_close_tol("softmax_backward vs finite differences", &dx, &want, FD_TOL);
     }
 }
@@ -119,7 +118,6 @@ fn backward_matches_finite_differences() {
 #[test]
 fn softmax_backward_matches_its_formula_on_the_same_inputs() {
     // The backward kernel against `scale·y⊙(dy − ⟨dy, y⟩)` in f64 on the same rounded y, dy.
-    testing::set_poison(true);
     for &dt in &DTYPES {
         for shape in [&[9usize][..], &[4, 33], &[2, 3, 1000], &[2, 4097]] {
             // y: a real softmax output (rows sum to 1), stored in dt.
@@ -129,7 +127,7 @@ fn softmax_backward_matches_its_formula_on_the_same_inputs() {
                 .unwrap();
             let dy = randn(shape, 1.0, dt);
             for scale in [1.0, 0.125, -0.7] {
-                let got = ops::softmax_backward(&y, &dy, scale).unwrap();
+                let got = poisoned().softmax_backward(&y, &dy, scale).unwrap();
                 assert_eq!(got.dtype(), dt);
                 let want = softmax_bwd64(&y, &dy, scale);
                 assert_close(
@@ -149,8 +147,10 @@ fn softmax_backward_matches_its_formula_on_the_same_inputs() {
     let dy = randn(&[7, 5], 1.0, DType::F32).t().unwrap();
     assert_same(
         "softmax_backward strided",
-        &ops::softmax_backward(&y, &dy, 0.5).unwrap(),
-        &ops::softmax_backward(&y.contiguous().unwrap(), &dy.contiguous().unwrap(), 0.5).unwrap(),
+        &poisoned().softmax_backward(&y, &dy, 0.5).unwrap(),
+        &poisoned()
+            .softmax_backward(&y.contiguous().unwrap(), &dy.contiguous().unwrap(), 0.5)
+            .unwrap(),
     );
 }
 
@@ -163,7 +163,7 @@ fn all_neg_inf_row_gives_nan_like_the_reference() {
             .to_dtype(dt)
             .unwrap();
         let x = Tensor::cat(&[&x.i(0..1).unwrap(), &ninf, &x.i(2..3).unwrap()], 0).unwrap();
-        let y = ops::softmax_last_dim(&x).unwrap();
+        let y = poisoned().softmax_last_dim(&x).unwrap();
         let r = reference::softmax(&f64t(&x)).unwrap();
         let yv = vec64(&y);
         assert!(yv[5..10].iter().all(|v| v.is_nan()), "{dt:?}: {yv:?}");
@@ -193,7 +193,7 @@ fn nan_and_inf_propagate_like_the_reference() {
             .unwrap()
             .to_dtype(dt)
             .unwrap();
-        let y = ops::softmax_last_dim(&x).unwrap();
+        let y = poisoned().softmax_last_dim(&x).unwrap();
         let r = reference::softmax(&f64t(&x)).unwrap();
         assert_close("softmax with NaN/inf", &y, &r, dt);
         let yv = vec64(&y);
@@ -219,7 +219,7 @@ fn large_logits_stay_finite() {
             .to_dtype(dt)
             .unwrap();
         for x in [x, edge] {
-            let y = ops::softmax_last_dim(&x).unwrap();
+            let y = poisoned().softmax_last_dim(&x).unwrap();
             assert!(vec64(&y).iter().all(|v| v.is_finite()), "{dt:?}");
             check("softmax ±1e4 logits", &x, dt);
         }
@@ -233,7 +233,7 @@ fn long_half_rows_sum_to_one() {
     for &dt in &HALF {
         for shape in [&[4usize, 4096][..], &[3, 4097], &[2, 8192], &[1, 65536]] {
             let x = randn(shape, 0.1, dt);
-            let y = ops::softmax_last_dim(&x).unwrap();
+            let y = poisoned().softmax_last_dim(&x).unwrap();
             let sums = vec64(&f64t(&y).sum(D::Minus1).unwrap());
             for (r, s) in sums.iter().enumerate() {
                 assert!(
@@ -274,11 +274,14 @@ fn check_view_impl(
 ) {
     let v = view(base).unwrap();
     assert!(!v.is_contiguous(), "{what}: the view should be strided");
-    let y = ops::softmax_last_dim(&v).unwrap();
-    let yc = ops::softmax_last_dim(&v.contiguous().unwrap()).unwrap();
+    let y = poisoned().softmax_last_dim(&v).unwrap();
+    let yc = poisoned()
+        .softmax_last_dim(&v.contiguous().unwrap())
+        .unwrap();
     assert_same(what, &y, &yc);
-    let f =
-        |a: &[Tensor]| -> Result<Vec<Tensor>> { Ok(vec![ops::softmax_last_dim(&view(&a[0])?)?]) };
+    let f = |a: &[Tensor]| -> Result<Vec<Tensor>> {
+        Ok(vec![poisoned().softmax_last_dim(&view(&a[0])?)?])
+    };
     let r = |a: &[Tensor]| -> Result<Vec<Tensor>> { Ok(vec![reference::softmax(&view(&a[0])?)?]) };
     let probe = randn(v.dims(), 1.0, dt);
     let both = run_both(
@@ -316,7 +319,6 @@ fn check_view_impl(
 
 #[test]
 fn strided_views_match_contiguous_copies() {
-    testing::set_poison(true);
     for &dt in &DTYPES {
         check_view("transposed", &randn(&[9, 6], 2.0, dt), |t| t.t(), dt);
         check_view(
@@ -357,10 +359,10 @@ fn empty_in_empty_out() {
     for &dt in &DTYPES {
         for shape in [&[0usize][..], &[0, 5], &[3, 0], &[2, 0, 4], &[0, 0]] {
             let x = Tensor::zeros(shape, dt, &CPU).unwrap();
-            let y = ops::softmax_last_dim(&x).unwrap();
+            let y = poisoned().softmax_last_dim(&x).unwrap();
             assert_eq!(y.dims(), shape);
             assert_eq!(y.dtype(), dt);
-            let g = ops::softmax_backward(&y, &y, 0.5).unwrap();
+            let g = poisoned().softmax_backward(&y, &y, 0.5).unwrap();
             assert_eq!(g.dims(), shape);
             // Backward through an empty op runs.
             let (outs, _) = fwd_bwd(

@@ -3,14 +3,14 @@
 
 use candle_core::{DType, Device};
 use candle_fused_testkit::check;
+use candle_fused_testkit::testing::poisoned;
 
 #[test]
 fn cpu_sweep_all_ops_all_dtypes() {
-    candle_fused_testkit::testing::set_poison(true);
     let mut failures = Vec::new();
     let mut n = 0;
     for case in check::sweep(&[DType::F32, DType::F64, DType::F16, DType::BF16]) {
-        for o in check::run(&case, &Device::Cpu).unwrap() {
+        for o in check::run(&poisoned(), &case, &Device::Cpu).unwrap() {
             n += 1;
             if !o.pass() {
                 failures.push(format!(

@@ -12,18 +12,21 @@
 use candle_core::DType::{self, BF16, F32};
 
 use super::memops::{MemCase, SCALE};
+use candle_fused::Kernels;
 use candle_fused_testkit::check::{MaskKind, OpKind};
 
-/// Which shapes to run.
+/// What a run covers: which shapes (device kind and mode) and the kernels ours run on.
 #[derive(Debug, Clone, Copy)]
-pub struct Plan {
+pub struct Scope {
     pub cuda: bool,
     pub quick: bool,
+    /// The kernel configuration of our ops (one of `KernelConfig::candidates()`).
+    pub kernels: Kernels,
 }
 
 /// Shapes of the row-wise ops (softmax, rms_norm, add_rms_norm).
-pub fn row_shapes(plan: Plan) -> Vec<(Vec<usize>, DType)> {
-    match (plan.cuda, plan.quick) {
+pub fn row_shapes(scope: Scope) -> Vec<(Vec<usize>, DType)> {
+    match (scope.cuda, scope.quick) {
         (true, false) => vec![
             (vec![1, 128, 1024], F32),
             (vec![4096, 4096], F32),
@@ -46,8 +49,8 @@ pub fn row_shapes(plan: Plan) -> Vec<(Vec<usize>, DType)> {
 }
 
 /// Shapes of the attention softmax: (scores shape, dtype, mask, causal).
-pub fn attn_shapes(plan: Plan) -> Vec<(Vec<usize>, DType, MaskKind, bool)> {
-    match (plan.cuda, plan.quick) {
+pub fn attn_shapes(scope: Scope) -> Vec<(Vec<usize>, DType, MaskKind, bool)> {
+    match (scope.cuda, scope.quick) {
         (true, false) => vec![
             (vec![32, 32, 2048, 2048], BF16, MaskKind::None, true),
             (vec![32, 32, 2048, 2048], BF16, MaskKind::Rows, false),
@@ -66,8 +69,8 @@ pub fn attn_shapes(plan: Plan) -> Vec<(Vec<usize>, DType, MaskKind, bool)> {
 /// CUDA (the seeds' shape in f32, the large ones in bf16); on the CPU the first two plus
 /// 1024³ r16 in f32 and bf16. `--quick`: the seeds' shape (CUDA: also 4096³ r16 bf16, the
 /// first shape where the forward target applies).
-pub fn lora_shapes(plan: Plan) -> Vec<([usize; 4], DType)> {
-    match (plan.cuda, plan.quick) {
+pub fn lora_shapes(scope: Scope) -> Vec<([usize; 4], DType)> {
+    match (scope.cuda, scope.quick) {
         (true, false) => vec![
             ([128, 512, 512, 8], F32),
             ([1, 4096, 4096, 16], BF16),
@@ -88,18 +91,23 @@ pub fn lora_shapes(plan: Plan) -> Vec<([usize; 4], DType)> {
 
 /// The cases of one memory-bound family (`softmax`, `masked_softmax`, `rms_norm`,
 /// `add_rms_norm`).
-pub fn mem_cases(family: &str, plan: Plan) -> Vec<MemCase> {
+pub fn mem_cases(family: &str, scope: Scope) -> Vec<MemCase> {
     let rows = |op: OpKind| {
-        row_shapes(plan)
+        row_shapes(scope)
             .into_iter()
-            .map(move |(shape, dtype)| MemCase { op, shape, dtype })
+            .map(move |(shape, dtype)| MemCase {
+                op,
+                shape,
+                dtype,
+                kernels: scope.kernels,
+            })
             .collect()
     };
     match family {
         "softmax" => rows(OpKind::Softmax),
         "rms_norm" => rows(OpKind::RmsNorm { weight: true }),
         "add_rms_norm" => rows(OpKind::AddRmsNorm),
-        "masked_softmax" => attn_shapes(plan)
+        "masked_softmax" => attn_shapes(scope)
             .into_iter()
             .map(|(shape, dtype, mask, causal)| MemCase {
                 op: OpKind::MaskedSoftmax {
@@ -109,6 +117,7 @@ pub fn mem_cases(family: &str, plan: Plan) -> Vec<MemCase> {
                 },
                 shape,
                 dtype,
+                kernels: scope.kernels,
             })
             .collect(),
         _ => vec![],

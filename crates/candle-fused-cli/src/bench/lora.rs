@@ -6,13 +6,13 @@
 //! | impl              | fwd                                      | fwd+bwd (grads)                |
 //! |-------------------|------------------------------------------|--------------------------------|
 //! | `base_gemm`       | `x.matmul(&w.t())` (Candle's matmul)     | same, `x` a `Var` (dx; Candle's matmul backward also computes the unused `dW`) |
-//! | `base_linear`     | [`ops::lora::linear`]`(x, w, None)`      | same, `x` a `Var` (dx only)    |
-//! | `ours`            | [`ops::lora_linear`] (bias `None`)       | x, A, B `Var`s (dx, dA, dB)    |
-//! | `candle_composed` | [`ops::lora_linear_composed`] (what candle-lora does) | x, A, B `Var`s (+ the unused `dW`, see above) |
-//! | `merged`          | [`ops::lora::linear`] with `W' = W + s·B·A` (merged untimed) | (inference only) |
+//! | `base_linear`     | [`Kernels::linear`]`(x, w, None)`      | same, `x` a `Var` (dx only)    |
+//! | `ours`            | [`Kernels::lora_linear`] (bias `None`)       | x, A, B `Var`s (dx, dA, dB)    |
+//! | `candle_composed` | [`reference::lora_linear`] (what candle-lora does) | x, A, B `Var`s (+ the unused `dW`, see above) |
+//! | `merged`          | [`Kernels::linear`] with `W' = W + s·B·A` (merged untimed) | (inference only) |
 //!
 //! The `bwd` pass times the backward alone, given `dy` (the probe), outside Candle's autograd:
-//! ours is [`ops::lora_linear_backward`] (dx, dA, dB), `base_gemm` the base layer's
+//! ours is [`Kernels::lora_linear_backward`] (dx, dA, dB), `base_gemm` the base layer's
 //! `dx = dy·W` (Candle's matmul, the limit). `fwd` + `bwd` is the kernel-level cost of a
 //! training step's LoRA layer, without Candle's autograd bookkeeping (see `fwd+bwd`).
 //!
@@ -60,12 +60,14 @@
 
 use candle_core::{backprop::GradStore, DType, Device, Result, Tensor, Var};
 
-use super::cases::{self, Plan};
+use super::cases::{self, Scope};
 use super::memops::{sets_for, Pass};
 use super::report::{self, Collector, Key};
 use super::timing::{Stats, Timer};
 use super::Family;
-use candle_fused::ops;
+use candle_fused::Kernels;
+use candle_fused_testkit::reference;
+use candle_fused_testkit::rng::Rng;
 
 /// The op name of the rows (and the `--op` family name).
 pub const OP: &str = "lora_linear";
@@ -116,14 +118,15 @@ pub fn impls(pass: Pass) -> Vec<Impl> {
 
 const PASSES: [Pass; 3] = [Pass::Fwd, Pass::Bwd, Pass::FwdBwd];
 
-/// One LoRA problem: sizes and dtype.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// One LoRA problem: sizes and dtype, ours running on `kernels`.
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LoraCase {
     pub m: usize,
     pub k: usize,
     pub n: usize,
     pub r: usize,
     pub dtype: DType,
+    pub kernels: Kernels,
 }
 
 /// One random input set. The `Var`s are the fwd+bwd inputs; the plain tensors share their
@@ -143,11 +146,8 @@ pub struct LoraSet {
     pub probe: Tensor,
 }
 
-fn randn(shape: &[usize], std: f64, dtype: DType, dev: &Device) -> Result<Tensor> {
-    Tensor::randn(0f32, std as f32, shape, dev)?.to_dtype(dtype)
-}
-
 impl LoraCase {
+    /// `[M, K, N, r]` in `dtype` on the default kernels.
     pub fn from_shape(s: [usize; 4], dtype: DType) -> Self {
         LoraCase {
             m: s[0],
@@ -155,7 +155,13 @@ impl LoraCase {
             n: s[2],
             r: s[3],
             dtype,
+            kernels: Kernels::default(),
         }
+    }
+
+    /// The case's random stream of the run's seed (the same inputs for the same seed).
+    pub fn stream(&self) -> Rng {
+        Rng::stream(&format!("bench {OP} {:?} {:?}", self.shape(), self.dtype))
     }
 
     /// The rows' shape `[M, K, N, r]`.
@@ -211,14 +217,15 @@ impl LoraCase {
         self.dtype.size_in_bytes() * (m * k + 2 * n * k + r * k + n * r + m * n)
     }
 
-    /// A fresh random input set on `dev` (distributions in the module doc).
-    pub fn inputs(&self, dev: &Device) -> Result<LoraSet> {
+    /// A random input set on `dev` from `rng` (distributions in the module doc).
+    pub fn inputs(&self, dev: &Device, rng: &mut Rng) -> Result<LoraSet> {
         let (m, k, n, r, dt) = (self.m, self.k, self.n, self.r, self.dtype);
-        let xd = randn(&[m, k], 1.0, dt, dev)?;
-        let w = randn(&[n, k], 1.0 / (k as f64).sqrt(), dt, dev)?;
-        let ad = randn(&[r, k], 1.0 / (k as f64).sqrt(), dt, dev)?;
-        let bd = randn(&[n, r], 1.0 / (r as f64).sqrt(), dt, dev)?;
-        let probe = randn(&[m, n], 1.0, dt, dev)?;
+        let mut randn = |shape: &[usize], std: f64| rng.randn_on(shape, std, dt, dev);
+        let xd = randn(&[m, k], 1.0)?;
+        let w = randn(&[n, k], 1.0 / (k as f64).sqrt())?;
+        let ad = randn(&[r, k], 1.0 / (k as f64).sqrt())?;
+        let bd = randn(&[n, r], 1.0 / (r as f64).sqrt())?;
+        let probe = randn(&[m, n], 1.0)?;
         let f32 = |t: &Tensor| t.to_dtype(DType::F32);
         let merged =
             (f32(&w)? + f32(&bd)?.matmul(&f32(&ad)?)?.affine(SCALE, 0.0)?)?.to_dtype(dt)?;
@@ -244,10 +251,12 @@ impl LoraCase {
     pub fn forward(&self, imp: Impl, s: &LoraSet) -> Result<Tensor> {
         match imp {
             Impl::BaseGemm => s.xd.matmul(&s.w.t()?),
-            Impl::BaseLinear => ops::lora::linear(&s.xd, &s.w, None),
-            Impl::Ours => ops::lora_linear(&s.xd, &s.w, None, &s.ad, &s.bd, SCALE),
-            Impl::Composed => ops::lora_linear_composed(&s.xd, &s.w, None, &s.ad, &s.bd, SCALE),
-            Impl::Merged => ops::lora::linear(&s.xd, &s.merged, None),
+            Impl::BaseLinear => self.kernels.linear(&s.xd, &s.w, None),
+            Impl::Ours => self
+                .kernels
+                .lora_linear(&s.xd, &s.w, None, &s.ad, &s.bd, SCALE),
+            Impl::Composed => reference::lora_linear(&s.xd, &s.w, None, &s.ad, &s.bd, SCALE),
+            Impl::Merged => self.kernels.linear(&s.xd, &s.merged, None),
         }
     }
 
@@ -256,23 +265,24 @@ impl LoraCase {
         let (x, a, b) = (s.x.as_tensor(), s.a.as_tensor(), s.b.as_tensor());
         let y = match imp {
             Impl::BaseGemm => x.matmul(&s.w.t()?)?,
-            Impl::BaseLinear => ops::lora::linear(x, &s.w, None)?,
-            Impl::Ours => ops::lora_linear(x, &s.w, None, a, b, SCALE)?,
-            Impl::Composed => ops::lora_linear_composed(x, &s.w, None, a, b, SCALE)?,
+            Impl::BaseLinear => self.kernels.linear(x, &s.w, None)?,
+            Impl::Ours => self.kernels.lora_linear(x, &s.w, None, a, b, SCALE)?,
+            Impl::Composed => reference::lora_linear(x, &s.w, None, a, b, SCALE)?,
             Impl::Merged => candle_core::bail!("merged weights are timed for inference only"),
         };
         (y * &s.probe)?.sum_all()?.backward()
     }
 
     /// The backward alone given `dy` (the set's probe), outside autograd: ours is
-    /// [`ops::lora_linear_backward`] (dx, dA, dB); `base_gemm` is the base layer's `dx = dy·W`
+    /// [`Kernels::lora_linear_backward`] (dx, dA, dB); `base_gemm` is the base layer's `dx = dy·W`
     /// through Candle's matmul (the limit: what any LoRA backward must at least do).
     pub fn backward(&self, imp: Impl, s: &LoraSet) -> Result<Tensor> {
         match imp {
             Impl::BaseGemm => s.probe.matmul(&s.w),
             Impl::Ours => {
-                let g =
-                    ops::lora_linear_backward(&s.xd, &s.w, None, &s.ad, &s.bd, SCALE, &s.probe)?;
+                let g = self
+                    .kernels
+                    .lora_linear_backward(&s.xd, &s.w, None, &s.ad, &s.bd, SCALE, &s.probe)?;
                 Ok(g.dx)
             }
             _ => candle_core::bail!(
@@ -335,7 +345,10 @@ pub fn run_case(case: &LoraCase, timer: &Timer, out: &mut Collector) {
         imp: imp.as_str(),
     };
     let n_sets = sets_for(case.set_bytes());
-    let sets: Result<Vec<LoraSet>> = (0..n_sets).map(|_| case.inputs(timer.device())).collect();
+    let mut rng = case.stream();
+    let sets: Result<Vec<LoraSet>> = (0..n_sets)
+        .map(|_| case.inputs(timer.device(), &mut rng))
+        .collect();
     let sets = match sets {
         Ok(s) => s,
         Err(e) => {
@@ -382,10 +395,13 @@ impl Family for LoraFamily {
     fn name(&self) -> &'static str {
         OP
     }
-    fn run(&self, plan: Plan, timer: &Timer, out: &mut Collector) {
-        let cases: Vec<LoraCase> = cases::lora_shapes(plan)
+    fn run(&self, scope: Scope, timer: &Timer, out: &mut Collector) {
+        let cases: Vec<LoraCase> = cases::lora_shapes(scope)
             .into_iter()
-            .map(|(s, dt)| LoraCase::from_shape(s, dt))
+            .map(|(s, dt)| LoraCase {
+                kernels: scope.kernels,
+                ..LoraCase::from_shape(s, dt)
+            })
             .collect();
         for (i, case) in cases.iter().enumerate() {
             eprintln!(
@@ -425,7 +441,7 @@ mod tests {
     fn every_forward_matches_candle() {
         for dt in [DType::F32, DType::BF16] {
             let c = case(dt);
-            let s = c.inputs(&Device::Cpu).unwrap();
+            let s = c.inputs(&Device::Cpu, &mut c.stream()).unwrap();
             for imp in [Impl::BaseLinear, Impl::Ours, Impl::Merged] {
                 c.verify(imp, &s).unwrap();
             }
@@ -435,7 +451,7 @@ mod tests {
     #[test]
     fn verify_rejects_a_wrong_forward() {
         let c = case(DType::F32);
-        let mut s = c.inputs(&Device::Cpu).unwrap();
+        let mut s = c.inputs(&Device::Cpu, &mut c.stream()).unwrap();
         // The un-merged weight lacks the adapter term: the merged row must not be timed.
         s.merged = s.w.clone();
         let e = c.verify(Impl::Merged, &s).unwrap_err().to_string();
@@ -448,7 +464,7 @@ mod tests {
     #[test]
     fn fwd_bwd_gives_the_same_gradients() {
         let c = case(DType::F32);
-        let s = c.inputs(&Device::Cpu).unwrap();
+        let s = c.inputs(&Device::Cpu, &mut c.stream()).unwrap();
         let ours = c.fwd_bwd(Impl::Ours, &s).unwrap();
         let comp = c.fwd_bwd(Impl::Composed, &s).unwrap();
         for v in [&s.x, &s.a, &s.b] {

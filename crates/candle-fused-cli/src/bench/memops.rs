@@ -9,8 +9,9 @@ use candle_core::{backprop::GradStore, DType, Device, Result, Tensor, Var};
 
 use super::report::{Collector, Key};
 use super::timing::Timer;
-use candle_fused::ops;
+use candle_fused::Kernels;
 use candle_fused_testkit::check::{self, MaskKind, OpKind};
+use candle_fused_testkit::rng::Rng;
 
 /// The epsilon of the norms (the same as `check::apply` uses).
 pub const EPS: f64 = 1e-5;
@@ -24,7 +25,7 @@ pub enum Impl {
     Ours,
     /// `loss.backward()` through our op (bwd only).
     OursAutograd,
-    /// `candle_fused::reference::*` in the input dtype.
+    /// `candle_fused_testkit::reference::*` in the input dtype.
     Composed,
     /// `candle_nn::ops::{softmax_last_dim, rms_norm}` (fwd only).
     Builtin,
@@ -72,22 +73,19 @@ pub struct InputSet {
     pub saved: Tensor,
 }
 
-/// An op on a shape and dtype.
+/// An op on a shape and dtype, ours running on `kernels`.
 #[derive(Debug, Clone)]
 pub struct MemCase {
     pub op: OpKind,
     pub shape: Vec<usize>,
     pub dtype: DType,
+    pub kernels: Kernels,
 }
 
 /// Candle's own elementwise kernels index with u32, so a tensor of 2^31 elements or more
 /// (the [32, 32, 2048, 2048] scores) is built from random blocks along dim 0 (4 distinct blocks,
 /// each far larger than the L2 cache, repeated).
-fn blocks(
-    shape: &[usize],
-    dev: &Device,
-    gen: impl Fn(&[usize]) -> Result<Tensor>,
-) -> Result<Tensor> {
+fn blocks(shape: &[usize], mut gen: impl FnMut(&[usize]) -> Result<Tensor>) -> Result<Tensor> {
     let n: usize = shape.iter().product();
     if n < (1 << 31) || shape.len() < 2 || shape[0] < 2 {
         return gen(shape);
@@ -100,23 +98,37 @@ fn blocks(
     let parts: Vec<&Tensor> = (0..shape[0])
         .map(|i| &distinct[i % distinct.len()])
         .collect();
-    let _ = dev;
     Tensor::cat(&parts, 0)
 }
 
-fn randn(shape: &[usize], std: f64, dtype: DType, dev: &Device) -> Result<Tensor> {
-    blocks(shape, dev, |s| {
-        Tensor::randn(0f32, std as f32, s, dev)?.to_dtype(dtype)
-    })
+/// `N(0, std²)` values from `rng`, drawn on the device (see [`Rng::randn_on`]).
+fn randn(rng: &mut Rng, shape: &[usize], std: f64, dtype: DType, dev: &Device) -> Result<Tensor> {
+    blocks(shape, |s| rng.randn_on(s, std, dtype, dev))
 }
 
-fn rand(shape: &[usize], lo: f64, hi: f64, dtype: DType, dev: &Device) -> Result<Tensor> {
-    blocks(shape, dev, |s| {
-        Tensor::rand(lo as f32, hi as f32, s, dev)?.to_dtype(dtype)
-    })
+/// Uniform values in `[lo, hi)` from `rng`, drawn on the device.
+fn rand(
+    rng: &mut Rng,
+    shape: &[usize],
+    lo: f64,
+    hi: f64,
+    dtype: DType,
+    dev: &Device,
+) -> Result<Tensor> {
+    blocks(shape, |s| rng.rand_on(s, lo, hi, dtype, dev))
 }
 
 impl MemCase {
+    /// The case's random stream of the run's seed (the same inputs for the same seed).
+    pub fn stream(&self) -> Rng {
+        Rng::stream(&format!(
+            "bench {} {:?} {:?}",
+            self.op.name(),
+            self.shape,
+            self.dtype
+        ))
+    }
+
     /// `--op` family name.
     pub fn family(&self) -> &'static str {
         match self.op {
@@ -226,23 +238,24 @@ impl MemCase {
         }
     }
 
-    /// A fresh random input set on `dev`: x ~ N(0, 3²) (logits) or N(0, 1), weight uniform in
-    /// [0.5, 1.5), mask N(0, 1) with about a fifth of the entries -inf, probes N(0, 1).
-    pub fn inputs(&self, dev: &Device) -> Result<InputSet> {
+    /// A random input set on `dev` from `rng`: x ~ N(0, 3²) (logits) or N(0, 1), weight
+    /// uniform in [0.5, 1.5), mask N(0, 1) with about a fifth of the entries -inf, probes
+    /// N(0, 1).
+    pub fn inputs(&self, dev: &Device, rng: &mut Rng) -> Result<InputSet> {
         let (dt, sh) = (self.dtype, self.shape.as_slice());
         let d = self.last();
         let probes = (0..self.n_out())
-            .map(|_| randn(sh, 1.0, dt, dev))
+            .map(|_| randn(rng, sh, 1.0, dt, dev))
             .collect::<Result<Vec<_>>>()?;
         let (args, diff) = match self.op {
-            OpKind::Softmax => (vec![randn(sh, 3.0, dt, dev)?], vec![true]),
+            OpKind::Softmax => (vec![randn(rng, sh, 3.0, dt, dev)?], vec![true]),
             OpKind::MaskedSoftmax { .. } => {
-                let x = randn(sh, 3.0, dt, dev)?;
+                let x = randn(rng, sh, 3.0, dt, dev)?;
                 match self.mask_shape() {
                     None => (vec![x], vec![true]),
                     Some(ms) => {
-                        let vals = randn(&ms, 1.0, dt, dev)?;
-                        let hide = Tensor::rand(0f32, 1f32, ms.as_slice(), dev)?.lt(0.2)?;
+                        let vals = randn(rng, &ms, 1.0, dt, dev)?;
+                        let hide = rand(rng, &ms, 0.0, 1.0, DType::F32, dev)?.lt(0.2)?;
                         let neg =
                             Tensor::full(f32::NEG_INFINITY, ms.as_slice(), dev)?.to_dtype(dt)?;
                         (vec![x, hide.where_cond(&neg, &vals)?], vec![true, false])
@@ -250,18 +263,18 @@ impl MemCase {
                 }
             }
             OpKind::RmsNorm { weight } => {
-                let mut a = vec![randn(sh, 1.0, dt, dev)?];
+                let mut a = vec![randn(rng, sh, 1.0, dt, dev)?];
                 if weight {
-                    a.push(rand(&[d], 0.5, 1.5, dt, dev)?);
+                    a.push(rand(rng, &[d], 0.5, 1.5, dt, dev)?);
                 }
                 let n = a.len();
                 (a, vec![true; n])
             }
             OpKind::AddRmsNorm => (
                 vec![
-                    randn(sh, 1.0, dt, dev)?,
-                    randn(sh, 1.0, dt, dev)?,
-                    rand(&[d], 0.5, 1.5, dt, dev)?,
+                    randn(rng, sh, 1.0, dt, dev)?,
+                    randn(rng, sh, 1.0, dt, dev)?,
+                    rand(rng, &[d], 0.5, 1.5, dt, dev)?,
                 ],
                 vec![true; 3],
             ),
@@ -271,9 +284,9 @@ impl MemCase {
             // Our forward output, or the reference's if ours fails (so the other impls can
             // still be timed; ours' own failure is reported by its own rows).
             OpKind::Softmax | OpKind::MaskedSoftmax { .. } => {
-                match check::apply(self.op, &args, true) {
+                match check::apply(&self.kernels, self.op, &args, true) {
                     Ok(mut o) => o.remove(0),
-                    Err(_) => check::apply(self.op, &args, false)?.remove(0),
+                    Err(_) => check::apply(&self.kernels, self.op, &args, false)?.remove(0),
                 }
             }
             OpKind::RmsNorm { .. } => args[0].clone(),
@@ -291,8 +304,10 @@ impl MemCase {
     /// The forward of `imp` (`Ours`, `Composed` or `Builtin`) on plain (untracked) tensors.
     pub fn forward(&self, imp: Impl, set: &InputSet) -> Result<Vec<Tensor>> {
         match imp {
-            Impl::Ours | Impl::OursAutograd => check::apply(self.op, &set.args, true),
-            Impl::Composed => check::apply(self.op, &set.args, false),
+            Impl::Ours | Impl::OursAutograd => {
+                check::apply(&self.kernels, self.op, &set.args, true)
+            }
+            Impl::Composed => check::apply(&self.kernels, self.op, &set.args, false),
             Impl::Builtin => match self.op {
                 OpKind::Softmax => Ok(vec![candle_nn::ops::softmax_last_dim(&set.args[0])?]),
                 OpKind::RmsNorm { weight: true } => Ok(vec![candle_nn::ops::rms_norm(
@@ -308,17 +323,18 @@ impl MemCase {
     /// Our standalone backward, with the probes as output gradients.
     pub fn backward(&self, set: &InputSet) -> Result<Vec<Tensor>> {
         let dy = &set.probes[0];
+        let k = &self.kernels;
         match self.op {
             OpKind::Softmax | OpKind::MaskedSoftmax { .. } => {
-                Ok(vec![ops::softmax_backward(&set.saved, dy, self.scale())?])
+                Ok(vec![k.softmax_backward(&set.saved, dy, self.scale())?])
             }
             OpKind::RmsNorm { .. } => {
-                let (dx, dw) = ops::rms_norm_backward(&set.saved, set.args.get(1), dy, EPS)?;
+                let (dx, dw) = k.rms_norm_backward(&set.saved, set.args.get(1), dy, EPS)?;
                 Ok(std::iter::once(dx).chain(dw).collect())
             }
             OpKind::AddRmsNorm => {
                 let (dx, dw) =
-                    ops::add_rms_norm_backward(&set.saved, &set.args[2], dy, &set.probes[1], EPS)?;
+                    k.add_rms_norm_backward(&set.saved, &set.args[2], dy, &set.probes[1], EPS)?;
                 Ok(vec![dx, dw])
             }
             OpKind::Lora { .. } => unreachable!("LoRA is benchmarked by its own family"),
@@ -340,7 +356,7 @@ impl MemCase {
                 args.push(t.clone());
             }
         }
-        let outs = check::apply(self.op, &args, fused)?;
+        let outs = check::apply(&self.kernels, self.op, &args, fused)?;
         let mut loss: Option<Tensor> = None;
         for (o, p) in outs.iter().zip(&set.probes) {
             let term = (o * p)?.sum_all()?;
@@ -402,7 +418,10 @@ pub fn run_case(case: &MemCase, timer: &Timer, out: &mut Collector) {
         imp: imp.as_str(),
     };
     let k = sets_for(case.set_bytes());
-    let sets: Result<Vec<InputSet>> = (0..k).map(|_| case.inputs(timer.device())).collect();
+    let mut rng = case.stream();
+    let sets: Result<Vec<InputSet>> = (0..k)
+        .map(|_| case.inputs(timer.device(), &mut rng))
+        .collect();
     let sets = match sets {
         Ok(s) => s,
         Err(e) => {

@@ -23,7 +23,8 @@ pub mod timing;
 
 use candle_core::{Device, Result};
 
-use cases::Plan;
+use candle_fused::Kernels;
+use cases::Scope;
 use report::{Collector, Header, Report};
 use timing::{Budget, Timer};
 
@@ -32,7 +33,7 @@ pub trait Family {
     /// The name `--op` matches (e.g. `softmax`).
     fn name(&self) -> &'static str;
     /// Times every case of the family for `plan`, recording rows (and skips) in `out`.
-    fn run(&self, plan: Plan, timer: &Timer, out: &mut Collector);
+    fn run(&self, scope: Scope, timer: &Timer, out: &mut Collector);
 }
 
 /// A memory-bound family: its cases come from [`cases::mem_cases`].
@@ -42,8 +43,8 @@ impl Family for MemFamily {
     fn name(&self) -> &'static str {
         self.0
     }
-    fn run(&self, plan: Plan, timer: &Timer, out: &mut Collector) {
-        let cases = cases::mem_cases(self.0, plan);
+    fn run(&self, scope: Scope, timer: &Timer, out: &mut Collector) {
+        let cases = cases::mem_cases(self.0, scope);
         for (i, case) in cases.iter().enumerate() {
             eprintln!(
                 "[{}/{}] {} {} {} ({} input set(s))",
@@ -101,6 +102,11 @@ pub struct Config {
     /// Save the rows measured so far here after each case (the caller writes the final
     /// report over it).
     pub checkpoint: Option<std::path::PathBuf>,
+    /// The kernel configuration ours run on, with its name (one of
+    /// `KernelConfig::candidates()`; recorded in the report).
+    pub kernels: (String, Kernels),
+    /// The seed of the random inputs (recorded in the report; `CANDLE_FUSED_SEED` reruns it).
+    pub seed: u64,
 }
 
 /// Bytes of the copy that measures the copy bandwidth: 1 GiB per buffer on a GPU, 256 MiB on
@@ -136,9 +142,10 @@ pub fn run(cfg: &Config) -> Result<Report> {
     };
     let device = &cfg.device;
     let timer = Timer::new(device, Budget::new(device, cfg.quick))?;
-    let plan = Plan {
+    let scope = Scope {
         cuda: device.is_cuda(),
         quick: cfg.quick,
+        kernels: cfg.kernels.1,
     };
     let device_name = timing::device_name(device);
     let cb = copy_bytes(device);
@@ -158,6 +165,8 @@ pub fn run(cfg: &Config) -> Result<Report> {
         copy_bytes: cb,
         git_commit: report::git_commit(),
         mode: mode.into(),
+        kernel_config: cfg.kernels.0.clone(),
+        seed: cfg.seed,
         legend: report::LEGEND.into(),
         notes,
     };
@@ -175,7 +184,7 @@ pub fn run(cfg: &Config) -> Result<Report> {
         }),
     };
     for f in selected {
-        f.run(plan, &timer, &mut out);
+        f.run(scope, &timer, &mut out);
     }
     let after = timing::copy_bandwidth(&timer, cb)?;
     let copy_gbps = before.gbps.max(after.gbps);
@@ -226,12 +235,15 @@ impl Report {
             }
         }
         s.push_str(&format!(
-            "\nSummary ({} on {}, {}, copy bandwidth {:.1} GB/s, commit {}):\n",
+            "\nSummary ({} on {}, {}, copy bandwidth {:.1} GB/s, commit {}, kernel config {}, \
+             seed {}):\n",
             h.device,
             h.device_name,
             h.date,
             h.copy_gbps,
-            h.git_commit.as_deref().unwrap_or("?")
+            h.git_commit.as_deref().unwrap_or("?"),
+            h.kernel_config,
+            h.seed
         ));
         let parts = [
             report::summary(&self.rows),

@@ -104,6 +104,10 @@ pub struct Header {
     pub copy_bytes: usize,
     pub git_commit: Option<String>,
     pub mode: String,
+    /// The name of the kernel configuration ours ran on (`KernelConfig::candidates()`).
+    pub kernel_config: String,
+    /// The seed of the random inputs (`CANDLE_FUSED_SEED=<seed>` reruns them).
+    pub seed: u64,
     pub legend: String,
     pub notes: Vec<String>,
 }

@@ -106,16 +106,9 @@ __device__ __forceinline__ float fast_exp2(float x) {
 
 // ------------------------------------------------------------------------------------------
 // staging: global -> shared
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-  unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
-}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-// Waits until at most `pending` (0 or 1) committed groups are still in flight.
-__device__ __forceinline__ void cp_async_wait(int pending) {
-  if (pending) asm volatile("cp.async.wait_group 1;\n" ::: "memory");
-  else asm volatile("cp.async.wait_group 0;\n" ::: "memory");
-}
+// Waits until every committed group has landed.
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
 
 // Copies n elements (a multiple of VEC) from global g to shared s, block-strided.
 // The 16-byte path walks 32-bit shared and 64-bit global addresses by increments (a few
@@ -228,7 +221,6 @@ struct Geom {
   int64_t d;      // row length
   int64_t chunk;  // elements per CTA slice (a multiple of VEC)
   int64_t csize;  // CTAs per row (cluster size)
-  int64_t dbuf;   // 1: two staging buffers, the next row is fetched while this one computes
 };
 
 __host__ __device__ __forceinline__ int64_t align16(int64_t bytes) { return (bytes + 15) / 16 * 16; }
@@ -240,50 +232,31 @@ __host__ __device__ __forceinline__ int64_t align16(int64_t bytes) { return (byt
 //   int stage_len(int64_t row, int64_t lo, int n) const (elements of the slice to stage, <= n)
 //   Red partial(int64_t row, int64_t lo, int n, T* const* s) const
 //   void output(int64_t row, int64_t lo, int n, T* const* s, Red total)
-//   void init(int64_t lo, int n, unsigned char* extra) / finish(int64_t cluster, int64_t lo, int n)
-// Shared memory: (1 + dbuf) sets of NIN staged slices, then 35 Red (block scratch + 2 cluster
-// slots), then the op's extra bytes. With dbuf the grid is persistent and each CTA fetches its
-// next row into the other set while it reduces and writes the current one.
+//   void init(int64_t lo, int n) / finish(int64_t cluster, int64_t lo, int n)
+// Shared memory: NIN staged slices, then 35 Red (block scratch + 2 cluster slots).
 template <typename T, int VEC, typename Op> __device__ void run_rows(const Geom g, Op& op) {
   extern __shared__ __align__(16) unsigned char smem[];
   using Red = typename Op::Red;
   const int64_t slice_bytes = align16(g.chunk * (int64_t)sizeof(T));
-  const int nsets = g.dbuf ? 2 : 1;
-  Red* scratch = reinterpret_cast<Red*>(smem + nsets * Op::NIN * slice_bytes);
-  unsigned char* extra = reinterpret_cast<unsigned char*>(scratch) + align16(35 * sizeof(Red));
+  Red* scratch = reinterpret_cast<Red*>(smem + Op::NIN * slice_bytes);
 
   const int csize = (int)g.csize;
   const int rank = (int)(blockIdx.x % csize);
   const int64_t cid = blockIdx.x / csize, ncl = gridDim.x / csize;
   const int64_t lo = rank * g.chunk;
   const int n = (int)max((int64_t)0, min(g.chunk, g.d - lo));
-  auto set_of = [&](int b, T* (&s)[Op::NIN]) {
+  T* s[Op::NIN];
 #pragma unroll
-    for (int k = 0; k < Op::NIN; k++) s[k] = reinterpret_cast<T*>(smem + (b * Op::NIN + k) * slice_bytes);
-  };
-  auto fetch = [&](int64_t row, int b) {
-    T* s[Op::NIN];
-    set_of(b, s);
+  for (int k = 0; k < Op::NIN; k++) s[k] = reinterpret_cast<T*>(smem + k * slice_bytes);
+  op.init(lo, n);
+  int parity = 0;
+  for (int64_t row = cid; row < g.rows; row += ncl) {
     const int nl = op.stage_len(row, lo, n);
 #pragma unroll
     for (int k = 0; k < Op::NIN; k++) stage<T, VEC>(s[k], op.input(k, row) + lo, nl);
     cp_async_commit();
-  };
-  op.init(lo, n, extra);
-  int parity = 0, buf = 0;
-  if (g.dbuf && cid < g.rows) fetch(cid, 0);
-  for (int64_t row = cid; row < g.rows; row += ncl) {
-    bool more = false;
-    if (g.dbuf) {
-      more = row + ncl < g.rows;
-      if (more) fetch(row + ncl, buf ^ 1);
-    } else {
-      fetch(row, 0);
-    }
-    cp_async_wait(more ? 1 : 0);
+    cp_async_wait_all();
     __syncthreads();
-    T* s[Op::NIN];
-    set_of(buf, s);
     op.begin_row(row);
     Red r = op.partial(row, lo, n, s);
     r = block_reduce(r, scratch);
@@ -291,7 +264,6 @@ template <typename T, int VEC, typename Op> __device__ void run_rows(const Geom 
     parity ^= 1;
     op.output(row, lo, n, s, r);
     __syncthreads();
-    if (g.dbuf) buf ^= 1;
   }
   cluster_sync_all(csize);
   op.finish(cid, lo, n);
@@ -309,8 +281,8 @@ __device__ void reduce_partials(const float* __restrict__ part, int64_t g, int64
 
 }  // namespace cf
 
-// Instantiates `extern "C"` entry points NAME_<dtype>_v<VEC> for f32, f16 and bf16, in the
-// vectorized (16-byte) and scalar variants. BODY(T, VEC) is the kernel body.
+// Calls MACRO(name, T, VEC) for f32, f16 and bf16 with the 16-byte vector width of the dtype;
+// each op's MACRO defines its `extern "C"` entry points (vectorized and scalar variants).
 #define CF_FOR_DTYPES(MACRO) \
   MACRO(f32, float, 4)       \
   MACRO(f16, __half, 8)      \

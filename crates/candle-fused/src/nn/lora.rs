@@ -23,6 +23,7 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Module, Result, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
 
+use crate::config::Kernels;
 use crate::ops;
 use crate::validate::fail;
 
@@ -135,11 +136,13 @@ pub struct LoraLinear {
     enabled: bool,
     merged: bool,
     training: bool,
+    kernels: Kernels,
 }
 
 impl LoraLinear {
     /// From explicit tensors. `weight` and `bias` are detached (frozen); `lora_a`/`lora_b` are
-    /// kept as given (pass `Var`-backed tensors to train them).
+    /// kept as given (pass `Var`-backed tensors to train them). Runs on the default
+    /// [`Kernels`] (see [`Self::with_kernels`]).
     pub fn new(
         weight: &Tensor,
         bias: Option<&Tensor>,
@@ -158,9 +161,22 @@ impl LoraLinear {
             enabled: true,
             merged: false,
             training: false,
+            kernels: Kernels::default(),
         };
         this.check()?;
         Ok(this)
+    }
+
+    /// This layer running on `kernels` (e.g. `Kernels::new(KernelConfig::poisoned())` in
+    /// tests, or a tuned configuration).
+    pub fn with_kernels(mut self, kernels: Kernels) -> Self {
+        self.kernels = kernels;
+        self
+    }
+
+    /// The kernels this layer runs on.
+    pub fn kernels(&self) -> &Kernels {
+        &self.kernels
     }
 
     fn check(&self) -> Result<()> {
@@ -175,7 +191,7 @@ impl LoraLinear {
         // The op's own validation gives the messages (shapes, dtypes, devices, r, scale); a
         // one-row x stands for the layer's input (nothing is computed).
         let x = Tensor::zeros((1, k), self.weight.dtype(), self.weight.device())?;
-        ops::lora::check(
+        ops::check_lora(
             "lora_linear",
             &x,
             &self.weight,
@@ -365,16 +381,17 @@ impl LoraLinear {
     /// is what `layer.forward_t(x, train)` calls; Candle's blanket `ModuleT` impl (through
     /// [`Module`]) uses [`Self::set_training`]'s flag instead.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let k = &self.kernels;
         if self.merged || !self.enabled {
-            return ops::lora::linear(x, &self.weight, self.bias.as_ref());
+            return k.linear(x, &self.weight, self.bias.as_ref());
         }
         if train && self.dropout > 0.0 {
-            let base = ops::lora::linear(x, &self.weight, self.bias.as_ref())?;
+            let base = k.linear(x, &self.weight, self.bias.as_ref())?;
             let xd = candle_nn::ops::dropout(x, self.dropout)?;
-            let low = ops::lora::adapter_only(&xd, &self.lora_a, &self.lora_b, self.scale)?;
+            let low = k.lora_adapter(&xd, &self.lora_a, &self.lora_b, self.scale)?;
             return base + low;
         }
-        ops::lora_linear(
+        k.lora_linear(
             x,
             &self.weight,
             self.bias.as_ref(),

@@ -3,7 +3,7 @@
 
 use candle_core::{Module, Result, Tensor};
 
-use crate::ops;
+use crate::config::Kernels;
 
 /// RMSNorm over the last dim with a learned weight `[D]`. `forward` uses the fused op for any
 /// input layout and is differentiable in both the input and the weight.
@@ -11,11 +11,29 @@ use crate::ops;
 pub struct RmsNorm {
     weight: Tensor,
     eps: f64,
+    kernels: Kernels,
 }
 
 impl RmsNorm {
+    /// On the default [`Kernels`] (see [`Self::with_kernels`]).
     pub fn new(weight: Tensor, eps: f64) -> Self {
-        Self { weight, eps }
+        Self {
+            weight,
+            eps,
+            kernels: Kernels::default(),
+        }
+    }
+
+    /// This module running on `kernels` (e.g. `Kernels::new(KernelConfig::poisoned())` in
+    /// tests, or a tuned configuration).
+    pub fn with_kernels(mut self, kernels: Kernels) -> Self {
+        self.kernels = kernels;
+        self
+    }
+
+    /// The kernels this module runs on.
+    pub fn kernels(&self) -> &Kernels {
+        &self.kernels
     }
 
     pub fn weight(&self) -> &Tensor {
@@ -28,13 +46,14 @@ impl RmsNorm {
 
     /// Pre-norm residual step: returns `(self(x + residual), x + residual)` in one fused op.
     pub fn forward_add(&self, x: &Tensor, residual: &Tensor) -> Result<(Tensor, Tensor)> {
-        ops::add_rms_norm(x, residual, &self.weight, self.eps)
+        self.kernels
+            .add_rms_norm(x, residual, &self.weight, self.eps)
     }
 }
 
 impl Module for RmsNorm {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        ops::rms_norm(xs, Some(&self.weight), self.eps)
+        self.kernels.rms_norm(xs, Some(&self.weight), self.eps)
     }
 }
 

@@ -1,17 +1,21 @@
-//! The fused ops, one folder each: the Candle `CustomOp` (CPU forward, backward, and with the
-//! `cuda` feature the CUDA forward and backward kernels) plus the free functions below.
+//! The fused ops, one folder each: the op's kernels (plain data implementing the seam's
+//! `Kernel`), its CPU and CUDA backends (forward and backward side by side), its validation,
+//! and its public functions, re-exported here. Every op is also a method of
+//! [`crate::Kernels`] (with an explicit [`crate::KernelConfig`]); the functions here use the
+//! default configuration.
 //!
 //! All ops work over the last dimension, accept inputs of any rank >= 1 in f32, f64, f16 and
-//! bf16 (half types accumulate in f32), copy non-contiguous inputs to contiguous ones first
-//! (so strided views give the right answer), return empty outputs for empty inputs and give a
-//! clear `Err` naming the op and the argument for bad input.
+//! bf16 (half types accumulate in f32; f64 on the CPU only), copy non-contiguous inputs to
+//! contiguous ones first (so strided views give the right answer), return empty outputs for
+//! empty inputs and give a clear `Err` naming the op and the argument for bad input.
 
-pub mod add_rms_norm;
-pub mod lora;
-pub mod rms_norm;
-pub mod softmax;
+mod add_rms_norm;
+mod lora;
+mod rms_norm;
+mod softmax;
 
 pub use add_rms_norm::{add_rms_norm, add_rms_norm_backward};
-pub use lora::{lora_linear, lora_linear_backward, lora_linear_composed, LoraGrads};
+pub(crate) use lora::check as check_lora;
+pub use lora::{linear, lora_linear, lora_linear_backward, LoraGrads};
 pub use rms_norm::{rms_norm, rms_norm_backward};
 pub use softmax::{masked_softmax, softmax_backward, softmax_last_dim};

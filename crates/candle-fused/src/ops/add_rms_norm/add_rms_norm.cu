@@ -20,7 +20,7 @@ template <typename T, int VEC> struct AddRmsFwd {
   __device__ void begin_row(int64_t) {}
   __device__ const T* input(int k, int64_t row) const { return (k == 0 ? x : res) + row * d; }
   __device__ int stage_len(int64_t, int64_t, int n) const { return n; }
-  __device__ void init(int64_t, int, unsigned char*) {}
+  __device__ void init(int64_t, int) {}
   __device__ void finish(int64_t, int64_t, int) {}
 
   __device__ SumF partial(int64_t, int64_t, int n, T* const* s) const {

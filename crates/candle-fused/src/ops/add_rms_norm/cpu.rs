@@ -2,30 +2,21 @@
 //! accumulation type), reduced and normalized while it is in cache; both outputs are written
 //! once. The backward is RMSNorm's (`rms_norm::cpu::backward` in fused-add mode).
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Result};
 
 use super::AddRmsNormFwd;
 use crate::config::KernelConfig;
-use crate::cpu::{self, dispatch, Acc, Elem};
+use crate::cpu::{self, Acc, Elem};
 use crate::ops::rms_norm::cpu::{rstd, write_row};
 use crate::seam::Inputs;
 
 /// Returns `[normed, sum]`, each of x's shape.
-pub(super) fn forward(
+pub(super) fn forward<T: Elem>(
     k: &AddRmsNormFwd,
     cfg: &KernelConfig,
     ins: &Inputs<CpuStorage>,
 ) -> Result<Vec<CpuStorage>> {
-    let (xs, _) = ins.get(0)?;
-    dispatch!(ins.op(), xs.dtype(), |T| forward_t::<T>(k.eps, cfg, ins))
-}
-
-fn forward_t<T: Elem>(
-    eps: f64,
-    cfg: &KernelConfig,
-    ins: &Inputs<CpuStorage>,
-) -> Result<Vec<CpuStorage>> {
+    let eps = k.eps;
     let op = ins.op();
     let (x0, xl) = ins.get(0)?;
     let (r0, rl) = ins.get(1)?;

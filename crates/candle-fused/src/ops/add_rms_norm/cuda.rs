@@ -8,26 +8,18 @@ use candle_core::{CudaStorage, Result};
 
 use super::AddRmsNormFwd;
 use crate::config::KernelConfig;
-use crate::cuda::{self, dispatch, ptx, Args, Ptx, RowSpec};
+use crate::cuda::{self, ptx, Args, Ptx, RowSpec};
 use crate::seam::Inputs;
 
 static PTX: Ptx = ptx!("add_rms_norm");
 
 /// Returns `[normed, sum]`, each of x's shape.
-pub(super) fn forward(
+pub(super) fn forward<T: CudaDType + DeviceRepr>(
     k: &AddRmsNormFwd,
     cfg: &KernelConfig,
     ins: &Inputs<CudaStorage>,
 ) -> Result<Vec<CudaStorage>> {
-    let (xs, _) = ins.get(0)?;
-    dispatch!(ins.op(), xs.dtype(), |T| forward_t::<T>(k.eps, cfg, ins))
-}
-
-fn forward_t<T: CudaDType + DeviceRepr>(
-    eps: f64,
-    cfg: &KernelConfig,
-    ins: &Inputs<CudaStorage>,
-) -> Result<Vec<CudaStorage>> {
+    let eps = k.eps;
     let op = ins.op();
     let (x0, xl) = ins.get(0)?;
     let (r0, rl) = ins.get(1)?;

@@ -16,11 +16,11 @@ mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
 
-use candle_core::{CpuStorage, Result, Tensor};
+use candle_core::{Result, Tensor};
 
-use crate::config::{KernelConfig, Kernels};
+use crate::config::Kernels;
 use crate::ops::rms_norm;
-use crate::seam::{self, Inputs, Kernel};
+use crate::seam::{self, Kernel};
 use crate::validate;
 
 /// Forward kernel: inputs `(x, residual, weight)`, outputs `(normed, sum)` (x's shape).
@@ -36,17 +36,7 @@ impl Kernel for AddRmsNormFwd {
     fn inputs(&self) -> &'static [&'static str] {
         &["x", "residual", "weight"]
     }
-    fn cpu(&self, cfg: &KernelConfig, ins: &Inputs<CpuStorage>) -> Result<Vec<CpuStorage>> {
-        cpu::forward(self, cfg, ins)
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda(
-        &self,
-        cfg: &KernelConfig,
-        ins: &Inputs<candle_core::CudaStorage>,
-    ) -> Result<Vec<candle_core::CudaStorage>> {
-        cuda::forward(self, cfg, ins)
-    }
+    seam::backends!(cpu::forward, cuda::forward);
 }
 
 impl Kernels {

@@ -1,50 +1,39 @@
 //! CPU kernels for the LoRA linear: every product is one call of the `gemm` crate (the GEMM
 //! behind Candle's CPU matmul), transposes expressed by strides, accumulations by its
 //! `dst = α·dst + β·lhs·rhs` form. f32/f64 compute in place on all rows at once. f16/bf16 run
-//! in blocks of rows: a block of the activations (x, dy, u) is widened to f32, computed, and the
-//! block's results rounded once; the reductions over rows (dW, dA, dB, dbias) accumulate in
-//! f32 across blocks. So half types accumulate in f32 throughout and the temporaries stay a
-//! block of rows (never `M×N`); the weights are widened once (parameter-sized).
+//! in blocks of rows ([`crate::config::CpuConfig::half_gemm_block`] elements): a block of the
+//! activations (x, dy, u) is widened to f32, computed, and the block's results rounded once;
+//! the reductions over rows (dW, dA, dB, dbias) accumulate in f32 across blocks. So half types
+//! accumulate in f32 throughout and the temporaries stay a block of rows (never `M×N`); the
+//! weights are widened once (parameter-sized).
 
 use std::borrow::Cow;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, Layout, Result, Shape, WithDType};
+use candle_core::{CpuStorage, Layout, Result};
 use num_traits::{One, Zero};
 use rayon::prelude::*;
 
-use super::op::{Dims, LoraBwd, LoraFwd};
-use crate::cpu::{self, dispatch, Acc, Elem};
+use super::kernels::{Dims, LoraBwd, LoraDown, LoraFwd, Mat};
+use crate::config::{CpuConfig, KernelConfig};
+use crate::cpu::{self, Acc, Elem};
+use crate::seam::Inputs;
 use crate::validate::fail;
 
-const OP: &str = "lora_linear";
-
-/// A row-major view for the GEMM: element `(i, j)` at `ptr + i·rs + j·cs`.
-#[derive(Clone, Copy)]
-struct Mat<A> {
-    ptr: *const A,
-    rs: isize,
-    cs: isize,
+/// A host operand: row stride and column stride of [`Mat`] in elements.
+fn strides<A>(m: &Mat<*const A>) -> (isize, isize) {
+    if m.t {
+        (1, m.ld as isize)
+    } else {
+        (m.ld as isize, 1)
+    }
 }
 
-impl<A> Mat<A> {
-    /// A contiguous `rows × cols` matrix with row length `ld`.
-    fn rows(s: &[A], ld: usize) -> Self {
-        Self {
-            ptr: s.as_ptr(),
-            rs: ld as isize,
-            cs: 1,
-        }
-    }
-
-    /// The transpose of `Mat::rows(s, ld)`.
-    fn t(s: &[A], ld: usize) -> Self {
-        Self {
-            ptr: s.as_ptr(),
-            rs: 1,
-            cs: ld as isize,
-        }
+/// The operand over the rows of `s` (row length `ld`), transposed when `t`.
+fn mat<A>(s: &[A], ld: usize, t: bool) -> Mat<*const A> {
+    if t {
+        Mat::t(s.as_ptr(), ld)
+    } else {
+        Mat::rows(s.as_ptr(), ld)
     }
 }
 
@@ -67,8 +56,8 @@ unsafe fn mm<A: Acc>(
     dst: &mut [A],
     ldd: usize,
     accumulate: bool,
-    lhs: Mat<A>,
-    rhs: Mat<A>,
+    lhs: Mat<*const A>,
+    rhs: Mat<*const A>,
     beta: A,
 ) {
     debug_assert!(m == 0 || dst.len() >= (m - 1) * ldd + n);
@@ -83,6 +72,7 @@ unsafe fn mm<A: Acc>(
         }
         return;
     }
+    let ((lrs, lcs), (rrs, rcs)) = (strides(&lhs), strides(&rhs));
     gemm::gemm(
         m,
         n,
@@ -92,11 +82,11 @@ unsafe fn mm<A: Acc>(
         ldd as isize,
         accumulate,
         lhs.ptr,
-        lhs.cs,
-        lhs.rs,
+        lcs,
+        lrs,
         rhs.ptr,
-        rhs.cs,
-        rhs.rs,
+        rcs,
+        rrs,
         A::one(),
         beta,
         false,
@@ -104,11 +94,6 @@ unsafe fn mm<A: Acc>(
         false,
         parallelism(),
     )
-}
-
-/// The contiguous data of a storage argument.
-fn data<'a, T: Elem>(arg: &str, s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
-    cpu::slice(OP, arg, s, l)
 }
 
 /// Widens `src` into `dst` (in parallel for long slices).
@@ -131,41 +116,35 @@ fn acc<'a, T: Elem>(src: &'a [T], buf: &'a mut Vec<T::A>) -> &'a [T::A] {
     }
 }
 
-/// A weight (parameter-sized) in the accumulation type.
-fn widen_weight<'a, T: Elem>(arg: &str, s: &'a CpuStorage, l: &Layout) -> Result<Cow<'a, [T::A]>> {
-    let d = data::<T>(arg, s, l)?;
-    Ok(match T::as_acc(d) {
+/// Optional input `i` (a weight, parameter-sized) in the accumulation type.
+fn weight<'a, T: Elem>(ins: &Inputs<'a, CpuStorage>, i: usize) -> Result<Option<Cow<'a, [T::A]>>> {
+    let Some((s, l)) = ins.opt(i) else {
+        return Ok(None);
+    };
+    let d = data::<T>(ins, i, s, l)?;
+    Ok(Some(match T::as_acc(d) {
         Some(x) => Cow::Borrowed(x),
         None => {
             let mut v = Vec::new();
             widen_into(d, &mut v);
             Cow::Owned(v)
         }
-    })
+    }))
 }
 
-/// Runs `f` with the CPU data of a tensor the op holds (u_ext, the adapter).
-fn with_held<T: Elem, R>(
-    arg: &str,
-    t: &candle_core::Tensor,
-    f: impl FnOnce(&[T]) -> Result<R>,
-) -> Result<R> {
-    let (st, l) = t.storage_and_layout();
-    match &*st {
-        candle_core::Storage::Cpu(s) => f(data::<T>(arg, s, l)?),
-        _ => fail!(OP, "{arg} is not on the CPU (internal)"),
-    }
+/// The contiguous data of input `i`.
+fn data<'a, T: Elem>(
+    ins: &Inputs<'a, CpuStorage>,
+    i: usize,
+    s: &'a CpuStorage,
+    l: &Layout,
+) -> Result<&'a [T]> {
+    cpu::slice(ins.op(), ins.name(i), s, l)
 }
 
-fn with_held_opt<T: Elem, R>(
-    arg: &str,
-    t: Option<&candle_core::Tensor>,
-    f: impl FnOnce(Option<&[T]>) -> Result<R>,
-) -> Result<R> {
-    match t {
-        Some(t) => with_held::<T, R>(arg, t, |d| f(Some(d))),
-        None => f(None),
-    }
+/// Optional input `i` as stored.
+fn stored<'a, T: Elem>(ins: &Inputs<'a, CpuStorage>, i: usize) -> Result<Option<&'a [T]>> {
+    ins.opt(i).map(|(s, l)| data::<T>(ins, i, s, l)).transpose()
 }
 
 /// Runs `f` on `out` seen in the accumulation type, rounding once for half types.
@@ -181,23 +160,13 @@ fn with_acc<T: Elem>(out: &mut [T], f: impl FnOnce(&mut [T::A])) {
     }
 }
 
-static BLOCK_ELEMS: AtomicUsize = AtomicUsize::new(1 << 20);
-
-/// Sets the size (in elements of the widest activation row times rows) of the row blocks the
-/// half-type CPU path widens at a time (default 2^20). For tests: small blocks exercise the
-/// accumulation across blocks on small shapes.
-#[doc(hidden)]
-pub fn set_block_elems(n: usize) {
-    BLOCK_ELEMS.store(n.max(1), Ordering::Relaxed)
-}
-
-/// Rows per block: all of them for f32/f64 (no copies), about `BLOCK_ELEMS` widened elements
-/// of the widest activation row for half types.
-fn block_rows<T: Elem>(m: usize, width: usize) -> usize {
+/// Rows per block: all of them for f32/f64 (no copies), about `half_gemm_block` widened
+/// elements of the widest activation row for half types.
+fn block_rows<T: Elem>(cfg: &CpuConfig, m: usize, width: usize) -> usize {
     if T::IS_ACC {
         m.max(1)
     } else {
-        (BLOCK_ELEMS.load(Ordering::Relaxed) / width.max(1)).clamp(1, m.max(1))
+        (cfg.half_gemm_block.max(1) / width.max(1)).clamp(1, m.max(1))
     }
 }
 
@@ -206,115 +175,132 @@ fn blocks(m: usize, rows: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..m.div_ceil(rows)).map(move |b| (b * rows, ((b + 1) * rows).min(m)))
 }
 
-fn storage<T: WithDType>(v: Vec<T>) -> CpuStorage {
-    T::to_cpu_storage_owned(v)
-}
-
-/// `u_ext = [s·x·Aᵀ | 1]`, `M × kk`.
-pub(crate) fn down(
+/// `u_ext = [s·x·Aᵀ | 1 | 0..]` (`M × kk`, the ones column with a bias), in the storage dtype.
+fn down_t<T: Elem>(
     d: &Dims,
     scale: f64,
-    x: (&CpuStorage, &Layout),
-    a: (&CpuStorage, &Layout),
-) -> Result<(CpuStorage, Shape)> {
-    dispatch!(OP, x.0.dtype(), |T| {
-        type A = <T as Elem>::A;
-        let xs = data::<T>("x", x.0, x.1)?;
-        let a_s = widen_weight::<T>("a", a.0, a.1)?;
-        let kk = d.kk();
-        let mut u = cpu::alloc::<T>(d.m * kk, crate::poison::poison_enabled());
-        let mut xbuf = Vec::new();
-        for (m0, m1) in blocks(d.m, block_rows::<T>(d.m, d.k)) {
-            let xb = acc(&xs[m0 * d.k..m1 * d.k], &mut xbuf);
-            with_acc::<T>(&mut u[m0 * kk..m1 * kk], |u| {
-                // SAFETY: xb is (m1-m0)×K, A is r×K, u is (m1-m0) rows of kk >= r.
-                unsafe {
-                    mm(
-                        (m1 - m0, d.r, d.k),
-                        u,
-                        kk,
-                        false,
-                        Mat::rows(xb, d.k),
-                        Mat::t(&a_s, d.k),
-                        A::of(scale),
-                    )
-                };
-                for row in u.chunks_exact_mut(kk) {
-                    row[d.r..].fill(A::zero());
-                    if d.bias {
-                        row[d.r] = A::one();
-                    }
+    cfg: &KernelConfig,
+    x: &[T],
+    a: Option<&[T::A]>,
+) -> Vec<T> {
+    let kk = d.kk();
+    let a = a.unwrap_or(&[]);
+    let mut u = cpu::alloc::<T>(d.m * kk, cfg.poison);
+    let mut xbuf = Vec::new();
+    for (m0, m1) in blocks(d.m, block_rows::<T>(&cfg.cpu, d.m, d.k)) {
+        let xb = acc(&x[m0 * d.k..m1 * d.k], &mut xbuf);
+        with_acc::<T>(&mut u[m0 * kk..m1 * kk], |u| {
+            // SAFETY: xb is (m1-m0)×K, A is r×K, u is (m1-m0) rows of kk >= r.
+            unsafe {
+                mm(
+                    (m1 - m0, d.r, d.k),
+                    u,
+                    kk,
+                    false,
+                    mat(xb, d.k, false),
+                    mat(a, d.k, true),
+                    T::A::of(scale),
+                )
+            };
+            for row in u.chunks_exact_mut(kk) {
+                row[d.r..].fill(T::A::zero());
+                if d.bias {
+                    row[d.r] = T::A::one();
                 }
-            });
-        }
-        Ok((storage(u), Shape::from((d.m, kk))))
-    })
+            }
+        });
+    }
+    u
 }
 
-/// `y = x·Wᵀ + u_ext·B_extᵀ` (low-rank term first, then the base GEMM accumulates onto it).
-pub(crate) fn forward(
-    op: &LoraFwd,
-    x: (&CpuStorage, &Layout),
-    w: Option<(&CpuStorage, &Layout)>,
-    adapter: Option<(&CpuStorage, &Layout)>,
-) -> Result<(CpuStorage, Shape)> {
-    let d = op.dims;
+/// `B_ext = [B | bias | 0..]` (`N × kk`) in the accumulation type.
+fn b_ext<T: Elem>(d: &Dims, b: Option<&[T]>, bias: Option<&[T]>) -> Vec<T::A> {
     let kk = d.kk();
-    dispatch!(OP, x.0.dtype(), |T| {
-        type A = <T as Elem>::A;
-        let xs = data::<T>("x", x.0, x.1)?;
-        let ws = w.map(|(s, l)| widen_weight::<T>("w", s, l)).transpose()?;
-        let ads = adapter
-            .map(|(s, l)| widen_weight::<T>("adapter", s, l))
-            .transpose()?;
-        let u_held = if kk > 0 { op.u.as_ref() } else { None };
-        let mut y = cpu::alloc::<T>(d.m * d.n, crate::poison::poison_enabled());
-        with_held_opt::<T, _>("u", u_held, |us| {
-            let (mut xbuf, mut ubuf) = (Vec::new(), Vec::new());
-            for (m0, m1) in blocks(d.m, block_rows::<T>(d.m, d.k.max(d.n))) {
-                let rows = m1 - m0;
-                let xb = acc(&xs[m0 * d.k..m1 * d.k], &mut xbuf);
-                let ub = us.map(|u| acc(&u[m0 * kk..m1 * kk], &mut ubuf));
-                with_acc::<T>(&mut y[m0 * d.n..m1 * d.n], |y| {
-                    let mut low = false;
-                    if let (Some(ad), Some(u)) = (&ads, ub) {
-                        let bext = &ad[d.a_len()..];
-                        // SAFETY: u is rows×kk, B_ext is N×kk, y is rows×N.
-                        unsafe {
-                            mm(
-                                (rows, d.n, kk),
-                                y,
-                                d.n,
-                                false,
-                                Mat::rows(u, kk),
-                                Mat::t(bext, kk),
-                                A::one(),
-                            )
-                        };
-                        low = true;
-                    }
-                    match &ws {
-                        // SAFETY: x is rows×K, W is N×K.
-                        Some(ws) => unsafe {
-                            mm(
-                                (rows, d.n, d.k),
-                                y,
-                                d.n,
-                                low,
-                                Mat::rows(xb, d.k),
-                                Mat::t(ws, d.k),
-                                A::one(),
-                            )
-                        },
-                        None if !low => y.fill(A::zero()),
-                        None => {}
-                    }
-                });
+    let mut out = vec![T::A::zero(); d.n * kk];
+    for (i, row) in out.chunks_exact_mut(kk).enumerate() {
+        if let Some(b) = b {
+            T::to_acc(&b[i * d.r..(i + 1) * d.r], &mut row[..d.r]);
+        }
+        if let Some(bias) = bias {
+            T::to_acc(&bias[i..i + 1], &mut row[d.r..d.r + 1]);
+        }
+    }
+    out
+}
+
+/// [`LoraDown`]: `u_ext`.
+pub(super) fn down<T: Elem>(
+    k: &LoraDown,
+    cfg: &KernelConfig,
+    ins: &Inputs<CpuStorage>,
+) -> Result<Vec<CpuStorage>> {
+    let (x0, xl) = ins.get(0)?;
+    let x = data::<T>(ins, 0, x0, xl)?;
+    let a = weight::<T>(ins, 1)?;
+    let u = down_t::<T>(&k.dims, k.scale, cfg, x, a.as_deref());
+    Ok(vec![T::to_cpu_storage_owned(u)])
+}
+
+/// [`LoraFwd`]: `u_ext` first, then `y = u_ext·B_extᵀ` and the base GEMM accumulating onto it.
+pub(super) fn forward<T: Elem>(
+    k: &LoraFwd,
+    cfg: &KernelConfig,
+    ins: &Inputs<CpuStorage>,
+) -> Result<Vec<CpuStorage>> {
+    type A<T> = <T as Elem>::A;
+    let d = k.dims;
+    let kk = d.kk();
+    let (x0, xl) = ins.get(0)?;
+    let x = data::<T>(ins, 0, x0, xl)?;
+    let w = weight::<T>(ins, 1)?;
+    let a = weight::<T>(ins, 2)?;
+    let (b, bias) = (stored::<T>(ins, 3)?, stored::<T>(ins, 4)?);
+    let u = (kk > 0).then(|| down_t::<T>(&d, k.scale, cfg, x, a.as_deref()));
+    let bext = (kk > 0).then(|| b_ext::<T>(&d, b, bias));
+    let mut y = cpu::alloc::<T>(d.m * d.n, cfg.poison);
+    let (mut xbuf, mut ubuf) = (Vec::new(), Vec::new());
+    for (m0, m1) in blocks(d.m, block_rows::<T>(&cfg.cpu, d.m, d.k.max(d.n))) {
+        let rows = m1 - m0;
+        let xb = acc(&x[m0 * d.k..m1 * d.k], &mut xbuf);
+        let ub = u.as_ref().map(|u| acc(&u[m0 * kk..m1 * kk], &mut ubuf));
+        with_acc::<T>(&mut y[m0 * d.n..m1 * d.n], |y| {
+            let mut low = false;
+            if let (Some(bext), Some(u)) = (&bext, ub) {
+                // SAFETY: u is rows×kk, B_ext is N×kk, y is rows×N.
+                unsafe {
+                    mm(
+                        (rows, d.n, kk),
+                        y,
+                        d.n,
+                        false,
+                        mat(u, kk, false),
+                        mat(bext, kk, true),
+                        A::<T>::one(),
+                    )
+                };
+                low = true;
             }
-            Ok(())
-        })?;
-        Ok((storage(y), Shape::from((d.m, d.n))))
-    })
+            match &w {
+                // SAFETY: x is rows×K, W is N×K.
+                Some(w) => unsafe {
+                    mm(
+                        (rows, d.n, d.k),
+                        y,
+                        d.n,
+                        low,
+                        mat(xb, d.k, false),
+                        mat(w, d.k, true),
+                        A::<T>::one(),
+                    )
+                },
+                None if !low => y.fill(A::<T>::zero()),
+                None => {}
+            }
+        });
+    }
+    let mut out = vec![T::to_cpu_storage_owned(y)];
+    out.extend(u.map(T::to_cpu_storage_owned));
+    Ok(out)
 }
 
 /// A reduction output over the rows: the output itself for f32/f64, an f32 accumulator for
@@ -365,173 +351,171 @@ impl<'a, T: Elem> Reduce<'a, T> {
     }
 }
 
-/// The flat `[dx | dW | dA | dB_ext]` of the parts in `op.need`.
-pub(crate) fn backward(
-    op: &LoraBwd,
-    dy: (&CpuStorage, &Layout),
-    x: (&CpuStorage, &Layout),
-    w: Option<(&CpuStorage, &Layout)>,
-) -> Result<(CpuStorage, Shape)> {
-    let d = op.dims;
-    let need = op.need;
+/// [`LoraBwd`]: the gradients in `need`, in the order `dx, dw, da, db, dbias`.
+pub(super) fn backward<T: Elem>(
+    k: &LoraBwd,
+    cfg: &KernelConfig,
+    ins: &Inputs<CpuStorage>,
+) -> Result<Vec<CpuStorage>> {
+    type A<T> = <T as Elem>::A;
+    let (d, need) = (k.dims, k.need);
     let kk = d.kk();
-    dispatch!(OP, x.0.dtype(), |T| {
-        type A = <T as Elem>::A;
-        let one = A::one();
-        let dys = data::<T>("dy", dy.0, dy.1)?;
-        let xs = data::<T>("x", x.0, x.1)?;
-        let ws = w.map(|(s, l)| widen_weight::<T>("w", s, l)).transpose()?;
-        let ads: Option<Vec<A>> = with_held_opt::<T, _>("adapter", op.adapter.as_ref(), |a| {
-            Ok(a.map(|a| {
-                let mut v = Vec::new();
-                widen_into(a, &mut v);
-                v
-            }))
-        })?;
-        let (a_s, bext) = match &ads {
-            Some(ad) => (&ad[..d.r * d.k], &ad[d.a_len()..]),
-            None => (&[][..], &[][..]),
-        };
-        let has_g = d.r > 0 && (need.dx || need.da) && ads.is_some();
-        let u_held = if kk > 0 && need.db {
-            op.u.as_ref()
-        } else {
-            None
-        };
-        let mut out = cpu::alloc::<T>(need.out_len(&d), crate::poison::poison_enabled());
-        {
-            let rest: &mut [T] = &mut out;
-            let (dx_out, rest) = rest.split_at_mut(if need.dx { d.m * d.k } else { 0 });
-            let (dw_out, rest) = rest.split_at_mut(if need.dw { d.n * d.k } else { 0 });
-            let adapter_len = if need.da || need.db {
-                d.adapter_len()
-            } else {
-                0
+    let one = A::<T>::one();
+    let (g0, gl) = ins.get(0)?;
+    let dys = data::<T>(ins, 0, g0, gl)?;
+    let xs = stored::<T>(ins, 1)?;
+    let w = weight::<T>(ins, 2)?;
+    let a = weight::<T>(ins, 3)?;
+    let b = weight::<T>(ins, 4)?;
+    let us = stored::<T>(ins, 5)?.filter(|_| need.db_ext(&d));
+    let has_g = need.g(&d) && b.is_some();
+    if ((need.dw || need.da) && xs.is_none())
+        || (need.db_ext(&d) && us.is_none())
+        || (has_g && need.dx && a.is_none())
+    {
+        fail!(
+            k.name,
+            "internal: an input the requested gradients need was not given"
+        )
+    }
+    let (a_s, bs) = (a.as_deref().unwrap_or(&[]), b.as_deref().unwrap_or(&[]));
+    let len = |on: bool, n: usize| if on { n } else { 0 };
+    let mut dx_out = cpu::alloc::<T>(len(need.dx, d.m * d.k), cfg.poison);
+    let mut dw_out = cpu::alloc::<T>(len(need.dw, d.n * d.k), cfg.poison);
+    let mut da_out = cpu::alloc::<T>(len(need.da, d.r * d.k), cfg.poison);
+    let mut dbext_out = cpu::alloc::<T>(len(need.db_ext(&d), d.n * kk), cfg.poison);
+    {
+        let mut dw_acc = Reduce::<T>::new(&mut dw_out);
+        let mut da_acc = Reduce::<T>::new(&mut da_out);
+        let mut db_acc = Reduce::<T>::new(&mut dbext_out);
+        let (mut dybuf, mut xbuf, mut ubuf) = (Vec::new(), Vec::new(), Vec::new());
+        let mut g: Vec<A<T>> = Vec::new();
+        for (m0, m1) in blocks(d.m, block_rows::<T>(&cfg.cpu, d.m, d.k.max(d.n))) {
+            let rows = m1 - m0;
+            let dyb = acc(&dys[m0 * d.n..m1 * d.n], &mut dybuf);
+            let xb = match xs {
+                Some(x) if need.dw || need.da => acc(&x[m0 * d.k..m1 * d.k], &mut xbuf),
+                _ => &[][..],
             };
-            let (da_out, db_out) =
-                rest[..adapter_len].split_at_mut(if adapter_len > 0 { d.a_len() } else { 0 });
-            // dA is the first r·K elements of its part; the padding's gradient is zero.
-            let (da_out, da_pad) = da_out.split_at_mut(if adapter_len > 0 { d.r * d.k } else { 0 });
-            da_pad.fill(T::zero());
-            let mut dw_acc = Reduce::<T>::new(dw_out);
-            let mut da_acc = Reduce::<T>::new(da_out);
-            let mut db_acc = Reduce::<T>::new(db_out);
-            with_held_opt::<T, _>("u", u_held, |us| {
-                let (mut dybuf, mut xbuf, mut ubuf) = (Vec::new(), Vec::new(), Vec::new());
-                let mut g: Vec<A> = Vec::new();
-                for (m0, m1) in blocks(d.m, block_rows::<T>(d.m, d.k.max(d.n))) {
-                    let rows = m1 - m0;
-                    let dyb = acc(&dys[m0 * d.n..m1 * d.n], &mut dybuf);
-                    let xb = if need.dw || need.da {
-                        acc(&xs[m0 * d.k..m1 * d.k], &mut xbuf)
-                    } else {
-                        &[][..]
-                    };
-                    // g = s·dy·B (rows×r), needed by dx and dA.
+            // g = s·dy·B (rows×r), needed by dx and dA.
+            if has_g {
+                g.clear();
+                g.resize(rows * d.r, A::<T>::zero());
+                // SAFETY: dy is rows×N, B is N×r.
+                unsafe {
+                    mm(
+                        (rows, d.r, d.n),
+                        &mut g,
+                        d.r,
+                        false,
+                        mat(dyb, d.n, false),
+                        mat(bs, d.r, false),
+                        A::<T>::of(k.scale),
+                    )
+                };
+            }
+            if need.dx {
+                with_acc::<T>(&mut dx_out[m0 * d.k..m1 * d.k], |dx| {
                     if has_g {
-                        g.clear();
-                        g.resize(rows * d.r, A::zero());
-                        // SAFETY: dy is rows×N, B the first r columns of B_ext (N×kk).
+                        // SAFETY: g is rows×r, A is r×K, dx is rows×K.
                         unsafe {
                             mm(
-                                (rows, d.r, d.n),
-                                &mut g,
-                                d.r,
+                                (rows, d.k, d.r),
+                                dx,
+                                d.k,
                                 false,
-                                Mat::rows(dyb, d.n),
-                                Mat::rows(bext, kk),
-                                A::of(op.scale),
+                                mat(&g, d.r, false),
+                                mat(a_s, d.k, false),
+                                one,
                             )
                         };
                     }
-                    if need.dx {
-                        with_acc::<T>(&mut dx_out[m0 * d.k..m1 * d.k], |dx| {
-                            if has_g {
-                                // SAFETY: g is rows×r, A is r×K, dx is rows×K.
-                                unsafe {
-                                    mm(
-                                        (rows, d.k, d.r),
-                                        dx,
-                                        d.k,
-                                        false,
-                                        Mat::rows(&g, d.r),
-                                        Mat::rows(a_s, d.k),
-                                        one,
-                                    )
-                                };
-                            }
-                            match &ws {
-                                // SAFETY: dy is rows×N, W is N×K.
-                                Some(ws) => unsafe {
-                                    mm(
-                                        (rows, d.k, d.n),
-                                        dx,
-                                        d.k,
-                                        has_g,
-                                        Mat::rows(dyb, d.n),
-                                        Mat::rows(ws, d.k),
-                                        one,
-                                    )
-                                },
-                                None if !has_g => dx.fill(A::zero()),
-                                None => {}
-                            }
-                        });
-                    }
-                    if need.dw {
-                        let (dw, started) = dw_acc.acc();
-                        // SAFETY: dyᵀ is N×rows, x is rows×K, dW is N×K.
-                        unsafe {
+                    match &w {
+                        // SAFETY: dy is rows×N, W is N×K.
+                        Some(w) => unsafe {
                             mm(
-                                (d.n, d.k, rows),
-                                dw,
+                                (rows, d.k, d.n),
+                                dx,
                                 d.k,
-                                started,
-                                Mat::t(dyb, d.n),
-                                Mat::rows(xb, d.k),
+                                has_g,
+                                mat(dyb, d.n, false),
+                                mat(w, d.k, false),
                                 one,
                             )
-                        };
+                        },
+                        None if !has_g => dx.fill(A::<T>::zero()),
+                        None => {}
                     }
-                    if need.da && has_g {
-                        let (da, started) = da_acc.acc();
-                        // SAFETY: gᵀ is r×rows, x is rows×K, dA is r×K.
-                        unsafe {
-                            mm(
-                                (d.r, d.k, rows),
-                                da,
-                                d.k,
-                                started,
-                                Mat::t(&g, d.r),
-                                Mat::rows(xb, d.k),
-                                one,
-                            )
-                        };
-                    }
-                    if let Some(u) = us {
-                        let ub = acc(&u[m0 * kk..m1 * kk], &mut ubuf);
-                        let (db, started) = db_acc.acc();
-                        // SAFETY: dyᵀ is N×rows, u_ext is rows×kk, dB_ext is N×kk.
-                        unsafe {
-                            mm(
-                                (d.n, kk, rows),
-                                db,
-                                kk,
-                                started,
-                                Mat::t(dyb, d.n),
-                                Mat::rows(ub, kk),
-                                one,
-                            )
-                        };
-                    }
-                }
-                Ok(())
-            })?;
-            dw_acc.finish();
-            da_acc.finish();
-            db_acc.finish();
+                });
+            }
+            if need.dw {
+                let (dw, started) = dw_acc.acc();
+                // SAFETY: dyᵀ is N×rows, x is rows×K, dW is N×K.
+                unsafe {
+                    mm(
+                        (d.n, d.k, rows),
+                        dw,
+                        d.k,
+                        started,
+                        mat(dyb, d.n, true),
+                        mat(xb, d.k, false),
+                        one,
+                    )
+                };
+            }
+            if need.da && has_g {
+                let (da, started) = da_acc.acc();
+                // SAFETY: gᵀ is r×rows, x is rows×K, dA is r×K.
+                unsafe {
+                    mm(
+                        (d.r, d.k, rows),
+                        da,
+                        d.k,
+                        started,
+                        mat(&g, d.r, true),
+                        mat(xb, d.k, false),
+                        one,
+                    )
+                };
+            }
+            if let Some(u) = us {
+                let ub = acc(&u[m0 * kk..m1 * kk], &mut ubuf);
+                let (db, started) = db_acc.acc();
+                // SAFETY: dyᵀ is N×rows, u_ext is rows×kk, dB_ext is N×kk.
+                unsafe {
+                    mm(
+                        (d.n, kk, rows),
+                        db,
+                        kk,
+                        started,
+                        mat(dyb, d.n, true),
+                        mat(ub, kk, false),
+                        one,
+                    )
+                };
+            }
         }
-        let len = out.len();
-        Ok((storage(out), Shape::from(len)))
-    })
+        dw_acc.finish();
+        da_acc.finish();
+        db_acc.finish();
+    }
+    // dB_ext = [dB | dbias | 0..]: split into its parts.
+    let mut out = Vec::new();
+    for (on, v) in [(need.dx, dx_out), (need.dw, dw_out), (need.da, da_out)] {
+        if on {
+            out.push(T::to_cpu_storage_owned(v));
+        }
+    }
+    if need.db && d.r > 0 {
+        let mut db = cpu::alloc::<T>(d.n * d.r, cfg.poison);
+        for (o, row) in db.chunks_exact_mut(d.r).zip(dbext_out.chunks_exact(kk)) {
+            o.copy_from_slice(&row[..d.r]);
+        }
+        out.push(T::to_cpu_storage_owned(db));
+    }
+    if need.dbias {
+        let dbias: Vec<T> = dbext_out.chunks_exact(kk).map(|row| row[d.r]).collect();
+        out.push(T::to_cpu_storage_owned(dbias));
+    }
+    Ok(out)
 }

@@ -21,8 +21,8 @@
 //! and `B_ext = [B | bias]` (`N×(r+1)`), so `u_ext·B_extᵀ = u·Bᵀ + bias` and, in the backward,
 //! `dyᵀ·u_ext = [dB | dbias]`: the bias costs neither an extra pass over `y` in the forward nor a
 //! separate reduction over `dy` in the backward. Both are zero-padded to a multiple of 8
-//! columns (and `A`'s packed part to a multiple of 8 elements) so cuBLAS sees 16-byte aligned
-//! rows and operands (an odd `r + 1` would push it onto its unaligned, scalar kernels).
+//! columns so cuBLAS sees 16-byte aligned rows (an odd `r + 1` would push it onto its
+//! unaligned, scalar kernels).
 //!
 //! # Gradients and the frozen weight
 //!
@@ -32,14 +32,20 @@
 //! costs nothing. Likewise `dx` is computed only when `x` is tracked (the first layer's input
 //! usually is not, saving the largest GEMM of the backward).
 //!
-//! # Candle's three-input limit
+//! # Kernels and autograd
 //!
-//! The op has five inputs. Internally `A`, `B_ext` are packed into one flat "adapter" tensor
-//! (a differentiable `cat`: `r·(K+N+1)` elements, tiny next to `W`), and the op is a
-//! `CustomOp3 (x, W, adapter)` that also holds `u_ext` (computed by a no-grad op just before).
-//! Its backward is one no-grad op that writes `[dx | dW | dA | dB_ext]` into one buffer, split
-//! into views; `cat`'s own backward hands `dA`, `dB`, `dbias` to `A`, `B`, `bias`. None of this
-//! reaches the public API.
+//! Three kernels of plain data (sizes, scale, which inputs are present, which gradients are
+//! needed) on the crate's seam ([`crate::seam`]):
+//! - [`LoraFwd`] `(x, w?, a?, b?, bias?) -> (y, u_ext?)`: the forward, returning the low-rank
+//!   activation `u_ext` the backward needs;
+//! - [`LoraDown`] `(x, a) -> u_ext`: `u_ext` alone (the standalone backward recomputes it);
+//! - [`LoraBwd`] `(dy, x?, w?, a?, b?, u_ext?) -> (dx?, dw?, da?, db?, dbias?)`: the requested
+//!   gradients, each its own output.
+//!
+//! `y` is attached to the graph with `x`, `w`, `a`, `b`, `bias` as parents (the seam packs
+//! more than three tracked parents itself); its backward closure runs [`LoraBwd`] on what it
+//! captured. The padded layouts (`u_ext`, `B_ext`) never leave the op: `B_ext` is built inside
+//! each backend from `b` and `bias`, and `u_ext` is only ever handed back to [`LoraBwd`].
 //!
 //! # Order of the products and the bytes they move (the CUDA path, cuBLAS)
 //!
@@ -75,12 +81,12 @@
 //! The same products through the `gemm` crate (what Candle's CPU matmul uses) with its
 //! `dst = α·dst + β·lhs·rhs` form for the accumulations, strides for every transpose (no
 //! copies). f32 and f64 run in place on all rows at once. f16 and bf16 run in blocks of rows
-//! (about 2^20 elements): a block of `x`/`dy`/`u` is widened to f32, computed, and its results
+//! (about [`crate::config::CpuConfig::half_gemm_block`] elements, 2^20 by default): a block of `x`/`dy`/`u` is widened to f32, computed, and its results
 //! rounded once; reductions over rows (dW, dA, dB, dbias) accumulate in f32 across blocks; the
 //! weights are widened once per call (O(N·K) against O(M·N·K) work). So half types accumulate
 //! in f32 (Candle's CPU matmul widens bf16 the same way, but its f16 GEMM rounds partial sums
 //! to f16 between depth blocks) and no `M×N` temporary is made. `u_ext` is stored in the input
-//! dtype on both backends.
+//! dtype on both backends. On CUDA, f64 is a clear error like for every other op.
 //!
 //! # What to time (bench)
 //!
@@ -90,22 +96,50 @@
 //! (`+ 2·N·K·M` with dW). Minimum bytes (each input read once, each output written once):
 //! forward `e·(M·K + N·K + r·K + N·r + N + M·N)`, backward `e·(M·N + M·K + N·K + (r·K + N·r) +
 //! M·r + M·K + r·K + N·r)` with `e` the element size. Compare the forward with the bare
-//! `x·Wᵀ` (the limit), Candle composed ops ([`lora_linear_composed`]), merged weights, and
+//! `x·Wᵀ` (the limit), Candle composed ops (`candle_fused_testkit::reference::lora_linear`), merged weights, and
 //! PyTorch (`x@W.T + s*((x@A.T)@B.T)`, `torch.addmm`); forward+backward with grads for x, A, B.
 
-pub(crate) mod cpu;
-mod op;
-
-#[doc(hidden)]
-pub use cpu::set_block_elems as set_cpu_block_elems;
+mod cpu;
 #[cfg(feature = "cuda")]
-pub(crate) mod cuda;
+mod cuda;
+mod kernels;
 
 use candle_core::{Result, Tensor};
 
-use op::{Dims, LoraDown, LoraFwd, Need};
-
+use crate::config::{KernelConfig, Kernels};
+use crate::seam::{self, Kernel};
 use crate::validate::{self, fail};
+use kernels::{Dims, LoraBwd, LoraDown, LoraFwd, Need};
+
+impl Kernel for LoraFwd {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn inputs(&self) -> &'static [&'static str] {
+        &["x", "w", "a", "b", "bias"]
+    }
+    seam::backends!(cpu::forward, cuda::forward);
+}
+
+impl Kernel for LoraDown {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn inputs(&self) -> &'static [&'static str] {
+        &["x", "a"]
+    }
+    seam::backends!(cpu::down, cuda::down);
+}
+
+impl Kernel for LoraBwd {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn inputs(&self) -> &'static [&'static str] {
+        &["dy", "x", "w", "a", "b", "u_ext"]
+    }
+    seam::backends!(cpu::backward, cuda::backward);
+}
 
 /// Checks of one tensor argument: dtype and device of `x`, exact shape.
 fn check_arg(
@@ -120,7 +154,20 @@ fn check_arg(
     validate::shape_eq(op, arg, t, dims, what)
 }
 
-/// Validates the arguments; returns `(K, N, r)`.
+/// `x` (rank >= 1, float) and `w` (`[N, K]`); returns `(K, N)`.
+fn check_base(op: &str, x: &Tensor, w: &Tensor) -> Result<(usize, usize)> {
+    validate::rank_ge1(op, "x", x)?;
+    validate::float_dtype(op, "x", x)?;
+    let k = x.dim(candle_core::D::Minus1)?;
+    if w.rank() != 2 {
+        fail!(op, "w must have shape [N, K] (rank 2), got {:?}", w.dims())
+    }
+    let n = w.dim(0)?;
+    check_arg(op, "w", w, x, &[n, k], "[N, K] with K the last dim of x")?;
+    Ok((k, n))
+}
+
+/// Validates the arguments of the LoRA linear; returns `(K, N, r)`.
 pub(crate) fn check(
     op: &str,
     x: &Tensor,
@@ -130,14 +177,7 @@ pub(crate) fn check(
     b: &Tensor,
     scale: f64,
 ) -> Result<(usize, usize, usize)> {
-    validate::rank_ge1(op, "x", x)?;
-    validate::float_dtype(op, "x", x)?;
-    let k = x.dim(candle_core::D::Minus1)?;
-    if w.rank() != 2 {
-        fail!(op, "w must have shape [N, K] (rank 2), got {:?}", w.dims())
-    }
-    let n = w.dim(0)?;
-    check_arg(op, "w", w, x, &[n, k], "[N, K] with K the last dim of x")?;
+    let (k, n) = check_base(op, x, w)?;
     if a.rank() != 2 {
         fail!(op, "a must have shape [r, K] (rank 2), got {:?}", a.dims())
     }
@@ -172,130 +212,6 @@ pub(crate) fn check(
     Ok((k, n, r))
 }
 
-/// `y = x·Wᵀ (+ bias) + scale·(x·Aᵀ)·Bᵀ`, differentiable in `x`, `a`, `b`, `bias` (and in `w`
-/// when `w` is tracked; a detached/frozen weight costs no gradient work).
-///
-/// `x [..., K]`, `w [N, K]`, `bias [N]`, `a [r, K]`, `b [N, r]` with `1 <= r <= min(K, N)`,
-/// all of one float dtype (f32, f64, f16, bf16; half types accumulate in f32) and one device.
-/// Returns `[..., N]`. Non-contiguous inputs are copied to contiguous ones first. An `x` with
-/// no rows gives an empty output.
-pub fn lora_linear(
-    x: &Tensor,
-    w: &Tensor,
-    bias: Option<&Tensor>,
-    a: &Tensor,
-    b: &Tensor,
-    scale: f64,
-) -> Result<Tensor> {
-    const OP: &str = "lora_linear";
-    check(OP, x, w, bias, a, b, scale)?;
-    core(x, Some(w), bias, Some((a, b)), scale)
-}
-
-/// A plain linear layer `y = x·Wᵀ (+ bias)` through the same kernels (the bias folded into
-/// the GEMM as above): what a merged or disabled [`crate::nn::LoraLinear`] runs. Differentiable
-/// in `x` and `bias` (and `w` when tracked).
-pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    const OP: &str = "linear";
-    validate::rank_ge1(OP, "x", x)?;
-    validate::float_dtype(OP, "x", x)?;
-    let k = x.dim(candle_core::D::Minus1)?;
-    if w.rank() != 2 {
-        fail!(OP, "w must have shape [N, K] (rank 2), got {:?}", w.dims())
-    }
-    let n = w.dim(0)?;
-    check_arg(OP, "w", w, x, &[n, k], "[N, K] with K the last dim of x")?;
-    if let Some(bias) = bias {
-        check_arg(OP, "bias", bias, x, &[n], "[N] with N the rows of w")?;
-    }
-    core(x, Some(w), bias, None, 0.0)
-}
-
-/// The adapter branch alone, `scale·(x·Aᵀ)·Bᵀ` (the dropout path of `LoraLinear`, whose
-/// adapter sees a different input than the base product).
-pub(crate) fn adapter_only(x: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
-    const OP: &str = "lora_adapter";
-    validate::rank_ge1(OP, "x", x)?;
-    validate::float_dtype(OP, "x", x)?;
-    let k = x.dim(candle_core::D::Minus1)?;
-    let r = a.dim(0)?;
-    let n = b.dim(0)?;
-    check_arg(OP, "a", a, x, &[r, k], "[r, K]")?;
-    check_arg(OP, "b", b, x, &[n, r], "[N, r]")?;
-    validate::finite(OP, "scale", scale)?;
-    core(x, None, None, Some((a, b)), scale)
-}
-
-/// The general form behind [`lora_linear`] and [`crate::nn::LoraLinear`] (arguments already
-/// validated): `x·Wᵀ` when `w` is given, `+ bias`, `+ scale·(x·Aᵀ)·Bᵀ` when an adapter is
-/// given. At least one of `w` and the adapter must be given.
-pub(crate) fn core(
-    x: &Tensor,
-    w: Option<&Tensor>,
-    bias: Option<&Tensor>,
-    adapter: Option<(&Tensor, &Tensor)>,
-    scale: f64,
-) -> Result<Tensor> {
-    let dims = x.dims();
-    let k = dims[dims.len() - 1];
-    let m: usize = dims[..dims.len() - 1].iter().product();
-    let n = match (w, adapter) {
-        (Some(w), _) => w.dim(0)?,
-        (None, Some((_, b))) => b.dim(0)?,
-        (None, None) => fail!(
-            "lora_linear",
-            "internal: neither a base weight nor an adapter"
-        ),
-    };
-    let r = adapter.map(|(a, _)| a.dim(0)).transpose()?.unwrap_or(0);
-    let mut out_dims = dims[..dims.len() - 1].to_vec();
-    out_dims.push(n);
-    if m == 0 {
-        return Tensor::zeros(out_dims, x.dtype(), x.device());
-    }
-    if k == 0 || n == 0 {
-        // Empty products: y is the bias (or zeros), and no GEMM has anything to do.
-        let y = Tensor::zeros((m, n), x.dtype(), x.device())?;
-        let y = match bias {
-            Some(bias) => y.broadcast_add(bias)?,
-            None => y,
-        };
-        return y.reshape(out_dims);
-    }
-    let d = Dims {
-        m,
-        k,
-        n,
-        r,
-        bias: bias.is_some(),
-        base: w.is_some(),
-    };
-    gemm_limit("lora_linear", &d)?;
-    let x2 = x.reshape((m, k))?.contiguous()?;
-    let w = w.map(|w| w.contiguous()).transpose()?;
-    let packed = pack_adapter(x, &d, bias, adapter)?;
-    let u = low_rank_input(&x2, &d, adapter, scale)?;
-    let need = Need {
-        dx: x.track_op(),
-        dw: w.as_ref().is_some_and(|w| w.track_op()),
-        da: adapter.is_some_and(|(a, _)| a.track_op()),
-        db: adapter.is_some_and(|(_, b)| b.track_op()) || bias.is_some_and(|b| b.track_op()),
-    };
-    let op = LoraFwd {
-        dims: d,
-        scale,
-        need,
-        u,
-    };
-    let y = match (&w, &packed) {
-        (Some(w), Some(p)) => x2.apply_op3(w, p, op)?,
-        (Some(w), None) => x2.apply_op2(w, op)?,
-        (None, Some(p)) => x2.apply_op2(p, op)?,
-        (None, None) => unreachable!("checked above"),
-    };
-    y.reshape(out_dims)
-}
-
 /// cuBLAS takes `i32` sizes.
 fn gemm_limit(op: &str, d: &Dims) -> Result<()> {
     let (m, k, n) = (d.m, d.k, d.n);
@@ -308,66 +224,319 @@ fn gemm_limit(op: &str, d: &Dims) -> Result<()> {
     Ok(())
 }
 
-/// The packed adapter `[A | 0.. | B_ext]` with `B_ext = [B | bias | 0..]` (widths padded to
-/// multiples of `PAD`); a differentiable `cat`, so `A`, `B`, `bias` get their gradients (the
-/// zero pads' gradients are dropped by cat's backward). `None` when there is neither an adapter
-/// nor a bias.
-fn pack_adapter(
-    x: &Tensor,
-    d: &Dims,
-    bias: Option<&Tensor>,
-    adapter: Option<(&Tensor, &Tensor)>,
-) -> Result<Option<Tensor>> {
-    let (k, n, r, kk) = (d.k, d.n, d.r, d.kk());
-    if kk == 0 {
-        return Ok(None);
-    }
-    let zeros = |len: usize, shape: &[usize]| -> Result<Option<Tensor>> {
-        if len == 0 {
-            Ok(None)
-        } else {
-            Tensor::zeros(shape, x.dtype(), x.device()).map(Some)
-        }
-    };
-    let mut cols: Vec<Tensor> = Vec::new();
-    if let Some((_, b)) = adapter {
-        cols.push(b.clone());
-    }
-    if let Some(bias) = bias {
-        cols.push(bias.unsqueeze(1)?);
-    }
-    let used = r + usize::from(d.bias);
-    cols.extend(zeros(kk - used, &[n, kk - used])?);
-    let bext = Tensor::cat(&cols, 1)?.flatten_all()?;
-    let mut parts = Vec::new();
-    if let Some((a, _)) = adapter {
-        parts.push(a.flatten_all()?);
-        parts.extend(zeros(d.a_len() - r * k, &[d.a_len() - r * k])?);
-    }
-    parts.push(bext);
-    Ok(Some(Tensor::cat(&parts, 0)?.contiguous()?))
+/// `(M, K)` of `x [..., K]` and the output dims `[..., n]`.
+fn rows_of(x: &Tensor, n: usize) -> (usize, usize, Vec<usize>) {
+    let dims = x.dims();
+    let k = dims[dims.len() - 1];
+    let m: usize = dims[..dims.len() - 1].iter().product();
+    let mut out = dims[..dims.len() - 1].to_vec();
+    out.push(n);
+    (m, k, out)
 }
 
-/// `u_ext = [s·x·Aᵀ | 1 | 0..]` (`M × kk`), a constant of the graph (no gradient flows
-/// through it); `None` without adapter and bias.
-fn low_rank_input(
-    x2: &Tensor,
-    d: &Dims,
-    adapter: Option<(&Tensor, &Tensor)>,
-    scale: f64,
-) -> Result<Option<Tensor>> {
-    Ok(match adapter {
-        Some((a, _)) => Some(
-            x2.detach()
-                .apply_op2_no_bwd(&a.detach().contiguous()?, &LoraDown { dims: *d, scale })?,
-        ),
-        None if d.bias => {
-            let ones = Tensor::ones((d.m, 1), x2.dtype(), x2.device())?;
-            let pad = Tensor::zeros((d.m, d.kk() - 1), x2.dtype(), x2.device())?;
-            Some(Tensor::cat(&[ones, pad], 1)?)
+/// The gradients one [`LoraBwd`] run returns (`None` where not asked for).
+#[derive(Default)]
+struct BwdOut {
+    dx: Option<Tensor>,
+    dw: Option<Tensor>,
+    da: Option<Tensor>,
+    db: Option<Tensor>,
+    dbias: Option<Tensor>,
+}
+
+/// Runs [`LoraBwd`] outside autograd (the autograd closure and [`lora_linear_backward`]).
+/// `x2` is `x` as `[M, K]`; absent inputs are those no needed gradient uses.
+#[allow(clippy::too_many_arguments)]
+fn run_backward(
+    cfg: &KernelConfig,
+    k: &LoraBwd,
+    dy: &Tensor,
+    x2: Option<&Tensor>,
+    w: Option<&Tensor>,
+    a: Option<&Tensor>,
+    b: Option<&Tensor>,
+    u: Option<&Tensor>,
+) -> Result<BwdOut> {
+    let (d, need) = (k.dims, k.need);
+    if !(need.dx || need.dw || need.da || need.db || need.dbias) {
+        return Ok(BwdOut::default());
+    }
+    let dy = dy.reshape((d.m, d.n))?;
+    let mut out = seam::run(k, cfg, &[Some(&dy), x2, w, a, b, u])?.into_iter();
+    let mut take = |on: bool, shape: &[usize]| -> Result<Option<Tensor>> {
+        if !on {
+            return Ok(None);
         }
-        None => None,
+        match out.next() {
+            Some(s) => Ok(Some(seam::tensor(s, shape))),
+            None => fail!(k.name, "internal: the backward returned too few gradients"),
+        }
+    };
+    Ok(BwdOut {
+        dx: take(need.dx, &[d.m, d.k])?,
+        dw: take(need.dw, &[d.n, d.k])?,
+        da: take(need.da, &[d.r, d.k])?,
+        db: take(need.db, &[d.n, d.r])?,
+        dbias: take(need.dbias, &[d.n])?,
     })
+}
+
+impl Kernels {
+    /// [`lora_linear`] with this handle's configuration.
+    pub fn lora_linear(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+        a: &Tensor,
+        b: &Tensor,
+        scale: f64,
+    ) -> Result<Tensor> {
+        const OP: &str = "lora_linear";
+        check(OP, x, w, bias, a, b, scale)?;
+        self.lora_core(OP, x, Some(w), bias, Some((a, b)), scale)
+    }
+
+    /// [`linear`] with this handle's configuration.
+    pub fn linear(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        const OP: &str = "linear";
+        let (_, n) = check_base(OP, x, w)?;
+        if let Some(bias) = bias {
+            check_arg(OP, "bias", bias, x, &[n], "[N] with N the rows of w")?;
+        }
+        self.lora_core(OP, x, Some(w), bias, None, 0.0)
+    }
+
+    /// The adapter branch alone, `scale·(x·Aᵀ)·Bᵀ` (the dropout path of `LoraLinear`, whose
+    /// adapter sees a different input than the base product).
+    pub(crate) fn lora_adapter(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        scale: f64,
+    ) -> Result<Tensor> {
+        const OP: &str = "lora_adapter";
+        validate::rank_ge1(OP, "x", x)?;
+        validate::float_dtype(OP, "x", x)?;
+        let k = x.dim(candle_core::D::Minus1)?;
+        let r = a.dim(0)?;
+        let n = b.dim(0)?;
+        check_arg(OP, "a", a, x, &[r, k], "[r, K]")?;
+        check_arg(OP, "b", b, x, &[n, r], "[N, r]")?;
+        validate::finite(OP, "scale", scale)?;
+        self.lora_core(OP, x, None, None, Some((a, b)), scale)
+    }
+
+    /// The general form (arguments already validated): `x·Wᵀ` when `w` is given, `+ bias`,
+    /// `+ scale·(x·Aᵀ)·Bᵀ` when an adapter is given (at least one of `w` and the adapter).
+    fn lora_core(
+        &self,
+        op: &'static str,
+        x: &Tensor,
+        w: Option<&Tensor>,
+        bias: Option<&Tensor>,
+        adapter: Option<(&Tensor, &Tensor)>,
+        scale: f64,
+    ) -> Result<Tensor> {
+        let n = match (w, adapter) {
+            (Some(w), _) => w.dim(0)?,
+            (None, Some((_, b))) => b.dim(0)?,
+            (None, None) => fail!(op, "internal: neither a base weight nor an adapter"),
+        };
+        let (m, k, out_dims) = rows_of(x, n);
+        if m == 0 {
+            return Tensor::zeros(out_dims, x.dtype(), x.device());
+        }
+        if k == 0 || n == 0 {
+            // Empty products: y is the bias (or zeros), and no GEMM has anything to do.
+            let y = Tensor::zeros((m, n), x.dtype(), x.device())?;
+            let y = match bias {
+                Some(bias) => y.broadcast_add(bias)?,
+                None => y,
+            };
+            return y.reshape(out_dims);
+        }
+        let (a, b) = (adapter.map(|p| p.0), adapter.map(|p| p.1));
+        let d = Dims {
+            m,
+            k,
+            n,
+            r: a.map(|a| a.dim(0)).transpose()?.unwrap_or(0),
+            bias: bias.is_some(),
+            base: w.is_some(),
+        };
+        gemm_limit(op, &d)?;
+        let cfg = self.config;
+        let x2 = x.reshape((m, k))?;
+        let fwd = LoraFwd {
+            dims: d,
+            scale,
+            name: op,
+        };
+        let mut out = seam::run(&fwd, &cfg, &[Some(&x2), w, a, b, bias])?.into_iter();
+        let Some(y) = out.next() else {
+            fail!(op, "internal: the forward returned no output")
+        };
+        let tracked = |t: Option<&Tensor>| t.is_some_and(|t| t.track_op());
+        let need = Need {
+            dx: x2.track_op(),
+            dw: tracked(w),
+            da: tracked(a),
+            db: tracked(b),
+            dbias: tracked(bias),
+        };
+        let bwd = LoraBwd {
+            dims: d,
+            scale,
+            need,
+            name: op,
+        };
+        // What the backward reads, kept only when a needed gradient uses it.
+        let keep = |on: bool, t: Option<&Tensor>| if on { t.map(|t| t.detach()) } else { None };
+        let xs = keep(need.dw || need.da, Some(&x2));
+        let ws = keep(need.dx, w);
+        let a_s = keep(need.dx, a);
+        let bs = keep(need.g(&d), b);
+        let u = match out.next() {
+            Some(u) if need.db_ext(&d) => Some(seam::tensor(u, (m, d.kk()))),
+            _ => None,
+        };
+        let mut parents = vec![&x2];
+        parents.extend(w);
+        parents.extend(a);
+        parents.extend(b);
+        parents.extend(bias);
+        let y = seam::attach(op, y, (m, n), &parents, move |_, dy| {
+            let g = run_backward(
+                &cfg,
+                &bwd,
+                dy,
+                xs.as_ref(),
+                ws.as_ref(),
+                a_s.as_ref(),
+                bs.as_ref(),
+                u.as_ref(),
+            )?;
+            let mut grads = vec![g.dx];
+            if d.base {
+                grads.push(g.dw);
+            }
+            if d.r > 0 {
+                grads.push(g.da);
+                grads.push(g.db);
+            }
+            if d.bias {
+                grads.push(g.dbias);
+            }
+            Ok(grads)
+        })?;
+        y.reshape(out_dims)
+    }
+
+    /// [`lora_linear_backward`] with this handle's configuration.
+    #[allow(clippy::too_many_arguments)]
+    pub fn lora_linear_backward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+        a: &Tensor,
+        b: &Tensor,
+        scale: f64,
+        dy: &Tensor,
+    ) -> Result<LoraGrads> {
+        const OP: &str = "lora_linear_backward";
+        let (k, n, r) = check(OP, x, w, bias, a, b, scale)?;
+        let (m, _, out_dims) = rows_of(x, n);
+        check_arg(OP, "dy", dy, x, &out_dims, "the output's shape [..., N]")?;
+        let (dt, dev) = (x.dtype(), x.device());
+        if m == 0 || k == 0 || n == 0 {
+            // Empty products: every gradient is zero (or empty).
+            let dy2 = dy.reshape((m, n))?.to_dtype(candle_core::DType::F32)?;
+            return Ok(LoraGrads {
+                dx: Tensor::zeros(x.dims(), dt, dev)?,
+                da: Tensor::zeros((r, k), dt, dev)?,
+                db: Tensor::zeros((n, r), dt, dev)?,
+                dbias: match bias {
+                    Some(_) => Some(dy2.sum(0)?.to_dtype(dt)?),
+                    None => None,
+                },
+            });
+        }
+        let d = Dims {
+            m,
+            k,
+            n,
+            r,
+            bias: bias.is_some(),
+            base: true,
+        };
+        gemm_limit(OP, &d)?;
+        let cfg = &self.config;
+        let x2 = x.reshape((m, k))?;
+        let down = LoraDown {
+            dims: d,
+            scale,
+            name: OP,
+        };
+        let u = seam::run1(&down, cfg, &[Some(&x2), Some(a)], (m, d.kk()))?;
+        let need = Need {
+            dx: true,
+            dw: false,
+            da: true,
+            db: true,
+            dbias: bias.is_some(),
+        };
+        let bwd = LoraBwd {
+            dims: d,
+            scale,
+            need,
+            name: OP,
+        };
+        let g = run_backward(
+            cfg,
+            &bwd,
+            dy,
+            Some(&x2),
+            Some(w),
+            Some(a),
+            Some(b),
+            Some(&u),
+        )?;
+        let missing = || validate::err(OP, "internal: the backward returned no gradient");
+        Ok(LoraGrads {
+            dx: g.dx.ok_or_else(missing)?.reshape(x.dims())?,
+            da: g.da.ok_or_else(missing)?,
+            db: g.db.ok_or_else(missing)?,
+            dbias: g.dbias,
+        })
+    }
+}
+
+/// `y = x·Wᵀ (+ bias) + scale·(x·Aᵀ)·Bᵀ`, differentiable in `x`, `a`, `b`, `bias` (and in `w`
+/// when `w` is tracked; a detached/frozen weight costs no gradient work).
+///
+/// `x [..., K]`, `w [N, K]`, `bias [N]`, `a [r, K]`, `b [N, r]` with `1 <= r <= min(K, N)`,
+/// all of one float dtype (f32, f64, f16, bf16; half types accumulate in f32; f64 on the CPU
+/// only) and one device. Returns `[..., N]`. Non-contiguous inputs are copied to contiguous
+/// ones first. An `x` with no rows gives an empty output.
+pub fn lora_linear(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    Kernels::default().lora_linear(x, w, bias, a, b, scale)
+}
+
+/// A plain linear layer `y = x·Wᵀ (+ bias)` through the same kernels (the bias folded into
+/// the GEMM as above): what a merged or disabled [`crate::nn::LoraLinear`] runs. Differentiable
+/// in `x` and `bias` (and `w` when tracked).
+pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    Kernels::default().linear(x, w, bias)
 }
 
 /// The gradients [`lora_linear_backward`] returns.
@@ -384,7 +553,7 @@ pub struct LoraGrads {
 }
 
 /// The backward of [`lora_linear`] given the output gradient `dy` (`[..., N]`), outside
-/// autograd: the same kernels `Tensor::backward` runs through [`lora_linear`] (CPU: gemm,
+/// autograd: the same kernel `Tensor::backward` runs through [`lora_linear`] (CPU: gemm,
 /// CUDA: cuBLAS), for custom training loops and for timing the backward alone. `W` is frozen
 /// (no `dW`). Arguments as [`lora_linear`]; `dy` must match its output's shape, dtype and
 /// device.
@@ -397,95 +566,5 @@ pub fn lora_linear_backward(
     scale: f64,
     dy: &Tensor,
 ) -> Result<LoraGrads> {
-    const OP: &str = "lora_linear_backward";
-    let (k, n, r) = check(OP, x, w, bias, a, b, scale)?;
-    let dims = x.dims();
-    let m: usize = dims[..dims.len() - 1].iter().product();
-    let mut out_dims = dims[..dims.len() - 1].to_vec();
-    out_dims.push(n);
-    check_arg(OP, "dy", dy, x, &out_dims, "the output's shape [..., N]")?;
-    let (dt, dev) = (x.dtype(), x.device());
-    if m == 0 || k == 0 || n == 0 {
-        // Empty products: every gradient is zero (or empty).
-        let dy2 = dy.reshape((m, n))?.to_dtype(candle_core::DType::F32)?;
-        return Ok(LoraGrads {
-            dx: Tensor::zeros(dims, dt, dev)?,
-            da: Tensor::zeros((r, k), dt, dev)?,
-            db: Tensor::zeros((n, r), dt, dev)?,
-            dbias: match bias {
-                Some(_) => Some(dy2.sum(0)?.to_dtype(dt)?),
-                None => None,
-            },
-        });
-    }
-    let d = Dims {
-        m,
-        k,
-        n,
-        r,
-        bias: bias.is_some(),
-        base: true,
-    };
-    gemm_limit(OP, &d)?;
-    let x2 = x.reshape((m, k))?.contiguous()?.detach();
-    let (a, b) = (a.detach(), b.detach());
-    let bias = bias.map(|t| t.detach());
-    let adapter = pack_adapter(&x2, &d, bias.as_ref(), Some((&a, &b)))?;
-    let u = low_rank_input(&x2, &d, Some((&a, &b)), scale)?;
-    let need = Need {
-        dx: true,
-        dw: false,
-        da: true,
-        db: true,
-    };
-    let op = LoraFwd {
-        dims: d,
-        scale,
-        need,
-        u,
-    };
-    let dy2 = dy.reshape((m, n))?;
-    let w = w.detach().contiguous()?;
-    let (dx, _, dad) = op.backward(&x2, Some(&w), adapter.as_ref(), &dy2)?;
-    let missing = || validate::err(OP, "internal: the backward returned no gradient");
-    let dx = dx.ok_or_else(missing)?.reshape(dims)?;
-    // The adapter's gradient, unpacked like `pack_adapter` packed it: [dA | 0.. | dB_ext].
-    let dad = dad.ok_or_else(missing)?;
-    let da = dad.narrow(0, 0, r * k)?.reshape((r, k))?;
-    let bext = dad.narrow(0, d.a_len(), n * d.kk())?.reshape((n, d.kk()))?;
-    Ok(LoraGrads {
-        dx,
-        da,
-        db: bext.narrow(1, 0, r)?.contiguous()?,
-        dbias: match d.bias {
-            true => Some(bext.narrow(1, r, 1)?.squeeze(1)?.contiguous()?),
-            false => None,
-        },
-    })
-}
-
-/// The same function from composed Candle ops (`matmul`, `broadcast_add`, `affine`): the
-/// reference of the tests (in f64) and the "Candle composed" row of the bench (what
-/// candle-lora does).
-pub fn lora_linear_composed(
-    x: &Tensor,
-    w: &Tensor,
-    bias: Option<&Tensor>,
-    a: &Tensor,
-    b: &Tensor,
-    scale: f64,
-) -> Result<Tensor> {
-    let dims = x.dims();
-    let k = dims[dims.len() - 1];
-    let m: usize = dims[..dims.len() - 1].iter().product();
-    let x2 = x.reshape((m, k))?;
-    let mut y = x2.matmul(&w.t()?)?;
-    if let Some(bias) = bias {
-        y = y.broadcast_add(bias)?;
-    }
-    let low = x2.matmul(&a.t()?)?.matmul(&b.t()?)?.affine(scale, 0.0)?;
-    let y = (y + low)?;
-    let mut out = dims[..dims.len() - 1].to_vec();
-    out.push(w.dim(0)?);
-    y.reshape(out)
+    Kernels::default().lora_linear_backward(x, w, bias, a, b, scale, dy)
 }

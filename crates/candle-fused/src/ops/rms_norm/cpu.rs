@@ -2,12 +2,11 @@
 //! ⟨dy⊙w, x⟩ in the same sweep), one to write it; rows in parallel; the weight gradient
 //! accumulated per fixed row block and summed in order (deterministic).
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Result};
 
 use super::{RmsNormBwd, RmsNormFwd};
 use crate::config::KernelConfig;
-use crate::cpu::{self, dispatch, Acc, Elem};
+use crate::cpu::{self, Acc, Elem};
 use crate::seam::Inputs;
 
 /// `1 / sqrt(mean(x²) + eps)` of a row.
@@ -80,20 +79,12 @@ fn bwd_row<A: Acc>(
     }
 }
 
-pub(crate) fn forward(
+pub(super) fn forward<T: Elem>(
     k: &RmsNormFwd,
     cfg: &KernelConfig,
     ins: &Inputs<CpuStorage>,
 ) -> Result<Vec<CpuStorage>> {
-    let (xs, _) = ins.get(0)?;
-    dispatch!(ins.op(), xs.dtype(), |T| forward_t::<T>(k.eps, cfg, ins))
-}
-
-fn forward_t<T: Elem>(
-    eps: f64,
-    cfg: &KernelConfig,
-    ins: &Inputs<CpuStorage>,
-) -> Result<Vec<CpuStorage>> {
+    let eps = k.eps;
     let op = ins.op();
     let (xs, xl) = ins.get(0)?;
     let x = cpu::slice::<T>(op, "x", xs, xl)?;
@@ -111,20 +102,12 @@ fn forward_t<T: Elem>(
 }
 
 /// Returns `dx` (shape of x, plus `d_sum` when given) and, with a weight, `dw` (`[D]`).
-pub(crate) fn backward(
+pub(super) fn backward<T: Elem>(
     k: &RmsNormBwd,
     cfg: &KernelConfig,
     ins: &Inputs<CpuStorage>,
 ) -> Result<Vec<CpuStorage>> {
-    let (xs, _) = ins.get(0)?;
-    dispatch!(ins.op(), xs.dtype(), |T| backward_t::<T>(k.eps, cfg, ins))
-}
-
-fn backward_t<T: Elem>(
-    eps: f64,
-    cfg: &KernelConfig,
-    ins: &Inputs<CpuStorage>,
-) -> Result<Vec<CpuStorage>> {
+    let eps = k.eps;
     let op = ins.op();
     let (xs, xl) = ins.get(0)?;
     let x = cpu::slice::<T>(op, "x", xs, xl)?;

@@ -8,21 +8,12 @@ use candle_core::{CudaStorage, Result};
 
 use super::{RmsNormBwd, RmsNormFwd};
 use crate::config::{DwColumns, KernelConfig};
-use crate::cuda::{self, dispatch, ptx, Args, Owned, Ptx, RowSpec};
+use crate::cuda::{self, ptx, Args, Owned, Ptx, RowSpec};
 use crate::seam::Inputs;
 
 pub(crate) static PTX: Ptx = ptx!("rms_norm");
 
-pub(crate) fn forward(
-    k: &RmsNormFwd,
-    cfg: &KernelConfig,
-    ins: &Inputs<CudaStorage>,
-) -> Result<Vec<CudaStorage>> {
-    let (xs, _) = ins.get(0)?;
-    dispatch!(ins.op(), xs.dtype(), |T| forward_t::<T>(k, cfg, ins))
-}
-
-fn forward_t<T: CudaDType + DeviceRepr>(
+pub(super) fn forward<T: CudaDType + DeviceRepr>(
     k: &RmsNormFwd,
     cfg: &KernelConfig,
     ins: &Inputs<CudaStorage>,
@@ -77,16 +68,7 @@ fn bwd_owned(cfg: &KernelConfig) -> Owned {
 }
 
 /// Returns `dx` (shape of x, plus `d_sum` when given) and, with a weight, `dw` (`[D]`).
-pub(crate) fn backward(
-    k: &RmsNormBwd,
-    cfg: &KernelConfig,
-    ins: &Inputs<CudaStorage>,
-) -> Result<Vec<CudaStorage>> {
-    let (xs, _) = ins.get(0)?;
-    dispatch!(ins.op(), xs.dtype(), |T| backward_t::<T>(k, cfg, ins))
-}
-
-fn backward_t<T: CudaDType + DeviceRepr>(
+pub(super) fn backward<T: CudaDType + DeviceRepr>(
     k: &RmsNormBwd,
     cfg: &KernelConfig,
     ins: &Inputs<CudaStorage>,

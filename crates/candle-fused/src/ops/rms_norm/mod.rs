@@ -10,16 +10,16 @@
 //!
 //! Kernels: [`RmsNormFwd`] `(x, weight?) -> y` and [`RmsNormBwd`]
 //! `(x, weight?, dy, d_sum?) -> (dx, dw?)`; the backward's optional `d_sum` is added to `dx`
-//! (add+RMSNorm's fused-add mode, see [`super::add_rms_norm`]).
+//! (add+RMSNorm's fused-add mode, see [`crate::ops::add_rms_norm`]).
 
 pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 
-use candle_core::{CpuStorage, Result, Tensor};
+use candle_core::{Result, Tensor};
 
 use crate::config::{KernelConfig, Kernels};
-use crate::seam::{self, Inputs, Kernel};
+use crate::seam::{self, Kernel};
 use crate::validate;
 
 /// Forward kernel: inputs `(x, weight?)`, output `y` (x's shape).
@@ -43,17 +43,7 @@ impl Kernel for RmsNormFwd {
     fn inputs(&self) -> &'static [&'static str] {
         &["x", "weight"]
     }
-    fn cpu(&self, cfg: &KernelConfig, ins: &Inputs<CpuStorage>) -> Result<Vec<CpuStorage>> {
-        cpu::forward(self, cfg, ins)
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda(
-        &self,
-        cfg: &KernelConfig,
-        ins: &Inputs<candle_core::CudaStorage>,
-    ) -> Result<Vec<candle_core::CudaStorage>> {
-        cuda::forward(self, cfg, ins)
-    }
+    seam::backends!(cpu::forward, cuda::forward);
 }
 
 impl Kernel for RmsNormBwd {
@@ -63,17 +53,7 @@ impl Kernel for RmsNormBwd {
     fn inputs(&self) -> &'static [&'static str] {
         &["x", "weight", "dy", "d_sum"]
     }
-    fn cpu(&self, cfg: &KernelConfig, ins: &Inputs<CpuStorage>) -> Result<Vec<CpuStorage>> {
-        cpu::backward(self, cfg, ins)
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda(
-        &self,
-        cfg: &KernelConfig,
-        ins: &Inputs<candle_core::CudaStorage>,
-    ) -> Result<Vec<candle_core::CudaStorage>> {
-        cuda::backward(self, cfg, ins)
-    }
+    seam::backends!(cpu::backward, cuda::backward);
 }
 
 /// The backward kernels outside autograd: `(dx, dw)` (`dw` when there is a weight), `d_sum`

@@ -27,7 +27,7 @@ template <typename T, int VEC> struct RmsFwd {
   __device__ void begin_row(int64_t) {}
   __device__ const T* input(int, int64_t row) const { return x + row * d; }
   __device__ int stage_len(int64_t, int64_t, int n) const { return n; }
-  __device__ void init(int64_t, int, unsigned char*) {}
+  __device__ void init(int64_t, int) {}
   __device__ void finish(int64_t, int64_t, int) {}
 
   __device__ SumF partial(int64_t, int64_t, int n, T* const* s) const {
@@ -92,7 +92,7 @@ template <typename T, int VEC, int COLS> struct RmsBwd {
   __device__ __forceinline__ void begin_row(int64_t) {}
   __device__ __forceinline__ const T* input(int k, int64_t row) const { return (k == 0 ? x : dy) + row * d; }
   __device__ __forceinline__ int stage_len(int64_t, int64_t, int n) const { return n; }
-  __device__ __forceinline__ void init(int64_t, int n, unsigned char*) {
+  __device__ __forceinline__ void init(int64_t, int n) {
     // The plan keeps a slice within IT packs per thread; anything else would drop columns.
     if (n / VEC > IT * (int)blockDim.x) __trap();
     if (!w) return;

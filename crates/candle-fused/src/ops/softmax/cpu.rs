@@ -1,13 +1,12 @@
 //! CPU kernels for softmax: rows in parallel, three sweeps over a row that stays in cache
 //! (max; exp and sum written to the output; scale), vectorized, f32 accumulation for halves.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result};
 use num_traits::{Float, Zero};
 
 use super::{SoftmaxBwd, SoftmaxFwd};
 use crate::config::KernelConfig;
-use crate::cpu::{self, dispatch, Acc, Elem};
+use crate::cpu::{self, Acc, Elem};
 use crate::seam::Inputs;
 
 /// The mask in the accumulation type (borrowed when it already is), and its index.
@@ -53,16 +52,7 @@ impl MaskIndex {
     }
 }
 
-pub(super) fn forward(
-    op: &SoftmaxFwd,
-    cfg: &KernelConfig,
-    ins: &Inputs<CpuStorage>,
-) -> Result<Vec<CpuStorage>> {
-    let (s, _) = ins.get(0)?;
-    dispatch!(op.name, s.dtype(), |T| forward_t::<T>(op, cfg, ins))
-}
-
-fn forward_t<T: Elem>(
+pub(super) fn forward<T: Elem>(
     op: &SoftmaxFwd,
     cfg: &KernelConfig,
     ins: &Inputs<CpuStorage>,
@@ -173,16 +163,7 @@ fn normalize<A: Acc>(y: &mut [A], sum: A, zero: bool) {
     }
 }
 
-pub(super) fn backward(
-    op: &SoftmaxBwd,
-    cfg: &KernelConfig,
-    ins: &Inputs<CpuStorage>,
-) -> Result<Vec<CpuStorage>> {
-    let (ys, _) = ins.get(0)?;
-    dispatch!(op.name, ys.dtype(), |T| backward_t::<T>(op, cfg, ins))
-}
-
-fn backward_t<T: Elem>(
+pub(super) fn backward<T: Elem>(
     op: &SoftmaxBwd,
     cfg: &KernelConfig,
     ins: &Inputs<CpuStorage>,

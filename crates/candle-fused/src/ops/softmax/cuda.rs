@@ -8,7 +8,7 @@ use candle_core::{CudaStorage, Layout, Result};
 
 use super::{SoftmaxBwd, SoftmaxFwd};
 use crate::config::{KernelConfig, RegisterCache};
-use crate::cuda::{self, dispatch, ptx, Args, Ptx, RowSpec};
+use crate::cuda::{self, ptx, Args, Ptx, RowSpec};
 use crate::seam::Inputs;
 use crate::validate::fail;
 
@@ -64,16 +64,7 @@ fn mask_geom(ml: &Layout) -> Result<MaskGeom> {
     Ok(g)
 }
 
-pub(super) fn forward(
-    op: &SoftmaxFwd,
-    cfg: &KernelConfig,
-    ins: &Inputs<CudaStorage>,
-) -> Result<Vec<CudaStorage>> {
-    let (s, _) = ins.get(0)?;
-    dispatch!(op.name, s.dtype(), |T| forward_t::<T>(op, cfg, ins))
-}
-
-fn forward_t<T: CudaDType + DeviceRepr>(
+pub(super) fn forward<T: CudaDType + DeviceRepr>(
     op: &SoftmaxFwd,
     cfg: &KernelConfig,
     ins: &Inputs<CudaStorage>,
@@ -146,16 +137,7 @@ fn cache_tag(cache: RegisterCache, chunk: usize) -> &'static str {
     }
 }
 
-pub(super) fn backward(
-    op: &SoftmaxBwd,
-    cfg: &KernelConfig,
-    ins: &Inputs<CudaStorage>,
-) -> Result<Vec<CudaStorage>> {
-    let (ys, _) = ins.get(0)?;
-    dispatch!(op.name, ys.dtype(), |T| backward_t::<T>(op, cfg, ins))
-}
-
-fn backward_t<T: CudaDType + DeviceRepr>(
+pub(super) fn backward<T: CudaDType + DeviceRepr>(
     op: &SoftmaxBwd,
     cfg: &KernelConfig,
     ins: &Inputs<CudaStorage>,

@@ -20,10 +20,10 @@ mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
 
-use candle_core::{CpuStorage, Result, Tensor};
+use candle_core::{Result, Tensor};
 
 use crate::config::{KernelConfig, Kernels};
-use crate::seam::{self, Inputs, Kernel};
+use crate::seam::{self, Kernel};
 use crate::validate;
 
 /// Forward kernel: `softmax(scale·x + mask)` with optional causal masking; inputs
@@ -54,17 +54,7 @@ impl Kernel for SoftmaxFwd {
     fn strided(&self, i: usize) -> bool {
         i == 1
     }
-    fn cpu(&self, cfg: &KernelConfig, ins: &Inputs<CpuStorage>) -> Result<Vec<CpuStorage>> {
-        cpu::forward(self, cfg, ins)
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda(
-        &self,
-        cfg: &KernelConfig,
-        ins: &Inputs<candle_core::CudaStorage>,
-    ) -> Result<Vec<candle_core::CudaStorage>> {
-        cuda::forward(self, cfg, ins)
-    }
+    seam::backends!(cpu::forward, cuda::forward);
 }
 
 impl Kernel for SoftmaxBwd {
@@ -74,17 +64,7 @@ impl Kernel for SoftmaxBwd {
     fn inputs(&self) -> &'static [&'static str] {
         &["y", "dy"]
     }
-    fn cpu(&self, cfg: &KernelConfig, ins: &Inputs<CpuStorage>) -> Result<Vec<CpuStorage>> {
-        cpu::backward(self, cfg, ins)
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda(
-        &self,
-        cfg: &KernelConfig,
-        ins: &Inputs<candle_core::CudaStorage>,
-    ) -> Result<Vec<candle_core::CudaStorage>> {
-        cuda::backward(self, cfg, ins)
-    }
+    seam::backends!(cpu::backward, cuda::backward);
 }
 
 /// The backward kernel outside autograd.

@@ -53,7 +53,7 @@ template <typename T, int VEC, bool MASK, bool CAUSAL, bool CACHE> struct Softma
     mask_vec = mask && mg.col_stride == 1 && ((uintptr_t)(mask + moff) % 16) == 0;
   }
   __device__ const T* input(int, int64_t row) const { return x + row * d; }
-  __device__ void init(int64_t, int, unsigned char*) {}
+  __device__ void init(int64_t, int) {}
   __device__ void finish(int64_t, int64_t, int) {}
 
   // Columns 0..visible(row) are seen; the rest are hidden by the causal mask.
@@ -225,7 +225,7 @@ template <typename T, int VEC> struct SoftmaxBwd {
 
   __device__ void begin_row(int64_t) {}
   __device__ const T* input(int k, int64_t row) const { return (k == 0 ? y : dy) + row * d; }
-  __device__ void init(int64_t, int, unsigned char*) {}
+  __device__ void init(int64_t, int) {}
   __device__ void finish(int64_t, int64_t, int) {}
   __device__ int stage_len(int64_t, int64_t, int n) const { return n; }
 

@@ -1,15 +1,13 @@
 //! `candle_fused::nn::RmsNorm`: a drop-in for `candle_nn::RmsNorm` (same constructor, same
 //! weight name, same forward) whose weight trains.
 
-mod common;
-
 use std::collections::BTreeSet;
 
 use candle_core::{DType, Module, Tensor, Var};
 use candle_fused::nn;
+use candle_fused_testkit::asserts::*;
 use candle_fused_testkit::reference;
 use candle_nn::{Optimizer, VarBuilder, VarMap};
-use common::*;
 
 fn keys(vm: &VarMap) -> BTreeSet<String> {
     vm.data().lock().unwrap().keys().cloned().collect()

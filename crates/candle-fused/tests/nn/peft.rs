@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Module, Tensor};
 use candle_fused::nn::{
     lora_linear, peft_key, save_adapters, LoraConfig, LoraLinear, PeftAdapters,
 };
@@ -12,7 +12,7 @@ use candle_fused_testkit::testing::{self, rel_err};
 use candle_nn::{VarBuilder, VarMap};
 use serde_json::Value;
 
-const CPU: Device = Device::Cpu;
+use candle_fused_testkit::asserts::CPU;
 
 /// A fresh, unique temporary directory.
 fn tmp_dir(tag: &str) -> PathBuf {

@@ -4,21 +4,19 @@
 #![cfg(feature = "cuda")]
 
 use candle_core::{DType, Device, Tensor, D};
-use candle_fused::ops;
 use candle_fused_testkit::check::{self, Case, MaskKind, OpKind};
-use candle_fused_testkit::testing;
+use candle_fused_testkit::testing::{self, poisoned};
 
 fn gpu() -> Device {
     Device::new_cuda(0).expect("a CUDA device (these tests need a GPU)")
 }
 
 fn run_cases(cases: &[Case]) {
-    testing::set_poison(true);
     let dev = gpu();
     let mut failures = Vec::new();
     let mut n = 0;
     for case in cases {
-        match check::run(case, &dev) {
+        match check::run(&poisoned(), case, &dev) {
             Ok(outs) => {
                 for o in outs {
                     n += 1;
@@ -131,7 +129,6 @@ fn long_rows_and_odd_row_counts() {
 /// Inputs that start at an odd element offset take the scalar (non-16-byte) path.
 #[test]
 fn misaligned_views_take_the_scalar_path() {
-    testing::set_poison(true);
     let dev = gpu();
     for &dt in &DTYPES {
         let big = testing::randn(&[1, 4 * 1024 + 1], 1.0, dt, &dev).unwrap();
@@ -143,11 +140,13 @@ fn misaligned_views_take_the_scalar_path() {
         let xc = x.to_device(&Device::Cpu).unwrap();
         let w = testing::rand(&[1024], 0.5, 1.5, dt, &dev).unwrap();
         let tol = testing::tolerance(dt);
-        let y = ops::softmax_last_dim(&x).unwrap();
-        let yc = ops::softmax_last_dim(&xc).unwrap();
+        let y = poisoned().softmax_last_dim(&x).unwrap();
+        let yc = poisoned().softmax_last_dim(&xc).unwrap();
         assert!(testing::rel_err(&y, &yc).unwrap() < tol);
-        let y = ops::rms_norm(&x, Some(&w), 1e-6).unwrap();
-        let yc = ops::rms_norm(&xc, Some(&w.to_device(&Device::Cpu).unwrap()), 1e-6).unwrap();
+        let y = poisoned().rms_norm(&x, Some(&w), 1e-6).unwrap();
+        let yc = poisoned()
+            .rms_norm(&xc, Some(&w.to_device(&Device::Cpu).unwrap()), 1e-6)
+            .unwrap();
         assert!(testing::rel_err(&y, &yc).unwrap() < tol);
     }
 }
@@ -155,16 +154,15 @@ fn misaligned_views_take_the_scalar_path() {
 /// More rows than one launch's grid covers (the kernels walk rows grid-stride).
 #[test]
 fn many_rows_grid_stride() {
-    testing::set_poison(true);
     let dev = gpu();
     let rows = (1usize << 24) + 3;
     let x = testing::randn(&[rows, 2], 1.0, DType::F32, &dev).unwrap();
     let xc = x.to_device(&Device::Cpu).unwrap();
-    let y = ops::softmax_last_dim(&x).unwrap();
-    let yc = ops::softmax_last_dim(&xc).unwrap();
+    let y = poisoned().softmax_last_dim(&x).unwrap();
+    let yc = poisoned().softmax_last_dim(&xc).unwrap();
     assert!(testing::rel_err(&y, &yc).unwrap() < 1e-6);
-    let y = ops::rms_norm(&x, None, 1e-6).unwrap();
-    let yc = ops::rms_norm(&xc, None, 1e-6).unwrap();
+    let y = poisoned().rms_norm(&x, None, 1e-6).unwrap();
+    let yc = poisoned().rms_norm(&xc, None, 1e-6).unwrap();
     assert!(testing::rel_err(&y, &yc).unwrap() < 1e-6);
 }
 
@@ -175,8 +173,12 @@ fn rms_norm_weight_grad_is_deterministic() {
         let x = testing::randn(&[5000, 1024], 1.0, dt, &dev).unwrap();
         let w = testing::rand(&[1024], 0.5, 1.5, dt, &dev).unwrap();
         let dy = testing::randn(&[5000, 1024], 1.0, dt, &dev).unwrap();
-        let (_, dw1) = ops::rms_norm_backward(&x, Some(&w), &dy, 1e-6).unwrap();
-        let (_, dw2) = ops::rms_norm_backward(&x, Some(&w), &dy, 1e-6).unwrap();
+        let (_, dw1) = poisoned()
+            .rms_norm_backward(&x, Some(&w), &dy, 1e-6)
+            .unwrap();
+        let (_, dw2) = poisoned()
+            .rms_norm_backward(&x, Some(&w), &dy, 1e-6)
+            .unwrap();
         let a = dw1
             .unwrap()
             .to_dtype(DType::F32)
@@ -204,11 +206,13 @@ fn non_contiguous_inputs_on_gpu() {
         .t()
         .unwrap();
     let w = testing::rand(&[64], 0.5, 1.5, DType::F32, &dev).unwrap();
-    let y = ops::rms_norm(&x, Some(&w), 1e-6).unwrap();
-    let r = ops::rms_norm(&x.contiguous().unwrap(), Some(&w), 1e-6).unwrap();
+    let y = poisoned().rms_norm(&x, Some(&w), 1e-6).unwrap();
+    let r = poisoned()
+        .rms_norm(&x.contiguous().unwrap(), Some(&w), 1e-6)
+        .unwrap();
     assert!(testing::rel_err(&y, &r).unwrap() == 0.0);
     let m = testing::randn(&[64], 1.0, DType::F32, &dev).unwrap();
-    let ys = ops::masked_softmax(&x, 0.5, Some(&m), true).unwrap();
+    let ys = poisoned().masked_softmax(&x, 0.5, Some(&m), true).unwrap();
     let rs = candle_fused_testkit::reference::masked_softmax(&x, 0.5, Some(&m), true).unwrap();
     assert!(testing::rel_err(&ys, &rs).unwrap() < 1e-5);
 }
@@ -217,11 +221,178 @@ fn non_contiguous_inputs_on_gpu() {
 fn too_long_rows_and_f64_are_clear_errors() {
     let dev = gpu();
     let x = testing::randn(&[1, 8 << 20], 1.0, DType::F32, &dev).unwrap();
-    let e = ops::softmax_last_dim(&x).unwrap_err().to_string();
+    let e = poisoned().softmax_last_dim(&x).unwrap_err().to_string();
     assert!(e.contains("do not fit on chip"), "{e}");
+    // f64: the same clear error from every op (LoRA included).
+    let k = poisoned();
     let x = testing::randn(&[2, 8], 1.0, DType::F64, &dev).unwrap();
-    let e = ops::softmax_last_dim(&x).unwrap_err().to_string();
-    assert!(e.contains("not supported by the CUDA kernels"), "{e}");
+    let w = testing::rand(&[8], 0.5, 1.5, DType::F64, &dev).unwrap();
+    let wl = testing::randn(&[6, 8], 1.0, DType::F64, &dev).unwrap();
+    let a = testing::randn(&[2, 8], 1.0, DType::F64, &dev).unwrap();
+    let b = testing::randn(&[6, 2], 1.0, DType::F64, &dev).unwrap();
+    let dy = testing::randn(&[2, 6], 1.0, DType::F64, &dev).unwrap();
+    let errs = [
+        ("softmax_last_dim", k.softmax_last_dim(&x).map(|_| ())),
+        (
+            "masked_softmax",
+            k.masked_softmax(&x, 0.5, None, true).map(|_| ()),
+        ),
+        (
+            "softmax_backward",
+            k.softmax_backward(&x, &x, 1.0).map(|_| ()),
+        ),
+        ("rms_norm", k.rms_norm(&x, Some(&w), 1e-5).map(|_| ())),
+        (
+            "rms_norm_backward",
+            k.rms_norm_backward(&x, Some(&w), &x, 1e-5).map(|_| ()),
+        ),
+        ("add_rms_norm", k.add_rms_norm(&x, &x, &w, 1e-5).map(|_| ())),
+        (
+            "add_rms_norm_backward",
+            k.add_rms_norm_backward(&x, &w, &x, &x, 1e-5).map(|_| ()),
+        ),
+        (
+            "lora_linear",
+            k.lora_linear(&x, &wl, None, &a, &b, 0.5).map(|_| ()),
+        ),
+        (
+            "lora_linear_backward",
+            k.lora_linear_backward(&x, &wl, None, &a, &b, 0.5, &dy)
+                .map(|_| ()),
+        ),
+        ("linear", k.linear(&x, &wl, None).map(|_| ())),
+    ];
+    for (op, r) in errs {
+        let e = r.expect_err(op).to_string();
+        assert!(
+            e.contains(&format!("candle-fused {op}:"))
+                && e.contains("not supported by the CUDA kernels"),
+            "{op}: {e}"
+        );
+    }
+}
+
+/// An argument on another device than `x` is a clear error naming the op and the argument,
+/// for every op and every argument that can be misplaced (the CPU-only suites cannot test it).
+#[test]
+fn device_mismatch_is_a_clear_error_for_every_op() {
+    let dev = gpu();
+    let cpu = Device::Cpu;
+    let k = poisoned();
+    let dt = DType::F32;
+    let on = |shape: &[usize], d: &Device| testing::randn(shape, 1.0, dt, d).unwrap();
+    let x = on(&[2, 8], &dev);
+    let (x_c, w_c, m_c) = (on(&[2, 8], &cpu), on(&[8], &cpu), on(&[2, 8], &cpu));
+    let w = on(&[8], &dev);
+    let (wl, a, b, bias) = (
+        on(&[6, 8], &dev),
+        on(&[2, 8], &dev),
+        on(&[6, 2], &dev),
+        on(&[6], &dev),
+    );
+    let (wl_c, a_c, b_c, bias_c) = (
+        on(&[6, 8], &cpu),
+        on(&[2, 8], &cpu),
+        on(&[6, 2], &cpu),
+        on(&[6], &cpu),
+    );
+    let dy = on(&[2, 6], &dev);
+    let dy_c = on(&[2, 6], &cpu);
+    let cases: Vec<(&str, &str, candle_core::Result<()>)> = vec![
+        (
+            "masked_softmax",
+            "mask",
+            k.masked_softmax(&x, 0.5, Some(&m_c), false).map(|_| ()),
+        ),
+        (
+            "softmax_backward",
+            "dy",
+            k.softmax_backward(&x, &x_c, 1.0).map(|_| ()),
+        ),
+        (
+            "rms_norm",
+            "weight",
+            k.rms_norm(&x, Some(&w_c), 1e-5).map(|_| ()),
+        ),
+        (
+            "rms_norm_backward",
+            "weight",
+            k.rms_norm_backward(&x, Some(&w_c), &x, 1e-5).map(|_| ()),
+        ),
+        (
+            "rms_norm_backward",
+            "dy",
+            k.rms_norm_backward(&x, Some(&w), &x_c, 1e-5).map(|_| ()),
+        ),
+        (
+            "add_rms_norm",
+            "residual",
+            k.add_rms_norm(&x, &x_c, &w, 1e-5).map(|_| ()),
+        ),
+        (
+            "add_rms_norm",
+            "weight",
+            k.add_rms_norm(&x, &x, &w_c, 1e-5).map(|_| ()),
+        ),
+        (
+            "add_rms_norm_backward",
+            "weight",
+            k.add_rms_norm_backward(&x, &w_c, &x, &x, 1e-5).map(|_| ()),
+        ),
+        (
+            "add_rms_norm_backward",
+            "d_normed",
+            k.add_rms_norm_backward(&x, &w, &x_c, &x, 1e-5).map(|_| ()),
+        ),
+        (
+            "add_rms_norm_backward",
+            "d_sum",
+            k.add_rms_norm_backward(&x, &w, &x, &x_c, 1e-5).map(|_| ()),
+        ),
+        (
+            "lora_linear",
+            "w",
+            k.lora_linear(&x, &wl_c, None, &a, &b, 0.5).map(|_| ()),
+        ),
+        (
+            "lora_linear",
+            "a",
+            k.lora_linear(&x, &wl, None, &a_c, &b, 0.5).map(|_| ()),
+        ),
+        (
+            "lora_linear",
+            "b",
+            k.lora_linear(&x, &wl, None, &a, &b_c, 0.5).map(|_| ()),
+        ),
+        (
+            "lora_linear",
+            "bias",
+            k.lora_linear(&x, &wl, Some(&bias_c), &a, &b, 0.5)
+                .map(|_| ()),
+        ),
+        (
+            "lora_linear_backward",
+            "dy",
+            k.lora_linear_backward(&x, &wl, Some(&bias), &a, &b, 0.5, &dy_c)
+                .map(|_| ()),
+        ),
+        ("linear", "w", k.linear(&x, &wl_c, None).map(|_| ())),
+        (
+            "linear",
+            "bias",
+            k.linear(&x, &wl, Some(&bias_c)).map(|_| ()),
+        ),
+    ];
+    let _ = (&dy, &x_c);
+    for (op, arg, r) in cases {
+        let e = r.expect_err(op).to_string();
+        assert!(
+            e.contains(&format!("candle-fused {op}:"))
+                && e.contains(&format!("{arg} is on device"))
+                && e.contains("expected"),
+            "{op} {arg}: {e}"
+        );
+    }
 }
 
 #[test]
@@ -229,7 +400,7 @@ fn fully_masked_rows_are_zero_on_gpu() {
     let dev = gpu();
     // T < S: the first S - T rows see nothing under the causal mask.
     let x = testing::randn(&[2, 6, 4], 1.0, DType::BF16, &dev).unwrap();
-    let y = ops::masked_softmax(&x, 1.0, None, true).unwrap();
+    let y = poisoned().masked_softmax(&x, 1.0, None, true).unwrap();
     let first = y
         .narrow(1, 0, 2)
         .unwrap()
@@ -285,7 +456,6 @@ fn sanitizer_small() {
     run_cases(&cases);
 }
 
-#[path = "gpu/lora.rs"]
 mod lora;
 
 #[test]
@@ -322,9 +492,10 @@ fn rms_norm_backward_row_limit() {
     let x = testing::randn(&[2, d], 1.0, DType::F32, &dev).unwrap();
     let w = testing::rand(&[d], 0.5, 1.5, DType::F32, &dev).unwrap();
     let dy = testing::randn(&[2, d], 1.0, DType::F32, &dev).unwrap();
-    let y = ops::rms_norm(&x, Some(&w), 1e-6).unwrap();
+    let y = poisoned().rms_norm(&x, Some(&w), 1e-6).unwrap();
     assert_eq!(y.dims(), &[2, d]);
-    let e = ops::rms_norm_backward(&x, Some(&w), &dy, 1e-6)
+    let e = poisoned()
+        .rms_norm_backward(&x, Some(&w), &dy, 1e-6)
         .unwrap_err()
         .to_string();
     assert!(
@@ -335,8 +506,9 @@ fn rms_norm_backward_row_limit() {
     let d = 262147;
     let x = testing::randn(&[1, d], 1.0, DType::BF16, &dev).unwrap();
     let w = testing::rand(&[d], 0.5, 1.5, DType::BF16, &dev).unwrap();
-    assert!(ops::rms_norm(&x, Some(&w), 1e-6).is_ok());
-    let e = ops::rms_norm_backward(&x, Some(&w), &x, 1e-6)
+    assert!(poisoned().rms_norm(&x, Some(&w), 1e-6).is_ok());
+    let e = poisoned()
+        .rms_norm_backward(&x, Some(&w), &x, 1e-6)
         .unwrap_err()
         .to_string();
     assert!(
@@ -361,15 +533,16 @@ fn softmax_backward_one_hot_rows_on_gpu() {
             )
             .unwrap();
         let x = (x + bump).unwrap().to_dtype(dt).unwrap();
-        let y = ops::softmax_last_dim(&x).unwrap();
+        let y = poisoned().softmax_last_dim(&x).unwrap();
         let dy = testing::randn(&[64, 1000], 1.0, dt, &Device::Cpu).unwrap();
-        let cpu = ops::softmax_backward(&y, &dy, 1.0).unwrap();
-        let g = ops::softmax_backward(
-            &y.to_device(&dev).unwrap(),
-            &dy.to_device(&dev).unwrap(),
-            1.0,
-        )
-        .unwrap();
+        let cpu = poisoned().softmax_backward(&y, &dy, 1.0).unwrap();
+        let g = poisoned()
+            .softmax_backward(
+                &y.to_device(&dev).unwrap(),
+                &dy.to_device(&dev).unwrap(),
+                1.0,
+            )
+            .unwrap();
         let err = testing::rel_err(&g, &cpu).unwrap();
         assert!(err < testing::tolerance(dt), "{dt:?}: {err:e}");
     }
@@ -388,7 +561,8 @@ fn nan_in_fully_masked_row_is_nan_on_gpu() {
         &dev,
     )
     .unwrap();
-    let y = ops::masked_softmax(&x, 1.0, Some(&m), false)
+    let y = poisoned()
+        .masked_softmax(&x, 1.0, Some(&m), false)
         .unwrap()
         .to_vec2::<f32>()
         .unwrap();
