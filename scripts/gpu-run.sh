@@ -4,7 +4,9 @@
 # racecheck on the GPU tests, small shapes), probe (quick kernel timings), bench (ours),
 # torch (PyTorch on the same cases + the merged table), peft (LoRA interop with PEFT), or
 # several: bash scripts/gpu-run.sh test bench. Environment: TEST_TIMEOUT, SAN_TIMEOUT,
-# PROBE_OPS/PROBE_TAG, BENCH_ARGS/BENCH_TIMEOUT, TORCH_ARGS/TORCH_TIMEOUT, PACK (see below).
+# PROBE_ARGS/PROBE_TAG, BENCH_ARGS/BENCH_TIMEOUT, TORCH_ARGS/TORCH_TIMEOUT, PACK (see below),
+# CANDLE_FUSED_SEED (fixes the random inputs of the tests, check, bench and probe; each run
+# prints the seed it used).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}; mkdir -p "$OUT"
@@ -16,7 +18,9 @@ chmod +x $B/*
 # The bundle's commit for the bench reports (this copy of the tree may carry a stale .git).
 [ -s .gpu/COMMIT ] && export CANDLE_FUSED_COMMIT=$(cat .gpu/COMMIT)
 GPU=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | head -n1)
-STAMP="$(date -u +%Y-%m-%dT%H:%MZ) | $GPU | commit $(cat .gpu/COMMIT 2>/dev/null) | env: $(env | grep -E '^CANDLE_FUSED_' | tr '\n' ' ')"
+# The kernel configuration is chosen by arguments (bench --kernel-config, the probe's
+# --configs), never by environment variables; the stamp records the arguments of this call.
+STAMP="$(date -u +%Y-%m-%dT%H:%MZ) | $GPU | commit $(cat .gpu/COMMIT 2>/dev/null) | seed ${CANDLE_FUSED_SEED:-fresh} | bench: ${BENCH_ARGS:-} | probe: ${PROBE_ARGS:-}"
 echo "$STAMP"
 rc=0
 for phase in "$@"; do
@@ -33,9 +37,10 @@ for phase in "$@"; do
         echo "$tool exit $r"; tail -n 4 "$OUT/sanitizer-$tool.log"; [ $r = 0 ] || rc=1
       done ;;
     probe)
-      # Quick kernel timings (crates/candle-fused/examples/kernel_probe.rs); PROBE_OPS filters rows by name prefix,
-      # PROBE_TAG names the log (e.g. one per CANDLE_FUSED_DBUF setting).
-      { echo "# $STAMP CANDLE_FUSED_DBUF=${CANDLE_FUSED_DBUF:-}"; timeout ${PROBE_TIMEOUT:-120} $B/kernel_probe 2>&1; } > "$OUT/probe${PROBE_TAG:-}.log" || rc=1
+      # Quick kernel timings (crates/candle-fused/examples/kernel_probe.rs) of every kernel
+      # configuration (KernelConfig::candidates(), named beside each timing); PROBE_ARGS passes
+      # e.g. "--ops rms --configs default,rms-bwd-cols16", PROBE_TAG names the log.
+      { echo "# $STAMP"; timeout ${PROBE_TIMEOUT:-120} $B/kernel_probe ${PROBE_ARGS:-} 2>&1; } > "$OUT/probe${PROBE_TAG:-}.log" || rc=1
       cat "$OUT/probe${PROBE_TAG:-}.log" ;;
     bench)
       # Our bench (all families, or BENCH_ARGS such as "--op rms_norm,add_rms_norm"), CUDA;
@@ -54,7 +59,7 @@ for phase in "$@"; do
       # Profile kernels of one probe shape (PROBE_SHAPE, default 3 = [32768,4096] bf16):
       # NCU_KERNELS is a space-separated list of kernel-name regexes, one profiled launch each.
       for k in ${NCU_KERNELS:-rms_fwd}; do
-        ncu --clock-control none -k "regex:$k" -c 1 --set full $B/kernel_probe ${PROBE_SHAPE:-3} \
+        ncu --clock-control none -k "regex:$k" -c 1 --set full $B/kernel_probe ${PROBE_SHAPE:-3} --configs default \
           > "$OUT/ncu-$k.log" 2>&1 || rc=1
         grep -E '^  [a-z_0-9]+ \(|Duration|DRAM Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per|Block Size|Issued Ipc Active|Executed Instructions  |Warp Cycles Per Issued|Stall [A-Z][a-z]+ +|One or More Eligible|Dynamic Shared|Theoretical Occ|Block Limit' "$OUT/ncu-$k.log" | head -60
       done ;;

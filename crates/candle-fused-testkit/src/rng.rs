@@ -106,18 +106,44 @@ impl Rng {
         self.0.sample(StandardNormal)
     }
 
-    fn tensor(v: Vec<f64>, shape: &[usize], dt: DType, dev: &Device) -> Result<Tensor> {
+    /// `shape` filled by `one()` on the host (f64), moved to `dt` on `dev`.
+    fn host(
+        &mut self,
+        shape: &[usize],
+        dt: DType,
+        dev: &Device,
+        mut one: impl FnMut(&mut Self) -> f64,
+    ) -> Result<Tensor> {
+        let n = shape.iter().product();
+        let v: Vec<f64> = (0..n).map(|_| one(self)).collect();
         Tensor::from_vec(v, shape, &Device::Cpu)?
             .to_dtype(dt)?
             .to_device(dev)
     }
 
+    /// `shape` drawn on `dev`: by `on_device` with the device generator seeded from this
+    /// stream (CUDA), or by `one()` in f32 on the CPU (Candle's CPU generator cannot be seeded).
+    fn device(
+        &mut self,
+        shape: &[usize],
+        dt: DType,
+        dev: &Device,
+        mut one: impl FnMut(&mut Self) -> f64,
+        on_device: impl FnOnce(&Device) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        if dev.is_cpu() {
+            let n = shape.iter().product();
+            let v: Vec<f32> = (0..n).map(|_| one(self) as f32).collect();
+            return Tensor::from_vec(v, shape, dev)?.to_dtype(dt);
+        }
+        dev.set_seed(self.next_u64())?;
+        on_device(dev)?.to_dtype(dt)
+    }
+
     /// `N(0, std²)` values of `shape`, drawn on the host and moved to `dt` on `dev` (so a seed
     /// gives the same inputs on every device).
     pub fn randn(&mut self, shape: &[usize], std: f64, dt: DType, dev: &Device) -> Result<Tensor> {
-        let n = shape.iter().product();
-        let v = (0..n).map(|_| std * self.normal()).collect();
-        Self::tensor(v, shape, dt, dev)
+        self.host(shape, dt, dev, |r| std * r.normal())
     }
 
     /// Uniform values in `[lo, hi)`, as [`Rng::randn`].
@@ -129,9 +155,7 @@ impl Rng {
         dt: DType,
         dev: &Device,
     ) -> Result<Tensor> {
-        let n = shape.iter().product();
-        let v = (0..n).map(|_| lo + (hi - lo) * self.uniform()).collect();
-        Self::tensor(v, shape, dt, dev)
+        self.host(shape, dt, dev, |r| lo + (hi - lo) * r.uniform())
     }
 
     /// An additive mask: `N(0, 1)` values, each hidden (`-inf`) with probability `p_hide`.
@@ -142,22 +166,18 @@ impl Rng {
         dt: DType,
         dev: &Device,
     ) -> Result<Tensor> {
-        let n = shape.iter().product();
-        let v = (0..n)
-            .map(|_| {
-                if self.uniform() < p_hide {
-                    f64::NEG_INFINITY
-                } else {
-                    self.normal()
-                }
-            })
-            .collect();
-        Self::tensor(v, shape, dt, dev)
+        self.host(shape, dt, dev, |r| {
+            if r.uniform() < p_hide {
+                f64::NEG_INFINITY
+            } else {
+                r.normal()
+            }
+        })
     }
 
-    /// `N(0, std²)` values drawn on `dev` itself: the device generator seeded from this stream
-    /// on CUDA (for inputs too large to draw on the host, e.g. the bench's), [`Rng::randn`] in
-    /// f32 on the CPU (Candle's CPU generator cannot be seeded).
+    /// `N(0, std²)` values drawn on `dev` itself (for inputs too large to draw on the host,
+    /// e.g. the bench's): the device generator seeded from this stream on CUDA, this stream in
+    /// f32 on the CPU.
     pub fn randn_on(
         &mut self,
         shape: &[usize],
@@ -165,13 +185,13 @@ impl Rng {
         dt: DType,
         dev: &Device,
     ) -> Result<Tensor> {
-        if dev.is_cpu() {
-            let n = shape.iter().product();
-            let v: Vec<f32> = (0..n).map(|_| (std * self.normal()) as f32).collect();
-            return Tensor::from_vec(v, shape, dev)?.to_dtype(dt);
-        }
-        dev.set_seed(self.next_u64())?;
-        Tensor::randn(0f32, std as f32, shape, dev)?.to_dtype(dt)
+        self.device(
+            shape,
+            dt,
+            dev,
+            |r| std * r.normal(),
+            |d| Tensor::randn(0f32, std as f32, shape, d),
+        )
     }
 
     /// Uniform values in `[lo, hi)`, as [`Rng::randn_on`].
@@ -183,15 +203,13 @@ impl Rng {
         dt: DType,
         dev: &Device,
     ) -> Result<Tensor> {
-        if dev.is_cpu() {
-            let n = shape.iter().product();
-            let v: Vec<f32> = (0..n)
-                .map(|_| (lo + (hi - lo) * self.uniform()) as f32)
-                .collect();
-            return Tensor::from_vec(v, shape, dev)?.to_dtype(dt);
-        }
-        dev.set_seed(self.next_u64())?;
-        Tensor::rand(lo as f32, hi as f32, shape, dev)?.to_dtype(dt)
+        self.device(
+            shape,
+            dt,
+            dev,
+            |r| lo + (hi - lo) * r.uniform(),
+            |d| Tensor::rand(lo as f32, hi as f32, shape, d),
+        )
     }
 }
 

@@ -122,28 +122,13 @@ elem_half!(bf16);
 /// Runs `$body` with `$T` bound to the Rust type of `$dtype` (f32, f64, f16, bf16).
 macro_rules! dispatch {
     ($op:expr, $dtype:expr, |$T:ident| $body:expr) => {
-        match $dtype {
-            candle_core::DType::F32 => {
-                type $T = f32;
-                $body
-            }
-            candle_core::DType::F64 => {
-                type $T = f64;
-                $body
-            }
-            candle_core::DType::F16 => {
-                type $T = half::f16;
-                $body
-            }
-            candle_core::DType::BF16 => {
-                type $T = half::bf16;
-                $body
-            }
-            d => $crate::validate::fail!(
-                $op,
-                "unsupported dtype {d:?}, expected f32, f64, f16 or bf16"
-            ),
-        }
+        $crate::validate::for_dtypes!(
+            $op,
+            $dtype,
+            |$T| $body,
+            [F32 => f32, F64 => f64, F16 => half::f16, BF16 => half::bf16],
+            "unsupported dtype {d:?}, expected f32, f64, f16 or bf16"
+        )
     };
 }
 pub(crate) use dispatch;

@@ -489,27 +489,17 @@ pub(crate) fn dtype_name(op: &str, dt: DType) -> Result<&'static str> {
     })
 }
 
-/// Runs `$body` with `$T` bound to the Rust type of the storage's dtype (f32, f16, bf16).
+/// Runs `$body` with `$T` bound to the Rust type of the storage's dtype (f32, f16, bf16); f64
+/// and the rest are one clear error, the same for every op.
 macro_rules! dispatch {
     ($op:expr, $dtype:expr, |$T:ident| $body:expr) => {
-        match $dtype {
-            candle_core::DType::F32 => {
-                type $T = f32;
-                $body
-            }
-            candle_core::DType::F16 => {
-                type $T = half::f16;
-                $body
-            }
-            candle_core::DType::BF16 => {
-                type $T = half::bf16;
-                $body
-            }
-            d => $crate::validate::fail!(
-                $op,
-                "dtype {d:?} is not supported by the CUDA kernels (f32, f16, bf16)"
-            ),
-        }
+        $crate::validate::for_dtypes!(
+            $op,
+            $dtype,
+            |$T| $body,
+            [F32 => f32, F16 => half::f16, BF16 => half::bf16],
+            "dtype {d:?} is not supported by the CUDA kernels (f32, f16, bf16)"
+        )
     };
 }
 pub(crate) use dispatch;

@@ -362,107 +362,50 @@ impl Node {
     }
 }
 
-impl CustomOp1 for Node {
-    fn name(&self) -> &'static str {
-        self.name
-    }
+/// The `CustomOp1/2/3` impls of [`Node`]: each forward hands over the stored output, each
+/// backward maps the closure's gradients onto the node's arguments.
+macro_rules! node_op {
+    ($op:ident, [$($s:ident $l:ident),+], [$($a:ident),+], $ret:ty, |$g:ident| $grads:expr) => {
+        impl $op for Node {
+            fn name(&self) -> &'static str {
+                self.name
+            }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.take_cpu()
-    }
+            fn cpu_fwd(&self, $($s: &CpuStorage, $l: &Layout),+) -> Result<(CpuStorage, Shape)> {
+                let _ = ($($s, $l),+);
+                self.take_cpu()
+            }
 
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.take_cuda()
-    }
+            #[cfg(feature = "cuda")]
+            fn cuda_fwd(
+                &self,
+                $($s: &candle_core::CudaStorage, $l: &Layout),+
+            ) -> Result<(candle_core::CudaStorage, Shape)> {
+                let _ = ($($s, $l),+);
+                self.take_cuda()
+            }
 
-    fn bwd(&self, _: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let mut g = self.grads(res, grad)?;
-        Ok(g.remove(0))
-    }
+            fn bwd(&self, $($a: &Tensor),+, res: &Tensor, grad: &Tensor) -> Result<$ret> {
+                let _ = ($($a),+);
+                let mut $g = self.grads(res, grad)?.into_iter();
+                Ok($grads)
+            }
+        }
+    };
 }
 
-impl CustomOp2 for Node {
-    fn name(&self) -> &'static str {
-        self.name
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.take_cpu()
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.take_cuda()
-    }
-
-    fn bwd(
-        &self,
-        _: &Tensor,
-        _: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let mut g = self.grads(res, grad)?.into_iter();
-        Ok((g.next().flatten(), g.next().flatten()))
-    }
-}
-
-impl CustomOp3 for Node {
-    fn name(&self) -> &'static str {
-        self.name
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.take_cpu()
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.take_cuda()
-    }
-
-    fn bwd(
-        &self,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let mut g = self.grads(res, grad)?.into_iter();
-        Ok((g.next().flatten(), g.next().flatten(), g.next().flatten()))
-    }
-}
+node_op!(CustomOp1, [s1 l1], [a1], Option<Tensor>, |g| g.next().flatten());
+node_op!(
+    CustomOp2,
+    [s1 l1, s2 l2],
+    [a1, a2],
+    (Option<Tensor>, Option<Tensor>),
+    |g| (g.next().flatten(), g.next().flatten())
+);
+node_op!(
+    CustomOp3,
+    [s1 l1, s2 l2, s3 l3],
+    [a1, a2, a3],
+    (Option<Tensor>, Option<Tensor>, Option<Tensor>),
+    |g| (g.next().flatten(), g.next().flatten(), g.next().flatten())
+);

@@ -15,6 +15,22 @@ macro_rules! fail {
 }
 pub(crate) use fail;
 
+/// Runs `$body` with `$T` bound to the Rust type of `$dtype` when it is one of the listed
+/// dtypes (`F32 => f32, ...`), else returns the op's error `$msg` (with `{d:?}` the dtype).
+/// The backends' `cpu::dispatch!` and `cuda::dispatch!` are this with their dtype lists.
+macro_rules! for_dtypes {
+    ($op:expr, $dtype:expr, |$T:ident| $body:expr, [$($D:ident => $ty:ty),+], $msg:literal) => {
+        match $dtype {
+            $(candle_core::DType::$D => {
+                type $T = $ty;
+                $body
+            })+
+            d => $crate::validate::fail!($op, $msg, d = d),
+        }
+    };
+}
+pub(crate) use for_dtypes;
+
 /// The dtypes the ops accept.
 pub(crate) fn float_dtype(op: &str, arg: &str, t: &Tensor) -> Result<()> {
     match t.dtype() {
