@@ -144,6 +144,27 @@ pub fn run_both(
     (o, ro, g, rg)
 }
 
+/// The fused and the reference gradient of input `name`, which must both exist and have the
+/// same shape.
+pub fn grad_pair<'a>(
+    ctx: &str,
+    name: &str,
+    fused: &'a Option<Tensor>,
+    reference: &'a Option<Tensor>,
+) -> (&'a Tensor, &'a Tensor) {
+    match (fused, reference) {
+        (Some(a), Some(b)) => {
+            assert_eq!(a.dims(), b.dims(), "{ctx}: d{name} shape");
+            (a, b)
+        }
+        (a, b) => panic!(
+            "{ctx}: gradient of {name} missing (fused: {}, reference: {})",
+            a.is_some(),
+            b.is_some()
+        ),
+    }
+}
+
 /// Compares everything [`run_both`] returns: outputs (named `out_names`) and the gradient of
 /// every input marked in `diff` (named `in_names`), which must exist on both sides.
 /// `grad_floor(k)` is an extra floor for the gradient of input `k` (see
@@ -173,16 +194,7 @@ pub fn compare_all(
         if !diff[k] {
             continue;
         }
-        let (a, b) = match (&g[k], &rg[k]) {
-            (Some(a), Some(b)) => (a, b),
-            (a, b) => panic!(
-                "{ctx}: gradient of {} missing (fused: {}, reference: {})",
-                in_names[k],
-                a.is_some(),
-                b.is_some()
-            ),
-        };
-        assert_eq!(a.dims(), b.dims(), "{ctx}: d{} shape", in_names[k]);
+        let (a, b) = grad_pair(ctx, in_names[k], &g[k], &rg[k]);
         assert_close_floor(&format!("{ctx}: d{}", in_names[k]), a, b, dt, grad_floor(k));
     }
 }

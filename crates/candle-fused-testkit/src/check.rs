@@ -493,6 +493,30 @@ pub fn run(kernels: &Kernels, case: &Case, device: &Device) -> Result<Vec<Outcom
     Ok(res)
 }
 
+/// The row ops (softmax, RMSNorm with and without weight, add+RMSNorm) on every shape in
+/// every dtype.
+pub fn row_cases(shapes: &[Vec<usize>], dtypes: &[DType]) -> Vec<Case> {
+    let ops = [
+        OpKind::Softmax,
+        OpKind::RmsNorm { weight: true },
+        OpKind::RmsNorm { weight: false },
+        OpKind::AddRmsNorm,
+    ];
+    let mut cases = Vec::new();
+    for &dtype in dtypes {
+        for shape in shapes {
+            for op in ops {
+                cases.push(Case {
+                    op,
+                    shape: shape.clone(),
+                    dtype,
+                });
+            }
+        }
+    }
+    cases
+}
+
 /// The sweep of `candle-fused check`: every op, each dtype, several shapes (including last
 /// dims 1, odd, prime, 4097 and 65536, a masked-softmax family, and LoRA linear shapes up to
 /// rank 256).
@@ -508,20 +532,7 @@ pub fn sweep(dtypes: &[DType]) -> Vec<Case> {
     let attn_shapes: Vec<Vec<usize>> = vec![vec![2, 3, 5, 7], vec![1, 4, 16, 64], vec![2, 9, 130]];
     let mut cases = Vec::new();
     for &dtype in dtypes {
-        for shape in &row_shapes {
-            for op in [
-                OpKind::Softmax,
-                OpKind::RmsNorm { weight: true },
-                OpKind::RmsNorm { weight: false },
-                OpKind::AddRmsNorm,
-            ] {
-                cases.push(Case {
-                    op,
-                    shape: shape.clone(),
-                    dtype,
-                });
-            }
-        }
+        cases.extend(row_cases(&row_shapes, &[dtype]));
         for shape in &attn_shapes {
             for (mask, causal) in [
                 (MaskKind::None, true),

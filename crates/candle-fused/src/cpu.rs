@@ -12,7 +12,7 @@ use num_traits::Zero;
 use rayon::prelude::*;
 
 use crate::config::CpuConfig;
-use crate::validate::fail;
+use crate::seam::Inputs;
 
 /// Accumulation type of the row kernels: `f32` (for f32, f16, bf16) or `f64`.
 pub(crate) trait Acc:
@@ -141,15 +141,32 @@ pub(crate) fn slice<'a, T: WithDType>(
     l: &Layout,
 ) -> Result<&'a [T]> {
     let data = T::cpu_storage_as_slice(s)?;
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => fail!(
-            op,
-            "{arg} must be contiguous (strides {:?} for shape {:?})",
-            l.stride(),
-            l.dims()
-        ),
-    }
+    let (a, b) = crate::validate::contiguous(op, arg, l)?;
+    Ok(&data[a..b])
+}
+
+/// The contiguous data of input `i` of a kernel (named in errors as the kernel names it).
+pub(crate) fn input<'a, T: WithDType>(ins: &Inputs<'a, CpuStorage>, i: usize) -> Result<&'a [T]> {
+    let (s, l) = ins.get(i)?;
+    slice(ins.op(), ins.name(i), s, l)
+}
+
+/// [`input`] of an optional input.
+pub(crate) fn opt_input<'a, T: WithDType>(
+    ins: &Inputs<'a, CpuStorage>,
+    i: usize,
+) -> Result<Option<&'a [T]>> {
+    ins.opt(i)
+        .map(|(s, l)| slice(ins.op(), ins.name(i), s, l))
+        .transpose()
+}
+
+/// An optional small input (a weight) converted to the accumulation type.
+pub(crate) fn opt_acc_vec<T: Elem>(
+    ins: &Inputs<CpuStorage>,
+    i: usize,
+) -> Result<Option<Vec<T::A>>> {
+    Ok(opt_input::<T>(ins, i)?.map(to_acc_vec))
 }
 
 /// An output buffer: NaN when `poison` is on (tests, [`crate::KernelConfig::poison`]), else

@@ -459,15 +459,18 @@ pub(crate) fn slice<'s, T: CudaDType>(
     s: &'s CudaStorage,
     l: &Layout,
 ) -> Result<(&'s CudaSlice<T>, usize)> {
-    match l.contiguous_offsets() {
-        Some((a, _)) => Ok((s.as_cuda_slice::<T>()?, a)),
-        None => fail!(
-            op,
-            "{arg} must be contiguous (strides {:?} for shape {:?})",
-            l.stride(),
-            l.dims()
-        ),
-    }
+    let (a, _) = crate::validate::contiguous(op, arg, l)?;
+    Ok((s.as_cuda_slice::<T>()?, a))
+}
+
+/// [`slice`] of optional input `i` of a kernel (named in errors as the kernel names it).
+pub(crate) fn opt_input<'a, T: CudaDType>(
+    ins: &crate::seam::Inputs<'a, CudaStorage>,
+    i: usize,
+) -> Result<Option<(&'a CudaSlice<T>, usize)>> {
+    ins.opt(i)
+        .map(|(s, l)| slice::<T>(ins.op(), ins.name(i), s, l))
+        .transpose()
 }
 
 /// Is element `offset` of `s` 16-byte aligned?

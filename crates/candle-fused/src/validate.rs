@@ -31,6 +31,21 @@ macro_rules! for_dtypes {
 }
 pub(crate) use for_dtypes;
 
+/// The element range `[start, end)` of a contiguous layout (an error naming the op and the
+/// argument otherwise; the seam makes every input contiguous unless the kernel reads it
+/// through its strides).
+pub(crate) fn contiguous(op: &str, arg: &str, l: &candle_core::Layout) -> Result<(usize, usize)> {
+    match l.contiguous_offsets() {
+        Some(r) => Ok(r),
+        None => fail!(
+            op,
+            "{arg} must be contiguous (strides {:?} for shape {:?})",
+            l.stride(),
+            l.dims()
+        ),
+    }
+}
+
 /// The dtypes the ops accept.
 pub(crate) fn float_dtype(op: &str, arg: &str, t: &Tensor) -> Result<()> {
     match t.dtype() {
@@ -85,6 +100,19 @@ pub(crate) fn shape_eq(op: &str, arg: &str, t: &Tensor, dims: &[usize], what: &s
         )
     }
     Ok(())
+}
+
+/// `t` has the dtype and device of `x` and exactly `dims` (`what` says where they come from).
+pub(crate) fn like(
+    op: &str,
+    arg: &str,
+    t: &Tensor,
+    x: &Tensor,
+    dims: &[usize],
+    what: &str,
+) -> Result<()> {
+    same_dtype_device(op, arg, t, x)?;
+    shape_eq(op, arg, t, dims, what)
 }
 
 /// eps is finite and > 0.

@@ -346,19 +346,15 @@ pub fn run_case(case: &LoraCase, timer: &Timer, out: &mut Collector) {
     };
     let n_sets = sets_for(case.set_bytes());
     let mut rng = case.stream();
-    let sets: Result<Vec<LoraSet>> = (0..n_sets)
-        .map(|_| case.inputs(timer.device(), &mut rng))
-        .collect();
-    let sets = match sets {
-        Ok(s) => s,
-        Err(e) => {
-            let keys = PASSES
-                .iter()
-                .flat_map(|&p| impls(p).into_iter().map(move |i| key(p, i)))
-                .collect();
-            out.skip_all(keys, &e);
-            return;
-        }
+    let all_keys = || {
+        PASSES
+            .iter()
+            .flat_map(|&p| impls(p).into_iter().map(move |i| key(p, i)))
+            .collect()
+    };
+    let make = |_| case.inputs(timer.device(), &mut rng);
+    let Some(sets) = out.input_sets(n_sets, make, all_keys) else {
+        return;
     };
     // An impl whose forward disagrees with the composed ops is not timed (in any pass).
     let checks: Vec<(Impl, Result<()>)> = [Impl::BaseLinear, Impl::Ours, Impl::Merged]

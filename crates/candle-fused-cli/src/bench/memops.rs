@@ -419,20 +419,15 @@ pub fn run_case(case: &MemCase, timer: &Timer, out: &mut Collector) {
     };
     let k = sets_for(case.set_bytes());
     let mut rng = case.stream();
-    let sets: Result<Vec<InputSet>> = (0..k)
-        .map(|_| case.inputs(timer.device(), &mut rng))
-        .collect();
-    let sets = match sets {
-        Ok(s) => s,
-        Err(e) => {
-            let keys = PASSES
-                .iter()
-                .flat_map(|&p| case.impls(p).into_iter().map(move |(i, _)| (p, i)))
-                .map(|(p, i)| key(p, i))
-                .collect();
-            out.skip_all(keys, &e);
-            return;
-        }
+    let all_keys = || {
+        PASSES
+            .iter()
+            .flat_map(|&p| case.impls(p).into_iter().map(move |(i, _)| key(p, i)))
+            .collect()
+    };
+    let make = |_| case.inputs(timer.device(), &mut rng);
+    let Some(sets) = out.input_sets(k, make, all_keys) else {
+        return;
     };
     for pass in PASSES {
         for (imp, baseline) in case.impls(pass) {

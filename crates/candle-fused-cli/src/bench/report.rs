@@ -55,6 +55,13 @@ synchronised around each repetition); small inputs rotate among several random i
     unused dW (not counted in the flops). ours/limit = ours' time / the faster of base_gemm
     and base_linear (target: fwd <= 1.05 for M >= 4096).";
 
+/// The row of implementation `imp` for the same op, pass, shape and dtype as `r`.
+fn peer<'a>(rows: &'a [Row], r: &Row, imp: &str) -> Option<&'a Row> {
+    rows.iter().find(|o| {
+        o.op == r.op && o.pass == r.pass && o.shape == r.shape && o.dtype == r.dtype && o.imp == imp
+    })
+}
+
 /// One measured row.
 #[derive(Debug, Clone, Serialize)]
 pub struct Row {
@@ -228,6 +235,24 @@ impl Collector {
         }
     }
 
+    /// `n` input sets from `make`; when one cannot be made (e.g. out of memory) every
+    /// measurement of the case (`keys`) is recorded as skipped with the error, and `None`
+    /// returned.
+    pub fn input_sets<S>(
+        &mut self,
+        n: usize,
+        make: impl FnMut(usize) -> candle_core::Result<S>,
+        keys: impl FnOnce() -> Vec<Key>,
+    ) -> Option<Vec<S>> {
+        match (0..n).map(make).collect() {
+            Ok(sets) => Some(sets),
+            Err(e) => {
+                self.skip_all(keys(), &e);
+                None
+            }
+        }
+    }
+
     /// Records the same error for every measurement of a case that could not even be set up.
     pub fn skip_all(&mut self, keys: Vec<Key>, error: &candle_core::Error) {
         for k in keys {
@@ -337,15 +362,7 @@ pub fn summary(rows: &[Row]) -> String {
     );
     s.push_str(&"-".repeat(s.len() - 1));
     s.push('\n');
-    let find = |r: &Row, imp: &str| {
-        rows.iter().find(|o| {
-            o.op == r.op
-                && o.pass == r.pass
-                && o.shape == r.shape
-                && o.dtype == r.dtype
-                && o.imp == imp
-        })
-    };
+    let find = |r: &Row, imp: &str| peer(rows, r, imp);
     for r in rows.iter().filter(|r| r.imp == "ours" && r.flops.is_none()) {
         let sp = |imp: &str| {
             find(r, imp)
@@ -400,15 +417,7 @@ pub fn compute_summary(rows: &[Row]) -> String {
     );
     s.push_str(&"-".repeat(s.len() - 1));
     s.push('\n');
-    let find = |r: &Row, imp: &str| {
-        rows.iter().find(|o| {
-            o.op == r.op
-                && o.pass == r.pass
-                && o.shape == r.shape
-                && o.dtype == r.dtype
-                && o.imp == imp
-        })
-    };
+    let find = |r: &Row, imp: &str| peer(rows, r, imp);
     for r in ours {
         let sp = |imp: &str| {
             find(r, imp)

@@ -5,11 +5,9 @@ use candle_fused_testkit::testing;
 
 use super::*;
 
-/// The RMSNorm backward from its definition, in f64: with `x̂ = x·r`, `r = 1/sqrt(mean(x²) +
-/// eps)` and `g = dy ⊙ w`: `dx = r·(g − x̂·⟨g, x̂⟩/D)`, `dw = Σ_rows dy ⊙ x̂`.
-pub fn rms_bwd64(x: &Tensor, w: Option<&Tensor>, dy: &Tensor, eps: f64) -> (Tensor, Tensor) {
-    let (x, dy) = (f64t(x), f64t(dy));
-    let d = x.dim(D::Minus1).unwrap() as f64;
+/// `(r, x̂, g)` of RMSNorm in f64: `r = 1/sqrt(mean(x²) + eps)` per row, `x̂ = x·r`,
+/// `g = dy ⊙ w` (or `dy`).
+fn rms_parts(x: &Tensor, w: Option<&Tensor>, dy: &Tensor, eps: f64) -> (Tensor, Tensor, Tensor) {
     let r = (x.sqr().unwrap().mean_keepdim(D::Minus1).unwrap() + eps)
         .unwrap()
         .sqrt()
@@ -21,6 +19,15 @@ pub fn rms_bwd64(x: &Tensor, w: Option<&Tensor>, dy: &Tensor, eps: f64) -> (Tens
         Some(w) => dy.broadcast_mul(&f64t(w)).unwrap(),
         None => dy.clone(),
     };
+    (r, xh, g)
+}
+
+/// The RMSNorm backward from its definition, in f64: with `x̂ = x·r`, `r = 1/sqrt(mean(x²) +
+/// eps)` and `g = dy ⊙ w`: `dx = r·(g − x̂·⟨g, x̂⟩/D)`, `dw = Σ_rows dy ⊙ x̂`.
+pub fn rms_bwd64(x: &Tensor, w: Option<&Tensor>, dy: &Tensor, eps: f64) -> (Tensor, Tensor) {
+    let (x, dy) = (f64t(x), f64t(dy));
+    let d = x.dim(D::Minus1).unwrap() as f64;
+    let (r, xh, g) = rms_parts(&x, w, &dy, eps);
     let c = ((&g * &xh).unwrap().sum_keepdim(D::Minus1).unwrap() / d).unwrap();
     let dx = (g - xh.broadcast_mul(&c).unwrap())
         .unwrap()
@@ -52,17 +59,7 @@ pub fn rms_floors(x: &Tensor, w: Option<&Tensor>, dy: &Tensor, eps: f64, dt: DTy
     let dcols = x.dim(D::Minus1).unwrap();
     let rows = x.elem_count() / dcols.max(1);
     let (dx, dw) = rms_bwd64(&x, w, &dy, eps);
-    let r = (x.sqr().unwrap().mean_keepdim(D::Minus1).unwrap() + eps)
-        .unwrap()
-        .sqrt()
-        .unwrap()
-        .recip()
-        .unwrap();
-    let xh = x.broadcast_mul(&r).unwrap();
-    let g = match w {
-        Some(w) => dy.broadcast_mul(&f64t(w)).unwrap(),
-        None => dy.clone(),
-    };
+    let (r, xh, g) = rms_parts(&x, w, &dy, eps);
     let gx = ((&g * &xh)
         .unwrap()
         .abs()

@@ -114,16 +114,7 @@ pub fn compare_softmax(
         if !diff[k] {
             continue;
         }
-        let (a, b) = match (&g[k], &rg[k]) {
-            (Some(a), Some(b)) => (a, b),
-            (a, b) => panic!(
-                "{ctx}: gradient of {} missing (fused: {}, reference: {})",
-                names[k],
-                a.is_some(),
-                b.is_some()
-            ),
-        };
-        assert_eq!(a.dims(), b.dims(), "{ctx}: d{} shape", names[k]);
+        let (a, b) = grad_pair(ctx, names[k], &g[k], &rg[k]);
         check_softmax_grad(
             &format!("{ctx}: d{}", names[k]),
             a,

@@ -82,20 +82,7 @@ fn long_rows_and_odd_row_counts() {
         vec![2, 40000],
     ];
     for &dtype in &DTYPES {
-        for shape in &shapes {
-            for op in [
-                OpKind::Softmax,
-                OpKind::RmsNorm { weight: true },
-                OpKind::RmsNorm { weight: false },
-                OpKind::AddRmsNorm,
-            ] {
-                cases.push(Case {
-                    op,
-                    shape: shape.clone(),
-                    dtype,
-                });
-            }
-        }
+        cases.extend(check::row_cases(&shapes, &[dtype]));
         // Beyond 262144 columns only softmax's kernels run (the norms' backward is limited to
         // 262144: `rms_norm_backward_row_limit`).
         cases.push(Case {
@@ -428,20 +415,8 @@ fn fully_masked_rows_are_zero_on_gpu() {
 fn sanitizer_small() {
     let mut cases = Vec::new();
     for dtype in [DType::F32, DType::BF16] {
-        for shape in [vec![3, 7], vec![2, 1000], vec![1, 65536]] {
-            for op in [
-                OpKind::Softmax,
-                OpKind::RmsNorm { weight: true },
-                OpKind::RmsNorm { weight: false },
-                OpKind::AddRmsNorm,
-            ] {
-                cases.push(Case {
-                    op,
-                    shape: shape.clone(),
-                    dtype,
-                });
-            }
-        }
+        let shapes = [vec![3, 7], vec![2, 1000], vec![1, 65536]];
+        cases.extend(check::row_cases(&shapes, &[dtype]));
         let op = OpKind::MaskedSoftmax {
             scale: 0.5,
             mask: MaskKind::Learned,

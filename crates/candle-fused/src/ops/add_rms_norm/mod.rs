@@ -50,8 +50,7 @@ impl Kernels {
     ) -> Result<(Tensor, Tensor)> {
         const OP: &str = "add_rms_norm";
         rms_norm::check(OP, "x", x, Some(weight), eps)?;
-        validate::same_dtype_device(OP, "residual", residual, x)?;
-        validate::shape_eq(OP, "residual", residual, x.dims(), "the shape of x")?;
+        validate::like(OP, "residual", residual, x, x.dims(), "the shape of x")?;
         if x.elem_count() == 0 {
             return Ok((x.zeros_like()?, (x + residual)?));
         }
@@ -89,8 +88,7 @@ impl Kernels {
         const OP: &str = "add_rms_norm_backward";
         rms_norm::check(OP, "sum", sum, Some(weight), eps)?;
         for (name, t) in [("d_normed", d_normed), ("d_sum", d_sum)] {
-            validate::same_dtype_device(OP, name, t, sum)?;
-            validate::shape_eq(OP, name, t, sum.dims(), "the shape of sum")?;
+            validate::like(OP, name, t, sum, sum.dims(), "the shape of sum")?;
         }
         if sum.elem_count() == 0 {
             return Ok((sum.zeros_like()?, weight.zeros_like()?));

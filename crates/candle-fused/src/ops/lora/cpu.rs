@@ -9,7 +9,7 @@
 
 use std::borrow::Cow;
 
-use candle_core::{CpuStorage, Layout, Result};
+use candle_core::{CpuStorage, Result};
 use num_traits::{One, Zero};
 use rayon::prelude::*;
 
@@ -118,10 +118,9 @@ fn acc<'a, T: Elem>(src: &'a [T], buf: &'a mut Vec<T::A>) -> &'a [T::A] {
 
 /// Optional input `i` (a weight, parameter-sized) in the accumulation type.
 fn weight<'a, T: Elem>(ins: &Inputs<'a, CpuStorage>, i: usize) -> Result<Option<Cow<'a, [T::A]>>> {
-    let Some((s, l)) = ins.opt(i) else {
+    let Some(d) = cpu::opt_input::<T>(ins, i)? else {
         return Ok(None);
     };
-    let d = data::<T>(ins, i, s, l)?;
     Ok(Some(match T::as_acc(d) {
         Some(x) => Cow::Borrowed(x),
         None => {
@@ -130,21 +129,6 @@ fn weight<'a, T: Elem>(ins: &Inputs<'a, CpuStorage>, i: usize) -> Result<Option<
             Cow::Owned(v)
         }
     }))
-}
-
-/// The contiguous data of input `i`.
-fn data<'a, T: Elem>(
-    ins: &Inputs<'a, CpuStorage>,
-    i: usize,
-    s: &'a CpuStorage,
-    l: &Layout,
-) -> Result<&'a [T]> {
-    cpu::slice(ins.op(), ins.name(i), s, l)
-}
-
-/// Optional input `i` as stored.
-fn stored<'a, T: Elem>(ins: &Inputs<'a, CpuStorage>, i: usize) -> Result<Option<&'a [T]>> {
-    ins.opt(i).map(|(s, l)| data::<T>(ins, i, s, l)).transpose()
 }
 
 /// Runs `f` on `out` seen in the accumulation type, rounding once for half types.
@@ -234,8 +218,7 @@ pub(super) fn down<T: Elem>(
     cfg: &KernelConfig,
     ins: &Inputs<CpuStorage>,
 ) -> Result<Vec<CpuStorage>> {
-    let (x0, xl) = ins.get(0)?;
-    let x = data::<T>(ins, 0, x0, xl)?;
+    let x = cpu::input::<T>(ins, 0)?;
     let a = weight::<T>(ins, 1)?;
     let u = down_t::<T>(&k.dims, k.scale, cfg, x, a.as_deref());
     Ok(vec![T::to_cpu_storage_owned(u)])
@@ -250,11 +233,10 @@ pub(super) fn forward<T: Elem>(
     type A<T> = <T as Elem>::A;
     let d = k.dims;
     let kk = d.kk();
-    let (x0, xl) = ins.get(0)?;
-    let x = data::<T>(ins, 0, x0, xl)?;
+    let x = cpu::input::<T>(ins, 0)?;
     let w = weight::<T>(ins, 1)?;
     let a = weight::<T>(ins, 2)?;
-    let (b, bias) = (stored::<T>(ins, 3)?, stored::<T>(ins, 4)?);
+    let (b, bias) = (cpu::opt_input::<T>(ins, 3)?, cpu::opt_input::<T>(ins, 4)?);
     let u = (kk > 0).then(|| down_t::<T>(&d, k.scale, cfg, x, a.as_deref()));
     let bext = (kk > 0).then(|| b_ext::<T>(&d, b, bias));
     let mut y = cpu::alloc::<T>(d.m * d.n, cfg.poison);
@@ -361,13 +343,12 @@ pub(super) fn backward<T: Elem>(
     let (d, need) = (k.dims, k.need);
     let kk = d.kk();
     let one = A::<T>::one();
-    let (g0, gl) = ins.get(0)?;
-    let dys = data::<T>(ins, 0, g0, gl)?;
-    let xs = stored::<T>(ins, 1)?;
+    let dys = cpu::input::<T>(ins, 0)?;
+    let xs = cpu::opt_input::<T>(ins, 1)?;
     let w = weight::<T>(ins, 2)?;
     let a = weight::<T>(ins, 3)?;
     let b = weight::<T>(ins, 4)?;
-    let us = stored::<T>(ins, 5)?.filter(|_| need.db_ext(&d));
+    let us = cpu::opt_input::<T>(ins, 5)?.filter(|_| need.db_ext(&d));
     let has_g = need.g(&d) && b.is_some();
     if ((need.dw || need.da) && xs.is_none())
         || (need.db_ext(&d) && us.is_none())

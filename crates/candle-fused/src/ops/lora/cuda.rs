@@ -286,16 +286,6 @@ impl Ctx<'_> {
     }
 }
 
-/// The contiguous data of optional input `i`.
-fn input<'a, T: CudaDType>(
-    ins: &Inputs<'a, CudaStorage>,
-    i: usize,
-) -> Result<Option<(&'a CudaSlice<T>, usize)>> {
-    ins.opt(i)
-        .map(|(s, l)| cuda::slice::<T>(ins.op(), ins.name(i), s, l))
-        .transpose()
-}
-
 /// A scratch or output buffer of `n` elements when `on`.
 fn buffer<T: DeviceRepr>(
     dev: &CudaDevice,
@@ -325,7 +315,7 @@ pub(super) fn down<T: Elt>(
         dev,
         stream: &stream,
     };
-    let (x, a) = (input::<T>(ins, 0)?, input::<T>(ins, 1)?);
+    let (x, a) = (cuda::opt_input::<T>(ins, 0)?, cuda::opt_input::<T>(ins, 1)?);
     let mut u = cuda::alloc::<T>(dev, d.m * d.kk(), cfg.poison)?;
     {
         let mut p = Addrs::new(&stream);
@@ -358,8 +348,8 @@ pub(super) fn forward<T: Elt>(
         stream: &stream,
     };
     let x = cuda::slice::<T>(op, "x", x0, xl)?;
-    let (w, a) = (input::<T>(ins, 1)?, input::<T>(ins, 2)?);
-    let (b, bias) = (input::<T>(ins, 3)?, input::<T>(ins, 4)?);
+    let (w, a) = (cuda::opt_input::<T>(ins, 1)?, cuda::opt_input::<T>(ins, 2)?);
+    let (b, bias) = (cuda::opt_input::<T>(ins, 3)?, cuda::opt_input::<T>(ins, 4)?);
     let mut y = cuda::alloc::<T>(dev, d.m * d.n, cfg.poison)?;
     let mut u = buffer::<T>(dev, kk > 0, d.m * kk, cfg.poison)?;
     let mut bext = buffer::<T>(dev, kk > 0, d.n * kk, false)?;
@@ -426,11 +416,11 @@ pub(super) fn backward<T: Elt>(
         stream: &stream,
     };
     let dy = cuda::slice::<T>(op, "dy", g0, gl)?;
-    let (x, w) = (input::<T>(ins, 1)?, input::<T>(ins, 2)?);
+    let (x, w) = (cuda::opt_input::<T>(ins, 1)?, cuda::opt_input::<T>(ins, 2)?);
     let (a, b, u) = (
-        input::<T>(ins, 3)?,
-        input::<T>(ins, 4)?,
-        input::<T>(ins, 5)?,
+        cuda::opt_input::<T>(ins, 3)?,
+        cuda::opt_input::<T>(ins, 4)?,
+        cuda::opt_input::<T>(ins, 5)?,
     );
     let has_g = need.g(&d) && b.is_some();
     let db_ext = need.db_ext(&d);

@@ -141,19 +141,6 @@ impl Kernel for LoraBwd {
     seam::backends!(cpu::backward, cuda::backward);
 }
 
-/// Checks of one tensor argument: dtype and device of `x`, exact shape.
-fn check_arg(
-    op: &str,
-    arg: &str,
-    t: &Tensor,
-    x: &Tensor,
-    dims: &[usize],
-    what: &str,
-) -> Result<()> {
-    validate::same_dtype_device(op, arg, t, x)?;
-    validate::shape_eq(op, arg, t, dims, what)
-}
-
 /// `x` (rank >= 1, float) and `w` (`[N, K]`); returns `(K, N)`.
 fn check_base(op: &str, x: &Tensor, w: &Tensor) -> Result<(usize, usize)> {
     validate::rank_ge1(op, "x", x)?;
@@ -163,7 +150,7 @@ fn check_base(op: &str, x: &Tensor, w: &Tensor) -> Result<(usize, usize)> {
         fail!(op, "w must have shape [N, K] (rank 2), got {:?}", w.dims())
     }
     let n = w.dim(0)?;
-    check_arg(op, "w", w, x, &[n, k], "[N, K] with K the last dim of x")?;
+    validate::like(op, "w", w, x, &[n, k], "[N, K] with K the last dim of x")?;
     Ok((k, n))
 }
 
@@ -196,8 +183,8 @@ pub(crate) fn check(
             k.min(n)
         )
     }
-    check_arg(op, "a", a, x, &[r, k], "[r, K] with K the last dim of x")?;
-    check_arg(
+    validate::like(op, "a", a, x, &[r, k], "[r, K] with K the last dim of x")?;
+    validate::like(
         op,
         "b",
         b,
@@ -206,7 +193,7 @@ pub(crate) fn check(
         "[N, r] with N the rows of w, r the rows of a",
     )?;
     if let Some(bias) = bias {
-        check_arg(op, "bias", bias, x, &[n], "[N] with N the rows of w")?;
+        validate::like(op, "bias", bias, x, &[n], "[N] with N the rows of w")?;
     }
     validate::finite(op, "scale", scale)?;
     Ok((k, n, r))
@@ -302,7 +289,7 @@ impl Kernels {
         const OP: &str = "linear";
         let (_, n) = check_base(OP, x, w)?;
         if let Some(bias) = bias {
-            check_arg(OP, "bias", bias, x, &[n], "[N] with N the rows of w")?;
+            validate::like(OP, "bias", bias, x, &[n], "[N] with N the rows of w")?;
         }
         self.lora_core(OP, x, Some(w), bias, None, 0.0)
     }
@@ -322,8 +309,8 @@ impl Kernels {
         let k = x.dim(candle_core::D::Minus1)?;
         let r = a.dim(0)?;
         let n = b.dim(0)?;
-        check_arg(OP, "a", a, x, &[r, k], "[r, K]")?;
-        check_arg(OP, "b", b, x, &[n, r], "[N, r]")?;
+        validate::like(OP, "a", a, x, &[r, k], "[r, K]")?;
+        validate::like(OP, "b", b, x, &[n, r], "[N, r]")?;
         validate::finite(OP, "scale", scale)?;
         self.lora_core(OP, x, None, None, Some((a, b)), scale)
     }
@@ -449,7 +436,7 @@ impl Kernels {
         const OP: &str = "lora_linear_backward";
         let (k, n, r) = check(OP, x, w, bias, a, b, scale)?;
         let (m, _, out_dims) = rows_of(x, n);
-        check_arg(OP, "dy", dy, x, &out_dims, "the output's shape [..., N]")?;
+        validate::like(OP, "dy", dy, x, &out_dims, "the output's shape [..., N]")?;
         let (dt, dev) = (x.dtype(), x.device());
         if m == 0 || k == 0 || n == 0 {
             // Empty products: every gradient is zero (or empty).

@@ -89,10 +89,7 @@ pub(super) fn forward<T: Elem>(
     let (xs, xl) = ins.get(0)?;
     let x = cpu::slice::<T>(op, "x", xs, xl)?;
     let d = xl.dims()[xl.dims().len() - 1];
-    let w = match ins.opt(1) {
-        Some((ws, wl)) => Some(cpu::to_acc_vec(cpu::slice::<T>(op, "weight", ws, wl)?)),
-        None => None,
-    };
+    let w = cpu::opt_acc_vec::<T>(ins, 1)?;
     let eps = T::A::of(eps);
     let mut out = cpu::alloc::<T>(x.len(), cfg.poison);
     cpu::rows(&cfg.cpu, [x], [&mut out], d, 0, |_, [x], [y], _| {
@@ -119,10 +116,7 @@ pub(super) fn backward<T: Elem>(
         .transpose()?;
     let dims = xl.dims();
     let d = dims[dims.len() - 1];
-    let w = match ins.opt(1) {
-        Some((ws, wl)) => Some(cpu::to_acc_vec(cpu::slice::<T>(op, "weight", ws, wl)?)),
-        None => None,
-    };
+    let w = cpu::opt_acc_vec::<T>(ins, 1)?;
     let w = w.as_deref();
     let dw_len = if w.is_some() { d } else { 0 };
     let mut dx = cpu::alloc::<T>(x.len(), cfg.poison);

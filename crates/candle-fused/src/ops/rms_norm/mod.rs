@@ -85,9 +85,8 @@ pub(crate) fn check(op: &str, arg: &str, x: &Tensor, w: Option<&Tensor>, eps: f6
     validate::float_dtype(op, arg, x)?;
     validate::eps(op, eps)?;
     if let Some(w) = w {
-        validate::same_dtype_device(op, "weight", w, x)?;
         let d = x.dim(candle_core::D::Minus1)?;
-        validate::shape_eq(op, "weight", w, &[d], &format!("the last dim of {arg}"))?;
+        validate::like(op, "weight", w, x, &[d], &format!("the last dim of {arg}"))?;
     }
     Ok(())
 }
@@ -122,8 +121,7 @@ impl Kernels {
     ) -> Result<(Tensor, Option<Tensor>)> {
         const OP: &str = "rms_norm_backward";
         check(OP, "x", x, weight, eps)?;
-        validate::same_dtype_device(OP, "dy", dy, x)?;
-        validate::shape_eq(OP, "dy", dy, x.dims(), "the shape of x")?;
+        validate::like(OP, "dy", dy, x, x.dims(), "the shape of x")?;
         if x.elem_count() == 0 {
             return Ok((x.zeros_like()?, weight.map(|w| w.zeros_like()).transpose()?));
         }

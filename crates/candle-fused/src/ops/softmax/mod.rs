@@ -165,8 +165,7 @@ impl Kernels {
     pub fn softmax_backward(&self, y: &Tensor, dy: &Tensor, scale: f64) -> Result<Tensor> {
         const OP: &str = "softmax_backward";
         check_x(OP, "y", y)?;
-        validate::same_dtype_device(OP, "dy", dy, y)?;
-        validate::shape_eq(OP, "dy", dy, y.dims(), "the shape of y")?;
+        validate::like(OP, "dy", dy, y, y.dims(), "the shape of y")?;
         validate::finite(OP, "scale", scale)?;
         if y.elem_count() == 0 {
             return y.zeros_like();
