@@ -19,7 +19,7 @@ use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_fused::nn::{
     lora_linear as lora_layer, save_adapters, LoraConfig, LoraLinear, PeftAdapters,
 };
-use candle_fused::ops::{lora_linear, lora_linear_backward};
+use candle_fused::ops::lora_linear;
 use candle_fused_testkit::check::{self, Case, OpKind};
 use candle_fused_testkit::reference;
 use candle_fused_testkit::testing::{self, poisoned, rel_err, tolerance};
