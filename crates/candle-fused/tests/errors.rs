@@ -3,7 +3,7 @@
 //!
 //! Not testable here:
 //! * Device mismatch (x on one device, weight/mask/residual/dy on another) needs a second
-//!   device: `tests/gpu.rs` (`device_mismatch_is_a_clear_error_for_every_op`) covers it.
+//!   device: `tests/gpu/main.rs` (`device_mismatch_is_a_clear_error_for_every_op`) covers it.
 //! * "Rows too long for a code path": the CPU kernels have no row-length limit (rows of 262144
 //!   run in `tests/proptests.rs`); limits belong to the CUDA kernels and their tests.
 

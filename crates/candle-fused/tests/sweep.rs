@@ -2,7 +2,7 @@
 //! gradient against the f64 reference (composed Candle ops + autograd).
 
 use candle_core::{DType, Device};
-use candle_fused_testkit::check;
+use candle_fused_testkit::check::{self, OpKind};
 use candle_fused_testkit::testing::poisoned;
 
 #[test]
@@ -27,4 +27,35 @@ fn cpu_sweep_all_ops_all_dtypes() {
         failures.len(),
         failures.join("\n")
     );
+}
+
+/// The LoRA cases of the sweep check the forward, the adapter term alone and every gradient
+/// (W included).
+#[test]
+fn check_sweep_covers_lora_with_every_gradient() {
+    let cases: Vec<_> = check::sweep(&[DType::F32])
+        .into_iter()
+        .filter(|c| matches!(c.op, OpKind::Lora { .. }))
+        .collect();
+    assert!(cases.len() >= 5);
+    for case in &cases {
+        let outs = check::run(&poisoned(), case, &Device::Cpu).unwrap();
+        let whats: Vec<&str> = outs.iter().map(|o| o.what.as_str()).collect();
+        let bias = matches!(case.op, OpKind::Lora { bias: true, .. });
+        let mut want = vec!["fwd", "fwd(adapter)", "dx", "dw", "da", "db"];
+        if bias {
+            want.push("dbias");
+        }
+        assert_eq!(whats, want, "{}", case.op.name());
+        for o in &outs {
+            assert!(
+                o.pass(),
+                "{} {}: {:.3e} > {:.0e}",
+                o.op,
+                o.what,
+                o.rel_err,
+                o.tol
+            );
+        }
+    }
 }

@@ -1,4 +1,4 @@
-//! GPU checks of the fused LoRA linear (module of the single GPU test target `tests/gpu.rs`,
+//! GPU checks of the fused LoRA linear (module of the single GPU test target `tests/gpu/main.rs`,
 //! behind the `cuda` feature). Each `pub fn` panics with a readable message on failure and
 //! prints one line per comparison (`op what shape dtype rel_err tol PASS|FAIL`).
 //!
