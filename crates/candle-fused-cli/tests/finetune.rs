@@ -18,13 +18,23 @@ fn tiny_checkpoint(dir: &Path, vocab: usize) {
         "eos_token_id": 257, "pad_token_id": 258
     }))
     .unwrap();
-    Model::random(cfg, DType::F32, &Device::Cpu, 3).unwrap().save(dir, false).unwrap();
+    Model::random(cfg, DType::F32, &Device::Cpu, 3)
+        .unwrap()
+        .save(dir, false)
+        .unwrap();
     Tokenizer::byte_level().unwrap().save(dir).unwrap();
 }
 
 fn run(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_candle-fused")).args(args).output().unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(env!("CARGO_BIN_EXE_candle-fused"))
+        .args(args)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     (out.status.success(), text)
 }
 
@@ -34,21 +44,61 @@ fn finetune_generate_eval_merge_and_bad_input() {
     let model = tmp.path().join("model");
     tiny_checkpoint(&model, 264);
     let data = tmp.path().join("data.jsonl");
-    let lines: Vec<String> = (0..20).map(|i| format!(r#"{{"prompt": "say {i} ->", "completion": " {i}!"}}"#)).collect();
+    let lines: Vec<String> = (0..20)
+        .map(|i| format!(r#"{{"prompt": "say {i} ->", "completion": " {i}!"}}"#))
+        .collect();
     std::fs::write(&data, lines.join("\n")).unwrap();
     let out = tmp.path().join("run");
-    let (m, d, o) = (model.to_str().unwrap(), data.to_str().unwrap(), out.to_str().unwrap());
-    let base = ["finetune", "--model", m, "--data", d, "--out", o, "--steps", "4", "--batch-size", "2", "--seq-len", "32", "--save-every", "2", "--eval-every", "2", "--rank", "4"];
+    let (m, d, o) = (
+        model.to_str().unwrap(),
+        data.to_str().unwrap(),
+        out.to_str().unwrap(),
+    );
+    let base = [
+        "finetune",
+        "--model",
+        m,
+        "--data",
+        d,
+        "--out",
+        o,
+        "--steps",
+        "4",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "32",
+        "--save-every",
+        "2",
+        "--eval-every",
+        "2",
+        "--rank",
+        "4",
+    ];
     let (ok, text) = run(&base);
     assert!(ok, "{text}");
-    assert!(text.contains("done after 4/4 steps") && text.contains("held-out loss"), "{text}");
-    for f in ["adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "loss.svg", "checkpoints/step-2"] {
+    assert!(
+        text.contains("done after 4/4 steps") && text.contains("held-out loss"),
+        "{text}"
+    );
+    for f in [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "metrics.jsonl",
+        "loss.svg",
+        "checkpoints/step-2",
+    ] {
         assert!(out.join(f).exists(), "{f} missing");
     }
     // An existing --out is refused, --resume continues, --overwrite starts over.
     let (ok, text) = run(&base);
-    assert!(!ok && text.contains("holds an earlier run") && text.contains("--overwrite"), "{text}");
-    let with = |extra: &[&str]| -> Vec<String> { base.iter().chain(extra).map(|s| s.to_string()).collect() };
+    assert!(
+        !ok && text.contains("holds an earlier run") && text.contains("--overwrite"),
+        "{text}"
+    );
+    let with = |extra: &[&str]| -> Vec<String> {
+        base.iter().chain(extra).map(|s| s.to_string()).collect()
+    };
     let args = with(&["--resume"]);
     let (ok, text) = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(ok && text.contains("resuming at step 2"), "{text}");
@@ -56,14 +106,43 @@ fn finetune_generate_eval_merge_and_bad_input() {
     let (ok, text) = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(ok, "{text}");
     // generate, eval, merge on the result.
-    let (ok, text) = run(&["generate", "--model", m, "--adapter", o, "--prompt", "say 3 ->", "--max-new-tokens", "4"]);
+    let (ok, text) = run(&[
+        "generate",
+        "--model",
+        m,
+        "--adapter",
+        o,
+        "--prompt",
+        "say 3 ->",
+        "--max-new-tokens",
+        "4",
+    ]);
     assert!(ok && text.starts_with("say 3 ->"), "{text}");
     let (ok, text) = run(&["eval", "--model", m, "--adapter", o, "--data", d]);
     assert!(ok && text.contains("perplexity"), "{text}");
     let merged = tmp.path().join("merged");
-    let (ok, text) = run(&["merge", "--model", m, "--adapter", o, "--out", merged.to_str().unwrap()]);
-    assert!(ok && merged.join("model.safetensors").exists() && merged.join("tokenizer.json").exists(), "{text}");
-    let (ok, text) = run(&["merge", "--model", m, "--adapter", o, "--out", merged.to_str().unwrap()]);
+    let (ok, text) = run(&[
+        "merge",
+        "--model",
+        m,
+        "--adapter",
+        o,
+        "--out",
+        merged.to_str().unwrap(),
+    ]);
+    assert!(
+        ok && merged.join("model.safetensors").exists() && merged.join("tokenizer.json").exists(),
+        "{text}"
+    );
+    let (ok, text) = run(&[
+        "merge",
+        "--model",
+        m,
+        "--adapter",
+        o,
+        "--out",
+        merged.to_str().unwrap(),
+    ]);
     assert!(!ok && text.contains("exists"), "{text}");
     // Bad input: each a clear error, no output directory left behind.
     let fresh = tmp.path().join("fresh");
@@ -73,12 +152,39 @@ fn finetune_generate_eval_merge_and_bad_input() {
     let b = bad.to_str().unwrap();
     let cases: Vec<(&str, &str, Vec<&str>, String)> = vec![
         (m, b, vec![], format!("{b}:2: \"text\" must be a string")),
-        (m, d, vec!["--targets", "q_proj,qkv_proj"], "unknown target module \"qkv_proj\"".into()),
-        (m, d, vec!["--rank", "40"], "rank 40 exceeds min(in, out)".into()),
-        ("/nonexistent/model", d, vec![], "/nonexistent/model: no such directory".into()),
+        (
+            m,
+            d,
+            vec!["--targets", "q_proj,qkv_proj"],
+            "unknown target module \"qkv_proj\"".into(),
+        ),
+        (
+            m,
+            d,
+            vec!["--rank", "40"],
+            "rank 40 exceeds min(in, out)".into(),
+        ),
+        (
+            "/nonexistent/model",
+            d,
+            vec![],
+            "/nonexistent/model: no such directory".into(),
+        ),
     ];
     for (mm, dd, extra, want) in cases {
-        let mut args = vec!["finetune", "--model", mm, "--data", dd, "--out", f, "--steps", "1", "--seq-len", "32"];
+        let mut args = vec![
+            "finetune",
+            "--model",
+            mm,
+            "--data",
+            dd,
+            "--out",
+            f,
+            "--steps",
+            "1",
+            "--seq-len",
+            "32",
+        ];
         args.extend(extra);
         let (ok, text) = run(&args);
         assert!(!ok && text.contains(&want), "wanted {want:?} in:\n{text}");
@@ -86,6 +192,17 @@ fn finetune_generate_eval_merge_and_bad_input() {
     }
     let small = tmp.path().join("small");
     tiny_checkpoint(&small, 200);
-    let (ok, text) = run(&["finetune", "--model", small.to_str().unwrap(), "--data", d, "--out", f]);
-    assert!(!ok && text.contains("the tokenizer has 261 tokens but the model's embedding only 200"), "{text}");
+    let (ok, text) = run(&[
+        "finetune",
+        "--model",
+        small.to_str().unwrap(),
+        "--data",
+        d,
+        "--out",
+        f,
+    ]);
+    assert!(
+        !ok && text.contains("the tokenizer has 261 tokens but the model's embedding only 200"),
+        "{text}"
+    );
 }

@@ -17,6 +17,9 @@ use crate::util::{fail, write_atomic, Context};
 
 const WHAT: &str = "tokenizer";
 
+/// Byte offsets `(start, end)` of tokens in their text.
+pub type Offsets = Vec<(usize, usize)>;
+
 /// One chat message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {
@@ -148,7 +151,7 @@ impl Tokenizer {
         &self,
         text: &str,
         add_special: bool,
-    ) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+    ) -> Result<(Vec<u32>, Offsets)> {
         let e = self
             .inner
             .encode(text, add_special)
