@@ -147,11 +147,7 @@ impl Tokenizer {
     }
 
     /// Token ids and their byte offsets `(start, end)` in `text` (specials: `(0, 0)`).
-    pub fn encode_offsets(
-        &self,
-        text: &str,
-        add_special: bool,
-    ) -> Result<(Vec<u32>, Offsets)> {
+    pub fn encode_offsets(&self, text: &str, add_special: bool) -> Result<(Vec<u32>, Offsets)> {
         let e = self
             .inner
             .encode(text, add_special)
