@@ -56,6 +56,7 @@
 //! stand-ins with the same signatures live in `fallback_ops` (reached through `kops`).
 
 pub mod backward;
+mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod demo;
