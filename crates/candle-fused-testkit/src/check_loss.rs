@@ -12,7 +12,8 @@
 //!
 //! Floors: the loss is an f32 scalar for every dtype (its floor is f32's rounding of the
 //! reference); the linear cross-entropy's logits chunk is in the input dtype, so for half
-//! inputs its floor includes the reference evaluated on logits rounded to that dtype.
+//! inputs its floor includes the reference evaluated on logits (and logit gradients) rounded to
+//! that dtype.
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use candle_fused::ops::{CrossEntropyConfig, Reduction};
@@ -95,14 +96,26 @@ impl LossCase {
 }
 
 /// Random targets in `0..v` on `device`, each ignored with probability `p_ignore`.
-pub fn random_targets(rows: &[usize], v: usize, p_ignore: f64, ignore: i64, device: &Device) -> Result<Tensor> {
+pub fn random_targets(
+    rows: &[usize],
+    v: usize,
+    p_ignore: f64,
+    ignore: i64,
+    device: &Device,
+) -> Result<Tensor> {
     let n: usize = rows.iter().product();
     let u = testing::rand(&[n], 0.0, 1.0, DType::F64, &Device::Cpu)?.to_vec1::<f64>()?;
     let c = testing::rand(&[n], 0.0, v as f64, DType::F64, &Device::Cpu)?.to_vec1::<f64>()?;
     let t: Vec<i64> = u
         .iter()
         .zip(&c)
-        .map(|(&u, &c)| if u < p_ignore { ignore } else { (c as i64).min(v as i64 - 1) })
+        .map(|(&u, &c)| {
+            if u < p_ignore {
+                ignore
+            } else {
+                (c as i64).min(v as i64 - 1)
+            }
+        })
         .collect();
     Tensor::from_vec(t, rows, device)
 }
@@ -115,10 +128,20 @@ struct Inputs {
 
 fn make_inputs(case: &LossCase, device: &Device) -> Result<Inputs> {
     let dt = case.dtype;
-    let targets = random_targets(&case.rows, case.v, case.p_ignore, case.cfg.ignore_index, device)?;
+    let targets = random_targets(
+        &case.rows,
+        case.v,
+        case.p_ignore,
+        case.cfg.ignore_index,
+        device,
+    )?;
     let floats = match case.op {
         LossOp::CrossEntropy => {
-            let std = if case.cfg.softcap.is_some() { 20.0 } else { 2.0 };
+            let std = if case.cfg.softcap.is_some() {
+                20.0
+            } else {
+                2.0
+            };
             vec![testing::randn(&case.shape(), std, dt, device)?]
         }
         LossOp::Linear { hidden, .. } => vec![
@@ -139,40 +162,70 @@ fn tracked(op: LossOp) -> Vec<bool> {
 
 /// `(loss, gradients)` of `loss · probe` through autograd: the fused op on `k`
 /// (`None`: the f64 reference).
-fn fwd_bwd(case: &LossCase, k: Option<&Kernels>, floats: &[Tensor], targets: &Tensor, probe: f64) -> Result<(Tensor, Vec<Option<Tensor>>)> {
+fn fwd_bwd(
+    case: &LossCase,
+    k: Option<&Kernels>,
+    floats: &[Tensor],
+    targets: &Tensor,
+    probe: f64,
+) -> Result<(Tensor, Vec<Option<Tensor>>)> {
     let diff = tracked(case.op);
     let vars: Vec<Option<Var>> = floats
         .iter()
         .zip(&diff)
-        .map(|(t, &d)| if d { Var::from_tensor(t).map(Some) } else { Ok(None) })
+        .map(|(t, &d)| {
+            if d {
+                Var::from_tensor(t).map(Some)
+            } else {
+                Ok(None)
+            }
+        })
         .collect::<Result<_>>()?;
     let args: Vec<Tensor> = floats
         .iter()
         .zip(&vars)
-        .map(|(t, v)| v.as_ref().map_or_else(|| t.clone(), |v| v.as_tensor().clone()))
+        .map(|(t, v)| {
+            v.as_ref()
+                .map_or_else(|| t.clone(), |v| v.as_tensor().clone())
+        })
         .collect();
     let c = &case.cfg;
     let loss = match (case.op, k) {
         (LossOp::CrossEntropy, Some(k)) => k.cross_entropy(&args[0], targets, c)?,
         (LossOp::CrossEntropy, None) => reference::cross_entropy(&args[0], targets, c)?,
-        (LossOp::Linear { chunk, .. }, Some(k)) => k.linear_cross_entropy(&args[0], &args[1], targets, c, chunk)?,
-        (LossOp::Linear { .. }, None) => reference::linear_cross_entropy(&args[0], &args[1], targets, c)?,
+        (LossOp::Linear { chunk, .. }, Some(k)) => {
+            k.linear_cross_entropy(&args[0], &args[1], targets, c, chunk)?
+        }
+        (LossOp::Linear { .. }, None) => {
+            reference::linear_cross_entropy(&args[0], &args[1], targets, c)?
+        }
     };
     let p = Tensor::new(probe, loss.device())?.to_dtype(loss.dtype())?;
     let grads = (&loss * p)?.backward()?;
-    let g = vars.iter().map(|v| v.as_ref().and_then(|v| grads.get(v).cloned())).collect();
+    let g = vars
+        .iter()
+        .map(|v| v.as_ref().and_then(|v| grads.get(v).cloned()))
+        .collect();
     Ok((loss, g))
 }
 
 /// The standalone entry points: `(loss or None, gradients)` with `dloss = probe`.
-fn standalone(case: &LossCase, k: &Kernels, floats: &[Tensor], targets: &Tensor, probe: f64) -> Result<(Option<Tensor>, Vec<Option<Tensor>>)> {
+fn standalone(
+    case: &LossCase,
+    k: &Kernels,
+    floats: &[Tensor],
+    targets: &Tensor,
+    probe: f64,
+) -> Result<(Option<Tensor>, Vec<Option<Tensor>>)> {
     Ok(match case.op {
         LossOp::CrossEntropy => {
             let dx = k.cross_entropy_backward(&floats[0], targets, &case.cfg, probe)?;
             (None, vec![Some(dx)])
         }
         LossOp::Linear { chunk, train_w, .. } => {
-            let r = k.linear_cross_entropy_forward_backward(&floats[0], &floats[1], targets, &case.cfg, chunk, train_w, probe)?;
+            let r = k.linear_cross_entropy_forward_backward(
+                &floats[0], &floats[1], targets, &case.cfg, chunk, train_w, probe,
+            )?;
             (Some(r.loss), vec![Some(r.dh), r.dw])
         }
     })
@@ -224,9 +277,17 @@ pub fn run(case: &LossCase, device: &Device) -> Result<Vec<Outcome>> {
         }
         Ok(f)
     };
-    push("fwd".into(), testing::rel_err(&loss, &r_loss)?, loss_floor(&r_loss)?);
+    push(
+        "fwd".into(),
+        testing::rel_err(&loss, &r_loss)?,
+        loss_floor(&r_loss)?,
+    );
     if let Some(sl) = &s_loss {
-        push("fwd (standalone)".into(), testing::rel_err(sl, &r_loss)?, loss_floor(&r_loss)?);
+        push(
+            "fwd (standalone)".into(),
+            testing::rel_err(sl, &r_loss)?,
+            loss_floor(&r_loss)?,
+        );
     }
     for (i, r) in r_grads.iter().enumerate() {
         let Some(r) = r else { continue };
@@ -243,12 +304,20 @@ pub fn run(case: &LossCase, device: &Device) -> Result<Vec<Outcome>> {
         }
     }
     if !device.is_cpu() {
-        let cpu_in: Vec<Tensor> = inputs.floats.iter().map(|t| t.to_device(&Device::Cpu)).collect::<Result<_>>()?;
+        let cpu_in: Vec<Tensor> = inputs
+            .floats
+            .iter()
+            .map(|t| t.to_device(&Device::Cpu))
+            .collect::<Result<_>>()?;
         let (c_loss, c_grads) = fwd_bwd(case, Some(&k), &cpu_in, &ref_t, probe)?;
         push("fwd vs cpu".into(), testing::rel_err(&loss, &c_loss)?, 0.0);
         for (i, (g, c)) in grads.iter().zip(&c_grads).enumerate() {
             if let (Some(g), Some(c)) = (g, c) {
-                push(format!("d{} vs cpu", names[i]), testing::rel_err(g, c)?, 0.0);
+                push(
+                    format!("d{} vs cpu", names[i]),
+                    testing::rel_err(g, c)?,
+                    0.0,
+                );
             }
         }
     }
@@ -257,15 +326,25 @@ pub fn run(case: &LossCase, device: &Device) -> Result<Vec<Outcome>> {
 
 /// The f64 reference of a linear case evaluated on logits rounded to the case's dtype (what a
 /// logits chunk in that dtype can reach at best): `(loss, [dh, dw])`.
-fn rounded_logits_reference(case: &LossCase, ref_in: &[Tensor], targets: &Tensor, probe: f64) -> Result<(Tensor, Vec<Option<Tensor>>)> {
+fn rounded_logits_reference(
+    case: &LossCase,
+    ref_in: &[Tensor],
+    targets: &Tensor,
+    probe: f64,
+) -> Result<(Tensor, Vec<Option<Tensor>>)> {
     let (h, w) = (&ref_in[0], &ref_in[1]);
     let hd = h.dim(candle_core::D::Minus1)?;
     let h2 = h.reshape(((), hd))?;
-    let logits = h2.matmul(&w.t()?)?.to_dtype(case.dtype)?.to_dtype(DType::F64)?;
+    let logits = h2
+        .matmul(&w.t()?)?
+        .to_dtype(case.dtype)?
+        .to_dtype(DType::F64)?;
     let z = Var::from_tensor(&logits)?;
     let loss = reference::cross_entropy(z.as_tensor(), &targets.flatten_all()?, &case.cfg)?;
     let grads = (&loss * probe)?.backward()?;
+    // ... and on logit gradients rounded to it (dh = dlogits·w sums rounded terms).
     let dz = grads.get(&z).cloned().unwrap_or(logits.zeros_like()?);
+    let dz = dz.to_dtype(case.dtype)?.to_dtype(DType::F64)?;
     let dh = dz.matmul(w)?.reshape(h.shape())?;
     let dw = dz.t()?.matmul(&h2)?;
     Ok((loss, vec![Some(dh), Some(dw)]))
@@ -276,9 +355,20 @@ fn rounded_logits_reference(case: &LossCase, ref_in: &[Tensor], targets: &Tensor
 /// with chunks of 1, odd, and more than the tokens, with and without dW.
 pub fn sweep(dtypes: &[DType]) -> Vec<LossCase> {
     let base = CrossEntropyConfig::default();
-    let smooth = CrossEntropyConfig { label_smoothing: 0.1, z_loss: 1e-3, ..base };
-    let capped = CrossEntropyConfig { softcap: Some(30.0), ..base };
-    let sum = CrossEntropyConfig { reduction: Reduction::Sum, label_smoothing: 0.05, ..base };
+    let smooth = CrossEntropyConfig {
+        label_smoothing: 0.1,
+        z_loss: 1e-3,
+        ..base
+    };
+    let capped = CrossEntropyConfig {
+        softcap: Some(30.0),
+        ..base
+    };
+    let sum = CrossEntropyConfig {
+        reduction: Reduction::Sum,
+        label_smoothing: 0.05,
+        ..base
+    };
     let mut cases = Vec::new();
     for &dtype in dtypes {
         let ce = |rows: Vec<usize>, v: usize, cfg: CrossEntropyConfig, p_ignore: f64| LossCase {
@@ -298,8 +388,17 @@ pub fn sweep(dtypes: &[DType]) -> Vec<LossCase> {
         cases.push(ce(vec![3], 128256, base, 0.0));
         cases.push(ce(vec![2], 151936, capped, 0.0));
         cases.push(ce(vec![4], 50, base, 1.0));
-        let lin = |rows: Vec<usize>, v: usize, hidden: usize, chunk: Option<usize>, train_w: bool, cfg: CrossEntropyConfig| LossCase {
-            op: LossOp::Linear { hidden, chunk, train_w },
+        let lin = |rows: Vec<usize>,
+                   v: usize,
+                   hidden: usize,
+                   chunk: Option<usize>,
+                   train_w: bool,
+                   cfg: CrossEntropyConfig| LossCase {
+            op: LossOp::Linear {
+                hidden,
+                chunk,
+                train_w,
+            },
             rows,
             v,
             dtype,

@@ -106,7 +106,10 @@ pub fn cross_entropy(
             .into_iter()
             .map(i64::from)
             .collect(),
-        _ => targets.flatten_all()?.to_dtype(DType::I64)?.to_vec1::<i64>()?,
+        _ => targets
+            .flatten_all()?
+            .to_dtype(DType::I64)?
+            .to_vec1::<i64>()?,
     };
     let valid: Vec<f64> = t
         .iter()

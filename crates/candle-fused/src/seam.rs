@@ -440,4 +440,3 @@ impl CustomOp3 for Node {
         Ok((g.next().flatten(), g.next().flatten(), g.next().flatten()))
     }
 }
-

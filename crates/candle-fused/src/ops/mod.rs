@@ -14,9 +14,7 @@ pub mod rms_norm;
 pub mod softmax;
 
 pub use add_rms_norm::{add_rms_norm, add_rms_norm_backward};
-pub use cross_entropy::{
-    cross_entropy, cross_entropy_backward, CrossEntropyConfig, Reduction,
-};
+pub use cross_entropy::{cross_entropy, cross_entropy_backward, CrossEntropyConfig, Reduction};
 pub use linear_cross_entropy::{
     linear_cross_entropy, linear_cross_entropy_forward_backward, LinearCrossEntropy,
 };

@@ -127,7 +127,13 @@ impl<K: InplaceKernel> candle_core::InplaceOp2 for InplaceNode<'_, K> {
         self.k.name()
     }
 
-    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<()> {
         self.cpu_run((s1, l1), vec![Some((s2, l2))])
     }
 

@@ -47,8 +47,20 @@ pub fn ce_configs() -> Vec<(&'static str, CrossEntropyConfig)> {
     let d = CrossEntropyConfig::default();
     vec![
         ("plain", d),
-        ("smoothing", CrossEntropyConfig { label_smoothing: 0.1, ..d }),
-        ("softcap", CrossEntropyConfig { softcap: Some(5.0), ..d }),
+        (
+            "smoothing",
+            CrossEntropyConfig {
+                label_smoothing: 0.1,
+                ..d
+            },
+        ),
+        (
+            "softcap",
+            CrossEntropyConfig {
+                softcap: Some(5.0),
+                ..d
+            },
+        ),
         ("z_loss", CrossEntropyConfig { z_loss: 1e-2, ..d }),
         (
             "all+sum",

@@ -49,7 +49,8 @@ pub(crate) fn tanh_sech2_f32(y: f32) -> (f32, f32) {
     let big = (1.0 - e) / (1.0 + e);
     let y2 = a * a;
     let small = a
-        * (1.0 + y2 * (-1.0 / 3.0 + y2 * (2.0 / 15.0 + y2 * (-17.0 / 315.0 + y2 * (62.0 / 2835.0)))));
+        * (1.0
+            + y2 * (-1.0 / 3.0 + y2 * (2.0 / 15.0 + y2 * (-17.0 / 315.0 + y2 * (62.0 / 2835.0)))));
     let t = if a < 0.3 { small } else { big };
     let den = 1.0 + e;
     (t.copysign(y), 4.0 * e / (den * den))
@@ -105,7 +106,11 @@ impl<A: CeAcc> Row<A> {
     fn stats(&self, x: &[A], t: usize) -> Stats<A> {
         let mx = cpu::max(x);
         let (m, (sa, za), (sb, zb)) = match self.cap {
-            None => (mx, exp_sums(&x[..t], mx, |v| v), exp_sums(&x[t + 1..], mx, |v| v)),
+            None => (
+                mx,
+                exp_sums(&x[..t], mx, |v| v),
+                exp_sums(&x[t + 1..], mx, |v| v),
+            ),
             Some((c, ic)) => {
                 let z = |v: A| c * A::tanh_sech2(v * ic).0;
                 let m = z(mx);
@@ -316,12 +321,20 @@ fn f32_storage(v: f64) -> CpuStorage {
 // ---------------------------------------------------------------------------------------------
 // Forward: loss and lse.
 
-pub(crate) fn forward(k: &CeFwd, cfg: &KernelConfig, ins: &Inputs<CpuStorage>) -> Result<Vec<CpuStorage>> {
+pub(crate) fn forward(
+    k: &CeFwd,
+    cfg: &KernelConfig,
+    ins: &Inputs<CpuStorage>,
+) -> Result<Vec<CpuStorage>> {
     let (xs, _) = ins.get(0)?;
     dispatch!(ins.op(), xs.dtype(), |T| forward_t::<T>(k, cfg, ins))
 }
 
-fn forward_t<T: Elem>(k: &CeFwd, cfg: &KernelConfig, ins: &Inputs<CpuStorage>) -> Result<Vec<CpuStorage>>
+fn forward_t<T: Elem>(
+    k: &CeFwd,
+    cfg: &KernelConfig,
+    ins: &Inputs<CpuStorage>,
+) -> Result<Vec<CpuStorage>>
 where
     T::A: CeAcc,
 {
@@ -347,12 +360,20 @@ where
 // ---------------------------------------------------------------------------------------------
 // Backward from the saved lse.
 
-pub(crate) fn backward(k: &CeBwd, cfg: &KernelConfig, ins: &Inputs<CpuStorage>) -> Result<Vec<CpuStorage>> {
+pub(crate) fn backward(
+    k: &CeBwd,
+    cfg: &KernelConfig,
+    ins: &Inputs<CpuStorage>,
+) -> Result<Vec<CpuStorage>> {
     let (xs, _) = ins.get(0)?;
     dispatch!(ins.op(), xs.dtype(), |T| backward_t::<T>(k, cfg, ins))
 }
 
-fn backward_t<T: Elem>(k: &CeBwd, cfg: &KernelConfig, ins: &Inputs<CpuStorage>) -> Result<Vec<CpuStorage>>
+fn backward_t<T: Elem>(
+    k: &CeBwd,
+    cfg: &KernelConfig,
+    ins: &Inputs<CpuStorage>,
+) -> Result<Vec<CpuStorage>>
 where
     T::A: CeAcc,
 {
@@ -363,7 +384,10 @@ where
     let (ss, sl) = ins.get(2)?;
     let stats = cpu::slice::<T::A>(op, "stats", ss, sl)?;
     let dloss = match ins.opt(3) {
-        Some((s, l)) => cpu::slice::<f32>(op, "dloss", s, l)?.first().copied().unwrap_or(1.0) as f64,
+        Some((s, l)) => cpu::slice::<f32>(op, "dloss", s, l)?
+            .first()
+            .copied()
+            .unwrap_or(1.0) as f64,
         None => 1.0,
     };
     let d = last_dim(xl);
@@ -403,9 +427,19 @@ slice_mut!(f16, F16);
 slice_mut!(bf16, BF16);
 
 /// The contiguous data of an in-place destination.
-pub(crate) fn dst_slice<'a, T: SliceMut>(op: &str, arg: &str, s: &'a mut CpuStorage, l: &Layout) -> Result<&'a mut [T]> {
+pub(crate) fn dst_slice<'a, T: SliceMut>(
+    op: &str,
+    arg: &str,
+    s: &'a mut CpuStorage,
+    l: &Layout,
+) -> Result<&'a mut [T]> {
     let Some((a, b)) = l.contiguous_offsets() else {
-        fail!(op, "{arg} must be contiguous (strides {:?} for shape {:?})", l.stride(), l.dims())
+        fail!(
+            op,
+            "{arg} must be contiguous (strides {:?} for shape {:?})",
+            l.stride(),
+            l.dims()
+        )
     };
     match T::slice_mut(s) {
         Some(v) => Ok(&mut v[a..b]),
@@ -414,7 +448,14 @@ pub(crate) fn dst_slice<'a, T: SliceMut>(op: &str, arg: &str, s: &'a mut CpuStor
 }
 
 /// Loss and gradient rows: `dst` receives the gradient of `src`'s rows (or of its own rows).
-fn fused_rows<T: Elem>(k: &CeFused, cfg: &KernelConfig, src: Option<&[T]>, dst: &mut [T], tgt: &[i32], d: usize) -> Vec<T::A>
+fn fused_rows<T: Elem>(
+    k: &CeFused,
+    cfg: &KernelConfig,
+    src: Option<&[T]>,
+    dst: &mut [T],
+    tgt: &[i32],
+    d: usize,
+) -> Vec<T::A>
 where
     T::A: CeAcc,
 {
@@ -429,12 +470,20 @@ where
     })
 }
 
-pub(crate) fn fused(k: &CeFused, cfg: &KernelConfig, ins: &Inputs<CpuStorage>) -> Result<Vec<CpuStorage>> {
+pub(crate) fn fused(
+    k: &CeFused,
+    cfg: &KernelConfig,
+    ins: &Inputs<CpuStorage>,
+) -> Result<Vec<CpuStorage>> {
     let (xs, _) = ins.get(0)?;
     dispatch!(ins.op(), xs.dtype(), |T| fused_t::<T>(k, cfg, ins))
 }
 
-fn fused_t<T: Elem>(k: &CeFused, cfg: &KernelConfig, ins: &Inputs<CpuStorage>) -> Result<Vec<CpuStorage>>
+fn fused_t<T: Elem>(
+    k: &CeFused,
+    cfg: &KernelConfig,
+    ins: &Inputs<CpuStorage>,
+) -> Result<Vec<CpuStorage>>
 where
     T::A: CeAcc,
 {
@@ -444,7 +493,10 @@ where
     let tgt = targets(op, ins)?;
     let mut dx = cpu::alloc::<T>(x.len(), cfg.poison);
     let losses = fused_rows::<T>(k, cfg, Some(x), &mut dx, tgt, last_dim(xl));
-    Ok(vec![T::to_cpu_storage_owned(dx), T::A::to_cpu_storage_owned(losses)])
+    Ok(vec![
+        T::to_cpu_storage_owned(dx),
+        T::A::to_cpu_storage_owned(losses),
+    ])
 }
 
 pub(crate) fn fused_inplace(
@@ -468,7 +520,11 @@ pub(crate) fn fused_inplace(
 // ---------------------------------------------------------------------------------------------
 // Sum of row losses.
 
-pub(crate) fn sum(k: &CeSum, _: &KernelConfig, ins: &Inputs<CpuStorage>) -> Result<Vec<CpuStorage>> {
+pub(crate) fn sum(
+    k: &CeSum,
+    _: &KernelConfig,
+    ins: &Inputs<CpuStorage>,
+) -> Result<Vec<CpuStorage>> {
     let op = ins.op();
     let (s, l) = ins.get(0)?;
     let t = match s {

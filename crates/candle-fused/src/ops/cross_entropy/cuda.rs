@@ -3,6 +3,7 @@
 //! thread-block cluster on sm_90), the backward from the saved row stats as a vectorized elementwise
 //! kernel, and the deterministic f64 sum of the row losses.
 
+use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr};
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaDevice, CudaStorage, Layout, Result};
@@ -29,7 +30,9 @@ struct CeParams {
 }
 
 fn params(p: &Params, v: usize, scale: f64) -> CeParams {
-    let (cap, inv_cap) = p.softcap.map_or((0.0, 0.0), |c| (c as f32, (1.0 / c) as f32));
+    let (cap, inv_cap) = p
+        .softcap
+        .map_or((0.0, 0.0), |c| (c as f32, (1.0 / c) as f32));
     CeParams {
         cap,
         inv_cap,
@@ -47,29 +50,50 @@ fn rows_d(l: &Layout) -> (usize, usize) {
     (l.shape().elem_count() / d.max(1), d)
 }
 
-fn targets<'a>(op: &str, ins: &Inputs<'a, CudaStorage>, i: usize) -> Result<(&'a CudaSlice<i32>, usize)> {
+fn targets<'a>(
+    op: &str,
+    ins: &Inputs<'a, CudaStorage>,
+    i: usize,
+) -> Result<(&'a CudaSlice<i32>, usize)> {
     let (s, l) = ins.get(i)?;
     cuda::slice::<i32>(op, "targets", s, l)
 }
 
 /// `out[0] = scale · Σ rows` (f64, fixed order).
-fn sum_into(dev: &CudaDevice, rows: (&CudaSlice<f32>, usize), n: usize, scale: f64, poison: bool) -> Result<CudaSlice<f32>> {
+fn sum_into(
+    dev: &CudaDevice,
+    rows: (&CudaSlice<f32>, usize),
+    n: usize,
+    scale: f64,
+    poison: bool,
+) -> Result<CudaSlice<f32>> {
     let stream = dev.cuda_stream();
     let mut out = cuda::alloc::<f32>(dev, 1, poison)?;
     {
         let mut args = Args::new(&stream);
-        args.input(rows.0, rows.1).val(n as i64).val(scale).output(&mut out, 0);
+        args.input(rows.0, rows.1)
+            .val(n as i64)
+            .val(scale)
+            .output(&mut out, 0);
         cuda::launch_simple(dev, &PTX, "ce_sum", 1, 1024, &args)?;
     }
     Ok(out)
 }
 
-pub(crate) fn forward(k: &CeFwd, cfg: &KernelConfig, ins: &Inputs<CudaStorage>) -> Result<Vec<CudaStorage>> {
+pub(crate) fn forward(
+    k: &CeFwd,
+    cfg: &KernelConfig,
+    ins: &Inputs<CudaStorage>,
+) -> Result<Vec<CudaStorage>> {
     let (xs, _) = ins.get(0)?;
     dispatch!(ins.op(), xs.dtype(), |T| forward_t::<T>(k, cfg, ins))
 }
 
-fn forward_t<T: CudaDType + DeviceRepr>(k: &CeFwd, cfg: &KernelConfig, ins: &Inputs<CudaStorage>) -> Result<Vec<CudaStorage>> {
+fn forward_t<T: CudaDType + DeviceRepr>(
+    k: &CeFwd,
+    cfg: &KernelConfig,
+    ins: &Inputs<CudaStorage>,
+) -> Result<Vec<CudaStorage>> {
     let op = ins.op();
     let (s, l) = ins.get(0)?;
     let dev = s.device();
@@ -84,7 +108,10 @@ fn forward_t<T: CudaDType + DeviceRepr>(k: &CeFwd, cfg: &KernelConfig, ins: &Inp
     let plan = cuda::plan(op, dev, &PTX, &prefix, &spec)?;
     {
         let mut args = Args::new(&stream);
-        args.input(x, xo).input(tg, to).output(&mut row_loss, 0).output(&mut stats, 0);
+        args.input(x, xo)
+            .input(tg, to)
+            .output(&mut row_loss, 0)
+            .output(&mut stats, 0);
         args.val(plan.geom).val(params(&k.p, d, 0.0));
         cuda::launch(&plan, &args)?;
     }
@@ -92,12 +119,20 @@ fn forward_t<T: CudaDType + DeviceRepr>(k: &CeFwd, cfg: &KernelConfig, ins: &Inp
     Ok(vec![cuda::storage(loss, dev), cuda::storage(stats, dev)])
 }
 
-pub(crate) fn backward(k: &CeBwd, cfg: &KernelConfig, ins: &Inputs<CudaStorage>) -> Result<Vec<CudaStorage>> {
+pub(crate) fn backward(
+    k: &CeBwd,
+    cfg: &KernelConfig,
+    ins: &Inputs<CudaStorage>,
+) -> Result<Vec<CudaStorage>> {
     let (xs, _) = ins.get(0)?;
     dispatch!(ins.op(), xs.dtype(), |T| backward_t::<T>(k, cfg, ins))
 }
 
-fn backward_t<T: CudaDType + DeviceRepr>(k: &CeBwd, cfg: &KernelConfig, ins: &Inputs<CudaStorage>) -> Result<Vec<CudaStorage>> {
+fn backward_t<T: CudaDType + DeviceRepr>(
+    k: &CeBwd,
+    cfg: &KernelConfig,
+    ins: &Inputs<CudaStorage>,
+) -> Result<Vec<CudaStorage>> {
     let op = ins.op();
     let (s, l) = ins.get(0)?;
     let dev = s.device();
@@ -113,9 +148,8 @@ fn backward_t<T: CudaDType + DeviceRepr>(k: &CeBwd, cfg: &KernelConfig, ins: &In
     let (rows, d) = rows_d(l);
     let mut y = cuda::alloc::<T>(dev, rows * d, cfg.poison)?;
     let width = 16 / std::mem::size_of::<T>();
-    let vec_ok = d % width == 0
-        && cuda::aligned16(x, xo, &stream)
-        && cuda::aligned16(&y, 0, &stream);
+    let vec_ok =
+        d % width == 0 && cuda::aligned16(x, xo, &stream) && cuda::aligned16(&y, 0, &stream);
     let vec = if vec_ok { width } else { 1 };
     // One block per row (grid-stride), its threads walking the row's packs.
     let block = (d / vec).div_ceil(4).next_power_of_two().clamp(32, 512) as u32;
@@ -166,16 +200,26 @@ fn launch_fused<T: CudaDType + DeviceRepr>(
         // In place: y = x (each CTA writes only the slice it staged, after the reduction).
         None => args.input(x.0, x.1),
     };
-    args.output(row_loss, 0).val(plan.geom).val(params(&k.p, d, k.scale));
+    args.output(row_loss, 0)
+        .val(plan.geom)
+        .val(params(&k.p, d, k.scale));
     cuda::launch(&plan, &args)
 }
 
-pub(crate) fn fused(k: &CeFused, cfg: &KernelConfig, ins: &Inputs<CudaStorage>) -> Result<Vec<CudaStorage>> {
+pub(crate) fn fused(
+    k: &CeFused,
+    cfg: &KernelConfig,
+    ins: &Inputs<CudaStorage>,
+) -> Result<Vec<CudaStorage>> {
     let (xs, _) = ins.get(0)?;
     dispatch!(ins.op(), xs.dtype(), |T| fused_t::<T>(k, cfg, ins))
 }
 
-fn fused_t<T: CudaDType + DeviceRepr>(k: &CeFused, cfg: &KernelConfig, ins: &Inputs<CudaStorage>) -> Result<Vec<CudaStorage>> {
+fn fused_t<T: CudaDType + DeviceRepr>(
+    k: &CeFused,
+    cfg: &KernelConfig,
+    ins: &Inputs<CudaStorage>,
+) -> Result<Vec<CudaStorage>> {
     let op = ins.op();
     let (s, l) = ins.get(0)?;
     let dev = s.device();
@@ -206,12 +250,27 @@ pub(crate) fn fused_inplace(
     let dt = cuda::dtype_name(op, ds.dtype())?;
     dispatch!(op, ds.dtype(), |T| {
         let x = ds.as_cuda_slice_mut::<T>()?;
-        launch_fused::<T>(op, dt, k, &dev, (&*x, start), None, tg, rows, d, &mut row_loss)?;
+        launch_fused::<T>(
+            op,
+            dt,
+            k,
+            &dev,
+            (&*x, start),
+            None,
+            tg,
+            rows,
+            d,
+            &mut row_loss,
+        )?;
     });
     Ok(vec![cuda::storage(row_loss, &dev)])
 }
 
-pub(crate) fn sum(k: &CeSum, cfg: &KernelConfig, ins: &Inputs<CudaStorage>) -> Result<Vec<CudaStorage>> {
+pub(crate) fn sum(
+    k: &CeSum,
+    cfg: &KernelConfig,
+    ins: &Inputs<CudaStorage>,
+) -> Result<Vec<CudaStorage>> {
     let op = ins.op();
     let (s, l) = ins.get(0)?;
     let dev = s.device();

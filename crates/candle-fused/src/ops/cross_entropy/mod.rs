@@ -165,7 +165,12 @@ macro_rules! kernel {
     };
 }
 kernel!(CeFwd, &["logits", "targets"], cpu::forward, forward);
-kernel!(CeBwd, &["logits", "targets", "stats", "dloss"], cpu::backward, backward);
+kernel!(
+    CeBwd,
+    &["logits", "targets", "stats", "dloss"],
+    cpu::backward,
+    backward
+);
 kernel!(CeFused, &["logits", "targets"], cpu::fused, fused);
 kernel!(CeSum, &["row_losses"], cpu::sum, sum);
 
@@ -239,7 +244,11 @@ pub(crate) fn check_rows(op: &str, arg: &str, x: &Tensor) -> Result<(usize, usiz
         )
     }
     if v > i32::MAX as usize {
-        fail!(op, "{arg} has {v} classes, more than the kernels index ({})", i32::MAX)
+        fail!(
+            op,
+            "{arg} has {v} classes, more than the kernels index ({})",
+            i32::MAX
+        )
     }
     Ok((rows, v, lead))
 }
@@ -373,7 +382,11 @@ impl Kernels {
 /// against class indices `targets` `[..]` (i64 or u32, the leading dims), with the options of
 /// `cfg` (ignored targets, mean or sum, label smoothing, soft-capping, z-loss; see the module
 /// doc). Returns the f32 scalar loss, differentiable in `logits`.
-pub fn cross_entropy(logits: &Tensor, targets: &Tensor, cfg: &CrossEntropyConfig) -> Result<Tensor> {
+pub fn cross_entropy(
+    logits: &Tensor,
+    targets: &Tensor,
+    cfg: &CrossEntropyConfig,
+) -> Result<Tensor> {
     Kernels::default().cross_entropy(logits, targets, cfg)
 }
 

@@ -43,7 +43,11 @@ pub(crate) fn dw_accum(
     dispatch!(ins.op(), gs.dtype(), |T| dw_accum_t::<T>(ds, dl, ins))
 }
 
-fn dw_accum_t<T: Elem>(ds: &mut CpuStorage, dl: &Layout, ins: &Inputs<CpuStorage>) -> Result<Vec<CpuStorage>>
+fn dw_accum_t<T: Elem>(
+    ds: &mut CpuStorage,
+    dl: &Layout,
+    ins: &Inputs<CpuStorage>,
+) -> Result<Vec<CpuStorage>>
 where
     T::A: SliceMut,
 {
@@ -55,7 +59,13 @@ where
     let (c, v) = (gl.dims()[0], gl.dims()[1]);
     let hd = hl.dims()[1];
     if hl.dims()[0] != c || dl.dims() != [v, hd] {
-        fail!(op, "internal: dw accumulation shapes {:?} += {:?}ᵀ·{:?}", dl.dims(), gl.dims(), hl.dims())
+        fail!(
+            op,
+            "internal: dw accumulation shapes {:?} += {:?}ᵀ·{:?}",
+            dl.dims(),
+            gl.dims(),
+            hl.dims()
+        )
     }
     let dst = dst_slice::<T::A>(op, "dw", ds, dl)?;
     let (g, h) = (widen(g), widen(h));

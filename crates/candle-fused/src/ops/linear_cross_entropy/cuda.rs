@@ -3,6 +3,7 @@
 //! accumulator), on Candle's cuBLAS handle and stream. (The logits and `dh` GEMMs go through
 //! Candle's matmul, which calls the same cuBLAS.)
 
+use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cublas::{result, sys};
 use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
 use candle_core::{CudaStorage, DType, Layout, Result};
@@ -24,16 +25,26 @@ pub(crate) fn dw_accum(
     let (c, v) = (gl.dims()[0], gl.dims()[1]);
     let hd = hl.dims()[1];
     if hl.dims()[0] != c || dl.dims() != [v, hd] {
-        fail!(op, "internal: dw accumulation shapes {:?} += {:?}ᵀ·{:?}", dl.dims(), gl.dims(), hl.dims())
+        fail!(
+            op,
+            "internal: dw accumulation shapes {:?} += {:?}ᵀ·{:?}",
+            dl.dims(),
+            gl.dims(),
+            hl.dims()
+        )
     }
     let ty = match gs.dtype() {
         DType::F32 => sys::cudaDataType::CUDA_R_32F,
         DType::F16 => sys::cudaDataType::CUDA_R_16F,
         DType::BF16 => sys::cudaDataType::CUDA_R_16BF,
-        d => fail!(op, "dtype {d:?} is not supported by the CUDA kernels (f32, f16, bf16)"),
+        d => fail!(
+            op,
+            "dtype {d:?} is not supported by the CUDA kernels (f32, f16, bf16)"
+        ),
     };
     let esz = gs.dtype().size_in_bytes() as u64;
-    let int = |x: usize| i32::try_from(x).map_err(|_| err(op, format!("size {x} exceeds cuBLAS's int")));
+    let int =
+        |x: usize| i32::try_from(x).map_err(|_| err(op, format!("size {x} exceeds cuBLAS's int")));
     let (m, n, k) = (int(hd)?, int(v)?, int(c)?);
     if m == 0 || n == 0 || k == 0 {
         return Ok(vec![]);

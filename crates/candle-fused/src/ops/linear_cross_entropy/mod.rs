@@ -3,8 +3,9 @@
 //!
 //! `h` `[.., H]` (leading dims flattened to `N` tokens), `w` `[V, H]` (the LM head; with tied
 //! embeddings the embedding matrix), targets and options as in [`super::cross_entropy`].
-//! Tokens are processed in chunks of `C` rows (default: `C·V ≈ N·H`, a chunk's logits about the
-//! size of `h`, rounded up to a multiple of 16 rows; `chunk: Some(n)` forces `n`). Per chunk:
+//! Tokens are processed in chunks of `C` rows (default [`default_chunk`]: `C·V ≈ N·H`, a
+//! chunk's logits about the size of `h`, rounded up to a multiple of 16 rows and at least 128
+//! rows so the GEMMs stay efficient; `chunk: Some(n)` forces `n`). Per chunk:
 //!
 //! 1. `logits_c = h_c·wᵀ` (GEMM: Candle's matmul, cuBLAS or the gemm crate), `[C, V]`;
 //! 2. the fused cross-entropy kernel, **in place**: one pass over `logits_c` gives the chunk's
@@ -90,9 +91,18 @@ pub struct LinearCrossEntropy {
     pub n_valid: usize,
 }
 
-/// The default chunk: `C·V ≈ N·H` rows, rounded up to a multiple of 16, at most `N`.
+/// The fewest rows of a default chunk: GEMMs of fewer rows run far below peak (tensor-core
+/// tiles of 64–128 rows; on the CPU, the gemm crate re-packs `w` for every chunk).
+pub const MIN_CHUNK_ROWS: usize = 128;
+
+/// The default chunk: `C·V ≈ N·H` (a chunk's logits about the size of `h`), rounded up to a
+/// multiple of 16 rows, at least [`MIN_CHUNK_ROWS`], at most `N`.
 pub fn default_chunk(n: usize, h: usize, v: usize) -> usize {
-    (n * h).div_ceil(v.max(1)).next_multiple_of(16).clamp(1, n.max(1))
+    (n * h)
+        .div_ceil(v.max(1))
+        .next_multiple_of(16)
+        .max(MIN_CHUNK_ROWS)
+        .clamp(1, n.max(1))
 }
 
 /// What one run produces.
@@ -104,16 +114,30 @@ struct Out {
 }
 
 /// Checks the arguments; returns `(N, H, V, leading dims)`.
-fn check(op: &str, h: &Tensor, w: &Tensor, cfg: &CrossEntropyConfig, chunk: Option<usize>) -> Result<(usize, usize, usize, Vec<usize>)> {
+fn check(
+    op: &str,
+    h: &Tensor,
+    w: &Tensor,
+    cfg: &CrossEntropyConfig,
+    chunk: Option<usize>,
+) -> Result<(usize, usize, usize, Vec<usize>)> {
     ce::check_config(op, cfg)?;
     let (n, hd, lead) = ce::check_rows(op, "h", h)?;
     if w.rank() != 2 {
-        fail!(op, "w has shape {:?}, expected [V, {hd}] (rank 2: vocabulary × hidden)", w.dims())
+        fail!(
+            op,
+            "w has shape {:?}, expected [V, {hd}] (rank 2: vocabulary × hidden)",
+            w.dims()
+        )
     }
     validate::same_dtype_device(op, "w", w, h)?;
     let (v, wh) = (w.dim(0)?, w.dim(1)?);
     if wh != hd {
-        fail!(op, "w has shape {:?}, expected [V, {hd}] (its second dim is the last dim of h)", w.dims())
+        fail!(
+            op,
+            "w has shape {:?}, expected [V, {hd}] (its second dim is the last dim of h)",
+            w.dims()
+        )
     }
     if v == 0 || v > i32::MAX as usize {
         fail!(op, "w has {v} rows (classes), expected 1..={}", i32::MAX)
@@ -143,7 +167,11 @@ fn run(
     validate::finite(op, "dloss", dloss)?;
     let tg = ce::check_targets(op, targets, &lead, v, cfg.ignore_index, h.device())?;
     let (dt, dev) = (h.dtype(), h.device().clone());
-    let acc_dt = if dt == DType::F64 { DType::F64 } else { DType::F32 };
+    let acc_dt = if dt == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
     let p = Params::of(cfg);
     let scale = ce::loss_scale(cfg, tg.n_valid);
     let c = chunk.unwrap_or_else(|| default_chunk(n, hd, v)).min(n);
@@ -151,9 +179,21 @@ fn run(
     let w = w.detach().contiguous()?;
     let wt = w.t()?;
     let grads = need_dh || need_dw;
-    let dh = if need_dh { Some(Tensor::zeros((n, hd), dt, &dev)?) } else { None };
-    let acc = if need_dw { Some(Tensor::zeros((v, hd), acc_dt, &dev)?) } else { None };
-    let fused = CeFused { p, scale: scale * dloss, name: op };
+    let dh = if need_dh {
+        Some(Tensor::zeros((n, hd), dt, &dev)?)
+    } else {
+        None
+    };
+    let acc = if need_dw {
+        Some(Tensor::zeros((v, hd), acc_dt, &dev)?)
+    } else {
+        None
+    };
+    let fused = CeFused {
+        p,
+        scale: scale * dloss,
+        name: op,
+    };
     // Per chunk: its row losses (gradient path) or its scaled loss (loss only).
     let mut parts: Vec<Tensor> = Vec::new();
     for r0 in (0..n).step_by(c) {
@@ -193,7 +233,12 @@ fn run(
         Some(a) if a.dtype() != w.dtype() => Some(a.to_dtype(w.dtype())?),
         other => other,
     };
-    Ok(Out { loss, dh, dw, n_valid: tg.n_valid })
+    Ok(Out {
+        loss,
+        dh,
+        dw,
+        n_valid: tg.n_valid,
+    })
 }
 
 impl Kernels {
@@ -207,11 +252,25 @@ impl Kernels {
         chunk: Option<usize>,
     ) -> Result<Tensor> {
         let (need_dh, need_dw) = (h.track_op(), w.track_op());
-        let out = run(&self.config, OP, h, w, targets, cfg, chunk, need_dh, need_dw, 1.0)?;
+        let out = run(
+            &self.config,
+            OP,
+            h,
+            w,
+            targets,
+            cfg,
+            chunk,
+            need_dh,
+            need_dw,
+            1.0,
+        )?;
         let (dh, dw) = (out.dh, out.dw);
         seam::attach(OP, out.loss, (), &[h, w], move |_, g| {
             let times = |t: &Tensor| t.broadcast_mul(&g.to_dtype(t.dtype())?);
-            Ok(vec![dh.as_ref().map(times).transpose()?, dw.as_ref().map(times).transpose()?])
+            Ok(vec![
+                dh.as_ref().map(times).transpose()?,
+                dw.as_ref().map(times).transpose()?,
+            ])
         })
     }
 
@@ -228,7 +287,18 @@ impl Kernels {
         dloss: f64,
     ) -> Result<LinearCrossEntropy> {
         const OP: &str = "linear_cross_entropy_forward_backward";
-        let out = run(&self.config, OP, h, w, targets, cfg, chunk, true, need_dw, dloss)?;
+        let out = run(
+            &self.config,
+            OP,
+            h,
+            w,
+            targets,
+            cfg,
+            chunk,
+            true,
+            need_dw,
+            dloss,
+        )?;
         let Some(dh) = out.dh else {
             fail!(OP, "internal: no dh")
         };
@@ -269,5 +339,6 @@ pub fn linear_cross_entropy_forward_backward(
     need_dw: bool,
     dloss: f64,
 ) -> Result<LinearCrossEntropy> {
-    Kernels::default().linear_cross_entropy_forward_backward(h, w, targets, cfg, chunk, need_dw, dloss)
+    Kernels::default()
+        .linear_cross_entropy_forward_backward(h, w, targets, cfg, chunk, need_dw, dloss)
 }
