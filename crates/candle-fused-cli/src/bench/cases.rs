@@ -128,8 +128,8 @@ pub fn ce_shapes(plan: Plan) -> Vec<([usize; 2], DType)> {
         (true, true) => vec![([4096, 32000], BF16)],
         (false, false) => vec![
             ([1024, 32000], F32),
-            ([2048, 32000], BF16),
-            ([256, 128256], BF16),
+            ([512, 32000], BF16),
+            ([64, 128256], BF16),
         ],
         (false, true) => vec![([64, 32000], F32)],
     }
@@ -143,7 +143,7 @@ pub fn lce_shapes(plan: Plan) -> Vec<([usize; 3], DType)> {
         (false, false) => vec![
             ([1024, 256, 16384], F32),
             ([2048, 128, 32000], F32),
-            ([512, 256, 32000], BF16),
+            ([256, 256, 32000], BF16),
         ],
         (false, true) => vec![([256, 64, 4096], F32)],
     }
