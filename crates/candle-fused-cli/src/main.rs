@@ -7,8 +7,12 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use candle_fused_cli::bench;
 use candle_fused_cli::train_cmd;
-use candle_fused_testkit::{check, testing};
+use candle_fused_testkit::{check, check_loss, testing};
 use clap::{Parser, Subcommand, ValueEnum};
+
+/// Counts allocations so the bench can report peak memory (forwards to the system allocator).
+#[global_allocator]
+static ALLOC: bench::memory::Counting = bench::memory::Counting;
 
 #[derive(Parser)]
 #[command(
@@ -68,7 +72,7 @@ enum Cmd {
         #[arg(long)]
         quick: bool,
         /// Only these op families (comma-separated): softmax, masked_softmax, rms_norm,
-        /// add_rms_norm, lora_linear.
+        /// add_rms_norm, lora_linear, cross_entropy, linear_cross_entropy.
         #[arg(long, value_delimiter = ',')]
         op: Option<Vec<String>>,
     },
@@ -118,6 +122,17 @@ struct CheckLine {
     status: &'static str,
 }
 
+/// One case of the check: what it is, and how to run it on a device.
+struct Job {
+    op: String,
+    shape: Vec<usize>,
+    dtype: DType,
+    /// Elements of its largest input (for `--quick`).
+    elems: usize,
+    #[allow(clippy::type_complexity)]
+    run: Box<dyn Fn(&Device) -> candle_core::Result<Vec<check::Outcome>>>,
+}
+
 fn run_check(arg: DeviceArg, quick: bool) -> Result<ExitCode> {
     let dev = device(arg)?;
     testing::set_poison(true);
@@ -125,9 +140,26 @@ fn run_check(arg: DeviceArg, quick: bool) -> Result<ExitCode> {
     // f64 runs on the CPU; on a GPU it is tried, and if the first f64 case errors it is
     // reported as not supported there (not as a failure).
     dtypes.push(DType::F64);
-    let mut cases = check::sweep(&dtypes);
+    let mut cases: Vec<Job> = check::sweep(&dtypes)
+        .into_iter()
+        .map(|c| Job {
+            op: c.op.name(),
+            shape: c.shape.clone(),
+            dtype: c.dtype,
+            elems: c.shape.iter().product(),
+            run: Box::new(move |d: &Device| check::run(&c, d)),
+        })
+        .collect();
+    // The losses (integer targets): their own sweep, see check_loss.
+    cases.extend(check_loss::sweep(&dtypes).into_iter().map(|c| Job {
+        op: c.name(),
+        shape: c.shape(),
+        dtype: c.dtype,
+        elems: c.rows.iter().product::<usize>() * c.v,
+        run: Box::new(move |d: &Device| check_loss::run(&c, d)),
+    }));
     if quick {
-        cases.retain(|c| c.shape.iter().product::<usize>() <= 8192);
+        cases.retain(|c| c.elems <= 8192);
     }
     let mut lines: Vec<CheckLine> = Vec::new();
     let mut notes: Vec<String> = Vec::new();
@@ -140,7 +172,7 @@ fn run_check(arg: DeviceArg, quick: bool) -> Result<ExitCode> {
             continue;
         }
         let shape = bench::report::shape_str(&case.shape);
-        let res = check::run(case, &dev);
+        let res = (case.run)(&dev);
         if f64_on_gpu && f64_state.is_none() {
             f64_state = Some(res.is_ok());
             if let Err(e) = &res {
@@ -175,7 +207,7 @@ fn run_check(arg: DeviceArg, quick: bool) -> Result<ExitCode> {
             Err(e) => {
                 errors += 1;
                 lines.push(CheckLine {
-                    op: case.op.name(),
+                    op: case.op.clone(),
                     shape,
                     dtype: dtype_str(case.dtype),
                     what: format!("error: {}", e.to_string().lines().next().unwrap_or("")),

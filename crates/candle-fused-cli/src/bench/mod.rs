@@ -17,7 +17,9 @@
 
 pub mod cases;
 pub mod lora;
+pub mod loss;
 pub mod memops;
+pub mod memory;
 pub mod report;
 pub mod timing;
 
@@ -68,6 +70,8 @@ pub fn families() -> Vec<Box<dyn Family>> {
         Box::new(MemFamily("rms_norm")),
         Box::new(MemFamily("add_rms_norm")),
         Box::new(lora::LoraFamily),
+        Box::new(loss::LossFamily(loss::CE)),
+        Box::new(loss::LossFamily(loss::LCE)),
     ]
 }
 
@@ -236,6 +240,7 @@ impl Report {
         let parts = [
             report::summary(&self.rows),
             report::compute_summary(&self.rows),
+            report::peak_summary(&self.rows),
         ];
         let parts: Vec<&String> = parts.iter().filter(|p| !p.is_empty()).collect();
         for (i, p) in parts.iter().enumerate() {

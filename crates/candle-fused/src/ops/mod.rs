@@ -7,11 +7,17 @@
 //! clear `Err` naming the op and the argument for bad input.
 
 pub mod add_rms_norm;
+pub mod cross_entropy;
+pub mod linear_cross_entropy;
 pub mod lora;
 pub mod rms_norm;
 pub mod softmax;
 
 pub use add_rms_norm::{add_rms_norm, add_rms_norm_backward};
+pub use cross_entropy::{cross_entropy, cross_entropy_backward, CrossEntropyConfig, Reduction};
+pub use linear_cross_entropy::{
+    linear_cross_entropy, linear_cross_entropy_forward_backward, LinearCrossEntropy,
+};
 pub use lora::{lora_linear, lora_linear_backward, lora_linear_composed, LoraGrads};
 pub use rms_norm::{rms_norm, rms_norm_backward};
 pub use softmax::{masked_softmax, softmax_backward, softmax_last_dim};
