@@ -95,7 +95,9 @@ fn bf16_hw() -> bool {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vl,avx512bf16")]
 unsafe fn f32_to_bf16_avx512(src: &[f32], dst: &mut [bf16]) {
-    use std::arch::x86_64::{__m256bh, __m256i, _mm256_storeu_si256, _mm512_cvtneps_pbh, _mm512_loadu_ps};
+    use std::arch::x86_64::{
+        __m256bh, __m256i, _mm256_storeu_si256, _mm512_cvtneps_pbh, _mm512_loadu_ps,
+    };
     let n = dst.len().min(src.len());
     let full = n / 16 * 16;
     let mut i = 0;

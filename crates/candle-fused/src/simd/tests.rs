@@ -36,7 +36,9 @@ impl Rng {
 fn levels() -> Vec<Isa> {
     let l = SimdLevel::available();
     assert!(l.contains(&SimdLevel::Scalar));
-    l.into_iter().map(|l| Isa::new("test", l).unwrap()).collect()
+    l.into_iter()
+        .map(|l| Isa::new("test", l).unwrap())
+        .collect()
 }
 
 /// Lengths that cover empty rows, tails of every size, one block and several blocks.
@@ -112,9 +114,16 @@ fn reductions_match_f64_at_every_level() {
             assert_eq!(isa.max(&x), m, "{ctx}");
             let ss: f64 = x.iter().map(|&v| v as f64 * v as f64).sum();
             let got = isa.sum_sq(&x) as f64;
-            assert!((got - ss).abs() <= 1e-6 * ss.max(1e-30), "{ctx}: {got} vs {ss}");
+            assert!(
+                (got - ss).abs() <= 1e-6 * ss.max(1e-30),
+                "{ctx}: {got} vs {ss}"
+            );
             let dot: f64 = x.iter().zip(&g).map(|(&a, &b)| a as f64 * b as f64).sum();
-            let scale: f64 = x.iter().zip(&g).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum();
+            let scale: f64 = x
+                .iter()
+                .zip(&g)
+                .map(|(&a, &b)| (a as f64 * b as f64).abs())
+                .sum();
             assert!((isa.dot_wide(&x, &g) - dot).abs() <= 1e-13 * scale, "{ctx}");
             let (s2, d2) = isa.wide_sums(&x, &g);
             assert!((s2 - ss).abs() <= 1e-13 * ss, "{ctx}");
@@ -149,7 +158,10 @@ fn elementwise_rows_match_scalar_at_every_level() {
             let mut y = vec![f32::NAN; n];
             isa.mul_scale_w(&x, 0.7, &w, &mut y);
             for i in 0..n {
-                assert!(close(y[i], x[i] as f64 * 0.7 * w[i] as f64), "{ctx} mul_scale_w");
+                assert!(
+                    close(y[i], x[i] as f64 * 0.7 * w[i] as f64),
+                    "{ctx} mul_scale_w"
+                );
             }
             isa.add(&x, &w, &mut y);
             for i in 0..n {
@@ -161,11 +173,17 @@ fn elementwise_rows_match_scalar_at_every_level() {
             }
             isa.scale_add(&x, 0.125, &g, &mut y);
             for i in 0..n {
-                assert!(close(y[i], 0.125 * x[i] as f64 + g[i] as f64), "{ctx} scale_add");
+                assert!(
+                    close(y[i], 0.125 * x[i] as f64 + g[i] as f64),
+                    "{ctx} scale_add"
+                );
             }
             isa.scale_add_const(&x, 0.125, -2.0, &mut y);
             for i in 0..n {
-                assert!(close(y[i], 0.125 * x[i] as f64 - 2.0), "{ctx} scale_add_const");
+                assert!(
+                    close(y[i], 0.125 * x[i] as f64 - 2.0),
+                    "{ctx} scale_add_const"
+                );
             }
             let mut z = x.clone();
             isa.scale(&mut z, 3.0);

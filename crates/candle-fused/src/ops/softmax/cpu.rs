@@ -186,12 +186,20 @@ fn backward_t<T: Elem>(
     let mut out = cpu::alloc::<T>(y.len(), cfg.poison);
     let scale = op.scale;
     let isa = Isa::new(op.name, cfg.cpu.simd)?;
-    cpu::rows(&cfg.cpu, isa, [y, g], [&mut out], t, 0, |_, [y, g], [dx], _| {
-        // ⟨dy, y⟩ and `dy − ⟨dy, y⟩` in f64 (products of f32 values are exact there): for a
-        // nearly one-hot row `dy_max − ⟨dy, y⟩` cancels, and in f32 only rounding noise of
-        // `⟨dy, y⟩` would be left (relative errors ~1e-4 at logit gaps of ~10).
-        let dot = T::A::v_dot_wide(isa, y, g);
-        T::A::v_softmax_bwd_row(isa, y, g, dot, scale, dx);
-    });
+    cpu::rows(
+        &cfg.cpu,
+        isa,
+        [y, g],
+        [&mut out],
+        t,
+        0,
+        |_, [y, g], [dx], _| {
+            // ⟨dy, y⟩ and `dy − ⟨dy, y⟩` in f64 (products of f32 values are exact there): for a
+            // nearly one-hot row `dy_max − ⟨dy, y⟩` cancels, and in f32 only rounding noise of
+            // `⟨dy, y⟩` would be left (relative errors ~1e-4 at logit gaps of ~10).
+            let dot = T::A::v_dot_wide(isa, y, g);
+            T::A::v_softmax_bwd_row(isa, y, g, dot, scale, dx);
+        },
+    );
     Ok(vec![T::to_cpu_storage_owned(out)])
 }
