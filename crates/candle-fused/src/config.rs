@@ -32,6 +32,11 @@ pub struct CpuConfig {
     /// The instruction set of the vector math ([`SimdLevel::Auto`]: the best this CPU has).
     /// Forcing a level the CPU lacks is an error naming the op, never undefined behaviour.
     pub simd: SimdLevel,
+    /// Threads of the `gemm` crate's matmuls (`crate::ops::matmul`); 0: all of rayon's.
+    pub gemm_threads: usize,
+    /// `M = 1` products (f32, bf16) through the GEMV that streams the weight once, instead of
+    /// the GEMM (measured faster for decode shapes; see BENCHMARKS.md).
+    pub gemv: bool,
 }
 
 /// The instruction set the CPU kernels' vector math runs on, detected at run time (the binary
@@ -61,6 +66,8 @@ impl Default for CpuConfig {
             task_elems: 1 << 15,
             half_gemm_block: 1 << 20,
             simd: SimdLevel::Auto,
+            gemm_threads: 0,
+            gemv: true,
         }
     }
 }

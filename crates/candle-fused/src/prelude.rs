@@ -35,6 +35,8 @@ pub trait FusedOps {
         b: &Tensor,
         scale: f64,
     ) -> Result<Tensor>;
+    /// `op(self) · op(b)`, each transposed when its flag is set ([`ops::matmul`]).
+    fn matmul_fused(&self, b: &Tensor, ta: bool, tb: bool) -> Result<Tensor>;
 }
 
 impl FusedOps for Tensor {
@@ -73,5 +75,9 @@ impl FusedOps for Tensor {
         scale: f64,
     ) -> Result<Tensor> {
         ops::lora_linear(self, w, bias, a, b, scale)
+    }
+
+    fn matmul_fused(&self, b: &Tensor, ta: bool, tb: bool) -> Result<Tensor> {
+        ops::matmul(self, b, ta, tb)
     }
 }

@@ -8,10 +8,12 @@
 
 pub mod add_rms_norm;
 pub mod lora;
+pub mod matmul;
 pub mod rms_norm;
 pub mod softmax;
 
 pub use add_rms_norm::{add_rms_norm, add_rms_norm_backward};
 pub use lora::{lora_linear, lora_linear_backward, lora_linear_composed, LoraGrads};
+pub use matmul::matmul;
 pub use rms_norm::{rms_norm, rms_norm_backward};
 pub use softmax::{masked_softmax, softmax_backward, softmax_last_dim};
