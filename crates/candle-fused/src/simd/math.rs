@@ -76,6 +76,7 @@ pub(crate) fn exp_nonpos<S: Simd>(s: S, x: S::f32s) -> S::f32s {
     s.select_f32s(small, s.splat_f32s(0.0), s.mul_f32s(p, scale))
 }
 
+#[inline(always)]
 pub(crate) fn max<S: Simd>(s: S, x: &[f32]) -> f32 {
     let (head, tail) = S::as_simd_f32s(x);
     let ninf = s.splat_f32s(f32::NEG_INFINITY);
@@ -160,6 +161,7 @@ fn exp_block_inplace<S: Simd>(s: S, x: &mut [f32], m: f32) -> f32 {
     sum
 }
 
+#[inline(always)]
 pub(crate) fn exp_sub_sum<S: Simd>(s: S, src: &[f32], dst: &mut [f32], m: f32) -> f32 {
     assert_eq!(src.len(), dst.len(), "exp_sub_sum: lengths differ");
     if src.len() <= BLOCK {
@@ -172,6 +174,7 @@ pub(crate) fn exp_sub_sum<S: Simd>(s: S, src: &[f32], dst: &mut [f32], m: f32) -
     total as f32
 }
 
+#[inline(always)]
 pub(crate) fn exp_sub_sum_inplace<S: Simd>(s: S, x: &mut [f32], m: f32) -> f32 {
     if x.len() <= BLOCK {
         return exp_block_inplace(s, x, m);
@@ -183,6 +186,7 @@ pub(crate) fn exp_sub_sum_inplace<S: Simd>(s: S, x: &mut [f32], m: f32) -> f32 {
     total as f32
 }
 
+#[inline(always)]
 pub(crate) fn scale<S: Simd>(s: S, y: &mut [f32], k: f32) {
     let (h, t) = S::as_mut_simd_f32s(y);
     let kv = s.splat_f32s(k);
@@ -216,6 +220,7 @@ fn sum_sq_block<S: Simd>(s: S, x: &[f32]) -> f32 {
     sum
 }
 
+#[inline(always)]
 pub(crate) fn sum_sq<S: Simd>(s: S, x: &[f32]) -> f32 {
     if x.len() <= BLOCK {
         return sum_sq_block(s, x);
@@ -227,6 +232,7 @@ pub(crate) fn sum_sq<S: Simd>(s: S, x: &[f32]) -> f32 {
     total as f32
 }
 
+#[inline(always)]
 pub(crate) fn mul_scale_w<S: Simd>(s: S, x: &[f32], r: f32, w: &[f32], y: &mut [f32]) {
     let n = y.len();
     let (x, w) = (&x[..n], &w[..n]);
@@ -242,6 +248,7 @@ pub(crate) fn mul_scale_w<S: Simd>(s: S, x: &[f32], r: f32, w: &[f32], y: &mut [
     }
 }
 
+#[inline(always)]
 pub(crate) fn add<S: Simd>(s: S, a: &[f32], b: &[f32], out: &mut [f32]) {
     let n = out.len();
     let (a, b) = (&a[..n], &b[..n]);
@@ -256,6 +263,7 @@ pub(crate) fn add<S: Simd>(s: S, a: &[f32], b: &[f32], out: &mut [f32]) {
     }
 }
 
+#[inline(always)]
 pub(crate) fn mul<S: Simd>(s: S, a: &[f32], b: &[f32], out: &mut [f32]) {
     let n = out.len();
     let (a, b) = (&a[..n], &b[..n]);
@@ -270,6 +278,7 @@ pub(crate) fn mul<S: Simd>(s: S, a: &[f32], b: &[f32], out: &mut [f32]) {
     }
 }
 
+#[inline(always)]
 pub(crate) fn scale_add<S: Simd>(s: S, x: &[f32], k: f32, m: &[f32], z: &mut [f32]) {
     let n = z.len();
     let (x, m) = (&x[..n], &m[..n]);
@@ -285,6 +294,7 @@ pub(crate) fn scale_add<S: Simd>(s: S, x: &[f32], k: f32, m: &[f32], z: &mut [f3
     }
 }
 
+#[inline(always)]
 pub(crate) fn scale_add_const<S: Simd>(s: S, x: &[f32], k: f32, c: f32, z: &mut [f32]) {
     let n = z.len();
     let x = &x[..n];
@@ -299,6 +309,7 @@ pub(crate) fn scale_add_const<S: Simd>(s: S, x: &[f32], k: f32, c: f32, z: &mut 
     }
 }
 
+#[inline(always)]
 pub(crate) fn dw_accumulate<S: Simd>(s: S, dy: &[f32], x: &[f32], r: f32, acc: &mut [f32]) {
     let n = acc.len();
     let (dy, x) = (&dy[..n], &x[..n]);
@@ -314,6 +325,7 @@ pub(crate) fn dw_accumulate<S: Simd>(s: S, dy: &[f32], x: &[f32], r: f32, acc: &
     }
 }
 
+#[inline(always)]
 pub(crate) fn dot_wide<S: Simd>(_: S, a: &[f32], b: &[f32]) -> f64 {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
@@ -333,6 +345,7 @@ pub(crate) fn dot_wide<S: Simd>(_: S, a: &[f32], b: &[f32]) -> f64 {
     acc.iter().sum::<f64>() + t
 }
 
+#[inline(always)]
 pub(crate) fn wide_sums<S: Simd>(_: S, x: &[f32], g: &[f32]) -> (f64, f64) {
     let n = x.len().min(g.len());
     let (x, g) = (&x[..n], &g[..n]);
@@ -356,6 +369,7 @@ pub(crate) fn wide_sums<S: Simd>(_: S, x: &[f32], g: &[f32]) -> (f64, f64) {
     (ss.iter().sum::<f64>() + s, dt.iter().sum::<f64>() + d)
 }
 
+#[inline(always)]
 pub(crate) fn softmax_bwd_row<S: Simd>(
     _: S,
     y: &[f32],
@@ -371,6 +385,7 @@ pub(crate) fn softmax_bwd_row<S: Simd>(
     }
 }
 
+#[inline(always)]
 pub(crate) fn rms_bwd_row<S: Simd>(
     _: S,
     x: &[f32],
