@@ -22,6 +22,9 @@ use crate::validate::fail;
 pub(crate) trait Acc:
     num_traits::Float + Default + Send + Sync + std::fmt::Debug + std::ops::AddAssign + 'static
 {
+    /// `exp(x)` for `x <= 0` (or NaN), one element (the softmax argument `x - max`).
+    #[allow(dead_code)]
+    fn exp_nonpos(x: Self) -> Self;
     fn of(v: f64) -> Self;
     /// Widened to f64 (exact).
     fn wide(self) -> f64;
@@ -58,6 +61,10 @@ pub(crate) trait Acc:
 }
 
 impl Acc for f32 {
+    #[inline(always)]
+    fn exp_nonpos(x: f32) -> f32 {
+        crate::simd::math::exp_nonpos_f32(x)
+    }
     #[inline(always)]
     fn of(v: f64) -> f32 {
         v as f32
@@ -114,6 +121,10 @@ impl Acc for f32 {
 }
 
 impl Acc for f64 {
+    #[inline(always)]
+    fn exp_nonpos(x: f64) -> f64 {
+        x.exp()
+    }
     #[inline(always)]
     fn of(v: f64) -> f64 {
         v
@@ -375,6 +386,24 @@ struct OutPtr<T>(*mut T);
 unsafe impl<T: Send> Send for OutPtr<T> {}
 unsafe impl<T: Sync> Sync for OutPtr<T> {}
 
+/// [`rows_at`] at the configuration's SIMD level (the scalar level if the configured one is
+/// missing; kernels that want that reported call [`Isa::new`] and [`rows_at`] themselves).
+#[allow(dead_code)]
+pub(crate) fn rows<T: Elem, const N: usize, const M: usize, F>(
+    cfg: &CpuConfig,
+    inputs: [&[T]; N],
+    outs: [&mut [T]; M],
+    d: usize,
+    acc_len: usize,
+    f: F,
+) -> Vec<T::A>
+where
+    F: Fn(usize, [&[T::A]; N], [&mut [T::A]; M], &mut [T::A]) + Sync,
+{
+    let isa = Isa::new("cpu", cfg.simd).unwrap_or(Isa::Scalar);
+    rows_at(cfg, isa, inputs, outs, d, acc_len, f)
+}
+
 /// The parallel row driver (work sizing from `cfg`). `inputs` hold `rows` rows of length `d`
 /// each (contiguous), each of the `M` outputs receives `rows` rows. For each row,
 /// `f(row, [input rows], [output rows], acc)` runs on rows of the accumulation type (half types
@@ -387,7 +416,7 @@ unsafe impl<T: Sync> Sync for OutPtr<T> {}
 /// costs more than they do); larger ones are split into tasks of at least `cfg.task_elems`
 /// elements that rayon spreads over the cores.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn rows<T: Elem, const N: usize, const M: usize, F>(
+pub(crate) fn rows_at<T: Elem, const N: usize, const M: usize, F>(
     cfg: &CpuConfig,
     isa: Isa,
     inputs: [&[T]; N],
@@ -481,6 +510,17 @@ pub(crate) fn from_acc_vec<T: Elem>(s: &[T::A], dst: &mut [T]) {
 
 const LANES: usize = 16;
 use crate::simd::BLOCK;
+
+/// `exp(x)` for `x <= 0` in f32 without a libm call (see [`crate::simd::math`]).
+#[allow(unused_imports)]
+pub(crate) use crate::simd::math::exp_nonpos_f32;
+
+/// Sum of `g(x)` over a row (blocked, f64 across blocks).
+#[allow(dead_code)]
+#[inline(always)]
+pub(crate) fn sum_map<A: Acc>(x: &[A], g: impl Fn(A) -> A) -> A {
+    blocked_sum(x.len(), |i| g(x[i]))
+}
 
 /// Maximum of a row (NaN entries are skipped here; they still poison the softmax through exp).
 #[inline(always)]

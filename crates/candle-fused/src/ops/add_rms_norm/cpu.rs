@@ -41,7 +41,7 @@ fn forward_t<T: Elem>(
     let mut normed = cpu::alloc::<T>(n, cfg.poison);
     let mut sum = cpu::alloc::<T>(n, cfg.poison);
     let isa = Isa::new(op, cfg.cpu.simd)?;
-    cpu::rows(
+    cpu::rows_at(
         &cfg.cpu,
         isa,
         [xs, rs],

@@ -90,7 +90,7 @@ fn forward_t<T: Elem>(
     let eps = T::A::of(eps);
     let isa = Isa::new(op, cfg.cpu.simd)?;
     let mut out = cpu::alloc::<T>(x.len(), cfg.poison);
-    cpu::rows(&cfg.cpu, isa, [x], [&mut out], d, 0, |_, [x], [y], _| {
+    cpu::rows_at(&cfg.cpu, isa, [x], [&mut out], d, 0, |_, [x], [y], _| {
         write_row(isa, x, rstd(isa, x, eps), w.as_deref(), y)
     });
     Ok(vec![T::to_cpu_storage_owned(out)])
@@ -132,7 +132,7 @@ fn backward_t<T: Elem>(
     let c = &cfg.cpu;
     let isa = Isa::new(op, c.simd)?;
     let dw = match dres {
-        Some(dres) => cpu::rows(
+        Some(dres) => cpu::rows_at(
             c,
             isa,
             [x, dy, dres],
@@ -141,7 +141,7 @@ fn backward_t<T: Elem>(
             dw_len,
             |_, [x, g, dr], [dx], acc| bwd_row(isa, x, g, Some(dr), w, dx, acc, eps),
         ),
-        None => cpu::rows(
+        None => cpu::rows_at(
             c,
             isa,
             [x, dy],

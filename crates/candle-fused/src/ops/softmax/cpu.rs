@@ -83,7 +83,7 @@ fn forward_t<T: Elem>(
     let mut out = cpu::alloc::<T>(x.len(), cfg.poison);
     let plain = mask.is_none() && !op.causal && op.scale == 1.0;
     if plain {
-        cpu::rows(&cfg.cpu, isa, [x], [&mut out], t, 0, |_, [x], [y], _| {
+        cpu::rows_at(&cfg.cpu, isa, [x], [&mut out], t, 0, |_, [x], [y], _| {
             let m = T::A::v_max(isa, x);
             let sum = T::A::v_exp_sub_sum(isa, x, y, m);
             // A fully masked row is zeros, unless it holds a NaN (NaN propagates).
@@ -108,7 +108,7 @@ fn forward_t<T: Elem>(
         };
         let scale = T::A::of(op.scale);
         let neg_inf = T::A::neg_infinity();
-        cpu::rows(&cfg.cpu, isa, [x], [&mut out], t, 0, |r, [x], [z], _| {
+        cpu::rows_at(&cfg.cpu, isa, [x], [&mut out], t, 0, |r, [x], [z], _| {
             let vis = if op.causal {
                 let i = (r % s_rows) as i64;
                 (i + t as i64 - s_rows as i64 + 1).clamp(0, t as i64) as usize
@@ -186,7 +186,7 @@ fn backward_t<T: Elem>(
     let mut out = cpu::alloc::<T>(y.len(), cfg.poison);
     let scale = op.scale;
     let isa = Isa::new(op.name, cfg.cpu.simd)?;
-    cpu::rows(
+    cpu::rows_at(
         &cfg.cpu,
         isa,
         [y, g],
