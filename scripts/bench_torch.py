@@ -56,7 +56,11 @@ sets (>= 128 MiB in all) so the 50 MB L2 does not hold them; inputs are random, 
 The script measures the copy bandwidth itself (dst.copy_(src), 1 GiB, bytes read + written)
 before and after the ops and uses the higher value for % copy, like the Rust bench.
 
-`--device cpu` exists only to try the script on a machine without a GPU (wall clock timing).
+matmul (shape [M, K, N]): torch_eager = F.linear(x, W), x [M, K], W [N, K], fwd only.
+
+`--device cpu`: wall clock timing, torch's intra-op threads (torch.get_num_threads(); the
+Rust bench uses all of rayon's threads, the same count on the same machine); the same rows as
+the Rust CPU bench, merged with it by scripts/merge_bench.py.
 """
 
 import argparse
@@ -158,15 +162,26 @@ LCE_SHAPES = {
     ("cpu", True): [([256, 64, 4096], "f32")],
 }
 
+
+# The matmul shapes [M, K, N] of crates/candle-fused-cli/src/bench/gemm.rs::gemm_shapes (keep in
+# sync): y = x @ W.T with W [N, K], f32 and bf16.
+_GEMM = [[1024, 512, 512], [1024, 512, 1344], [1024, 512, 8192], [4096, 1024, 1024],
+         [1, 4096, 4096]]
+_GEMM_Q = [[1024, 512, 512], [1, 4096, 4096]]
+GEMM_SHAPES = {
+    (dev, quick): [(s, dt) for dt in ("f32", "bf16") for s in (_GEMM_Q if quick else _GEMM)]
+    for dev in ("cpu", "cuda") for quick in (False, True)
+}
+
 FAMILIES = ["softmax", "masked_softmax", "rms_norm", "add_rms_norm", "lora_linear",
-            "cross_entropy", "linear_cross_entropy"]
+            "cross_entropy", "linear_cross_entropy", "matmul"]
 
 
 def family_of(op):
     if op.startswith("masked_softmax"):
         return "masked_softmax"
     if op in ("softmax", "rms_norm", "add_rms_norm", "lora_linear", "cross_entropy",
-              "linear_cross_entropy"):
+              "linear_cross_entropy", "matmul"):
         return op
     return None
 
@@ -472,6 +487,26 @@ def run_mem_case(ctx, op, shape, dtype, compile_it):
             return torch.autograd.grad(loss, [x for x, dd in zip(la, diff) if dd])
 
         ctx.record(op, "fwd+bwd", shape, dtype, impl, k, fwd_bwd)
+    del sets
+    free_memory()
+
+
+# ---------------------------------------------------------------- matmul
+
+
+def run_matmul_case(ctx, op, shape, dtype, compile_it):
+    """y = F.linear(x, W) = x @ W.T, x [M, K], W [N, K] ~ N(0, 1/K), fwd only; flops 2MKN,
+    bytes e(MK + NK + MN), as crates/candle-fused-cli/src/bench/gemm.rs (impl torch_eager)."""
+    m, k, n = shape
+    e = elt_size(dtype)
+    nbytes = float(e * (m * k + n * k + m * n))
+    sets_n = sets_for(int(nbytes))
+    print(f"{op} {shape_str(shape)} {dtype} ({sets_n} input set(s))", file=sys.stderr)
+    sets = [(randn((m, k), 1.0, dtype, ctx.device), randn((n, k), 1.0 / math.sqrt(k), dtype, ctx.device))
+            for _ in range(sets_n)]
+    with torch.no_grad():
+        ctx.record(op, "fwd", shape, dtype, "torch_eager", sets_n,
+                   lambda i: F.linear(*sets[i % sets_n]), nbytes=nbytes, flops=2.0 * m * k * n)
     del sets
     free_memory()
 
@@ -862,6 +897,8 @@ def default_cases(dev_type, quick):
             out += [(op, shape, dt) for shape, dt in CE_SHAPES[(dev_type, quick)]]
         elif op == "linear_cross_entropy":
             out += [(op, shape, dt) for shape, dt in LCE_SHAPES[(dev_type, quick)]]
+        elif op == "matmul":
+            out += [(op, shape, dt) for shape, dt in GEMM_SHAPES[(dev_type, quick)]]
         else:
             out += [(op, shape, dt) for shape, dt in ROW_SHAPES[(dev_type, quick)]]
     return out
@@ -937,7 +974,8 @@ def main():
     print(f"copy bandwidth: {before:.1f} GB/s", file=sys.stderr)
     for op, shape, dtype in cases:
         run = {"lora_linear": run_lora_case, "cross_entropy": run_ce_case,
-               "linear_cross_entropy": run_lce_case}.get(family_of(op), run_mem_case)
+               "linear_cross_entropy": run_lce_case,
+               "matmul": run_matmul_case}.get(family_of(op), run_mem_case)
         run(ctx, op, shape, dtype, family_of(op) in compile_fams)
         if args.json:  # a checkpoint, so a run cut short still leaves its rows
             save(ctx, args, copy_bytes, partial=True)

@@ -72,7 +72,7 @@ enum Cmd {
         #[arg(long)]
         quick: bool,
         /// Only these op families (comma-separated): softmax, masked_softmax, rms_norm,
-        /// add_rms_norm, lora_linear, cross_entropy, linear_cross_entropy.
+        /// add_rms_norm, lora_linear, cross_entropy, linear_cross_entropy, matmul.
         #[arg(long, value_delimiter = ',')]
         op: Option<Vec<String>>,
     },

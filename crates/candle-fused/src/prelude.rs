@@ -47,6 +47,8 @@ pub trait FusedOps {
         cfg: &CrossEntropyConfig,
         chunk: Option<usize>,
     ) -> Result<Tensor>;
+    /// `op(self) · op(b)`, each transposed when its flag is set ([`ops::matmul`]).
+    fn matmul_fused(&self, b: &Tensor, ta: bool, tb: bool) -> Result<Tensor>;
 }
 
 impl FusedOps for Tensor {
@@ -99,5 +101,9 @@ impl FusedOps for Tensor {
         chunk: Option<usize>,
     ) -> Result<Tensor> {
         ops::linear_cross_entropy(self, w, targets, cfg, chunk)
+    }
+
+    fn matmul_fused(&self, b: &Tensor, ta: bool, tb: bool) -> Result<Tensor> {
+        ops::matmul(self, b, ta, tb)
     }
 }

@@ -7,7 +7,8 @@
 //!
 //! Layout: [`timing`] (median timer, CUDA events, copy bandwidth), [`cases`] (the shapes),
 //! [`memops`] (inputs, bytes and implementations of the memory-bound ops), [`lora`] (the
-//! LoRA linear: flops, bytes, impls), [`report`] (rows, tables, JSON).
+//! LoRA linear: flops, bytes, impls), [`gemm`] (the matrix products), [`report`] (rows,
+//! tables, JSON).
 //!
 //! ## Adding an op family (as [`lora`] does)
 //! Write `src/bench/<family>.rs` with a type implementing [`Family`] (its `run` builds random
@@ -16,6 +17,7 @@
 //! [`families`]. `scripts/bench_torch.py` has the matching hook for the PyTorch side.
 
 pub mod cases;
+pub mod gemm;
 pub mod lora;
 pub mod loss;
 pub mod memops;
@@ -72,6 +74,7 @@ pub fn families() -> Vec<Box<dyn Family>> {
         Box::new(lora::LoraFamily),
         Box::new(loss::LossFamily(loss::CE)),
         Box::new(loss::LossFamily(loss::LCE)),
+        Box::new(gemm::GemmFamily),
     ]
 }
 

@@ -10,6 +10,7 @@ pub mod add_rms_norm;
 pub mod cross_entropy;
 pub mod linear_cross_entropy;
 pub mod lora;
+pub mod matmul;
 pub mod rms_norm;
 pub mod softmax;
 
@@ -19,5 +20,6 @@ pub use linear_cross_entropy::{
     linear_cross_entropy, linear_cross_entropy_forward_backward, LinearCrossEntropy,
 };
 pub use lora::{lora_linear, lora_linear_backward, lora_linear_composed, LoraGrads};
+pub use matmul::matmul;
 pub use rms_norm::{rms_norm, rms_norm_backward};
 pub use softmax::{masked_softmax, softmax_backward, softmax_last_dim};
