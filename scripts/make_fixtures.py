@@ -3,7 +3,8 @@
 of ours on this side), and the live comparison against our binaries (`--check`).
 
     python3 scripts/make_fixtures.py [--out crates/candle-fused-train/tests/fixtures]
-    python3 scripts/make_fixtures.py --check --bin target/release/candle-fused [--log results/parity-check]
+    python3 scripts/make_fixtures.py --check --bin $CARGO_TARGET_DIR/release/examples/parity \
+        [--cli $CARGO_TARGET_DIR/release/candle-fused] [--log results/parity-check]
 
 Make (the default) writes, for each architecture (llama, qwen2, mistral), under OUT/<arch>/:
   model/            a normal Hugging Face checkpoint dir, f32, random init (seeded):
@@ -37,7 +38,9 @@ Conventions (the Rust side must follow them):
   with the adapter and without it (PeftModel.disable_adapter()); `new_tokens` are the
   generated ids only; `min_margin` is the smallest top-1 minus top-2 logit over the steps.
 
-Check (`--check`) needs our `candle-fused` binary built (see the docstring of `check()`).
+Check (`--check`): the live comparison with PEFT, both ways (an adapter written by our
+`save_adapter` / `finetune` loaded in PEFT, an adapter trained in PEFT loaded by ours, same eval
+loss); needs our binaries built; the procedure is in scripts/parity_check.py.
 """
 
 import argparse
@@ -550,16 +553,19 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=DEFAULT_OUT, help="fixture directory (make mode)")
     ap.add_argument("--check", action="store_true", help="run the live comparison against our binary")
-    ap.add_argument("--bin", help="our candle-fused binary (check mode)")
+    ap.add_argument("--bin", help="check mode: our `parity` example binary "
+                    "(cargo build --release -p candle-fused-train --example parity)")
+    ap.add_argument("--cli", help="check mode, optional: our candle-fused binary (checks `finetune`)")
     ap.add_argument("--log", default="results/parity-check", help="check mode: log path without extension")
     args = ap.parse_args()
     if args.check:
-        sys.exit(check(args))
+        if not args.bin:
+            sys.exit("make_fixtures.py --check needs --bin (our `parity` example binary)")
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import parity_check  # the procedure lives there (this file makes the fixtures)
+
+        sys.exit(parity_check.check(args))
     make(args.out)
-
-
-def check(args):
-    raise SystemExit("--check: not written yet")
 
 
 if __name__ == "__main__":
