@@ -20,6 +20,7 @@ pub mod lora;
 pub mod memops;
 pub mod report;
 pub mod timing;
+pub mod train;
 
 use candle_core::{Device, Result};
 
