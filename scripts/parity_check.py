@@ -14,7 +14,10 @@ sides, so no tokenization is involved):
    and its eval loss on batch `masked` must equal ours within 1e-4 relative.
 2. PEFT -> ours: PEFT trains an adapter from its default init (10 AdamW steps on `plain`),
    save_pretrained; our `parity eval` loads it and gives PEFT's eval loss on `masked`.
-3. With --cli: `candle-fused finetune` on the llama fixture with a small JSONL; PEFT loads the
+3. Merge: our `parity merge` writes base + adapter/ merged (Model::save(.., merge_lora = true));
+   transformers loads it as a plain checkpoint and its logits on `plain` equal PEFT's
+   (base + adapter) within 1e-4 relative.
+4. With --cli: `candle-fused finetune` on the llama fixture with a small JSONL; PEFT loads the
    adapter it wrote and gives the same loss on `masked` as our `parity eval` of it.
 Writes LOG.json and LOG.md; exits 1 when a check fails.
 """
@@ -110,6 +113,21 @@ def check(args):
         ours = run([args.bin, "eval", "--model", model_dir, "--adapter", pdir, "--batches", batches,
                     "--batch", "masked"])["loss"]
         row(f"{arch}: adapter trained in PEFT, loaded by ours (eval loss)", ours, peft_loss(model_dir, pdir, ev), base)
+        # 3. merge
+        mdir = os.path.join(work, arch, "merged")
+        run([args.bin, "merge", "--model", model_dir, "--adapter", os.path.join(fx, arch, "adapter"),
+             "--batches", batches, "--out", mdir])
+        pb = load_batch(batches, "plain")
+        with torch.no_grad():
+            merged = mf.logits_of(mf.load_base(mdir), pb)
+            want = mf.logits_of(mf.load_peft(model_dir, os.path.join(fx, arch, "adapter"), trainable=False), pb)
+            plain = mf.logits_of(mf.load_base(model_dir), pb)
+        err = ((merged - want).norm() / want.norm()).item()
+        effect = ((plain - want).norm() / want.norm()).item()
+        ok = err <= TOL and effect > 1e-2
+        rows.append(dict(check=f"{arch}: our merged checkpoint in transformers vs PEFT (logits)", rel_err=err,
+                         tol=TOL, adapter_effect=effect, result="PASS" if ok else "FAIL"))
+        print(f"{'PASS' if ok else 'FAIL'} {arch} merge: logits rel err {err:.2e} (adapter effect {effect:.2e})", flush=True)
 
     if args.cli:
         arch = "llama"
@@ -155,8 +173,11 @@ def write_log(args, rows, ok):
           "(the procedure is in `scripts/parity_check.py`).\n",
           "| check | ours | PEFT | base | rel err | tol | result |", "|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:
-        if "ours" in r:
+        if "ours" in r and "adapter_effect" not in r:
             md.append(f"| {r['check']} | {r['ours']:.6f} | {r['peft']:.6f} | {r['base']:.6f} | {r['rel_err']:.2e} | "
+                      f"{r['tol']:.0e} | {r['result']} |")
+        elif "adapter_effect" in r:
+            md.append(f"| {r['check']} | - | - | adapter effect {r['adapter_effect']:.2e} | {r['rel_err']:.2e} | "
                       f"{r['tol']:.0e} | {r['result']} |")
         else:
             md.append(f"| {r['check']} | - | - | - | - | - | {r['result']}: {r.get('error', '')[:200]} |")

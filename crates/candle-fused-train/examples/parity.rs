@@ -5,11 +5,13 @@
 //! parity eval  --model DIR [--adapter DIR] --batches FILE --batch NAME
 //! parity train --model DIR --batches FILE --batch NAME --steps N --lr LR --rank R --alpha A
 //!              --seed S --out DIR [--eval-batch NAME]
+//! parity merge --model DIR --adapter DIR --batches FILE --out DIR
 //! ```
 //! `--batches` holds `<name>.tokens` / `.targets` (and `.positions` / `.segments` for a packed
 //! batch), as `make_fixtures.py` writes them. `train` adds a fresh LoRA (all-linear, PEFT init,
 //! `--seed`), takes `--steps` AdamW steps (lr `--lr`, PyTorch's defaults otherwise) on the
 //! batch with the explicit backward, and saves the adapter with `Model::save_adapter`.
+//! `merge` writes base + adapter merged as a Hugging Face checkpoint (`Model::save(.., true)`).
 //! Each command prints one JSON line (`{"loss": ..}` / `{"losses": [..], "eval_loss": ..}`).
 
 use std::collections::HashMap;
@@ -23,7 +25,8 @@ fn usage() -> ! {
     eprintln!(
         "usage: parity eval --model DIR [--adapter DIR] --batches FILE --batch NAME\n       \
          parity train --model DIR --batches FILE --batch NAME --steps N --lr LR --rank R \
-         --alpha A --seed S --out DIR [--eval-batch NAME]"
+         --alpha A --seed S --out DIR [--eval-batch NAME]\n       \
+         parity merge --model DIR --adapter DIR --batches FILE --out DIR"
     );
     std::process::exit(2)
 }
@@ -107,6 +110,12 @@ fn run() -> Result<()> {
                 Err(_) => None,
             };
             println!("{}", serde_json::json!({ "losses": losses, "eval_loss": eval, "adapter": out }));
+        }
+        "merge" => {
+            model.load_adapter(Path::new(a.get("adapter")?))?;
+            let out = PathBuf::from(a.get("out")?);
+            model.save(&out, true)?;
+            println!("{}", serde_json::json!({ "merged": out }));
         }
         _ => usage(),
     }

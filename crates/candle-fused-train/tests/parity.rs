@@ -14,7 +14,7 @@
 
 mod parity_common;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use candle_fused_train::{clip_grad_norm, AdamW, AdamWConfig, LoraGrads, Model};
 use parity_common::{rel, Fixture, Report, ARCHS, BATCHES};
 
@@ -179,14 +179,29 @@ fn save_adapter_round_trip() {
     r.finish();
 }
 
+/// `Model::save(.., merge_lora = true)` then `Model::load`: the merged checkpoint gives PEFT's
+/// adapter logits (transformers loading it is `make_fixtures.py --check`).
+#[test]
+fn merged_checkpoint_gives_the_adapter_logits() {
+    let mut r = Report::new("merged checkpoint vs PEFT");
+    let tmp = tempdir("parity-merge");
+    for arch in ARCHS {
+        let fx = Fixture::load(arch);
+        let dir = tmp.join(arch);
+        fx.model(Some("adapter")).save(&dir, true).unwrap();
+        let merged = Model::load(&dir, DType::F32, &Device::Cpu).unwrap();
+        for b in BATCHES {
+            let e = rel(&merged.forward(&fx.batch(b)).unwrap(), &fx.expected(&format!("logits.{b}.adapter")));
+            r.check(&format!("{arch} {b}: merged logits"), e, TOL);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+    r.finish();
+}
+
 fn tempdir(tag: &str) -> std::path::PathBuf {
     let p = std::env::temp_dir().join(format!("{tag}-{}-{:?}", std::process::id(), std::thread::current().id()));
     let _ = std::fs::remove_dir_all(&p);
     std::fs::create_dir_all(&p).unwrap();
     p
-}
-
-#[allow(dead_code)]
-fn on_cpu(t: &Tensor) -> Tensor {
-    t.to_device(&Device::Cpu).unwrap().to_dtype(DType::F64).unwrap()
 }
