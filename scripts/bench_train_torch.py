@@ -207,7 +207,7 @@ def worker(args):
         return
     rss_model = rss_mb()
 
-    def attempt(batch):
+    def attempt(batch, steps, warmup):
         g = torch.Generator(device="cpu").manual_seed(args.seed + batch)
         seq = torch.randint(0, c["vocab"], (batch, args.seq + 1), generator=g)
         tokens, targets = seq[:, :-1].to(device), seq[:, 1:].to(device)
@@ -217,37 +217,39 @@ def worker(args):
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         times, losses = [], []
-        for i in range(args.warmup + args.iters):
+        for i in range(steps):
             sync()
             t = time.perf_counter()
             loss = step()
             sync()
             dt = time.perf_counter() - t
             losses.append(loss.item())
-            if i >= args.warmup:
+            if i >= warmup:
                 times.append(dt)
-            progress(f"  {args.config} {args.variant} batch {batch} step {i + 1}/{args.warmup + args.iters}: "
+            progress(f"  {args.config} {args.variant} batch {batch} step {i + 1}/{steps}: "
                      f"{dt * 1e3:.1f} ms, loss {losses[-1]:.4f}")
         return times, losses
 
-    batches = [args.batch] if args.batch != "auto" else [2**i for i in range(0, 10)]
-    best = None
-    for b in map(int, batches):
-        try:
-            times, losses = attempt(b)
-            best = (b, times, losses, torch.cuda.max_memory_allocated() if cuda else None,
-                    torch.cuda.max_memory_reserved() if cuda else None)
-        except torch.OutOfMemoryError:
-            if best is None:
-                raise
-            progress(f"  batch {b}: out of memory; keeping batch {best[0]}")
-            break
-        finally:
-            opt.zero_grad(set_to_none=True)
-            if cuda:
-                torch.cuda.empty_cache()
-        if args.batch != "auto":
-            break
+    if args.batch == "auto":  # the largest power of two that fits: one step each, then time it
+        b = None
+        for cand in [2**i for i in range(0, 10)]:
+            try:
+                attempt(cand, 1, 1)
+                b = cand
+            except torch.OutOfMemoryError:
+                progress(f"  batch {cand}: out of memory")
+                break
+            finally:
+                opt.zero_grad(set_to_none=True)
+                if cuda:
+                    torch.cuda.empty_cache()
+        if b is None:
+            raise SystemExit("batch 1 does not fit")
+    else:
+        b = int(args.batch)
+    times, losses = attempt(b, args.warmup + args.iters, args.warmup)
+    best = (b, times, losses, torch.cuda.max_memory_allocated() if cuda else None,
+            torch.cuda.max_memory_reserved() if cuda else None)
     b, times, losses, peak_alloc, peak_reserved = best
     times.sort()
     med = times[len(times) // 2]
