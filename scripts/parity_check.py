@@ -14,6 +14,8 @@ sides, so no tokenization is involved):
    and its eval loss on batch `masked` must equal ours within 1e-4 relative.
 2. PEFT -> ours: PEFT trains an adapter from its default init (10 AdamW steps on `plain`),
    save_pretrained; our `parity eval` loads it and gives PEFT's eval loss on `masked`.
+   Also the fixture's adapter/ (qwen2: a rank/alpha pattern; mistral: rsLoRA) loaded and
+   written again by ours (`parity resave`): PEFT's logits with it equal those with the original.
 3. Merge: our `parity merge` writes base + adapter/ merged (Model::save(.., merge_lora = true));
    transformers loads it as a plain checkpoint and its logits on `plain` equal PEFT's
    (base + adapter) within 1e-4 relative.
@@ -60,6 +62,21 @@ def base_loss(model_dir, batch):
 def load_batch(path, name):
     t = mf.load_file(path)
     return {k: t[f"{name}.{k}"] for k in ("tokens", "targets", "positions", "segments")}
+
+
+def logits_row(name, model_dir, adapter_dir, want_fn, batches, rows):
+    """Logits on batch `plain` of model_dir (+ adapter_dir in PEFT) against want_fn's, and how far
+    the adapter moves them from the fixture's base model (must be visible)."""
+    pb = load_batch(batches, "plain")
+    with torch.no_grad():
+        m = mf.load_peft(model_dir, adapter_dir, trainable=False) if adapter_dir else mf.load_base(model_dir)
+        got, want = mf.logits_of(m, pb), want_fn(pb)
+        plain = mf.logits_of(mf.load_base(os.path.join(os.path.dirname(batches), "model")), pb)
+    err = ((got - want).norm() / want.norm()).item()
+    effect = ((plain - want).norm() / want.norm()).item()
+    ok = err <= TOL and effect > 1e-2
+    rows.append(dict(check=name, rel_err=err, tol=TOL, adapter_effect=effect, result="PASS" if ok else "FAIL"))
+    print(f"{'PASS' if ok else 'FAIL'} {name}: rel err {err:.2e} (adapter effect {effect:.2e})", flush=True)
 
 
 def find_adapter(root):
@@ -113,21 +130,20 @@ def check(args):
         ours = run([args.bin, "eval", "--model", model_dir, "--adapter", pdir, "--batches", batches,
                     "--batch", "masked"])["loss"]
         row(f"{arch}: adapter trained in PEFT, loaded by ours (eval loss)", ours, peft_loss(model_dir, pdir, ev), base)
+        # 1b. the fixture adapter (patterns, rsLoRA) written again by ours, logits in PEFT
+        rdir = os.path.join(work, arch, "resaved")
+        run([args.bin, "resave", "--model", model_dir, "--adapter", os.path.join(fx, arch, "adapter"),
+             "--batches", batches, "--out", rdir])
+        logits_row(f"{arch}: fixture adapter re-saved by ours, in PEFT vs the original (logits)", model_dir,
+                   rdir, lambda pb: mf.logits_of(mf.load_peft(model_dir, os.path.join(fx, arch, "adapter"),
+                                                              trainable=False), pb), batches, rows)
         # 3. merge
         mdir = os.path.join(work, arch, "merged")
         run([args.bin, "merge", "--model", model_dir, "--adapter", os.path.join(fx, arch, "adapter"),
              "--batches", batches, "--out", mdir])
-        pb = load_batch(batches, "plain")
-        with torch.no_grad():
-            merged = mf.logits_of(mf.load_base(mdir), pb)
-            want = mf.logits_of(mf.load_peft(model_dir, os.path.join(fx, arch, "adapter"), trainable=False), pb)
-            plain = mf.logits_of(mf.load_base(model_dir), pb)
-        err = ((merged - want).norm() / want.norm()).item()
-        effect = ((plain - want).norm() / want.norm()).item()
-        ok = err <= TOL and effect > 1e-2
-        rows.append(dict(check=f"{arch}: our merged checkpoint in transformers vs PEFT (logits)", rel_err=err,
-                         tol=TOL, adapter_effect=effect, result="PASS" if ok else "FAIL"))
-        print(f"{'PASS' if ok else 'FAIL'} {arch} merge: logits rel err {err:.2e} (adapter effect {effect:.2e})", flush=True)
+        logits_row(f"{arch}: our merged checkpoint in transformers vs PEFT (logits)", mdir, None,
+                   lambda pb: mf.logits_of(mf.load_peft(model_dir, os.path.join(fx, arch, "adapter"),
+                                                        trainable=False), pb), batches, rows)
 
     if args.cli:
         arch = "llama"

@@ -111,7 +111,10 @@ fn main() -> ExitCode {
             op,
             train,
         } => {
-            if op.as_deref().is_some_and(|o| o.iter().any(|n| n == "train")) {
+            if op
+                .as_deref()
+                .is_some_and(|o| o.iter().any(|n| n == "train"))
+            {
                 run_train_bench(device, json, op.unwrap_or_default(), train)
             } else {
                 run_bench(device, json, quick, op)
@@ -295,14 +298,19 @@ fn run_train_bench(
         o.configs = c;
     }
     if let Some(v) = t.variants {
-        o.variants = v.iter().map(|s| train::Variant::parse(s)).collect::<candle_core::Result<_>>()?;
+        o.variants = v
+            .iter()
+            .map(|s| train::Variant::parse(s))
+            .collect::<candle_core::Result<_>>()?;
     }
     if let Some(d) = t.dtype {
         o.dtype = match d.as_str() {
             "f32" => DType::F32,
             "bf16" => DType::BF16,
             "f16" => DType::F16,
-            other => anyhow::bail!("bench --op train: unknown --dtype {other:?}, expected f32, bf16 or f16"),
+            other => anyhow::bail!(
+                "bench --op train: unknown --dtype {other:?}, expected f32, bf16 or f16"
+            ),
         };
     }
     o.batch = t.batch.unwrap_or(o.batch);

@@ -16,16 +16,28 @@ mod parity_common;
 
 use candle_core::{DType, Device};
 use candle_fused_train::{clip_grad_norm, AdamW, AdamWConfig, LoraGrads, Model};
-use parity_common::{rel, Fixture, Report, ARCHS, BATCHES};
+use parity_common::{rel, sabotage, Fixture, Report, ARCHS, BATCHES};
 
 /// Logits, loss, gradients vs transformers + PEFT (f32).
 const TOL: f64 = 1e-4;
 /// AdamW parameters vs torch; the explicit backward vs the tape.
 const TOL_STEP: f64 = 1e-5;
 
-fn grads_vs(r: &mut Report, what: &str, fx: &Fixture, model: &Model, batch: &str, grads: &LoraGrads, tol: f64) {
+fn grads_vs(
+    r: &mut Report,
+    what: &str,
+    fx: &Fixture,
+    model: &Model,
+    batch: &str,
+    grads: &LoraGrads,
+    tol: f64,
+) {
     let keys: Vec<String> = model.lora_params().into_iter().map(|(k, _)| k).collect();
-    r.check_eq(&format!("{} {what}: gradient count", fx.name), grads.len(), keys.len());
+    r.check_eq(
+        &format!("{} {what}: gradient count", fx.name),
+        grads.len(),
+        keys.len(),
+    );
     let mut worst = (0.0f64, String::new());
     for k in &keys {
         let want = fx.expected(&format!("grads.{batch}.{k}"));
@@ -39,7 +51,11 @@ fn grads_vs(r: &mut Report, what: &str, fx: &Fixture, model: &Model, batch: &str
             }
         }
     }
-    r.check(&format!("{} {batch} {what} (worst: {})", fx.name, worst.1), worst.0, tol);
+    r.check(
+        &format!("{} {batch} {what} (worst: {})", fx.name, worst.1),
+        worst.0,
+        tol,
+    );
 }
 
 #[test]
@@ -54,14 +70,26 @@ fn logits_and_loss_match_transformers() {
             for (which, model) in [("base", &base), ("adapter", &adapted)] {
                 let want = fx.expected(&format!("logits.{b}.{which}"));
                 let got = model.forward(&batch).unwrap();
-                r.check(&format!("{arch} {b} {which}: logits"), rel(&got, &want), TOL);
+                r.check(
+                    &format!("{arch} {b} {which}: logits"),
+                    rel(&got, &want),
+                    TOL,
+                );
                 let loss_want = fx.loss(b, which);
                 let loss = model.loss(&batch).unwrap() as f64;
-                r.check(&format!("{arch} {b} {which}: loss"), ((loss - loss_want) / loss_want).abs(), TOL);
+                r.check(
+                    &format!("{arch} {b} {which}: loss"),
+                    ((loss - loss_want) / loss_want).abs(),
+                    TOL,
+                );
             }
             let (loss, _) = adapted.loss_and_grads(&batch).unwrap();
             let want = fx.loss(b, "adapter");
-            r.check(&format!("{arch} {b}: loss of loss_and_grads"), ((loss as f64 - want) / want).abs(), TOL);
+            r.check(
+                &format!("{arch} {b}: loss of loss_and_grads"),
+                ((loss as f64 - want) / want).abs(),
+                TOL,
+            );
         }
     }
     r.finish();
@@ -75,9 +103,22 @@ fn lora_gradients_match_peft_explicit_and_tape() {
         let model = fx.model(Some("adapter"));
         for b in BATCHES {
             let batch = fx.batch(b);
-            let (_, explicit) = model.loss_and_grads(&batch).unwrap();
+            let (_, mut explicit) = model.loss_and_grads(&batch).unwrap();
+            if sabotage("backward") {
+                let k = explicit.keys().next().unwrap().clone();
+                let g = (explicit.get(&k).unwrap() * (1.0 + 1e-4)).unwrap();
+                explicit.insert(k, g);
+            }
             let (_, tape) = model.loss_and_grads_tape(&batch).unwrap();
-            grads_vs(&mut r, "explicit backward vs PEFT", &fx, &model, b, &explicit, TOL);
+            grads_vs(
+                &mut r,
+                "explicit backward vs PEFT",
+                &fx,
+                &model,
+                b,
+                &explicit,
+                TOL,
+            );
             grads_vs(&mut r, "tape vs PEFT", &fx, &model, b, &tape, TOL);
             let mut worst = 0.0f64;
             for (k, g) in explicit.iter() {
@@ -86,7 +127,11 @@ fn lora_gradients_match_peft_explicit_and_tape() {
                     None => r.fail(format!("{arch} {b}: the tape has no gradient for {k}")),
                 }
             }
-            r.check(&format!("{arch} {b}: explicit backward vs tape"), worst, TOL_STEP);
+            r.check(
+                &format!("{arch} {b}: explicit backward vs tape"),
+                worst,
+                TOL_STEP,
+            );
         }
     }
     r.finish();
@@ -105,21 +150,36 @@ fn adamw_steps_match_torch() {
                 beta1: s["betas"][0].as_f64().unwrap(),
                 beta2: s["betas"][1].as_f64().unwrap(),
                 eps: s["eps"].as_f64().unwrap(),
-                weight_decay: s["weight_decay"].as_f64().unwrap(),
+                weight_decay: if sabotage("adamw") {
+                    0.0
+                } else {
+                    s["weight_decay"].as_f64().unwrap()
+                },
             };
             let lr = s["lr"].as_f64().unwrap();
-            let clip = s.get("max_grad_norm").and_then(|v| v.as_f64());
+            let clip = s
+                .get("max_grad_norm")
+                .and_then(|v| v.as_f64())
+                .filter(|_| !sabotage("clip"));
             let model = fx.model(Some("adapter"));
             let mut opt = AdamW::new(cfg).unwrap();
             for (k, name) in s["batches"].as_array().unwrap().iter().enumerate() {
                 let name = name.as_str().unwrap();
                 let (loss, mut grads) = model.loss_and_grads(&fx.batch(name)).unwrap();
                 let want_loss = s["losses"][k].as_f64().unwrap();
-                r.check(&format!("{arch} {run} step {}: loss", k + 1), ((loss as f64 - want_loss) / want_loss).abs(), TOL);
+                r.check(
+                    &format!("{arch} {run} step {}: loss", k + 1),
+                    ((loss as f64 - want_loss) / want_loss).abs(),
+                    TOL,
+                );
                 if let Some(c) = clip {
                     let norm = clip_grad_norm(&mut grads, c).unwrap();
                     let want = s["grad_norms_before_clip"][k].as_f64().unwrap();
-                    r.check(&format!("{arch} {run} step {}: grad norm before clipping", k + 1), ((norm - want) / want).abs(), TOL);
+                    r.check(
+                        &format!("{arch} {run} step {}: grad norm before clipping", k + 1),
+                        ((norm - want) / want).abs(),
+                        TOL,
+                    );
                 }
                 opt.step(&model.lora_vars(), &grads, lr).unwrap();
                 let mut worst = (0.0f64, String::new());
@@ -129,7 +189,15 @@ fn adamw_steps_match_torch() {
                         worst = (e, key);
                     }
                 }
-                r.check(&format!("{arch} {run} step {}: parameters (worst: {})", k + 1, worst.1), worst.0, TOL_STEP);
+                r.check(
+                    &format!(
+                        "{arch} {run} step {}: parameters (worst: {})",
+                        k + 1,
+                        worst.1
+                    ),
+                    worst.0,
+                    TOL_STEP,
+                );
             }
         }
     }
@@ -144,7 +212,10 @@ fn peft_trained_adapter_gives_the_same_eval_loss() {
         let fx = Fixture::load(arch);
         let t = &fx.info["adapter_trained"];
         let batch = fx.batch(t["eval_batch"].as_str().unwrap());
-        for (which, key) in [(None, "eval_loss_base"), (Some("adapter_trained"), "eval_loss_adapter")] {
+        for (which, key) in [
+            (None, "eval_loss_base"),
+            (Some("adapter_trained"), "eval_loss_adapter"),
+        ] {
             let want = t[key].as_f64().unwrap();
             let got = fx.model(which).loss(&batch).unwrap() as f64;
             r.check(&format!("{arch} {key}"), ((got - want) / want).abs(), TOL);
@@ -168,12 +239,26 @@ fn save_adapter_round_trip() {
         back.load_adapter(&dir).unwrap();
         let want: std::collections::BTreeMap<_, _> = model.lora_params().into_iter().collect();
         let got: std::collections::BTreeMap<_, _> = back.lora_params().into_iter().collect();
-        r.check_eq(&format!("{arch}: keys"), got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>());
-        let worst = want.iter().filter_map(|(k, v)| got.get(k).map(|g| rel(g, v))).fold(0.0, f64::max);
+        r.check_eq(
+            &format!("{arch}: {} keys", want.len()),
+            got.keys().collect::<Vec<_>>(),
+            want.keys().collect::<Vec<_>>(),
+        );
+        let worst = want
+            .iter()
+            .filter_map(|(k, v)| got.get(k).map(|g| rel(g, v)))
+            .fold(0.0, f64::max);
         r.check(&format!("{arch}: parameters"), worst, 0.0);
         let batch = fx.batch("plain");
-        let e = rel(&back.forward(&batch).unwrap(), &fx.expected("logits.plain.adapter"));
-        r.check(&format!("{arch}: logits after the round trip vs transformers"), e, TOL);
+        let e = rel(
+            &back.forward(&batch).unwrap(),
+            &fx.expected("logits.plain.adapter"),
+        );
+        r.check(
+            &format!("{arch}: logits after the round trip vs transformers"),
+            e,
+            TOL,
+        );
     }
     let _ = std::fs::remove_dir_all(&tmp);
     r.finish();
@@ -191,7 +276,10 @@ fn merged_checkpoint_gives_the_adapter_logits() {
         fx.model(Some("adapter")).save(&dir, true).unwrap();
         let merged = Model::load(&dir, DType::F32, &Device::Cpu).unwrap();
         for b in BATCHES {
-            let e = rel(&merged.forward(&fx.batch(b)).unwrap(), &fx.expected(&format!("logits.{b}.adapter")));
+            let e = rel(
+                &merged.forward(&fx.batch(b)).unwrap(),
+                &fx.expected(&format!("logits.{b}.adapter")),
+            );
             r.check(&format!("{arch} {b}: merged logits"), e, TOL);
         }
     }
@@ -200,7 +288,11 @@ fn merged_checkpoint_gives_the_adapter_logits() {
 }
 
 fn tempdir(tag: &str) -> std::path::PathBuf {
-    let p = std::env::temp_dir().join(format!("{tag}-{}-{:?}", std::process::id(), std::thread::current().id()));
+    let p = std::env::temp_dir().join(format!(
+        "{tag}-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
     let _ = std::fs::remove_dir_all(&p);
     std::fs::create_dir_all(&p).unwrap();
     p

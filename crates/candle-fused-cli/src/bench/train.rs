@@ -62,19 +62,81 @@ pub struct Shape {
 
 /// The configurations of `scripts/bench_train_torch.py` (keep in sync; the merge checks it).
 pub const SHAPES: &[Shape] = &[
-    Shape { name: "cpu-h256", arch: "llama", hidden: 256, layers: 4, heads: 4, kv_heads: 2, intermediate: 1024, vocab: 4096, tied: false, rope_theta: 10000.0 },
-    Shape { name: "cpu-h512", arch: "llama", hidden: 512, layers: 8, heads: 8, kv_heads: 4, intermediate: 2048, vocab: 8192, tied: false, rope_theta: 10000.0 },
-    Shape { name: "qwen2.5-0.5b", arch: "qwen2", hidden: 896, layers: 24, heads: 14, kv_heads: 2, intermediate: 4864, vocab: 151936, tied: true, rope_theta: 1000000.0 },
-    Shape { name: "llama-3.2-1b", arch: "llama", hidden: 2048, layers: 16, heads: 32, kv_heads: 8, intermediate: 8192, vocab: 128256, tied: true, rope_theta: 500000.0 },
-    Shape { name: "llama-3-8b", arch: "llama", hidden: 4096, layers: 32, heads: 32, kv_heads: 8, intermediate: 14336, vocab: 128256, tied: false, rope_theta: 500000.0 },
+    Shape {
+        name: "cpu-h256",
+        arch: "llama",
+        hidden: 256,
+        layers: 4,
+        heads: 4,
+        kv_heads: 2,
+        intermediate: 1024,
+        vocab: 4096,
+        tied: false,
+        rope_theta: 10000.0,
+    },
+    Shape {
+        name: "cpu-h512",
+        arch: "llama",
+        hidden: 512,
+        layers: 8,
+        heads: 8,
+        kv_heads: 4,
+        intermediate: 2048,
+        vocab: 8192,
+        tied: false,
+        rope_theta: 10000.0,
+    },
+    Shape {
+        name: "qwen2.5-0.5b",
+        arch: "qwen2",
+        hidden: 896,
+        layers: 24,
+        heads: 14,
+        kv_heads: 2,
+        intermediate: 4864,
+        vocab: 151936,
+        tied: true,
+        rope_theta: 1000000.0,
+    },
+    Shape {
+        name: "llama-3.2-1b",
+        arch: "llama",
+        hidden: 2048,
+        layers: 16,
+        heads: 32,
+        kv_heads: 8,
+        intermediate: 8192,
+        vocab: 128256,
+        tied: true,
+        rope_theta: 500000.0,
+    },
+    Shape {
+        name: "llama-3-8b",
+        arch: "llama",
+        hidden: 4096,
+        layers: 32,
+        heads: 32,
+        kv_heads: 8,
+        intermediate: 14336,
+        vocab: 128256,
+        tied: false,
+        rope_theta: 500000.0,
+    },
 ];
 
 impl Shape {
     fn by_name(name: &str) -> Result<Shape> {
-        SHAPES.iter().copied().find(|s| s.name == name).ok_or_else(|| {
-            let known: Vec<_> = SHAPES.iter().map(|s| s.name).collect();
-            candle_core::Error::Msg(format!("bench --op train: unknown config {name:?}, expected one of {}", known.join(", ")))
-        })
+        SHAPES
+            .iter()
+            .copied()
+            .find(|s| s.name == name)
+            .ok_or_else(|| {
+                let known: Vec<_> = SHAPES.iter().map(|s| s.name).collect();
+                candle_core::Error::Msg(format!(
+                    "bench --op train: unknown config {name:?}, expected one of {}",
+                    known.join(", ")
+                ))
+            })
     }
 
     /// A Hugging Face `config.json` of this shape (what `ModelConfig::from_json` reads).
@@ -105,10 +167,22 @@ impl Shape {
 
 /// The step's matmul FLOPs (see [`LEGEND`]).
 pub fn matmul_flops(s: &Shape, batch: usize, seq: usize, rank: usize) -> f64 {
-    let (m, h, hd) = ((batch * seq) as f64, s.hidden as f64, (s.hidden / s.heads) as f64);
-    let (q, kv, i, r) = (s.heads as f64 * hd, s.kv_heads as f64 * hd, s.intermediate as f64, rank as f64);
+    let (m, h, hd) = (
+        (batch * seq) as f64,
+        s.hidden as f64,
+        (s.hidden / s.heads) as f64,
+    );
+    let (q, kv, i, r) = (
+        s.heads as f64 * hd,
+        s.kv_heads as f64 * hd,
+        s.intermediate as f64,
+        rank as f64,
+    );
     let lins = [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)];
-    let mut layer: f64 = lins.iter().map(|&(k, n)| 4.0 * m * k * n + 6.0 * m * r * (k + n)).sum();
+    let mut layer: f64 = lins
+        .iter()
+        .map(|&(k, n)| 4.0 * m * k * n + 6.0 * m * r * (k + n))
+        .sum();
     layer += 12.0 * (batch * s.heads) as f64 * (seq * seq) as f64 * hd;
     s.layers as f64 * layer + 4.0 * m * h * s.vocab as f64
 }
@@ -127,7 +201,9 @@ impl Variant {
             "ours" | "explicit" => Ok(Variant::Explicit),
             "ours_ckpt" | "ckpt" => Ok(Variant::Checkpointed),
             "ours_tape" | "tape" => Ok(Variant::Tape),
-            o => candle_core::bail!("bench --op train: unknown variant {o:?}, expected ours, ours_ckpt or ours_tape"),
+            o => candle_core::bail!(
+                "bench --op train: unknown variant {o:?}, expected ours, ours_ckpt or ours_tape"
+            ),
         }
     }
     pub fn name(self) -> &'static str {
@@ -162,7 +238,11 @@ impl Options {
         Self {
             device: device.into(),
             dtype: if cuda { DType::BF16 } else { DType::F32 },
-            configs: SHAPES.iter().filter(|s| s.name.starts_with("cpu-") != cuda).map(|s| s.name.to_string()).collect(),
+            configs: SHAPES
+                .iter()
+                .filter(|s| s.name.starts_with("cpu-") != cuda)
+                .map(|s| s.name.to_string())
+                .collect(),
             variants: vec![Variant::Explicit, Variant::Checkpointed, Variant::Tape],
             batch: if cuda { 1 } else { 4 },
             seq: if cuda { 2048 } else { 256 },
@@ -175,10 +255,23 @@ impl Options {
 
     fn worker_args(&self, config: &str, v: Variant) -> Vec<String> {
         let mut a = vec![
-            "bench".into(), "--op".into(), "train".into(), "--device".into(), self.device.clone(),
-            "--dtype".into(), self.dtype.as_str().into(), "--batch".into(), self.batch.to_string(),
-            "--seq".into(), self.seq.to_string(), "--warmup".into(), self.warmup.to_string(),
-            "--iters".into(), self.iters.to_string(), "--seed".into(), self.seed.to_string(),
+            "bench".into(),
+            "--op".into(),
+            "train".into(),
+            "--device".into(),
+            self.device.clone(),
+            "--dtype".into(),
+            self.dtype.as_str().into(),
+            "--batch".into(),
+            self.batch.to_string(),
+            "--seq".into(),
+            self.seq.to_string(),
+            "--warmup".into(),
+            self.warmup.to_string(),
+            "--iters".into(),
+            self.iters.to_string(),
+            "--seed".into(),
+            self.seed.to_string(),
         ];
         a.push("--train-worker".into());
         a.push(format!("{config}:{}", v.name()));
@@ -199,7 +292,11 @@ fn rss_mb(field: &str) -> Option<f64> {
 
 /// TFLOP/s of Candle's matmul on the GEMM-rate shape, median of 20 after 5 warm-ups.
 fn gemm_rate(s: &Shape, m: usize, dtype: DType, dev: &Device) -> Result<(f64, [usize; 3])> {
-    let (m, k, n) = if dev.is_cuda() { (8192, 8192, 8192) } else { (m, s.hidden, s.intermediate) };
+    let (m, k, n) = if dev.is_cuda() {
+        (8192, 8192, 8192)
+    } else {
+        (m, s.hidden, s.intermediate)
+    };
     let a = Tensor::randn(0f32, 1.0, (m, k), dev)?.to_dtype(dtype)?;
     let b = Tensor::randn(0f32, 1.0, (k, n), dev)?.to_dtype(dtype)?;
     let mut t = vec![];
@@ -218,7 +315,9 @@ fn gemm_rate(s: &Shape, m: usize, dtype: DType, dev: &Device) -> Result<(f64, [u
 
 fn random_batch(s: &Shape, batch: usize, seq: usize, seed: u64, dev: &Device) -> Result<Batch> {
     let mut rng = SplitMix64::new(seed ^ 0x7261_696e);
-    let ids: Vec<u32> = (0..batch * (seq + 1)).map(|_| rng.below(s.vocab) as u32).collect();
+    let ids: Vec<u32> = (0..batch * (seq + 1))
+        .map(|_| rng.below(s.vocab) as u32)
+        .collect();
     let all = Tensor::from_vec(ids, (batch, seq + 1), dev)?;
     let tokens = all.narrow(1, 0, seq)?.contiguous()?;
     let targets = all.narrow(1, 1, seq)?.to_dtype(DType::I64)?.contiguous()?;
@@ -228,7 +327,9 @@ fn random_batch(s: &Shape, batch: usize, seq: usize, seed: u64, dev: &Device) ->
 /// One (config, variant) in this process: builds, times, prints `ROW {json}`.
 pub fn worker(o: &Options, spec: &str) -> Result<()> {
     let rss_start = rss_mb("VmRSS:");
-    let (config, variant) = spec.split_once(':').ok_or_else(|| candle_core::Error::Msg(format!("bad --train-worker {spec:?}")))?;
+    let (config, variant) = spec
+        .split_once(':')
+        .ok_or_else(|| candle_core::Error::Msg(format!("bad --train-worker {spec:?}")))?;
     let (s, v) = (Shape::by_name(config)?, Variant::parse(variant)?);
     let dev = super::device_from_name(&o.device)?;
     let cfg = ModelConfig::from_json(&s.hf_config(o.seq))?;
@@ -270,9 +371,16 @@ pub fn worker(o: &Options, spec: &str) -> Result<()> {
             step_s.push(dt);
             opt_s.push((t2 - t1).as_secs_f64());
         }
-        eprintln!("  {config} {} step {}/{}: {:.1} ms, loss {loss:.4}", v.name(), i + 1, o.warmup + o.iters, dt * 1e3);
+        eprintln!(
+            "  {config} {} step {}/{}: {:.1} ms, loss {loss:.4}",
+            v.name(),
+            i + 1,
+            o.warmup + o.iters,
+            dt * 1e3
+        );
     }
-    let heap_peak = crate::alloc::installed().then(|| crate::alloc::peak() as f64 / (1 << 20) as f64);
+    let heap_peak =
+        crate::alloc::installed().then(|| crate::alloc::peak() as f64 / (1 << 20) as f64);
     let dev_peak = pool.peak_mb()?;
     for _ in 0..3.min(o.iters) {
         dev.synchronize()?;
@@ -286,8 +394,14 @@ pub fn worker(o: &Options, spec: &str) -> Result<()> {
     let flops = matmul_flops(&s, o.batch, o.seq, RANK);
     let hwm = rss_mb("VmHWM:");
     let (peak, kind) = match dev_peak {
-        Some(p) => (Some(p), "CUDA memory pool high-water mark (CU_MEMPOOL_ATTR_USED_MEM_HIGH) over the timed steps"),
-        None => (hwm, "process RSS high-water mark (VmHWM), fresh process per row"),
+        Some(p) => (
+            Some(p),
+            "CUDA memory pool high-water mark (CU_MEMPOOL_ATTR_USED_MEM_HIGH) over the timed steps",
+        ),
+        None => (
+            hwm,
+            "process RSS high-water mark (VmHWM), fresh process per row",
+        ),
     };
     let row = json!({
         "op": "train", "impl": v.name(), "variant": v.name(), "config": config, "model": s.json(),
@@ -332,7 +446,8 @@ pub fn run(o: &Options) -> Result<Value> {
             let text = String::from_utf8_lossy(&out.stdout);
             match text.lines().rev().find_map(|l| l.strip_prefix("ROW ")) {
                 Some(r) if out.status.success() => {
-                    let r: Value = serde_json::from_str(r).map_err(|e| candle_core::Error::Msg(format!("worker row: {e}")))?;
+                    let r: Value = serde_json::from_str(r)
+                        .map_err(|e| candle_core::Error::Msg(format!("worker row: {e}")))?;
                     eprintln!(
                         "{c} / {}: {:.1} ms/step, {:.0} tokens/s, peak {:.0} MB, GEMM efficiency {:.1}%",
                         v.name(), r["median_step_ms"].as_f64().unwrap_or(0.0), r["tokens_per_s"].as_f64().unwrap_or(0.0),
@@ -343,11 +458,16 @@ pub fn run(o: &Options) -> Result<Value> {
                 _ => {
                     let why = format!("worker exited with {}", out.status);
                     eprintln!("{c} / {}: skipped: {why}", v.name());
-                    skipped.push(json!({ "op": "train", "config": c, "variant": v.name(), "error": why }));
+                    skipped.push(
+                        json!({ "op": "train", "config": c, "variant": v.name(), "error": why }),
+                    );
                 }
             }
             if let Some(p) = &o.json {
-                write_json(p, &json!({ "header": header(rows.len()), "rows": rows, "skipped": skipped }))?;
+                write_json(
+                    p,
+                    &json!({ "header": header(rows.len()), "rows": rows, "skipped": skipped }),
+                )?;
             }
         }
     }
@@ -364,17 +484,28 @@ pub fn write_json(path: &std::path::Path, v: &Value) -> Result<()> {
 
 /// A text table of the rows.
 pub fn render(report: &Value) -> String {
-    let mut s = format!("{:<14} {:<10} {:>5} {:>9} {:>9} {:>8} {:>9} {:>8}\n", "config", "impl", "batch", "ms/step", "tokens/s", "peak MB", "heap MB", "GEMM eff");
+    let mut s = format!(
+        "{:<14} {:<10} {:>5} {:>9} {:>9} {:>8} {:>9} {:>8}\n",
+        "config", "impl", "batch", "ms/step", "tokens/s", "peak MB", "heap MB", "GEMM eff"
+    );
     for r in report["rows"].as_array().into_iter().flatten() {
         s += &format!(
             "{:<14} {:<10} {:>5} {:>9.1} {:>9.0} {:>8.0} {:>9.0} {:>7.1}%\n",
-            r["config"].as_str().unwrap_or(""), r["impl"].as_str().unwrap_or(""), r["batch"], r["median_step_ms"].as_f64().unwrap_or(0.0),
-            r["tokens_per_s"].as_f64().unwrap_or(0.0), r["peak_mem_mb"].as_f64().unwrap_or(0.0), r["heap_peak_mb"].as_f64().unwrap_or(0.0),
+            r["config"].as_str().unwrap_or(""),
+            r["impl"].as_str().unwrap_or(""),
+            r["batch"],
+            r["median_step_ms"].as_f64().unwrap_or(0.0),
+            r["tokens_per_s"].as_f64().unwrap_or(0.0),
+            r["peak_mem_mb"].as_f64().unwrap_or(0.0),
+            r["heap_peak_mb"].as_f64().unwrap_or(0.0),
             100.0 * r["gemm_efficiency"].as_f64().unwrap_or(0.0)
         );
     }
     for k in report["skipped"].as_array().into_iter().flatten() {
-        s += &format!("skipped: {} {}: {}\n", k["config"], k["variant"], k["error"]);
+        s += &format!(
+            "skipped: {} {}: {}\n",
+            k["config"], k["variant"], k["error"]
+        );
     }
     s
 }
@@ -405,9 +536,12 @@ mod mem {
     impl Pool {
         pub fn new(dev: &Device) -> Result<Self> {
             use candle_core::cuda_backend::cudarc::driver::sys;
-            let Device::Cuda(_) = dev else { return Ok(Self { pool: None }) };
+            let Device::Cuda(_) = dev else {
+                return Ok(Self { pool: None });
+            };
             let ctx = dev.as_cuda_device()?.cuda_stream().context().clone();
-            ctx.bind_to_thread().map_err(|e| candle_core::Error::Msg(format!("{e:?}")))?;
+            ctx.bind_to_thread()
+                .map_err(|e| candle_core::Error::Msg(format!("{e:?}")))?;
             let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
             // SAFETY: a driver query on the context's device with a valid out-pointer.
             let r = unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) };
@@ -416,13 +550,25 @@ mod mem {
             }
             Ok(Self { pool: Some(pool) })
         }
-        fn attr(&self, a: candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute, set: Option<u64>) -> Result<Option<u64>> {
+        fn attr(
+            &self,
+            a: candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute,
+            set: Option<u64>,
+        ) -> Result<Option<u64>> {
             use candle_core::cuda_backend::cudarc::driver::sys;
-            let Some(pool) = self.pool else { return Ok(None) };
+            let Some(pool) = self.pool else {
+                return Ok(None);
+            };
             let mut v: u64 = set.unwrap_or(0);
             let p = &mut v as *mut u64 as *mut std::ffi::c_void;
             // SAFETY: the pool is the device's default pool; `p` points to a u64 as the attribute needs.
-            let r = unsafe { if set.is_some() { sys::cuMemPoolSetAttribute(pool, a, p) } else { sys::cuMemPoolGetAttribute(pool, a, p) } };
+            let r = unsafe {
+                if set.is_some() {
+                    sys::cuMemPoolSetAttribute(pool, a, p)
+                } else {
+                    sys::cuMemPoolGetAttribute(pool, a, p)
+                }
+            };
             if r != sys::CUresult::CUDA_SUCCESS {
                 candle_core::bail!("cuMemPool attribute {a:?}: {r:?}")
             }
@@ -430,11 +576,14 @@ mod mem {
         }
         pub fn reset_peak(&self) -> Result<()> {
             use candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
-            self.attr(CU_MEMPOOL_ATTR_USED_MEM_HIGH, Some(0)).map(|_| ())
+            self.attr(CU_MEMPOOL_ATTR_USED_MEM_HIGH, Some(0))
+                .map(|_| ())
         }
         pub fn peak_mb(&self) -> Result<Option<f64>> {
             use candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
-            Ok(self.attr(CU_MEMPOOL_ATTR_USED_MEM_HIGH, None)?.map(|b| b as f64 / (1 << 20) as f64))
+            Ok(self
+                .attr(CU_MEMPOOL_ATTR_USED_MEM_HIGH, None)?
+                .map(|b| b as f64 / (1 << 20) as f64))
         }
     }
 }

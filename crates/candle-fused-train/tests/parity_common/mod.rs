@@ -14,6 +14,17 @@ use serde_json::Value;
 pub const ARCHS: [&str; 3] = ["llama", "qwen2", "mistral"];
 pub const BATCHES: [&str; 3] = ["plain", "masked", "packed"];
 
+/// Deliberate failures for scratch runs: `CANDLE_FUSED_PARITY_SABOTAGE=what[,what..]` breaks
+/// one input so that the checks guarding it must fail (what the tests print then shows each
+/// check can fail): `adapter` (the `adapter_trained/` weights where `adapter/` is expected),
+/// `packing` (the packed batch without positions and segments), `targets` (one target id
+/// changed), `adamw` (weight decay off), `clip` (no gradient clipping), `backward` (one
+/// gradient of the explicit backward scaled by 1 + 1e-4), `generate` (one token fewer).
+/// Unset in CI.
+pub fn sabotage(what: &str) -> bool {
+    std::env::var("CANDLE_FUSED_PARITY_SABOTAGE").is_ok_and(|v| v.split(',').any(|w| w == what))
+}
+
 pub fn fixtures_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
@@ -28,7 +39,8 @@ pub struct Fixture {
 }
 
 fn read_json(p: &Path) -> Value {
-    let text = std::fs::read_to_string(p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()));
+    let text =
+        std::fs::read_to_string(p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("parsing {}: {e}", p.display()))
 }
 
@@ -37,7 +49,8 @@ impl Fixture {
         let dir = fixtures_dir().join(name);
         let st = |f: &str| {
             let p = dir.join(f);
-            candle_core::safetensors::load(&p, &Device::Cpu).unwrap_or_else(|e| panic!("loading {}: {e}", p.display()))
+            candle_core::safetensors::load(&p, &Device::Cpu)
+                .unwrap_or_else(|e| panic!("loading {}: {e}", p.display()))
         };
         Self {
             name,
@@ -53,6 +66,11 @@ impl Fixture {
         let mut m = Model::load(&self.dir.join("model"), DType::F32, &Device::Cpu)
             .unwrap_or_else(|e| panic!("{}: Model::load: {e}", self.name));
         if let Some(a) = adapter {
+            let a = if a == "adapter" && sabotage("adapter") {
+                "adapter_trained"
+            } else {
+                a
+            };
             m.load_adapter(&self.dir.join(a))
                 .unwrap_or_else(|e| panic!("{}: load_adapter({a}): {e}", self.name));
         }
@@ -69,10 +87,19 @@ impl Fixture {
     /// Batch `name` (`plain`, `masked`, `packed`, `eval`). Unpacked batches get no positions
     /// or segments (the model's defaults); the packed one both.
     pub fn batch(&self, name: &str) -> Batch {
-        let tokens = self.batch_tensor(&format!("{name}.tokens")).to_dtype(DType::U32).unwrap();
-        let targets = self.batch_tensor(&format!("{name}.targets"));
+        let tokens = self
+            .batch_tensor(&format!("{name}.tokens"))
+            .to_dtype(DType::U32)
+            .unwrap();
+        let mut targets = self.batch_tensor(&format!("{name}.targets"));
+        if sabotage("targets") {
+            let mut t: Vec<Vec<i64>> = targets.to_vec2().unwrap();
+            let j = t[0].iter().position(|&x| x != -100).unwrap();
+            t[0][j] = (t[0][j] - 3) % 250 + 5; // another ordinary token
+            targets = Tensor::new(t, &Device::Cpu).unwrap();
+        }
         let mut b = Batch::new(tokens, targets);
-        if name == "packed" {
+        if name == "packed" && !sabotage("packing") {
             b.positions = Some(self.batch_tensor(&format!("{name}.positions")));
             b.segments = Some(self.batch_tensor(&format!("{name}.segments")));
         }
@@ -99,10 +126,30 @@ pub fn rel(a: &Tensor, b: &Tensor) -> f64 {
     if a.dims() != b.dims() {
         return f64::INFINITY;
     }
-    let f = |t: &Tensor| t.to_device(&Device::Cpu).unwrap().to_dtype(DType::F64).unwrap();
+    let f = |t: &Tensor| {
+        t.to_device(&Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+    };
     let (a, b) = (f(a), f(b));
-    let num = (&a - &b).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap().sqrt();
-    let den = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap().sqrt();
+    let num = (&a - &b)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+        .sqrt();
+    let den = b
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+        .sqrt();
     if den == 0.0 {
         if num == 0.0 {
             0.0
@@ -123,13 +170,20 @@ pub struct Report {
 
 impl Report {
     pub fn new(title: &str) -> Self {
-        Self { title: title.into(), lines: vec![], fails: vec![] }
+        Self {
+            title: title.into(),
+            lines: vec![],
+            fails: vec![],
+        }
     }
 
     /// `err <= tol` (NaN fails).
     pub fn check(&mut self, what: &str, err: f64, tol: f64) {
         let ok = err <= tol;
-        let line = format!("{:<4} {what}: {err:.3e} (tol {tol:.0e})", if ok { "PASS" } else { "FAIL" });
+        let line = format!(
+            "{:<4} {what}: {err:.3e} (tol {tol:.0e})",
+            if ok { "PASS" } else { "FAIL" }
+        );
         if !ok {
             self.fails.push(line.clone());
         }
@@ -138,7 +192,12 @@ impl Report {
 
     pub fn check_eq<T: PartialEq + std::fmt::Debug>(&mut self, what: &str, got: T, want: T) {
         if got == want {
-            self.lines.push(format!("PASS {what}: {got:?}"));
+            let v = format!("{got:?}");
+            self.lines.push(if v.len() <= 80 {
+                format!("PASS {what}: {v}")
+            } else {
+                format!("PASS {what}")
+            });
         } else {
             self.fail(format!("{what}: got {got:?}, expected {want:?}"));
         }
@@ -153,6 +212,13 @@ impl Report {
     pub fn finish(self) {
         println!("{}:\n  {}", self.title, self.lines.join("\n  "));
         assert!(!self.lines.is_empty(), "{}: no check ran", self.title);
-        assert!(self.fails.is_empty(), "{}: {} of {} checks failed:\n  {}", self.title, self.fails.len(), self.lines.len(), self.fails.join("\n  "));
+        assert!(
+            self.fails.is_empty(),
+            "{}: {} of {} checks failed:\n  {}",
+            self.title,
+            self.fails.len(),
+            self.lines.len(),
+            self.fails.join("\n  ")
+        );
     }
 }
