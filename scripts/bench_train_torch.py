@@ -38,6 +38,9 @@ matmul FLOPs (the same formula as the Rust bench), with M = B*T tokens, per line
   attention:    QK^T and PV: forward 4*B*H*T^2*hd, backward 8*B*H*T^2*hd (full T x T)
   LM head:      forward 2*M*hidden*V, backward dX 2*M*hidden*V (frozen)
 On CUDA this over the step time and the measured bf16 rate is the MFU figure of issue 12.
+gemm_ms (the profile, --profile, default on the CPU): every GEMM shape of the step timed alone
+(torch.matmul on contiguous operands, median of 5) times its count, summed: what the matmuls
+alone would take; step - gemm_ms is everything else.
 """
 
 import argparse
@@ -80,6 +83,56 @@ def matmul_flops(c, batch, seq, rank=RANK):
     per_layer = sum(4 * m * k * n + 6 * m * rank * (k + n) for k, n in lins)
     per_layer += 12 * batch * c["heads"] * seq * seq * hd
     return c["layers"] * per_layer + 4 * m * h * c["vocab"]
+
+
+def gemms(c, batch, seq, rank=RANK):
+    """Every matmul of the step as contiguous GEMM shapes (batch, m, k, n, count, what), identical
+    shapes merged; the same list as the Rust bench (crates/candle-fused-cli/src/bench/train/shapes.rs)."""
+    m, h, hd, r, l = batch * seq, c["hidden"], c["hidden"] // c["heads"], rank, c["layers"]
+    q, kv, i = c["heads"] * hd, c["kv_heads"] * hd, c["intermediate"]
+    out = {}
+
+    def add(what, b, mm, k, n, count):
+        g = out.setdefault((b, mm, k, n), dict(what=[], batch=b, m=mm, k=k, n=n, count=0))
+        g["count"] += count
+        if what not in g["what"]:
+            g["what"].append(what)
+
+    for k, n in [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]:
+        for what, dims in [("x·Wᵀ", (m, k, n)), ("dY·W", (m, n, k)), ("x·Aᵀ", (m, k, r)), ("h·Bᵀ", (m, r, n)),
+                           ("dY·B", (m, n, r)), ("dYᵀ·h", (n, m, r)), ("dHᵀ·x", (r, m, k)), ("dH·A", (m, r, k))]:
+            add(what, 1, *dims, l)
+    bh = batch * c["heads"]
+    for what, dims in [("Q·Kᵀ", (seq, hd, seq)), ("P·V", (seq, seq, hd)), ("dO·Vᵀ", (seq, hd, seq)),
+                       ("Pᵀ·dO", (seq, seq, hd)), ("dS·K", (seq, seq, hd)), ("dSᵀ·Q", (seq, seq, hd))]:
+        add(what, bh, *dims, l)
+    add("LM head x·Wᵀ", 1, m, h, c["vocab"], 1)
+    add("LM head dY·W", 1, m, c["vocab"], h, 1)
+    for g in out.values():
+        g["what"] = ", ".join(g["what"])
+    return list(out.values())
+
+
+def gemm_profile(torch, c, batch, seq, dtype, device, sync):
+    """Each GEMM shape of the step timed alone (torch.matmul, median of 5 after 2): the total ms
+    of the step's matmuls at these speeds, and the per-shape rows."""
+    total, rows = 0.0, []
+    for g in gemms(c, batch, seq):
+        shape = (lambda a, b: (a, b)) if g["batch"] == 1 else (lambda a, b: (g["batch"], a, b))
+        a = torch.randn(shape(g["m"], g["k"]), device=device, dtype=dtype)
+        b = torch.randn(shape(g["k"], g["n"]), device=device, dtype=dtype)
+        t = []
+        for i in range(7):
+            sync()
+            t0 = time.perf_counter()
+            torch.matmul(a, b)
+            sync()
+            if i >= 2:
+                t.append(time.perf_counter() - t0)
+        sec = sorted(t)[len(t) // 2]
+        total += sec * g["count"]
+        rows.append(dict(g, ms_each=sec * 1e3, tflops=2 * g["batch"] * g["m"] * g["k"] * g["n"] / sec / 1e12))
+    return total * 1e3, rows
 
 
 def git_commit():
@@ -255,6 +308,8 @@ def worker(args):
     med = times[len(times) // 2]
     rate, gemm_shape = gemm_rate(torch, c, b, args.seq, dtype, device, sync)
     flops = matmul_flops(c, b, args.seq)
+    assert abs(sum(2 * g["batch"] * g["m"] * g["k"] * g["n"] * g["count"] for g in gemms(c, b, args.seq)) - flops) < 1e-6 * flops
+    gemm_ms, gemm_shapes = gemm_profile(torch, c, b, args.seq, dtype, device, sync) if args.profile else (None, None)
     row = dict(
         op="train", impl=f"torch_peft_{args.variant}" if args.variant != "eager" else "torch_peft",
         variant=args.variant, config=args.config, model=c, batch=b, seq=args.seq, dtype=args.dtype,
@@ -262,6 +317,7 @@ def worker(args):
         warmup=args.warmup, iters=args.iters, step_ms=[t * 1e3 for t in times], median_step_ms=med * 1e3,
         tokens_per_s=b * args.seq / med, losses=losses, matmul_flops=flops, tflops=flops / med / 1e12,
         gemm_rate_tflops=rate, gemm_shape=gemm_shape, gemm_efficiency=flops / med / 1e12 / rate,
+        gemm_ms=gemm_ms, gemm_shapes=gemm_shapes,
         rss_after_imports_mb=rss_libs, rss_after_model_mb=rss_model,
         wall_s=time.perf_counter() - t_start,
     )
@@ -291,6 +347,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--profile", type=int, default=None, help="1: time each GEMM shape of the step alone "
+                    "(gemm_ms; default on for the CPU)")
     ap.add_argument("--json", help="write {header, rows, skipped} here")
     ap.add_argument("--worker", nargs=2, metavar=("CONFIG", "VARIANT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -299,6 +357,7 @@ def main():
     args.seq = args.seq or (2048 if cuda else 256)
     args.batch = args.batch or ("auto" if cuda else "4")
     args.threads = args.threads or os.cpu_count()
+    args.profile = (0 if cuda else 1) if args.profile is None else args.profile
     if args.worker:
         args.config, args.variant = args.worker
         return worker(args)
@@ -315,7 +374,7 @@ def main():
         tool="scripts/bench_train_torch.py",
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         device=args.device,
-        device_name=torch.cuda.get_device_name() if cuda else (platform.processor() or platform.machine()),
+        device_name=torch.cuda.get_device_name() if cuda else (platform.processor() or platform.machine()),  # CPU: below
         cpu_count=os.cpu_count(), threads=args.threads, git_commit=git_commit(),
         torch_version=torch.__version__, transformers_version=transformers.__version__,
         peft_version=peft.__version__, python=platform.python_version(),
@@ -325,8 +384,8 @@ def main():
     try:
         with open("/proc/cpuinfo") as f:
             names = [l.split(":", 1)[1].strip() for l in f if l.startswith("model name")]
-        if names and not cuda:
-            header["device_name"] = names[0]
+        if names and not cuda:  # the same form as the Rust bench's device name
+            header["device_name"] = f"{names[0]} ({args.threads} threads)"
     except OSError:
         pass
     rows, skipped = [], []
@@ -335,7 +394,7 @@ def main():
             cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, v, "--device", args.device,
                    "--dtype", args.dtype, "--seq", str(args.seq), "--batch", str(args.batch),
                    "--threads", str(args.threads), "--warmup", str(args.warmup), "--iters", str(args.iters),
-                   "--seed", str(args.seed)]
+                   "--seed", str(args.seed), "--profile", str(args.profile)]
             progress(f"{name} / {v}: fresh process")
             p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
             got = [l[4:] for l in p.stdout.splitlines() if l.startswith("ROW ")]

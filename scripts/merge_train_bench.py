@@ -74,13 +74,20 @@ def markdown(runs, groups, skipped):
     if len({h.get("device_name") for h in runs}) > 1:
         out.append("\n**Warning: the runs are on different devices.**")
     out.append("\n### Training step (LoRA r 16 all-linear, AdamW)\n")
-    out.append("| config | dtype | batch × seq | impl | ms/step | tokens/s | peak MB | GEMM eff | run |")
-    out.append("|---|---|---|---|---:|---:|---:|---:|---:|")
+    out.append("| config | dtype | batch × seq | impl | ms/step | tokens/s | peak MB | GEMM eff | GEMMs alone ms | rest ms | run |")
+    out.append("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for (cfg, dt, dev, seq), g in groups.items():
         for impl in sorted(g, key=rank):
             r = g[impl]
+            gm = r.get("gemm_ms")
+            gcell = f"{gm:,.1f} | {r['median_step_ms'] - gm:,.1f}" if gm else "- | -"
             out.append(f"| {cfg} | {dt} | {r['batch']} × {seq} | {impl} | {r['median_step_ms']:,.1f} | "
-                       f"{r['tokens_per_s']:,.0f} | {r['peak_mem_mb']:,.0f} | {100 * r['gemm_efficiency']:.1f}% | {r['run']} |")
+                       f"{r['tokens_per_s']:,.0f} | {r['peak_mem_mb']:,.0f} | {100 * r['gemm_efficiency']:.1f}% | "
+                       f"{gcell} | {r['run']} |")
+    out.append("\nGEMM eff = the step's matmul FLOPs / step time / the GEMM rate its side measured in the same "
+               "process. GEMMs alone = every GEMM shape of the step timed alone on that side's matmul, times its "
+               "count (the matmuls' share of the step); rest = step − that (softmax, norms, RoPE, elementwise, "
+               "copies, allocation, optimizer).")
     out.append("\n### Ratios against the targets\n")
     out.append("| config | ours/tape tokens/s (≥ 2) | ours/torch_peft tokens/s | ours GEMM eff (≥ 80%) | "
                "ours/torch_peft peak mem | ours/best torch tokens/s (≥ 1) |")
@@ -106,6 +113,24 @@ def markdown(runs, groups, skipped):
         cells.append(f"{o['tokens_per_s'] / best['tokens_per_s']:.2f}{mark(o['tokens_per_s'] >= best['tokens_per_s'])} "
                      f"({best['impl']})" if best else "-")
         out.append("| " + " | ".join(cells) + " |")
+    prof = []
+    for (cfg, dt, dev, seq), g in groups.items():
+        o, p = g.get("ours"), g.get("torch_peft")
+        if o and p and o.get("gemm_shapes") and p.get("gemm_shapes"):
+            ps = {(x["batch"], x["m"], x["k"], x["n"]): x for x in p["gemm_shapes"]}
+            prof.append(f"\n**{cfg}**: the step's GEMMs alone: Candle {o['gemm_ms']:,.1f} ms, PyTorch "
+                        f"{p['gemm_ms']:,.1f} ms (Candle / PyTorch = {o['gemm_ms'] / p['gemm_ms']:.2f}); GEMM rate "
+                        f"{1e3 * o['gemm_rate_tflops']:.0f} vs {1e3 * p['gemm_rate_tflops']:.0f} GFLOP/s.\n")
+            prof.append("| GEMM | [b×] m × k × n | count | Candle ms each | PyTorch ms each | Candle/PyTorch |")
+            prof.append("|---|---|---:|---:|---:|---:|")
+            for x in sorted(o["gemm_shapes"], key=lambda x: -x["ms_each"] * x["count"]):
+                y = ps.get((x["batch"], x["m"], x["k"], x["n"]))
+                b = f"{x['batch']}× " if x["batch"] > 1 else ""
+                prof.append(f"| {x['what']} | {b}{x['m']} × {x['k']} × {x['n']} | {x['count']} | {x['ms_each']:.3f} | "
+                            + (f"{y['ms_each']:.3f} | {x['ms_each'] / y['ms_each']:.2f}" if y else "- | -") + " |")
+    if prof:
+        out.append("\n### Profile: the step's GEMM shapes, each timed alone\n")
+        out += prof
     mem = {}
     for g in groups.values():
         for r in g.values():

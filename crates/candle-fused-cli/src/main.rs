@@ -95,6 +95,9 @@ struct TrainArgs {
     iters: Option<usize>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Also time each GEMM shape of the step alone (default: on for the CPU).
+    #[arg(long)]
+    profile: Option<bool>,
     /// Internal: run one CONFIG:VARIANT in this process and print its row.
     #[arg(long, hide = true)]
     train_worker: Option<String>,
@@ -318,6 +321,7 @@ fn run_train_bench(
     o.warmup = t.warmup.unwrap_or(o.warmup);
     o.iters = t.iters.unwrap_or(o.iters).max(1);
     o.seed = t.seed;
+    o.profile = t.profile.unwrap_or(o.profile);
     o.json = json.clone();
     if let Some(spec) = t.train_worker {
         train::worker(&o, &spec)?;

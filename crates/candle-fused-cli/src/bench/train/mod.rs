@@ -16,6 +16,12 @@ use serde_json::{json, Value};
 
 use super::report;
 
+mod mem;
+mod profile;
+pub mod shapes;
+
+pub use shapes::{matmul_flops, Shape, SHAPES};
+
 /// LoRA rank, alpha and the AdamW learning rate of the step (as in the PyTorch script).
 pub const RANK: usize = 16;
 pub const ALPHA: f64 = 32.0;
@@ -37,155 +43,17 @@ state and the step's buffers). CUDA: the high-water mark of the memory pool Cand
 from (CU_MEMPOOL_ATTR_USED_MEM_HIGH), reset before the timed steps.
 Timing: warm-up steps, then the median of the timed steps (wall clock, device synchronised). \
 tokens/s = B*T / median step time. fwd_ms: the forward and the loss alone (Model::loss), \
-opt_ms: AdamW.step alone, medians.
+opt_ms: AdamW.step alone, medians. \
+gemm_ms (the profile): every GEMM shape of the step timed alone with Candle's matmul \
+(contiguous operands, median of 5), times its count, summed: what the matmuls alone would take; \
+the rest of the step (step - gemm_ms) is everything else (attention softmax, norms, RoPE, \
+elementwise, copies, allocation, the optimizer).
 GEMM efficiency: the step's matmul FLOPs / median step time, as a fraction of the GEMM rate \
 measured in the same process (Candle's matmul, CPU: [B*T, hidden] x [hidden, intermediate]; \
 CUDA: [8192, 8192] x [8192, 8192] in --dtype). Matmul FLOPs (M = B*T, per linear K -> N): base \
 forward 2MKN + backward dX 2MKN (no dW); LoRA 6Mr(K+N); attention QK^T and PV: forward \
 4*B*H*T^2*hd + backward 8*B*H*T^2*hd; LM head 4*M*hidden*V. The tape's extra dW GEMMs of the \
 frozen weights are not counted (they are the waste the explicit backward removes).";
-
-/// A model configuration of the bench.
-#[derive(Debug, Clone, Copy)]
-pub struct Shape {
-    pub name: &'static str,
-    pub arch: &'static str,
-    pub hidden: usize,
-    pub layers: usize,
-    pub heads: usize,
-    pub kv_heads: usize,
-    pub intermediate: usize,
-    pub vocab: usize,
-    pub tied: bool,
-    pub rope_theta: f64,
-}
-
-/// The configurations of `scripts/bench_train_torch.py` (keep in sync; the merge checks it).
-pub const SHAPES: &[Shape] = &[
-    Shape {
-        name: "cpu-h256",
-        arch: "llama",
-        hidden: 256,
-        layers: 4,
-        heads: 4,
-        kv_heads: 2,
-        intermediate: 1024,
-        vocab: 4096,
-        tied: false,
-        rope_theta: 10000.0,
-    },
-    Shape {
-        name: "cpu-h512",
-        arch: "llama",
-        hidden: 512,
-        layers: 8,
-        heads: 8,
-        kv_heads: 4,
-        intermediate: 2048,
-        vocab: 8192,
-        tied: false,
-        rope_theta: 10000.0,
-    },
-    Shape {
-        name: "qwen2.5-0.5b",
-        arch: "qwen2",
-        hidden: 896,
-        layers: 24,
-        heads: 14,
-        kv_heads: 2,
-        intermediate: 4864,
-        vocab: 151936,
-        tied: true,
-        rope_theta: 1000000.0,
-    },
-    Shape {
-        name: "llama-3.2-1b",
-        arch: "llama",
-        hidden: 2048,
-        layers: 16,
-        heads: 32,
-        kv_heads: 8,
-        intermediate: 8192,
-        vocab: 128256,
-        tied: true,
-        rope_theta: 500000.0,
-    },
-    Shape {
-        name: "llama-3-8b",
-        arch: "llama",
-        hidden: 4096,
-        layers: 32,
-        heads: 32,
-        kv_heads: 8,
-        intermediate: 14336,
-        vocab: 128256,
-        tied: false,
-        rope_theta: 500000.0,
-    },
-];
-
-impl Shape {
-    fn by_name(name: &str) -> Result<Shape> {
-        SHAPES
-            .iter()
-            .copied()
-            .find(|s| s.name == name)
-            .ok_or_else(|| {
-                let known: Vec<_> = SHAPES.iter().map(|s| s.name).collect();
-                candle_core::Error::Msg(format!(
-                    "bench --op train: unknown config {name:?}, expected one of {}",
-                    known.join(", ")
-                ))
-            })
-    }
-
-    /// A Hugging Face `config.json` of this shape (what `ModelConfig::from_json` reads).
-    fn hf_config(&self, seq: usize) -> String {
-        let (arch, ty) = match self.arch {
-            "qwen2" => ("Qwen2ForCausalLM", "qwen2"),
-            _ => ("LlamaForCausalLM", "llama"),
-        };
-        let mut v = json!({
-            "architectures": [arch], "model_type": ty, "hidden_size": self.hidden,
-            "intermediate_size": self.intermediate, "num_hidden_layers": self.layers,
-            "num_attention_heads": self.heads, "num_key_value_heads": self.kv_heads,
-            "vocab_size": self.vocab, "max_position_embeddings": seq.max(4096), "rms_norm_eps": 1e-5,
-            "rope_theta": self.rope_theta, "rope_scaling": null, "tie_word_embeddings": self.tied,
-            "hidden_act": "silu", "torch_dtype": "float32",
-        });
-        if self.arch == "qwen2" {
-            v["use_sliding_window"] = json!(false);
-        }
-        v.to_string()
-    }
-
-    fn json(&self) -> Value {
-        json!({ "arch": self.arch, "hidden": self.hidden, "layers": self.layers, "heads": self.heads,
-                "kv_heads": self.kv_heads, "intermediate": self.intermediate, "vocab": self.vocab, "tied": self.tied })
-    }
-}
-
-/// The step's matmul FLOPs (see [`LEGEND`]).
-pub fn matmul_flops(s: &Shape, batch: usize, seq: usize, rank: usize) -> f64 {
-    let (m, h, hd) = (
-        (batch * seq) as f64,
-        s.hidden as f64,
-        (s.hidden / s.heads) as f64,
-    );
-    let (q, kv, i, r) = (
-        s.heads as f64 * hd,
-        s.kv_heads as f64 * hd,
-        s.intermediate as f64,
-        rank as f64,
-    );
-    let lins = [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)];
-    let mut layer: f64 = lins
-        .iter()
-        .map(|&(k, n)| 4.0 * m * k * n + 6.0 * m * r * (k + n))
-        .sum();
-    layer += 12.0 * (batch * s.heads) as f64 * (seq * seq) as f64 * hd;
-    s.layers as f64 * layer + 4.0 * m * h * s.vocab as f64
-}
 
 /// A variant of ours.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -227,6 +95,8 @@ pub struct Options {
     pub warmup: usize,
     pub iters: usize,
     pub seed: u64,
+    /// Also time each GEMM shape of the step alone (the `gemm_ms` profile).
+    pub profile: bool,
     pub json: Option<PathBuf>,
 }
 
@@ -249,6 +119,7 @@ impl Options {
             warmup: 3,
             iters: 10,
             seed: 0,
+            profile: !cuda,
             json: None,
         }
     }
@@ -288,29 +159,6 @@ fn rss_mb(field: &str) -> Option<f64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
     let l = s.lines().find(|l| l.starts_with(field))?;
     Some(l.split_whitespace().nth(1)?.parse::<f64>().ok()? / 1024.0)
-}
-
-/// TFLOP/s of Candle's matmul on the GEMM-rate shape, median of 20 after 5 warm-ups.
-fn gemm_rate(s: &Shape, m: usize, dtype: DType, dev: &Device) -> Result<(f64, [usize; 3])> {
-    let (m, k, n) = if dev.is_cuda() {
-        (8192, 8192, 8192)
-    } else {
-        (m, s.hidden, s.intermediate)
-    };
-    let a = Tensor::randn(0f32, 1.0, (m, k), dev)?.to_dtype(dtype)?;
-    let b = Tensor::randn(0f32, 1.0, (k, n), dev)?.to_dtype(dtype)?;
-    let mut t = vec![];
-    for i in 0..25 {
-        dev.synchronize()?;
-        let t0 = Instant::now();
-        let c = a.matmul(&b)?;
-        dev.synchronize()?;
-        if i >= 5 {
-            t.push(t0.elapsed().as_secs_f64());
-        }
-        drop(c);
-    }
-    Ok((2.0 * (m * k * n) as f64 / median(t) / 1e12, [m, k, n]))
 }
 
 fn random_batch(s: &Shape, batch: usize, seq: usize, seed: u64, dev: &Device) -> Result<Batch> {
@@ -390,7 +238,13 @@ pub fn worker(o: &Options, spec: &str) -> Result<()> {
         fwd_s.push(t0.elapsed().as_secs_f64());
     }
     let med = median(step_s.clone());
-    let (rate, gemm_shape) = gemm_rate(&s, o.batch * o.seq, o.dtype, &dev)?;
+    let (rate, gemm_shape) = profile::gemm_rate(&s, o.batch * o.seq, o.dtype, &dev)?;
+    let (gemm_ms, gemm_shapes) = if o.profile {
+        let (t, rows) = profile::gemm_profile(&s, o.batch, o.seq, RANK, o.dtype, &dev)?;
+        (Some(t), rows)
+    } else {
+        (None, Value::Null)
+    };
     let flops = matmul_flops(&s, o.batch, o.seq, RANK);
     let hwm = rss_mb("VmHWM:");
     let (peak, kind) = match dev_peak {
@@ -413,6 +267,7 @@ pub fn worker(o: &Options, spec: &str) -> Result<()> {
         "fwd_ms": median(fwd_s) * 1e3, "opt_ms": median(opt_s) * 1e3,
         "matmul_flops": flops, "tflops": flops / med / 1e12, "gemm_rate_tflops": rate,
         "gemm_shape": gemm_shape, "gemm_efficiency": flops / med / 1e12 / rate,
+        "gemm_ms": gemm_ms, "gemm_shapes": gemm_shapes,
         "peak_mem_mb": peak, "mem_kind": kind, "heap_peak_mb": heap_peak,
         "peak_delta_mb": hwm.zip(rss_start).map(|(h, s)| h - s), "rss_at_start_mb": rss_start,
     });
@@ -485,20 +340,29 @@ pub fn write_json(path: &std::path::Path, v: &Value) -> Result<()> {
 /// A text table of the rows.
 pub fn render(report: &Value) -> String {
     let mut s = format!(
-        "{:<14} {:<10} {:>5} {:>9} {:>9} {:>8} {:>9} {:>8}\n",
-        "config", "impl", "batch", "ms/step", "tokens/s", "peak MB", "heap MB", "GEMM eff"
+        "{:<14} {:<10} {:>5} {:>9} {:>9} {:>8} {:>9} {:>8} {:>9}\n",
+        "config",
+        "impl",
+        "batch",
+        "ms/step",
+        "tokens/s",
+        "peak MB",
+        "heap MB",
+        "GEMM eff",
+        "GEMM ms"
     );
     for r in report["rows"].as_array().into_iter().flatten() {
         s += &format!(
-            "{:<14} {:<10} {:>5} {:>9.1} {:>9.0} {:>8.0} {:>9.0} {:>7.1}%\n",
+            "{:<14} {:<10} {:>5} {:>9.1} {:>9.0} {:>8.0} {:>9.0} {:>7.1}% {:>9.1}\n",
             r["config"].as_str().unwrap_or(""),
             r["impl"].as_str().unwrap_or(""),
-            r["batch"],
+            r["batch"].as_u64().unwrap_or(0),
             r["median_step_ms"].as_f64().unwrap_or(0.0),
             r["tokens_per_s"].as_f64().unwrap_or(0.0),
             r["peak_mem_mb"].as_f64().unwrap_or(0.0),
             r["heap_peak_mb"].as_f64().unwrap_or(0.0),
-            100.0 * r["gemm_efficiency"].as_f64().unwrap_or(0.0)
+            100.0 * r["gemm_efficiency"].as_f64().unwrap_or(0.0),
+            r["gemm_ms"].as_f64().unwrap_or(f64::NAN)
         );
     }
     for k in report["skipped"].as_array().into_iter().flatten() {
@@ -508,82 +372,4 @@ pub fn render(report: &Value) -> String {
         );
     }
     s
-}
-
-/// The CUDA memory pool's high-water mark (nothing on the CPU).
-mod mem {
-    use candle_core::{Device, Result};
-
-    pub struct Pool {
-        #[cfg(feature = "cuda")]
-        pool: Option<candle_core::cuda_backend::cudarc::driver::sys::CUmemoryPool>,
-    }
-
-    #[cfg(not(feature = "cuda"))]
-    impl Pool {
-        pub fn new(_dev: &Device) -> Result<Self> {
-            Ok(Self {})
-        }
-        pub fn reset_peak(&self) -> Result<()> {
-            Ok(())
-        }
-        pub fn peak_mb(&self) -> Result<Option<f64>> {
-            Ok(None)
-        }
-    }
-
-    #[cfg(feature = "cuda")]
-    impl Pool {
-        pub fn new(dev: &Device) -> Result<Self> {
-            use candle_core::cuda_backend::cudarc::driver::sys;
-            let Device::Cuda(_) = dev else {
-                return Ok(Self { pool: None });
-            };
-            let ctx = dev.as_cuda_device()?.cuda_stream().context().clone();
-            ctx.bind_to_thread()
-                .map_err(|e| candle_core::Error::Msg(format!("{e:?}")))?;
-            let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
-            // SAFETY: a driver query on the context's device with a valid out-pointer.
-            let r = unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) };
-            if r != sys::CUresult::CUDA_SUCCESS {
-                candle_core::bail!("cuDeviceGetDefaultMemPool: {r:?}")
-            }
-            Ok(Self { pool: Some(pool) })
-        }
-        fn attr(
-            &self,
-            a: candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute,
-            set: Option<u64>,
-        ) -> Result<Option<u64>> {
-            use candle_core::cuda_backend::cudarc::driver::sys;
-            let Some(pool) = self.pool else {
-                return Ok(None);
-            };
-            let mut v: u64 = set.unwrap_or(0);
-            let p = &mut v as *mut u64 as *mut std::ffi::c_void;
-            // SAFETY: the pool is the device's default pool; `p` points to a u64 as the attribute needs.
-            let r = unsafe {
-                if set.is_some() {
-                    sys::cuMemPoolSetAttribute(pool, a, p)
-                } else {
-                    sys::cuMemPoolGetAttribute(pool, a, p)
-                }
-            };
-            if r != sys::CUresult::CUDA_SUCCESS {
-                candle_core::bail!("cuMemPool attribute {a:?}: {r:?}")
-            }
-            Ok(Some(v))
-        }
-        pub fn reset_peak(&self) -> Result<()> {
-            use candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
-            self.attr(CU_MEMPOOL_ATTR_USED_MEM_HIGH, Some(0))
-                .map(|_| ())
-        }
-        pub fn peak_mb(&self) -> Result<Option<f64>> {
-            use candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
-            Ok(self
-                .attr(CU_MEMPOOL_ATTR_USED_MEM_HIGH, None)?
-                .map(|b| b as f64 / (1 << 20) as f64))
-        }
-    }
 }
