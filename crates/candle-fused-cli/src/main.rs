@@ -1,11 +1,12 @@
-//! `candle-fused`: the correctness sweep (`check`) and the benchmark (`bench`, with
-//! `--op train` the LoRA training step).
+//! `candle-fused`: LoRA fine-tuning (`finetune`, `generate`, `eval`, `merge`), the correctness
+//! sweep (`check`) and the benchmark (`bench`, with `--op train` the LoRA training step).
 
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use candle_fused_cli::bench;
+use candle_fused_cli::train_cmd;
 use candle_fused_testkit::{check, testing};
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -17,7 +18,7 @@ static ALLOC: candle_fused_cli::alloc::CountingAlloc = candle_fused_cli::alloc::
 #[command(
     name = "candle-fused",
     version,
-    about = "Fused, trainable softmax / RMSNorm / add+RMSNorm for Candle: correctness check and benchmark"
+    about = "LoRA fine-tuning of Llama / Qwen2 / Mistral checkpoints on fused, trainable Candle kernels; correctness check and benchmark of the kernels"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -41,6 +42,15 @@ impl DeviceArg {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// LoRA fine-tuning of a Hugging Face checkpoint on a JSONL file; with no --model/--data,
+    /// the embedded demo job (about two minutes on 2 CPU cores).
+    Finetune(train_cmd::FinetuneArgs),
+    /// Text from a checkpoint (and adapter), KV-cached, streamed to stdout.
+    Generate(train_cmd::GenerateArgs),
+    /// Loss and perplexity of a checkpoint (and adapter) on a JSONL file.
+    Eval(train_cmd::EvalArgs),
+    /// Writes the checkpoint with the adapter merged into its weights.
+    Merge(train_cmd::MergeArgs),
     /// Every op forward and backward, each dtype, several shapes, against the f64 reference
     /// (on a GPU also against our CPU backend), with output poisoning; non-zero exit on a FAIL.
     Check {
@@ -106,6 +116,10 @@ struct TrainArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.cmd {
+        Cmd::Finetune(a) => train_cmd::finetune(a).map(|_| ExitCode::SUCCESS),
+        Cmd::Generate(a) => train_cmd::generate_cmd(a).map(|_| ExitCode::SUCCESS),
+        Cmd::Eval(a) => train_cmd::eval_cmd(a).map(|_| ExitCode::SUCCESS),
+        Cmd::Merge(a) => train_cmd::merge_cmd(a).map(|_| ExitCode::SUCCESS),
         Cmd::Check { device, quick } => run_check(device, quick),
         Cmd::Bench {
             device,

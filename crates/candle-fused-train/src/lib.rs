@@ -39,10 +39,16 @@
 
 pub mod backward;
 pub mod config;
+pub mod data;
+pub mod demo;
 mod fallback_ops;
+pub mod generate;
 pub mod lora;
 pub mod model;
 pub mod optim;
+mod plot;
+pub mod tokenizer;
+pub mod train;
 pub(crate) mod util;
 pub mod weights;
 
@@ -53,9 +59,17 @@ pub(crate) mod kops {
 
 pub use backward::LoraGrads;
 pub use config::{Activation, Arch, ModelConfig};
+pub use data::{build_rows, load_jsonl, make_batch, split, DataStats, Example, Overflow, Row};
 pub use fallback_ops::RopeScaling;
+pub use generate::{generate, GenerateConfig, KvCache};
 pub use lora::{Adapter, Lora, LoraSpec, Target};
 pub use model::{Batch, Model};
 pub use optim::{clip_grad_norm, AdamW, AdamWConfig, Schedule};
+pub use plot::loss_plot;
+pub use tokenizer::{Message, Tokenizer};
+pub use train::{
+    steps_for_epochs, BackwardKind, Callback, StepInfo, TrainConfig, TrainData, TrainSummary,
+    Trainer,
+};
 pub use util::{write_atomic, SplitMix64};
 pub use weights::{default_hub_cache, resolve_model_dir, Weights};

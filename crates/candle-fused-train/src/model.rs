@@ -587,6 +587,21 @@ impl Model {
         ctx: &Ctx,
         save: bool,
     ) -> Result<(Tensor, Tensor, Option<Saved>)> {
+        let (m, s, saved, _) = self.layer_kv(l, h, x, ctx, save, None)?;
+        Ok((m, s, saved))
+    }
+
+    /// [`Model::layer`] after cached keys and values `past`; also returns all keys and values.
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn layer_kv(
+        &self,
+        l: usize,
+        h: &Tensor,
+        x: &Tensor,
+        ctx: &Ctx,
+        save: bool,
+        past: Option<&(Tensor, Tensor)>,
+    ) -> Result<(Tensor, Tensor, Option<Saved>, (Tensor, Tensor))> {
         let rows = ctx.b * ctx.t;
         let mut ads = Vec::with_capacity(7);
         for t in Target::ALL {
@@ -601,7 +616,7 @@ impl Model {
             &v,
             &ctx.positions,
             ctx.mask.as_ref(),
-            None,
+            past,
             ctx.b,
             ctx.t,
         )?;
@@ -614,6 +629,7 @@ impl Model {
         let up = self.proj(l, Target::Up, &h2, ads[5].as_ref())?;
         let act = kops::glu(self.glu_kind(), &gate, &up)?;
         let m = self.proj(l, Target::Down, &act, ads[6].as_ref())?;
+        let kv = (kh.clone(), vh.clone());
         let saved = save.then(|| Saved {
             h: h.clone(),
             q: qh,
@@ -627,7 +643,7 @@ impl Model {
             up,
             adapters: ads,
         });
-        Ok((m, s, saved))
+        Ok((m, s, saved, kv))
     }
 
     pub(crate) fn glu_kind(&self) -> GluKind {

@@ -3,6 +3,8 @@
 //! failure; set CANDLE_FUSED_SEED to rerun one).
 #![allow(dead_code)]
 
+pub mod reference;
+
 use candle_core::{DType, Device, Result, Tensor};
 use candle_fused_train::{Batch, LoraGrads, Model, ModelConfig, SplitMix64};
 

@@ -38,7 +38,7 @@ pub struct Fixture {
     pub info: Value,
 }
 
-fn read_json(p: &Path) -> Value {
+pub fn read_json(p: &Path) -> Value {
     let text =
         std::fs::read_to_string(p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("parsing {}: {e}", p.display()))
@@ -214,11 +214,11 @@ impl Report {
         assert!(!self.lines.is_empty(), "{}: no check ran", self.title);
         assert!(
             self.fails.is_empty(),
-            "{}: {} of {} checks failed:\n  {}",
+            "{}: {} of {} checks failed:\n  - {}",
             self.title,
             self.fails.len(),
             self.lines.len(),
-            self.fails.join("\n  ")
+            self.fails.join("\n  - ")
         );
     }
 }
