@@ -94,8 +94,9 @@ struct TrainArgs {
     /// Base weight dtype: f32, bf16, f16.
     #[arg(long)]
     dtype: Option<String>,
+    /// Batch size, or `auto`: the largest power of two that fits (for a GPU).
     #[arg(long)]
-    batch: Option<usize>,
+    batch: Option<String>,
     #[arg(long)]
     seq: Option<usize>,
     #[arg(long)]
@@ -330,7 +331,13 @@ fn run_train_bench(
             ),
         };
     }
-    o.batch = t.batch.unwrap_or(o.batch);
+    o.batch = match t.batch.as_deref() {
+        None => o.batch,
+        Some("auto") => 0,
+        Some(b) => b.parse().ok().filter(|&n| n > 0).with_context(|| {
+            format!("bench --op train: --batch {b:?} is not a positive number or auto")
+        })?,
+    };
     o.seq = t.seq.unwrap_or(o.seq);
     o.warmup = t.warmup.unwrap_or(o.warmup);
     o.iters = t.iters.unwrap_or(o.iters).max(1);

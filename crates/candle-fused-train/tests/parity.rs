@@ -12,6 +12,8 @@
 //! adapter's eval loss, our `save_adapter` -> `load_adapter` round trip, the merged checkpoint,
 //! and the tokenizer + chat template against AutoTokenizer. Every check is
 //! reported (name, error, tolerance) and all failures are listed together.
+//! `scripts/parity_sabotage.sh` reruns this with `CANDLE_FUSED_PARITY_SABOTAGE` set to each
+//! mode (one input broken on purpose) to show the checks fail (`results/parity-sabotage.md`).
 
 mod parity_common;
 

@@ -90,6 +90,7 @@ pub struct Options {
     pub dtype: DType,
     pub configs: Vec<String>,
     pub variants: Vec<Variant>,
+    /// Batch size; 0: the largest power of two that fits.
     pub batch: usize,
     pub seq: usize,
     pub warmup: usize,
@@ -102,7 +103,7 @@ pub struct Options {
 
 impl Options {
     /// The defaults of a device: CPU f32, the cpu-* configs, batch 4 x 256; CUDA bf16, the
-    /// model configs, batch 1 x 2048.
+    /// model configs, sequence 2048, the largest batch that fits (`batch` 0 = auto).
     pub fn defaults(device: &str) -> Self {
         let cuda = device == "cuda";
         Self {
@@ -114,7 +115,7 @@ impl Options {
                 .map(|s| s.name.to_string())
                 .collect(),
             variants: vec![Variant::Explicit, Variant::Checkpointed, Variant::Tape],
-            batch: if cuda { 1 } else { 4 },
+            batch: if cuda { 0 } else { 4 },
             seq: if cuda { 2048 } else { 256 },
             warmup: 3,
             iters: 10,
@@ -134,7 +135,11 @@ impl Options {
             "--dtype".into(),
             self.dtype.as_str().into(),
             "--batch".into(),
-            self.batch.to_string(),
+            if self.batch == 0 {
+                "auto".into()
+            } else {
+                self.batch.to_string()
+            },
             "--seq".into(),
             self.seq.to_string(),
             "--warmup".into(),
@@ -172,6 +177,31 @@ fn random_batch(s: &Shape, batch: usize, seq: usize, seed: u64, dev: &Device) ->
     Ok(Batch::new(tokens, targets))
 }
 
+/// `--batch auto` (0): the largest power of two whose step (loss and gradients) runs, one
+/// step each (an allocation failure is an error, not a crash, in Candle).
+fn largest_batch(model: &Model, s: &Shape, o: &Options, v: Variant, dev: &Device) -> Result<usize> {
+    let mut best = None;
+    for b in (0..10).map(|i| 1usize << i) {
+        let batch = random_batch(s, b, o.seq, o.seed, dev)?;
+        let r = match v {
+            Variant::Tape => model.loss_and_grads_tape(&batch),
+            _ => model.loss_and_grads(&batch),
+        };
+        dev.synchronize()?;
+        match r {
+            Ok(_) => best = Some(b),
+            Err(e) => {
+                eprintln!(
+                    "  batch {b}: {}",
+                    e.to_string().lines().next().unwrap_or("")
+                );
+                break;
+            }
+        }
+    }
+    best.ok_or_else(|| candle_core::Error::Msg("bench --op train: batch 1 does not fit".into()))
+}
+
 /// One (config, variant) in this process: builds, times, prints `ROW {json}`.
 pub fn worker(o: &Options, spec: &str) -> Result<()> {
     let rss_start = rss_mb("VmRSS:");
@@ -193,7 +223,11 @@ pub fn worker(o: &Options, spec: &str) -> Result<()> {
     }
     model.set_activation_checkpointing(v == Variant::Checkpointed);
     let lora_params: usize = model.lora_vars().iter().map(|(_, v)| v.elem_count()).sum();
-    let batch = random_batch(&s, o.batch, o.seq, o.seed, &dev)?;
+    let nb = match o.batch {
+        0 => largest_batch(&model, &s, o, v, &dev)?,
+        b => b,
+    };
+    let batch = random_batch(&s, nb, o.seq, o.seed, &dev)?;
     let mut opt = AdamW::new(AdamWConfig::default())?;
     let (mut step_s, mut fwd_s, mut opt_s, mut losses) = (vec![], vec![], vec![], vec![]);
     let pool = mem::Pool::new(&dev)?;
@@ -238,14 +272,14 @@ pub fn worker(o: &Options, spec: &str) -> Result<()> {
         fwd_s.push(t0.elapsed().as_secs_f64());
     }
     let med = median(step_s.clone());
-    let (rate, gemm_shape) = profile::gemm_rate(&s, o.batch * o.seq, o.dtype, &dev)?;
+    let (rate, gemm_shape) = profile::gemm_rate(&s, nb * o.seq, o.dtype, &dev)?;
     let (gemm_ms, gemm_shapes) = if o.profile {
-        let (t, rows) = profile::gemm_profile(&s, o.batch, o.seq, RANK, o.dtype, &dev)?;
+        let (t, rows) = profile::gemm_profile(&s, nb, o.seq, RANK, o.dtype, &dev)?;
         (Some(t), rows)
     } else {
         (None, Value::Null)
     };
-    let flops = matmul_flops(&s, o.batch, o.seq, RANK);
+    let flops = matmul_flops(&s, nb, o.seq, RANK);
     let hwm = rss_mb("VmHWM:");
     let (peak, kind) = match dev_peak {
         Some(p) => (
@@ -259,11 +293,11 @@ pub fn worker(o: &Options, spec: &str) -> Result<()> {
     };
     let row = json!({
         "op": "train", "impl": v.name(), "variant": v.name(), "config": config, "model": s.json(),
-        "batch": o.batch, "seq": o.seq, "dtype": o.dtype.as_str(), "device": o.device, "rank": RANK,
+        "batch": nb, "seq": o.seq, "dtype": o.dtype.as_str(), "device": o.device, "rank": RANK,
         "alpha": ALPHA, "lora_params": lora_params, "threads": rayon::current_num_threads(),
         "warmup": o.warmup, "iters": o.iters,
         "step_ms": step_s.iter().map(|t| t * 1e3).collect::<Vec<_>>(), "median_step_ms": med * 1e3,
-        "tokens_per_s": (o.batch * o.seq) as f64 / med, "losses": losses,
+        "tokens_per_s": (nb * o.seq) as f64 / med, "losses": losses,
         "fwd_ms": median(fwd_s) * 1e3, "opt_ms": median(opt_s) * 1e3,
         "matmul_flops": flops, "tflops": flops / med / 1e12, "gemm_rate_tflops": rate,
         "gemm_shape": gemm_shape, "gemm_efficiency": flops / med / 1e12 / rate,
