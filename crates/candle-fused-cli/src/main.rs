@@ -44,7 +44,7 @@ impl DeviceArg {
 enum Cmd {
     /// LoRA fine-tuning of a Hugging Face checkpoint on a JSONL file; with no --model/--data,
     /// the embedded demo job (about two minutes on 2 CPU cores).
-    Finetune(train_cmd::FinetuneArgs),
+    Finetune(Box<train_cmd::FinetuneArgs>),
     /// Text from a checkpoint (and adapter), KV-cached, streamed to stdout.
     Generate(train_cmd::GenerateArgs),
     /// Loss and perplexity of a checkpoint (and adapter) on a JSONL file.
@@ -117,7 +117,7 @@ struct TrainArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.cmd {
-        Cmd::Finetune(a) => train_cmd::finetune(a).map(|_| ExitCode::SUCCESS),
+        Cmd::Finetune(a) => train_cmd::finetune(*a).map(|_| ExitCode::SUCCESS),
         Cmd::Generate(a) => train_cmd::generate_cmd(a).map(|_| ExitCode::SUCCESS),
         Cmd::Eval(a) => train_cmd::eval_cmd(a).map(|_| ExitCode::SUCCESS),
         Cmd::Merge(a) => train_cmd::merge_cmd(a).map(|_| ExitCode::SUCCESS),

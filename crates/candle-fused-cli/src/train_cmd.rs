@@ -173,8 +173,25 @@ struct Progress {
     stop: Arc<AtomicBool>,
 }
 
+impl Progress {
+    fn line(&self, text: String) {
+        if self.bar.is_hidden() {
+            println!("{text}");
+        } else {
+            self.bar.println(text);
+        }
+    }
+}
+
 impl Callback for Progress {
     fn on_step(&mut self, s: &StepInfo) {
+        if self.bar.is_hidden() && (s.step % 25 == 0 || s.step == s.total) {
+            // No terminal (a log file): a line every 25 steps instead of the bar.
+            println!(
+                "step {:>5}/{}: loss {:.4}  lr {:.2e}  {:.0} tok/s  {:.0} s",
+                s.step, s.total, s.loss, s.lr, s.tokens_per_sec, s.elapsed
+            );
+        }
         self.bar.set_position(s.step as u64);
         self.bar.set_message(format!(
             "loss {:.4}  lr {:.2e}  {:.0} tok/s",
@@ -182,14 +199,13 @@ impl Callback for Progress {
         ));
     }
     fn on_eval(&mut self, step: usize, loss: f32) {
-        self.bar.println(format!(
+        self.line(format!(
             "step {step:>5}: held-out loss {loss:.4} (perplexity {:.2})",
             (loss as f64).exp()
         ));
     }
     fn on_checkpoint(&mut self, step: usize, dir: &Path) {
-        self.bar
-            .println(format!("step {step:>5}: checkpoint {}", dir.display()));
+        self.line(format!("step {step:>5}: checkpoint {}", dir.display()));
     }
     fn stop_requested(&mut self) -> bool {
         self.stop.load(Ordering::SeqCst)
@@ -227,7 +243,7 @@ pub fn finetune(a: FinetuneArgs) -> Result<()> {
     }
     let (dir, data, base_name, d) = match (&a.model, &a.data) {
         (None, None) => {
-            println!("No --model/--data: the embedded demo job (a small Llama model made on the spot, a synthetic `shout` task).");
+            println!("No --model/--data: the embedded demo job (a small Llama model made on the spot, task: `shout: red fox ->` -> ` RED FOX!`).");
             let files = demo::prepare(&out.join("demo"), 2400)?;
             let name = files.model_dir.display().to_string();
             let d = Defaults {
@@ -236,11 +252,11 @@ pub fn finetune(a: FinetuneArgs) -> Result<()> {
                 lr: 3e-3,
                 warmup: 20,
                 epochs: 1.0,
-                steps: Some(300),
-                batch: 16,
+                steps: Some(250),
+                batch: 8,
                 seq_len: 128,
                 pack: true,
-                eval_every: 50,
+                eval_every: 25,
                 save_every: 100,
             };
             (files.model_dir, files.data, name, d)

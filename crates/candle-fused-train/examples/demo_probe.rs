@@ -15,7 +15,9 @@ fn main() -> candle_core::Result<()> {
     let rank: usize = arg(3, "16").parse().unwrap();
     let batch: usize = arg(4, "16").parse().unwrap();
     let dir = std::env::temp_dir().join(format!("demo_probe_{}", std::process::id()));
-    let files = demo::prepare(&dir, 2400)?;
+    let n: usize = arg(5, "800").parse().unwrap();
+    let shout = arg(6, "count") == "shout";
+    let files = demo::prepare_with(&dir, n, shout)?;
     let tok = Tokenizer::load(&files.model_dir)?;
     let mut model = Model::load(&files.model_dir, DType::F32, &Device::Cpu)?;
     let ex = load_jsonl(&files.data, &tok)?;
@@ -45,9 +47,10 @@ fn main() -> candle_core::Result<()> {
     let s = t.run(&mut P(std::time::Instant::now()))?;
     println!("{s:?}");
     for p in [
+        "count down from 7 ->",
+        "count up from 2 by two ->",
         "shout: red fox ->",
-        "shout: quick brown dog ->",
-        "shout: candle ->",
+        "shout: candle graph ->",
     ] {
         let ids = tok.encode(p, true)?;
         let out = generate(

@@ -195,7 +195,7 @@ pub fn generate(
     if prompt.is_empty() {
         fail!(WHAT, "generate: empty prompt")
     }
-    if !(cfg.top_p > 0.0 && cfg.top_p <= 1.0) || !cfg.temperature.is_finite() {
+    if !(cfg.top_p > 0.0 && cfg.top_p <= 1.0 && cfg.temperature.is_finite()) {
         fail!(
             WHAT,
             "generate: top_p must be in (0, 1] and temperature finite, got {} and {}",

@@ -34,6 +34,24 @@
 //!   (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`).
 //! - [`LoraSpec`] / [`Target`], [`AdamW`] / [`AdamWConfig`], [`Schedule`], [`clip_grad_norm`].
 //!
+//! - [`Trainer`] (`new(model, data, cfg, out)`, `resume`, `run(&mut dyn Callback)`),
+//!   [`TrainConfig`], [`TrainData`] of [`Row`]s ([`load_jsonl`], [`split`], [`build_rows`],
+//!   [`make_batch`]), [`Callback`], [`generate`] / [`GenerateConfig`] / [`KvCache`],
+//!   [`Tokenizer`], [`demo`].
+//!
+//! Beyond the names agreed in the task: `Model::random` / `random_with` (seeded random
+//! checkpoints), `Model::loss` (eval loss outside autograd), `Model::loss_and_grads_scaled`
+//! (gradients of `dloss · loss`, for accumulation), `Model::forward_cached`, `Model::save(dir,
+//! merge_lora)`, `Model::lora_vars` (what the optimizer updates), `set_activation_checkpointing`,
+//! `set_kernels`, `set_dropout_state`. `generate` returns the new tokens only.
+//!
+//! Conventions worth knowing when comparing with transformers + PEFT: the loss is the mean over
+//! non-ignored targets of the batch (HF shifts `labels` inside the model; here `targets` come
+//! shifted); LoRA dropout draws its masks from the model's own seeded stream (so the tape and
+//! explicit paths see the same masks), not torch's; the RoPE table is f32 (angles `p·inv_freq`
+//! in f32, like HF) and is capped at 32768 positions; the tape path computes the full logits and
+//! cross-entropy, the explicit path never builds them.
+//!
 //! Until the fused RoPE, GLU and cross-entropy ops land in `candle_fused::ops`, composed
 //! stand-ins with the same signatures live in `fallback_ops` (reached through `kops`).
 

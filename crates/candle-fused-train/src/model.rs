@@ -218,6 +218,21 @@ impl Model {
     /// A randomly initialised model of `cfg` (weights normal with std 0.02, norms 1, biases
     /// small normal), seeded: what the demo and the tests train on.
     pub fn random(cfg: ModelConfig, dtype: DType, device: &Device, seed: u64) -> Result<Model> {
+        Self::random_with(cfg, dtype, device, seed, 0.02, 0.02)
+    }
+
+    /// [`Model::random`] with embeddings of standard deviation `embed_std` and an untied LM
+    /// head of `head_std`. The head's scale bounds the logits a unit-RMS hidden state can
+    /// reach (about `head_std·H`): with 0.02 and H = 128 that is 2.6, which caps the loss near
+    /// 3 whatever the adapter learns, so the demo uses a larger one.
+    pub fn random_with(
+        cfg: ModelConfig,
+        dtype: DType,
+        device: &Device,
+        seed: u64,
+        embed_std: f64,
+        head_std: f64,
+    ) -> Result<Model> {
         check_dtype(dtype)?;
         let mut rng = SplitMix64::new(seed);
         let mut randn = |shape: &[usize], std: f64| -> Result<Tensor> {
@@ -226,7 +241,7 @@ impl Model {
             Tensor::from_vec(v, shape, device)?.to_dtype(dtype)
         };
         let (h, v) = (cfg.hidden_size, cfg.vocab_size);
-        let embed = randn(&[v, h], 0.02)?;
+        let embed = randn(&[v, h], embed_std)?;
         let mut layers = Vec::new();
         for _ in 0..cfg.num_layers {
             let mut proj = Vec::new();
@@ -251,7 +266,7 @@ impl Model {
         let lm_head = if cfg.tie_word_embeddings {
             None
         } else {
-            Some(randn(&[v, h], 0.02)?)
+            Some(randn(&[v, h], head_std)?)
         };
         Self::assemble(cfg, dtype, device, embed, layers, norm, lm_head)
     }

@@ -17,6 +17,9 @@ use crate::util::{fail, write_atomic, Context};
 
 const WHAT: &str = "tokenizer";
 
+/// Byte offsets `(start, end)` of tokens in their text.
+pub type Offsets = Vec<(usize, usize)>;
+
 /// One chat message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {
@@ -144,11 +147,7 @@ impl Tokenizer {
     }
 
     /// Token ids and their byte offsets `(start, end)` in `text` (specials: `(0, 0)`).
-    pub fn encode_offsets(
-        &self,
-        text: &str,
-        add_special: bool,
-    ) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+    pub fn encode_offsets(&self, text: &str, add_special: bool) -> Result<(Vec<u32>, Offsets)> {
         let e = self
             .inner
             .encode(text, add_special)
