@@ -148,6 +148,8 @@ impl Options {
             self.iters.to_string(),
             "--seed".into(),
             self.seed.to_string(),
+            "--profile".into(),
+            self.profile.to_string(),
         ];
         a.push("--train-worker".into());
         a.push(format!("{config}:{}", v.name()));
