@@ -1,5 +1,5 @@
 //! `candle-fused`: LoRA fine-tuning (`finetune`, `generate`, `eval`, `merge`), the correctness
-//! sweep (`check`) and the benchmark (`bench`).
+//! sweep (`check`) and the benchmark (`bench`, with `--op train` the LoRA training step).
 
 use std::process::ExitCode;
 
@@ -10,9 +10,10 @@ use candle_fused_cli::train_cmd;
 use candle_fused_testkit::{check, check_loss, testing};
 use clap::{Parser, Subcommand, ValueEnum};
 
-/// Counts allocations so the bench can report peak memory (forwards to the system allocator).
+/// Counts heap bytes so the bench can report each variant's peak (`bench --op train`, the
+/// linear cross-entropy rows); forwards to the system allocator.
 #[global_allocator]
-static ALLOC: bench::memory::Counting = bench::memory::Counting;
+static ALLOC: candle_fused_cli::alloc::CountingAlloc = candle_fused_cli::alloc::CountingAlloc;
 
 #[derive(Parser)]
 #[command(
@@ -72,10 +73,46 @@ enum Cmd {
         #[arg(long)]
         quick: bool,
         /// Only these op families (comma-separated): softmax, masked_softmax, rms_norm,
-        /// add_rms_norm, lora_linear, cross_entropy, linear_cross_entropy, matmul.
+        /// add_rms_norm, lora_linear, cross_entropy, linear_cross_entropy, matmul; or `train`
+        /// alone: the LoRA training step (see bench::train; its own options below).
         #[arg(long, value_delimiter = ',')]
         op: Option<Vec<String>>,
+        #[command(flatten)]
+        train: TrainArgs,
     },
+}
+
+/// Options of `bench --op train` (defaults per device: see bench::train::Options::defaults).
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// Model configurations (comma-separated): cpu-h256, cpu-h512, qwen2.5-0.5b,
+    /// llama-3.2-1b, llama-3-8b.
+    #[arg(long, value_delimiter = ',')]
+    configs: Option<Vec<String>>,
+    /// Variants (comma-separated): ours, ours_ckpt, ours_tape.
+    #[arg(long, value_delimiter = ',')]
+    variants: Option<Vec<String>>,
+    /// Base weight dtype: f32, bf16, f16.
+    #[arg(long)]
+    dtype: Option<String>,
+    /// Batch size, or `auto`: the largest power of two that fits (for a GPU).
+    #[arg(long)]
+    batch: Option<String>,
+    #[arg(long)]
+    seq: Option<usize>,
+    #[arg(long)]
+    warmup: Option<usize>,
+    /// Timed steps.
+    #[arg(long)]
+    iters: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Also time each GEMM shape of the step alone (default: on for the CPU).
+    #[arg(long)]
+    profile: Option<bool>,
+    /// Internal: run one CONFIG:VARIANT in this process and print its row.
+    #[arg(long, hide = true)]
+    train_worker: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -91,7 +128,17 @@ fn main() -> ExitCode {
             json,
             quick,
             op,
-        } => run_bench(device, json, quick, op),
+            train,
+        } => {
+            if op
+                .as_deref()
+                .is_some_and(|o| o.iter().any(|n| n == "train"))
+            {
+                run_train_bench(device, json, op.unwrap_or_default(), train)
+            } else {
+                run_bench(device, json, quick, op)
+            }
+        }
     };
     match res {
         Ok(code) => code,
@@ -277,6 +324,64 @@ fn run_bench(
             .with_context(|| format!("writing {}", path.display()))?;
     }
     println!("{}", report.render());
+    if let Some(path) = &json {
+        println!("JSON written to {}", path.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_train_bench(
+    arg: DeviceArg,
+    json: Option<std::path::PathBuf>,
+    op: Vec<String>,
+    t: TrainArgs,
+) -> Result<ExitCode> {
+    use bench::train;
+    if op.len() != 1 {
+        anyhow::bail!("bench: --op train runs alone (got --op {})", op.join(","));
+    }
+    let mut o = train::Options::defaults(arg.name());
+    if let Some(c) = t.configs {
+        o.configs = c;
+    }
+    if let Some(v) = t.variants {
+        o.variants = v
+            .iter()
+            .map(|s| train::Variant::parse(s))
+            .collect::<candle_core::Result<_>>()?;
+    }
+    if let Some(d) = t.dtype {
+        o.dtype = match d.as_str() {
+            "f32" => DType::F32,
+            "bf16" => DType::BF16,
+            "f16" => DType::F16,
+            other => anyhow::bail!(
+                "bench --op train: unknown --dtype {other:?}, expected f32, bf16 or f16"
+            ),
+        };
+    }
+    o.batch = match t.batch.as_deref() {
+        None => o.batch,
+        Some("auto") => 0,
+        Some(b) => b.parse().ok().filter(|&n| n > 0).with_context(|| {
+            format!("bench --op train: --batch {b:?} is not a positive number or auto")
+        })?,
+    };
+    o.seq = t.seq.unwrap_or(o.seq);
+    o.warmup = t.warmup.unwrap_or(o.warmup);
+    o.iters = t.iters.unwrap_or(o.iters).max(1);
+    o.seed = t.seed;
+    o.profile = t.profile.unwrap_or(o.profile);
+    o.json = json.clone();
+    if let Some(spec) = t.train_worker {
+        train::worker(&o, &spec)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let report = train::run(&o)?;
+    if let Some(path) = &json {
+        train::write_json(path, &report).with_context(|| format!("writing {}", path.display()))?;
+    }
+    println!("{}", train::render(&report));
     if let Some(path) = &json {
         println!("JSON written to {}", path.display());
     }

@@ -1,69 +1,20 @@
 //! Peak memory of a call, for the bench rows that report it (the linear cross-entropy).
 //!
-//! * CPU: [`Counting`], a global allocator that forwards to the system allocator and counts
-//!   the bytes live and their high-water mark; the `candle-fused` binary installs it. Where it
-//!   is not installed (criterion benches, tests) nothing is counted and [`peak_during`] gives
-//!   `None`.
+//! * CPU: the counting global allocator of [`crate::alloc`] (the `candle-fused` binary
+//!   installs it). Where it is not installed (criterion benches, tests) nothing is counted and
+//!   [`peak_during`] gives `None`.
 //! * CUDA: the high-water mark of the device's default memory pool (Candle allocates from it
 //!   with `cuMemAllocAsync`), reset before the call.
 //!
 //! Either way the result is the peak **above** what was live before the call: what the call
 //! itself needs (its outputs included).
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-
 use candle_core::{Device, Result};
 
-static CURRENT: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-static USED: AtomicBool = AtomicBool::new(false);
-
-/// The counting global allocator (install with `#[global_allocator]`).
-pub struct Counting;
-
-fn grow(n: usize) {
-    let now = CURRENT.fetch_add(n, Ordering::Relaxed) + n;
-    PEAK.fetch_max(now, Ordering::Relaxed);
-}
-
-// SAFETY: every call forwards to the system allocator unchanged; the counters only observe.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        USED.store(true, Ordering::Relaxed);
-        let p = System.alloc(l);
-        if !p.is_null() {
-            grow(l.size());
-        }
-        p
-    }
-    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
-        USED.store(true, Ordering::Relaxed);
-        let p = System.alloc_zeroed(l);
-        if !p.is_null() {
-            grow(l.size());
-        }
-        p
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        System.dealloc(p, l);
-        CURRENT.fetch_sub(l.size(), Ordering::Relaxed);
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
-        let q = System.realloc(p, l, new);
-        if !q.is_null() {
-            if new >= l.size() {
-                grow(new - l.size());
-            } else {
-                CURRENT.fetch_sub(l.size() - new, Ordering::Relaxed);
-            }
-        }
-        q
-    }
-}
+use crate::alloc;
 
 /// Runs `f` and returns its result with the peak bytes allocated above what was live before
-/// (`None` where nothing is counted: a CPU run without [`Counting`] installed).
+/// (`None` where nothing is counted: a CPU run without the counting allocator installed).
 pub fn peak_during<R>(
     device: &Device,
     f: impl FnOnce() -> Result<R>,
@@ -77,13 +28,13 @@ pub fn peak_during<R>(
             Ok((r, Some(high.saturating_sub(base) as usize)))
         }
         _ => {
-            if !USED.load(Ordering::Relaxed) {
+            if !alloc::installed() {
                 return Ok((f()?, None));
             }
-            let base = CURRENT.load(Ordering::Relaxed);
-            PEAK.store(base, Ordering::Relaxed);
+            let base = alloc::current();
+            alloc::reset_peak();
             let r = f()?;
-            Ok((r, Some(PEAK.load(Ordering::Relaxed).saturating_sub(base))))
+            Ok((r, Some(alloc::peak().saturating_sub(base))))
         }
     }
 }

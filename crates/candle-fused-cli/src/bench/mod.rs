@@ -24,6 +24,7 @@ pub mod memops;
 pub mod memory;
 pub mod report;
 pub mod timing;
+pub mod train;
 
 use candle_core::{Device, Result};
 
