@@ -5,6 +5,7 @@
 
 pub mod asserts;
 pub mod check;
+pub mod check_loss;
 pub mod reference;
 pub mod rng;
 pub mod testing;

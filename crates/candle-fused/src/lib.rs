@@ -23,8 +23,9 @@
 //! method of [`Kernels`], which carries a typed [`KernelConfig`] (tuning and output poisoning;
 //! the library reads no environment variables). [`nn`] holds modules built on the ops and the
 //! PEFT adapter files; [`prelude`] the `Tensor` methods. Shared pieces live once: argument
-//! checks in `validate`, the CPU row drivers and vector math in `cpu`, the CUDA launch helpers
-//! in `cuda`, the op seam in `seam`. See `ARCHITECTURE.md` in the repository.
+//! checks in `validate`, the CPU row drivers in `cpu` and their runtime-dispatched vector math
+//! in `simd`, the CUDA launch helpers in `cuda`, the op seam in `seam`. See `ARCHITECTURE.md`
+//! in the repository.
 
 pub mod config;
 pub(crate) mod cpu;
@@ -34,9 +35,10 @@ pub mod nn;
 pub mod ops;
 pub mod prelude;
 pub(crate) mod seam;
+pub(crate) mod simd;
 pub(crate) mod validate;
 
-pub use config::{KernelConfig, Kernels};
+pub use config::{KernelConfig, Kernels, SimdLevel};
 pub use prelude::FusedOps;
 
 /// The README's Rust example, compiled and run as a doctest.

@@ -3,6 +3,7 @@
 use candle_core::{Result, Tensor};
 
 use crate::ops;
+use crate::ops::CrossEntropyConfig;
 
 /// The fused ops as methods on `Tensor`. All are differentiable; see [`crate::ops`] for the
 /// math and the free-function forms.
@@ -35,6 +36,19 @@ pub trait FusedOps {
         b: &Tensor,
         scale: f64,
     ) -> Result<Tensor>;
+    /// Cross-entropy of these logits against class indices ([`ops::cross_entropy`]).
+    fn cross_entropy_fused(&self, targets: &Tensor, cfg: &CrossEntropyConfig) -> Result<Tensor>;
+    /// Cross-entropy of `self·wᵀ` (hidden states times the LM head) without the full logits
+    /// ([`ops::linear_cross_entropy`]).
+    fn linear_cross_entropy_fused(
+        &self,
+        w: &Tensor,
+        targets: &Tensor,
+        cfg: &CrossEntropyConfig,
+        chunk: Option<usize>,
+    ) -> Result<Tensor>;
+    /// `op(self) · op(b)`, each transposed when its flag is set ([`ops::matmul`]).
+    fn matmul_fused(&self, b: &Tensor, ta: bool, tb: bool) -> Result<Tensor>;
 }
 
 impl FusedOps for Tensor {
@@ -73,5 +87,23 @@ impl FusedOps for Tensor {
         scale: f64,
     ) -> Result<Tensor> {
         ops::lora_linear(self, w, bias, a, b, scale)
+    }
+
+    fn cross_entropy_fused(&self, targets: &Tensor, cfg: &CrossEntropyConfig) -> Result<Tensor> {
+        ops::cross_entropy(self, targets, cfg)
+    }
+
+    fn linear_cross_entropy_fused(
+        &self,
+        w: &Tensor,
+        targets: &Tensor,
+        cfg: &CrossEntropyConfig,
+        chunk: Option<usize>,
+    ) -> Result<Tensor> {
+        ops::linear_cross_entropy(self, w, targets, cfg, chunk)
+    }
+
+    fn matmul_fused(&self, b: &Tensor, ta: bool, tb: bool) -> Result<Tensor> {
+        ops::matmul(self, b, ta, tb)
     }
 }

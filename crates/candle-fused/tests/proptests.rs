@@ -94,13 +94,13 @@ proptest! {
 
     #[test]
     fn softmax(shape in shape(), dt in dtype(), seed in any::<u64>(), std in prop_oneof![Just(0.1), Just(1.0), Just(3.0)]) {
-        let mut rng = case_rng(seed);
-        let x = rng.randn(&shape, std, dt, &CPU).unwrap();
+        let mut rng = SeededRng::new(seed);
+        let x = rng.randn(&shape, std, dt);
         if is_empty(&shape) {
             check_empty(&poisoned().softmax_last_dim(&x).unwrap(), &shape, dt);
             return Ok(());
         }
-        let probe = rng.randn(&shape, 1.0, dt, &CPU).unwrap();
+        let probe = rng.randn(&shape, 1.0, dt);
         let f = |a: &[Tensor]| -> Result<Vec<Tensor>> { Ok(vec![poisoned().softmax_last_dim(&a[0])?]) };
         let r = |a: &[Tensor]| -> Result<Vec<Tensor>> { Ok(vec![reference::softmax(&a[0])?]) };
         let both = run_both(&f, &r, &[x], &[true], std::slice::from_ref(&probe));
@@ -121,8 +121,8 @@ proptest! {
         learned in any::<bool>(),
         scale in prop_oneof![Just(1.0), Just(0.125), Just(0.3), Just(-0.7), Just(2.0)],
     ) {
-        let mut rng = case_rng(seed);
-        let x = rng.randn(&shape, 2.0, dt, &CPU).unwrap();
+        let mut rng = SeededRng::new(seed);
+        let x = rng.randn(&shape, 2.0, dt);
         // A mask of rank min(mask_rank, rank of x) (0: no mask), each dim x's or 1.
         let r = shape.len();
         let mr = mask_rank.min(r);
@@ -134,7 +134,7 @@ proptest! {
                 })
                 .collect()
         });
-        let m = ms.as_ref().map(|ms| rng.mask(ms, p_hide, dt, &CPU).unwrap());
+        let m = ms.as_ref().map(|ms| rng.mask(ms, p_hide, dt));
         let ctx = format!(
             "masked_softmax x {shape:?} mask {ms:?} p_hide {p_hide} causal {causal} \
              learned {learned} scale {scale} {dt:?}"
@@ -144,7 +144,7 @@ proptest! {
             check_empty(&y, &shape, dt);
             return Ok(());
         }
-        let probe = rng.randn(&shape, 1.0, dt, &CPU).unwrap();
+        let probe = rng.randn(&shape, 1.0, dt);
         check_masked_softmax(&ctx, &x, m.as_ref(), learned, scale, causal, dt, &probe);
     }
 
@@ -157,10 +157,10 @@ proptest! {
         eps in prop_oneof![Just(1e-6), Just(1e-5), Just(1e-2)],
         std in prop_oneof![Just(0.01), Just(1.0), Just(10.0)],
     ) {
-        let mut rng = case_rng(seed);
+        let mut rng = SeededRng::new(seed);
         let d = *shape.last().unwrap();
-        let x = rng.randn(&shape, std, dt, &CPU).unwrap();
-        let w = rng.randn(&[d], 1.0, dt, &CPU).unwrap();
+        let x = rng.randn(&shape, std, dt);
+        let w = rng.randn(&[d], 1.0, dt);
         let mut inputs = vec![x];
         if weight {
             inputs.push(w);
@@ -170,7 +170,7 @@ proptest! {
             check_empty(&y, &shape, dt);
             return Ok(());
         }
-        let probe = rng.randn(&shape, 1.0, dt, &CPU).unwrap();
+        let probe = rng.randn(&shape, 1.0, dt);
         let f = |a: &[Tensor]| -> Result<Vec<Tensor>> { Ok(vec![poisoned().rms_norm(&a[0], a.get(1), eps)?]) };
         let r = |a: &[Tensor]| -> Result<Vec<Tensor>> {
             Ok(vec![reference::rms_norm(&a[0], a.get(1), eps)?])
@@ -191,12 +191,12 @@ proptest! {
         eps in prop_oneof![Just(1e-6), Just(1e-5), Just(1e-2)],
         std in prop_oneof![Just(0.01), Just(1.0), Just(10.0)],
     ) {
-        let mut rng = case_rng(seed);
+        let mut rng = SeededRng::new(seed);
         let d = *shape.last().unwrap();
         let inputs = [
-            rng.randn(&shape, std, dt, &CPU).unwrap(),
-            rng.randn(&shape, std, dt, &CPU).unwrap(),
-            rng.randn(&[d], 1.0, dt, &CPU).unwrap(),
+            rng.randn(&shape, std, dt),
+            rng.randn(&shape, std, dt),
+            rng.randn(&[d], 1.0, dt),
         ];
         if is_empty(&shape) {
             let (n, s) = poisoned().add_rms_norm(&inputs[0], &inputs[1], &inputs[2], eps).unwrap();
@@ -204,7 +204,7 @@ proptest! {
             check_empty(&s, &shape, dt);
             return Ok(());
         }
-        let probes = [rng.randn(&shape, 1.0, dt, &CPU).unwrap(), rng.randn(&shape, 1.0, dt, &CPU).unwrap()];
+        let probes = [rng.randn(&shape, 1.0, dt), rng.randn(&shape, 1.0, dt)];
         let f = |a: &[Tensor]| -> Result<Vec<Tensor>> {
             let (n, s) = poisoned().add_rms_norm(&a[0], &a[1], &a[2], eps)?;
             Ok(vec![n, s])

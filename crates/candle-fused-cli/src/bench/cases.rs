@@ -7,7 +7,9 @@
 //! `--quick` is a few small shapes (under a minute on a CPU).
 //!
 //! LoRA ([`lora_shapes`]) has the (M, K, N, r) list on CUDA; the CPU runs the two
-//! small ones plus a 1024³ case.
+//! small ones plus a 1024³ case. The losses ([`ce_shapes`], [`lce_shapes`]): the issue's
+//! 8192 tokens with Llama 3's (4096 × 128256) and Qwen2.5-0.5B's (896 × 151936) heads on CUDA,
+//! scaled down on the CPU.
 
 use candle_core::DType::{self, BF16, F32};
 
@@ -121,5 +123,37 @@ pub fn mem_cases(family: &str, scope: Scope) -> Vec<MemCase> {
             })
             .collect(),
         _ => vec![],
+    }
+}
+
+/// Shapes `[N, V]` and dtypes of `cross_entropy` (logits of the linear cross-entropy shapes).
+pub fn ce_shapes(scope: Scope) -> Vec<([usize; 2], DType)> {
+    match (scope.cuda, scope.quick) {
+        (true, false) => vec![
+            ([8192, 128256], BF16),
+            ([8192, 151936], BF16),
+            ([4096, 32000], F32),
+        ],
+        (true, true) => vec![([4096, 32000], BF16)],
+        (false, false) => vec![
+            ([1024, 32000], F32),
+            ([512, 32000], BF16),
+            ([64, 128256], BF16),
+        ],
+        (false, true) => vec![([64, 32000], F32)],
+    }
+}
+
+/// Shapes `[N, H, V]` and dtypes of `linear_cross_entropy`: tokens × hidden × vocabulary.
+pub fn lce_shapes(scope: Scope) -> Vec<([usize; 3], DType)> {
+    match (scope.cuda, scope.quick) {
+        (true, false) => vec![([8192, 4096, 128256], BF16), ([8192, 896, 151936], BF16)],
+        (true, true) => vec![([2048, 896, 151936], BF16)],
+        (false, false) => vec![
+            ([1024, 256, 16384], F32),
+            ([2048, 128, 32000], F32),
+            ([256, 256, 32000], BF16),
+        ],
+        (false, true) => vec![([256, 64, 4096], F32)],
     }
 }

@@ -10,12 +10,21 @@
 //! empty inputs and give a clear `Err` naming the op and the argument for bad input.
 
 mod add_rms_norm;
+mod cross_entropy;
+mod linear_cross_entropy;
 mod lora;
+mod matmul;
 mod rms_norm;
 mod softmax;
 
 pub use add_rms_norm::{add_rms_norm, add_rms_norm_backward};
+pub use cross_entropy::{cross_entropy, cross_entropy_backward, CrossEntropyConfig, Reduction};
+pub use linear_cross_entropy::{
+    default_chunk as linear_cross_entropy_chunk, linear_cross_entropy,
+    linear_cross_entropy_forward_backward, LinearCrossEntropy,
+};
 pub(crate) use lora::check as check_lora;
 pub use lora::{linear, lora_linear, lora_linear_backward, LoraGrads};
+pub use matmul::matmul;
 pub use rms_norm::{rms_norm, rms_norm_backward};
 pub use softmax::{masked_softmax, softmax_backward, softmax_last_dim};

@@ -2,12 +2,15 @@
 //! (`candle_fused_testkit::asserts`), the op-specific floors live here (`rms.rs`, `softmax.rs`).
 #![allow(dead_code)]
 
+mod loss;
 mod rms;
 mod softmax;
 
 // Not every suite uses every helper.
 #[allow(unused_imports)]
 pub use candle_fused_testkit::asserts::*;
+#[allow(unused_imports)]
+pub use loss::*;
 #[allow(unused_imports)]
 pub use rms::*;
 #[allow(unused_imports)]
@@ -23,7 +26,53 @@ pub fn proptest_config(cases: u32) -> proptest::test_runner::Config {
     }
 }
 
-/// A generator of the values of one property-test case, from the case's own seed.
-pub fn case_rng(seed: u64) -> candle_fused_testkit::rng::Rng {
-    candle_fused_testkit::rng::Rng::new(seed)
+/// A seeded generator of CPU test tensors: the testkit's [`Rng`](candle_fused_testkit::rng::Rng)
+/// drawing on the CPU, with the seed a property-test case (or [`fresh_seed`]) gives it.
+pub struct SeededRng(pub candle_fused_testkit::rng::Rng);
+
+impl SeededRng {
+    pub fn new(seed: u64) -> Self {
+        Self(candle_fused_testkit::rng::Rng::new(seed))
+    }
+
+    /// Uniform in `[0, 1)`.
+    pub fn uniform(&mut self) -> f64 {
+        self.0.uniform()
+    }
+
+    /// Standard normal.
+    pub fn normal(&mut self) -> f64 {
+        self.0.normal()
+    }
+
+    /// `N(0, std²)` values of `shape` in `dt`.
+    pub fn randn(
+        &mut self,
+        shape: &[usize],
+        std: f64,
+        dt: candle_core::DType,
+    ) -> candle_core::Tensor {
+        self.0.randn(shape, std, dt, &CPU).unwrap()
+    }
+
+    /// Uniform values in `[lo, hi)` in `dt`.
+    pub fn rand(
+        &mut self,
+        shape: &[usize],
+        lo: f64,
+        hi: f64,
+        dt: candle_core::DType,
+    ) -> candle_core::Tensor {
+        self.0.rand(shape, lo, hi, dt, &CPU).unwrap()
+    }
+
+    /// An additive mask: `N(0, 1)` values, each `-inf` with probability `p_hide`.
+    pub fn mask(
+        &mut self,
+        shape: &[usize],
+        p_hide: f64,
+        dt: candle_core::DType,
+    ) -> candle_core::Tensor {
+        self.0.mask(shape, p_hide, dt, &CPU).unwrap()
+    }
 }

@@ -544,3 +544,41 @@ fn nan_in_fully_masked_row_is_nan_on_gpu() {
     assert!(y[0].iter().all(|v| v.is_nan()), "{y:?}");
     assert!(y[1].iter().all(|v| v.is_finite()), "{y:?}");
 }
+
+mod cross_entropy;
+mod linear_cross_entropy;
+
+#[test]
+fn cross_entropy_sweep() {
+    cross_entropy::sweep_vs_reference_and_cpu()
+}
+
+#[test]
+fn cross_entropy_misaligned_and_many_rows() {
+    cross_entropy::misaligned_and_many_rows()
+}
+
+#[test]
+fn cross_entropy_deterministic_and_device_mismatch() {
+    cross_entropy::deterministic_and_device_mismatch()
+}
+
+#[test]
+fn linear_cross_entropy_sweep() {
+    linear_cross_entropy::sweep_vs_reference_and_cpu()
+}
+
+#[test]
+fn linear_cross_entropy_large_shapes() {
+    linear_cross_entropy::large_shapes_vs_composed_f64()
+}
+
+#[test]
+fn linear_cross_entropy_memory() {
+    linear_cross_entropy::memory_is_chunk_sized()
+}
+
+#[test]
+fn linear_cross_entropy_device_mismatch() {
+    linear_cross_entropy::device_mismatch()
+}
