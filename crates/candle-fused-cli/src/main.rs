@@ -57,7 +57,7 @@ enum Cmd {
         #[arg(long)]
         quick: bool,
         /// Only these op families (comma-separated): softmax, masked_softmax, rms_norm,
-        /// add_rms_norm, lora_linear.
+        /// add_rms_norm, lora_linear, rope, glu.
         #[arg(long, value_delimiter = ',')]
         op: Option<Vec<String>>,
     },

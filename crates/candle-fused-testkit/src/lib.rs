@@ -3,5 +3,6 @@
 //! correctness sweep ([`check`]) that `candle-fused check` prints.
 
 pub mod check;
+pub mod check_rope_glu;
 pub mod reference;
 pub mod testing;

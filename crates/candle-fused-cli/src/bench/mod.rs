@@ -7,7 +7,8 @@
 //!
 //! Layout: [`timing`] (median timer, CUDA events, copy bandwidth), [`cases`] (the shapes),
 //! [`memops`] (inputs, bytes and implementations of the memory-bound ops), [`lora`] (the
-//! LoRA linear: flops, bytes, impls), [`report`] (rows, tables, JSON).
+//! LoRA linear: flops, bytes, impls), [`rope_glu`] (RoPE, SwiGLU/GeGLU), [`report`] (rows,
+//! tables, JSON).
 //!
 //! ## Adding an op family (as [`lora`] does)
 //! Write `src/bench/<family>.rs` with a type implementing [`Family`] (its `run` builds random
@@ -19,6 +20,7 @@ pub mod cases;
 pub mod lora;
 pub mod memops;
 pub mod report;
+pub mod rope_glu;
 pub mod timing;
 
 use candle_core::{Device, Result};
@@ -68,6 +70,8 @@ pub fn families() -> Vec<Box<dyn Family>> {
         Box::new(MemFamily("rms_norm")),
         Box::new(MemFamily("add_rms_norm")),
         Box::new(lora::LoraFamily),
+        Box::new(rope_glu::RopeGluFamily("rope")),
+        Box::new(rope_glu::RopeGluFamily("glu")),
     ]
 }
 

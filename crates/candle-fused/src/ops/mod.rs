@@ -19,7 +19,5 @@ pub use add_rms_norm::{add_rms_norm, add_rms_norm_backward};
 pub use glu::{glu, glu_backward, glu_packed, glu_packed_backward, swiglu, GluKind};
 pub use lora::{lora_linear, lora_linear_backward, lora_linear_composed, LoraGrads};
 pub use rms_norm::{rms_norm, rms_norm_backward};
-pub use rope::{
-    rope, rope_backward, RopeConfig, RopeLayout, RopeScaling, RopeStyle, RopeTable,
-};
+pub use rope::{rope, rope_backward, RopeConfig, RopeLayout, RopeScaling, RopeStyle, RopeTable};
 pub use softmax::{masked_softmax, softmax_backward, softmax_last_dim};

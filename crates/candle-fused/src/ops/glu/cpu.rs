@@ -89,7 +89,8 @@ fn on_acc<T: Elem, const N: usize, const M: usize>(
         {
             let i: [&[T::A]; N] = std::array::from_fn(|k| &ib[k][..len]);
             let mut it = ob.iter_mut();
-            let o: [&mut [T::A]; M] = std::array::from_fn(|_| &mut it.next().expect("M blocks")[..len]);
+            let o: [&mut [T::A]; M] =
+                std::array::from_fn(|_| &mut it.next().expect("M blocks")[..len]);
             f(i, o);
         }
         for (s, b) in outs.iter_mut().zip(&ob) {
@@ -99,7 +100,11 @@ fn on_acc<T: Elem, const N: usize, const M: usize>(
     }
 }
 
-pub(crate) fn forward(k: &GluFwd, cfg: &KernelConfig, ins: &Inputs<CpuStorage>) -> Result<Vec<CpuStorage>> {
+pub(crate) fn forward(
+    k: &GluFwd,
+    cfg: &KernelConfig,
+    ins: &Inputs<CpuStorage>,
+) -> Result<Vec<CpuStorage>> {
     let (s, _) = ins.get(0)?;
     dispatch!(ins.op(), s.dtype(), |T| match k.kind {
         GluKind::SwiGlu => forward_t::<T, false>(k, cfg, ins),
@@ -122,7 +127,11 @@ fn forward_t<T: Elem, const GELU: bool>(
         let (us, ul) = ins.get(1)?;
         (last, Some(cpu::slice::<T>(op, "up", us, ul)?))
     };
-    let rows = if k.packed { g.len() / (2 * i) } else { g.len() / i };
+    let rows = if k.packed {
+        g.len() / (2 * i)
+    } else {
+        g.len() / i
+    };
     let mut y = cpu::alloc::<T>(rows * i, cfg.poison);
     cpu::par_rows(&cfg.cpu, rows, [&mut y], [i], |r, [yo]| match u {
         // Two tensors: the task's rows are one contiguous span.
@@ -135,14 +144,20 @@ fn forward_t<T: Elem, const GELU: bool>(
         None => {
             for (row, yr) in r.zip(yo.chunks_exact_mut(i)) {
                 let (gr, ur) = g[row * 2 * i..(row + 1) * 2 * i].split_at(i);
-                on_acc::<T, 2, 1>([gr, ur], [yr], |[g, u], [y]| fwd_span::<T::A, GELU>(g, u, y))
+                on_acc::<T, 2, 1>([gr, ur], [yr], |[g, u], [y]| {
+                    fwd_span::<T::A, GELU>(g, u, y)
+                })
             }
         }
     });
     Ok(vec![T::to_cpu_storage_owned(y)])
 }
 
-pub(crate) fn backward(k: &GluBwd, cfg: &KernelConfig, ins: &Inputs<CpuStorage>) -> Result<Vec<CpuStorage>> {
+pub(crate) fn backward(
+    k: &GluBwd,
+    cfg: &KernelConfig,
+    ins: &Inputs<CpuStorage>,
+) -> Result<Vec<CpuStorage>> {
     let (s, _) = ins.get(0)?;
     dispatch!(ins.op(), s.dtype(), |T| match k.kind {
         GluKind::SwiGlu => backward_t::<T, false>(k, cfg, ins),
@@ -182,13 +197,22 @@ fn backward_t<T: Elem, const GELU: bool>(
     let rows = g.len() / last;
     let mut dg = cpu::alloc::<T>(g.len(), cfg.poison);
     let mut du = cpu::alloc::<T>(g.len(), cfg.poison);
-    cpu::par_rows(&cfg.cpu, rows, [&mut dg, &mut du], [last, last], |r, [a, b]| {
-        let span = r.start * last..r.end * last;
-        on_acc::<T, 3, 2>(
-            [&g[span.clone()], &u[span.clone()], &dy[span]],
-            [a, b],
-            |[g, u, d], [a, b]| bwd_span::<T::A, GELU>(g, u, d, a, b),
-        )
-    });
-    Ok(vec![T::to_cpu_storage_owned(dg), T::to_cpu_storage_owned(du)])
+    cpu::par_rows(
+        &cfg.cpu,
+        rows,
+        [&mut dg, &mut du],
+        [last, last],
+        |r, [a, b]| {
+            let span = r.start * last..r.end * last;
+            on_acc::<T, 3, 2>(
+                [&g[span.clone()], &u[span.clone()], &dy[span]],
+                [a, b],
+                |[g, u, d], [a, b]| bwd_span::<T::A, GELU>(g, u, d, a, b),
+            )
+        },
+    );
+    Ok(vec![
+        T::to_cpu_storage_owned(dg),
+        T::to_cpu_storage_owned(du),
+    ])
 }

@@ -104,7 +104,12 @@ fn check_pair(op: &str, gate: &Tensor, up: &Tensor) -> Result<()> {
     validate::rank_ge1(op, "gate", gate)?;
     validate::float_dtype(op, "gate", gate)?;
     if up.dtype() != gate.dtype() {
-        fail!(op, "up has dtype {:?}, expected {:?} (the dtype of gate)", up.dtype(), gate.dtype())
+        fail!(
+            op,
+            "up has dtype {:?}, expected {:?} (the dtype of gate)",
+            up.dtype(),
+            gate.dtype()
+        )
     }
     if !up.device().same_device(gate.device()) {
         fail!(
@@ -137,7 +142,12 @@ fn check_packed(op: &str, gate_up: &Tensor) -> Result<Shape> {
 /// `dy` against the forward's output shape and the dtype/device of `like`.
 fn check_dy(op: &str, dy: &Tensor, like: &Tensor, y_shape: &Shape) -> Result<()> {
     if dy.dtype() != like.dtype() {
-        fail!(op, "dy has dtype {:?}, expected {:?}", dy.dtype(), like.dtype())
+        fail!(
+            op,
+            "dy has dtype {:?}, expected {:?}",
+            dy.dtype(),
+            like.dtype()
+        )
     }
     if !dy.device().same_device(like.device()) {
         fail!(
@@ -187,7 +197,12 @@ fn backward_packed(
         kind,
         packed: true,
     };
-    seam::run1(&k, cfg, &[Some(gate_up), None, Some(dy)], gate_up.shape().clone())
+    seam::run1(
+        &k,
+        cfg,
+        &[Some(gate_up), None, Some(dy)],
+        gate_up.shape().clone(),
+    )
 }
 
 impl Kernels {
@@ -255,7 +270,12 @@ impl Kernels {
     }
 
     /// [`glu_packed_backward`] with this handle's configuration.
-    pub fn glu_packed_backward(&self, kind: GluKind, gate_up: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    pub fn glu_packed_backward(
+        &self,
+        kind: GluKind,
+        gate_up: &Tensor,
+        dy: &Tensor,
+    ) -> Result<Tensor> {
         const OP: &str = "glu_packed_backward";
         let shape = check_packed(OP, gate_up)?;
         check_dy(OP, dy, gate_up, &shape)?;
@@ -284,7 +304,12 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 
 /// The GLU backward on its own: from `gate`, `up` and the output gradient `dy`, returns
 /// `(dgate, dup)`. The same kernel the autograd closure of [`glu`] runs.
-pub fn glu_backward(kind: GluKind, gate: &Tensor, up: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+pub fn glu_backward(
+    kind: GluKind,
+    gate: &Tensor,
+    up: &Tensor,
+    dy: &Tensor,
+) -> Result<(Tensor, Tensor)> {
     Kernels::default().glu_backward(kind, gate, up, dy)
 }
 

@@ -13,7 +13,11 @@ use crate::cpu::{self, dispatch, Acc, Elem};
 use crate::seam::Inputs;
 use crate::validate::fail;
 
-pub(crate) fn run(k: &Rope, cfg: &KernelConfig, ins: &Inputs<CpuStorage>) -> Result<Vec<CpuStorage>> {
+pub(crate) fn run(
+    k: &Rope,
+    cfg: &KernelConfig,
+    ins: &Inputs<CpuStorage>,
+) -> Result<Vec<CpuStorage>> {
     let (xs, _) = ins.get(0)?;
     dispatch!(ins.op(), xs.dtype(), |T| run_t::<T>(k, cfg, ins))
 }
@@ -46,7 +50,11 @@ fn positions(op: &str, s: &CpuStorage, l: &Layout, n_pos: usize) -> Result<Vec<u
     }
 }
 
-fn run_t<T: Elem>(k: &Rope, cfg: &KernelConfig, ins: &Inputs<CpuStorage>) -> Result<Vec<CpuStorage>> {
+fn run_t<T: Elem>(
+    k: &Rope,
+    cfg: &KernelConfig,
+    ins: &Inputs<CpuStorage>,
+) -> Result<Vec<CpuStorage>> {
     let op = ins.op();
     let (xs, xl) = ins.get(0)?;
     let (cs, cl) = ins.get(1)?;
@@ -120,11 +128,8 @@ fn rotate<A: Acc>(style: RopeStyle, sign: f64, x: &[A], y: &mut [A], c: &[f32], 
         RopeStyle::Interleaved => {
             let (xr, xp) = x.split_at(2 * half);
             let (yr, yp) = y.split_at_mut(2 * half);
-            for (((yo, xi), &cv), &sv) in yr
-                .chunks_exact_mut(2)
-                .zip(xr.chunks_exact(2))
-                .zip(c)
-                .zip(s)
+            for (((yo, xi), &cv), &sv) in
+                yr.chunks_exact_mut(2).zip(xr.chunks_exact(2)).zip(c).zip(s)
             {
                 let (cv, sv) = (w(cv), w(sv) * sg);
                 yo[0] = xi[0] * cv - xi[1] * sv;

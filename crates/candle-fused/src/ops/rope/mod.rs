@@ -189,10 +189,19 @@ impl Rope {
         table: &RopeTable,
         positions: &Tensor,
     ) -> Result<candle_core::Storage> {
-        let ins = [Some(x), Some(table.cos()), Some(table.sin()), Some(positions)];
+        let ins = [
+            Some(x),
+            Some(table.cos()),
+            Some(table.sin()),
+            Some(positions),
+        ];
         let mut out = seam::run(self, cfg, &ins)?;
         if out.len() != 1 {
-            fail!(self.name, "internal: the kernel returned {} outputs", out.len())
+            fail!(
+                self.name,
+                "internal: the kernel returned {} outputs",
+                out.len()
+            )
         }
         Ok(out.remove(0))
     }
@@ -201,7 +210,14 @@ impl Rope {
 /// The arguments' checks (named `arg` in messages: `x` or `dy`): rank 4 float, the table's
 /// head dim and device, positions of dtype u32/i64 and shape `[T]` or `[B, T]`; on a GPU
 /// also the positions' range.
-fn check(op: &str, arg: &str, x: &Tensor, table: &RopeTable, positions: &Tensor, layout: RopeLayout) -> Result<()> {
+fn check(
+    op: &str,
+    arg: &str,
+    x: &Tensor,
+    table: &RopeTable,
+    positions: &Tensor,
+    layout: RopeLayout,
+) -> Result<()> {
     validate::float_dtype(op, arg, x)?;
     let Ok((d0, d1, d2, d)) = x.dims4() else {
         fail!(

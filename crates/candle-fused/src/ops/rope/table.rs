@@ -176,7 +176,11 @@ impl RopeConfig {
                 pos("beta_fast", beta_fast)?;
                 pos("beta_slow", beta_slow)?;
                 if self.theta <= 1.0 {
-                    fail!(OP, "yarn scaling needs theta > 1 (it divides by ln theta), got {}", self.theta)
+                    fail!(
+                        OP,
+                        "yarn scaling needs theta > 1 (it divides by ln theta), got {}",
+                        self.theta
+                    )
                 }
                 for (name, v) in [("mscale", mscale), ("mscale_all_dim", mscale_all_dim)] {
                     if let Some(v) = v {
@@ -207,7 +211,10 @@ impl RopeConfig {
         Ok(match self.scaling {
             None => (default(self.theta), 1.0),
             Some(RopeScaling::Linear { factor }) => (
-                default(self.theta).into_iter().map(|f| f / factor).collect(),
+                default(self.theta)
+                    .into_iter()
+                    .map(|f| f / factor)
+                    .collect(),
                 1.0,
             ),
             Some(RopeScaling::Dynamic {
@@ -271,7 +278,13 @@ impl RopeConfig {
                         f / factor * (1.0 - e) + f * e
                     })
                     .collect();
-                let m = |s: f64, k: f64| if s <= 1.0 { 1.0 } else { 0.1 * k * s.ln() + 1.0 };
+                let m = |s: f64, k: f64| {
+                    if s <= 1.0 {
+                        1.0
+                    } else {
+                        0.1 * k * s.ln() + 1.0
+                    }
+                };
                 let a = match (attention_factor, mscale, mscale_all_dim) {
                     (Some(a), _, _) => a,
                     (None, Some(ms), Some(ma)) if ms != 0.0 && ma != 0.0 => {
