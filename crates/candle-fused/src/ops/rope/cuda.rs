@@ -109,6 +109,7 @@ fn run_t<T: CudaDType + DeviceRepr>(
     let sms = DeviceInfo::of(dev)?.sms as usize;
     let hpt = heads_per_thread(&g, units, sms);
     let by = (256 / units).max(1);
+    let (ob, oh, ot) = g.out_strides(k.layout);
     let geom = RopeGeom {
         b: g.b as i64,
         h: g.h as i64,
@@ -118,9 +119,9 @@ fn run_t<T: CudaDType + DeviceRepr>(
         sb: g.sb as i64,
         sh: g.sh as i64,
         st: g.st as i64,
-        ob: g.ob as i64,
-        oh: g.oh as i64,
-        ot: g.ot as i64,
+        ob: ob as i64,
+        oh: oh as i64,
+        ot: ot as i64,
         pos_b: g.pos_b as i64,
         n_pos: g.n_pos as i64,
         rot_units: rot_units as i64,

@@ -105,10 +105,6 @@ pub(crate) struct Geom {
     pub sh: usize,
     pub st: usize,
     pub off: usize,
-    /// Strides of the contiguous output over (b, h, t).
-    pub ob: usize,
-    pub oh: usize,
-    pub ot: usize,
     /// Stride of the positions over b: 0 for `[T]`, `T` for `[B, T]`.
     pub pos_b: usize,
     /// Rows of the table.
@@ -125,9 +121,9 @@ impl Geom {
             )
         }
         let (d0, d1, d2, d) = (dims[0], dims[1], dims[2], dims[3]);
-        let (b, h, t, sb, sh, stt, ob, oh, ot) = match k.layout {
-            RopeLayout::Bhtd => (d0, d1, d2, st[0], st[1], st[2], d1 * d2 * d, d2 * d, d),
-            RopeLayout::Bthd => (d0, d2, d1, st[0], st[2], st[1], d1 * d2 * d, d, d2 * d),
+        let (b, h, t, sb, sh, stt) = match k.layout {
+            RopeLayout::Bhtd => (d0, d1, d2, st[0], st[1], st[2]),
+            RopeLayout::Bthd => (d0, d2, d1, st[0], st[2], st[1]),
         };
         Ok(Self {
             b,
@@ -139,12 +135,19 @@ impl Geom {
             sh,
             st: stt,
             off: xl.start_offset(),
-            ob,
-            oh,
-            ot,
             pos_b: if pl.dims().len() == 2 { t } else { 0 },
             n_pos: cl.dims()[0],
         })
+    }
+
+    /// Strides of the contiguous output over (b, h, t).
+    #[cfg(feature = "cuda")]
+    pub fn out_strides(&self, layout: RopeLayout) -> (usize, usize, usize) {
+        let (h, t, d) = (self.h, self.t, self.d);
+        match layout {
+            RopeLayout::Bhtd => (h * t * d, t * d, d),
+            RopeLayout::Bthd => (t * h * d, d, h * d),
+        }
     }
 
     /// Rows (head vectors) of the output.
