@@ -47,15 +47,16 @@ pub(crate) fn run(
 }
 
 /// Heads per thread: up to 8 (the table entries are loaded once for all of them), fewer when
-/// that would leave less than one full wave of threads on the GPU; at least 2 when there are
-/// two heads (the table bytes per pair equal a bf16 pair's).
+/// that would leave fewer than 1024 threads per SM (each thread keeps several 16-byte loads
+/// in flight, so half the SM's threads cover the memory latency); at least 2 when there are
+/// two heads (the f32 table bytes per pair equal a bf16 pair's). Not measured yet on a GPU.
 fn heads_per_thread(g: &Geom, units: usize, sms: usize) -> usize {
     if g.h <= 1 {
         return 1;
     }
     let threads = |hpt: usize| g.b * g.t * units * g.h.div_ceil(hpt);
     let mut hpt = 8;
-    while hpt > 2 && threads(hpt) < sms * 2048 {
+    while hpt > 2 && threads(hpt) < sms * 1024 {
         hpt /= 2;
     }
     hpt
