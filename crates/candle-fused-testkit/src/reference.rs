@@ -101,7 +101,6 @@ pub fn rope(
         RopeLayout::Bhtd => (d0, d2),
         RopeLayout::Bthd => (d0, d1),
     };
-    let _ = d2;
     let pb = if positions.rank() == 2 { b } else { 1 };
     let gather = |tab: &Tensor| -> Result<Tensor> {
         let g = tab

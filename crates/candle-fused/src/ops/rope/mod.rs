@@ -237,7 +237,6 @@ fn check(
         RopeLayout::Bhtd => (d0, d2),
         RopeLayout::Bthd => (d0, d1),
     };
-    let _ = d2;
     let c = table.config();
     if d != c.head_dim {
         fail!(
