@@ -34,6 +34,22 @@ s = 2.0, no bias; passes fwd, bwd and fwd+bwd, like the Rust bench):
   fwd+bwd: x, A, B require grad (torch_base: x only), W does not; loss = sum(y * probe),
   torch.autograd.grad(loss, [x, A, B]). Flops and bytes as in crates/candle-fused-cli/src/bench/lora.rs.
 
+Cross-entropy (family cross_entropy, logits [N, V], a tenth of the targets ignored, mean;
+passes fwd, bwd, fwd+bwd with the bytes of crates/candle-fused-cli/src/bench/loss.rs):
+  torch_eager    F.cross_entropy(x, t)
+  torch_compile  the same through torch.compile(dynamic=False)
+  liger_ce       liger_kernel's LigerCrossEntropyLoss (when the package imports; it writes the
+                 gradient into its input logits during the forward, so the input set is reused
+                 with those values: timing only)
+Linear + cross-entropy (family linear_cross_entropy, shape [N, H, V], h [N, H], w [V, H];
+passes fwd, fwd+bwd (frozen head: grad of h), fwd+bwd+dw (grads of h and w)):
+  torch_eager    F.cross_entropy(h @ w.T, t)
+  torch_compile  the same through torch.compile(dynamic=False)
+  liger_flce     liger_kernel's LigerFusedLinearCrossEntropyLoss (when it imports)
+  torch_base     the GEMMs alone: h @ w.T; then L @ w (and L.T @ h for +dw)
+  TFLOP/s: 2NHV per GEMM (fwd 1, fwd+bwd 2, fwd+bwd+dw 3); peak_mib: torch.cuda's peak
+  allocation of one call above what was allocated before (CUDA only).
+
 RoPE (families rope: ops rope = [B, H, T, D] half-split, rope_bthd = [B, T, H, D],
 rope_interleaved; theta 1e4, a table of 8192 positions, positions offset..offset+T, like the
 Rust bench): cos/sin gathered at the positions before timing (HF computes them once per forward
@@ -59,7 +75,11 @@ sets (>= 128 MiB in all) so the 50 MB L2 does not hold them; inputs are random, 
 The script measures the copy bandwidth itself (dst.copy_(src), 1 GiB, bytes read + written)
 before and after the ops and uses the higher value for % copy, like the Rust bench.
 
-`--device cpu` exists only to try the script on a machine without a GPU (wall clock timing).
+matmul (shape [M, K, N]): torch_eager = F.linear(x, W), x [M, K], W [N, K], fwd only.
+
+`--device cpu`: wall clock timing, torch's intra-op threads (torch.get_num_threads(); the
+Rust bench uses all of rayon's threads, the same count on the same machine); the same rows as
+the Rust CPU bench, merged with it by scripts/merge_bench.py.
 """
 
 import argparse
@@ -145,7 +165,35 @@ LORA_SHAPES = {
 }
 LORA_SCALE = 2.0  # crates/candle-fused-cli/src/bench/lora.rs::SCALE
 
-FAMILIES = ["softmax", "masked_softmax", "rms_norm", "add_rms_norm", "lora_linear", "rope", "glu"]
+# The loss shapes of crates/candle-fused-cli/src/bench/cases.rs::{ce_shapes, lce_shapes} (keep in
+# sync): cross_entropy [N, V], linear_cross_entropy [N, H, V].
+CE_SHAPES = {
+    ("cuda", False): [([8192, 128256], "bf16"), ([8192, 151936], "bf16"), ([4096, 32000], "f32")],
+    ("cuda", True): [([4096, 32000], "bf16")],
+    ("cpu", False): [([1024, 32000], "f32"), ([512, 32000], "bf16"), ([64, 128256], "bf16")],
+    ("cpu", True): [([64, 32000], "f32")],
+}
+LCE_SHAPES = {
+    ("cuda", False): [([8192, 4096, 128256], "bf16"), ([8192, 896, 151936], "bf16")],
+    ("cuda", True): [([2048, 896, 151936], "bf16")],
+    ("cpu", False): [([1024, 256, 16384], "f32"), ([2048, 128, 32000], "f32"),
+                     ([256, 256, 32000], "bf16")],
+    ("cpu", True): [([256, 64, 4096], "f32")],
+}
+
+
+# The matmul shapes [M, K, N] of crates/candle-fused-cli/src/bench/gemm.rs::gemm_shapes (keep in
+# sync): y = x @ W.T with W [N, K], f32 and bf16.
+_GEMM = [[1024, 512, 512], [1024, 512, 1344], [1024, 512, 8192], [4096, 1024, 1024],
+         [1, 4096, 4096]]
+_GEMM_Q = [[1024, 512, 512], [1, 4096, 4096]]
+GEMM_SHAPES = {
+    (dev, quick): [(s, dt) for dt in ("f32", "bf16") for s in (_GEMM_Q if quick else _GEMM)]
+    for dev in ("cpu", "cuda") for quick in (False, True)
+}
+
+FAMILIES = ["softmax", "masked_softmax", "rms_norm", "add_rms_norm", "lora_linear",
+            "cross_entropy", "linear_cross_entropy", "matmul", "rope", "glu"]
 
 # RoPE and GLU shapes of crates/candle-fused-cli/src/bench/cases.rs (keep in sync): (op, shape, dtype).
 ROPE_SHAPES = {
@@ -194,7 +242,8 @@ def family_of(op):
         return "rope"
     if op in GLU_OPS:
         return "glu"
-    if op in ("softmax", "rms_norm", "add_rms_norm", "lora_linear"):
+    if op in ("softmax", "rms_norm", "add_rms_norm", "lora_linear", "cross_entropy",
+              "linear_cross_entropy", "matmul"):
         return op
     return None
 
@@ -504,6 +553,26 @@ def run_mem_case(ctx, op, shape, dtype, compile_it):
     free_memory()
 
 
+# ---------------------------------------------------------------- matmul
+
+
+def run_matmul_case(ctx, op, shape, dtype, compile_it):
+    """y = F.linear(x, W) = x @ W.T, x [M, K], W [N, K] ~ N(0, 1/K), fwd only; flops 2MKN,
+    bytes e(MK + NK + MN), as crates/candle-fused-cli/src/bench/gemm.rs (impl torch_eager)."""
+    m, k, n = shape
+    e = elt_size(dtype)
+    nbytes = float(e * (m * k + n * k + m * n))
+    sets_n = sets_for(int(nbytes))
+    print(f"{op} {shape_str(shape)} {dtype} ({sets_n} input set(s))", file=sys.stderr)
+    sets = [(randn((m, k), 1.0, dtype, ctx.device), randn((n, k), 1.0 / math.sqrt(k), dtype, ctx.device))
+            for _ in range(sets_n)]
+    with torch.no_grad():
+        ctx.record(op, "fwd", shape, dtype, "torch_eager", sets_n,
+                   lambda i: F.linear(*sets[i % sets_n]), nbytes=nbytes, flops=2.0 * m * k * n)
+    del sets
+    free_memory()
+
+
 # ---------------------------------------------------------------- LoRA
 
 
@@ -689,6 +758,180 @@ def run_lora_case(ctx, op, shape, dtype, compile_it):
                  nbytes=lora_bytes(shape, dtype, impl, "bwd"),
                  flops=lora_flops(shape, impl, "bwd"))
         free_memory()
+    del sets
+    free_memory()
+
+
+# ---------------------------------------------------------------- losses
+
+
+def errstr(e):
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+
+
+def loss_targets(n, v, dev):
+    t = torch.randint(0, v, (n,), device=dev)
+    t[torch.rand(n, device=dev) < 0.1] = -100
+    return t
+
+
+def liger(name):
+    """A loss class of liger_kernel, or None when the package does not import."""
+    try:
+        import liger_kernel.transformers as lt
+        return getattr(lt, name)
+    except Exception:
+        return None
+
+
+def compiled(ctx, what, f, warm):
+    """torch.compile(f) warmed up by `warm(f_c)` (forward and backward compiled untimed), or None."""
+    if ctx.over_time():
+        ctx.notes.append(f"torch_compile skipped for {what}: past --max-seconds")
+        return None
+    try:
+        torch._dynamo.reset()
+        f_c = torch.compile(f, dynamic=False)
+        warm(f_c)
+        ctx.sync()
+        return f_c
+    except Exception as e:
+        ctx.notes.append(f"torch_compile failed for {what}: " + errstr(e))
+        free_memory()
+        return None
+
+
+def run_ce_case(ctx, op, shape, dtype, compile_it):
+    dev, (n, v) = ctx.device, shape
+    nv = n * v * elt_size(dtype)
+    k = sets_for(nv)
+    print(f"{op} {shape_str(shape)} {dtype} ({k} input set(s))", file=sys.stderr)
+    try:
+        sets = [(randn((n, v), 2.0, dtype, dev), loss_targets(n, v, dev)) for _ in range(k)]
+    except Exception as e:
+        for pas in ("fwd", "bwd", "fwd+bwd"):
+            ctx.skipped.append(dict(op=op, pass_=pas, shape=shape, dtype=dtype, impl="torch_eager",
+                                    error=errstr(e)))
+        return
+    eager = lambda x, t: F.cross_entropy(x, t, ignore_index=-100)
+    fns = [("torch_eager", eager)]
+    if compile_it:
+        def warm(f_c):
+            x = sets[0][0].detach().requires_grad_()
+            torch.autograd.grad(f_c(x, sets[0][1]), [x])
+        f_c = compiled(ctx, f"{op} {shape_str(shape)} {dtype}", eager, warm)
+        if f_c is not None:
+            fns.append(("torch_compile", f_c))
+    cls = liger("LigerCrossEntropyLoss")
+    if cls is not None and ctx.cuda:
+        lce = cls(ignore_index=-100)
+        fns.append(("liger_ce", lambda x, t: lce(x, t)))
+    for impl, f in fns:
+        with torch.no_grad():
+            ctx.record(op, "fwd", shape, dtype, impl, k, lambda i, f=f: f(*sets[i % k]), nbytes=nv)
+        try:
+            graphs = []
+            for x, t in sets:
+                xl = x.detach().clone().requires_grad_() if impl == "liger_ce" else x.detach().requires_grad_()
+                graphs.append((f(xl, t), xl))
+            ctx.record(op, "bwd", shape, dtype, impl, k,
+                       lambda i: torch.autograd.grad(graphs[i % k][0], [graphs[i % k][1]],
+                                                     retain_graph=True),
+                       nbytes=2 * nv)
+            del graphs
+        except Exception as e:
+            ctx.skipped.append(dict(op=op, pass_="bwd", shape=shape, dtype=dtype, impl=impl,
+                                    error=errstr(e)))
+        free_memory()
+
+        def fwd_bwd(i, f=f):
+            x, t = sets[i % k]
+            xl = x.detach().requires_grad_()
+            return torch.autograd.grad(f(xl, t), [xl])
+
+        ctx.record(op, "fwd+bwd", shape, dtype, impl, k, fwd_bwd, nbytes=3 * nv)
+    del sets
+    free_memory()
+
+
+def run_lce_case(ctx, op, shape, dtype, compile_it):
+    dev, (n, h, v) = ctx.device, shape
+    e = elt_size(dtype)
+    gemm = 2.0 * n * h * v
+    k = sets_for((n * h + v * h) * e)
+    print(f"{op} {shape_str(shape)} {dtype} ({k} input set(s))", file=sys.stderr)
+    try:
+        sets = [(randn((n, h), 1.0, dtype, dev), randn((v, h), 1.0 / math.sqrt(h), dtype, dev),
+                 loss_targets(n, v, dev)) for _ in range(k)]
+    except Exception as ex:
+        ctx.skipped.append(dict(op=op, pass_="fwd", shape=shape, dtype=dtype, impl="torch_eager",
+                                error=errstr(ex)))
+        return
+    eager = lambda x, w, t: F.cross_entropy(x @ w.T, t, ignore_index=-100)
+    fns = [("torch_eager", eager)]
+    if compile_it:
+        def warm(f_c):
+            x = sets[0][0].detach().requires_grad_()
+            w = sets[0][1].detach().requires_grad_()
+            torch.autograd.grad(f_c(x, w, sets[0][2]), [x, w])
+        f_c = compiled(ctx, f"{op} {shape_str(shape)} {dtype}", eager, warm)
+        if f_c is not None:
+            fns.append(("torch_compile", f_c))
+    cls = liger("LigerFusedLinearCrossEntropyLoss")
+    if cls is not None and ctx.cuda:
+        fl = cls(ignore_index=-100)
+        fns.append(("liger_flce", lambda x, w, t: fl(w, x, t)))
+
+    def gemms(x, w, dw):
+        logits = x @ w.T
+        out = [logits @ w]
+        if dw:
+            out.append(logits.T @ x)
+        return out
+
+    passes = [("fwd", 1, e * (n * h + v * h)), ("fwd+bwd", 2, e * (2 * n * h + v * h)),
+              ("fwd+bwd+dw", 3, e * (2 * n * h + 2 * v * h))]
+    for pas, g, nbytes in passes:
+        dw = pas == "fwd+bwd+dw"
+        for impl, f in fns + [("torch_base", None)]:
+            if pas == "fwd":
+                if f is None:
+                    call = lambda i: sets[i % k][0] @ sets[i % k][1].T
+                else:
+                    call = lambda i, f=f: f(*sets[i % k])
+                with torch.no_grad():
+                    ctx.record(op, pas, shape, dtype, impl, k, call, nbytes=nbytes, flops=gemm * g)
+                continue
+            if f is None:
+                call = lambda i, dw=dw: gemms(sets[i % k][0], sets[i % k][1], dw)
+            else:
+                def call(i, f=f, dw=dw):
+                    x, w, t = sets[i % k]
+                    xl = x.detach().requires_grad_()
+                    wl = w.detach().requires_grad_() if dw else w
+                    return torch.autograd.grad(f(xl, wl, t), [xl, wl] if dw else [xl])
+            if f is None:
+                with torch.no_grad():
+                    ctx.record(op, pas, shape, dtype, impl, k, call, nbytes=nbytes, flops=gemm * g)
+            else:
+                ctx.record(op, pas, shape, dtype, impl, k, call, nbytes=nbytes, flops=gemm * g)
+            if ctx.cuda and ctx.rows and ctx.rows[-1]["impl"] == impl and ctx.rows[-1]["pass_"] == pas:
+                try:
+                    free_memory()
+                    ctx.sync()
+                    torch.cuda.reset_peak_memory_stats(dev)
+                    base = torch.cuda.memory_allocated(dev)
+                    if f is None:
+                        with torch.no_grad():
+                            r = call(0)
+                    else:
+                        r = call(0)
+                    ctx.sync()
+                    ctx.rows[-1]["peak_mib"] = (torch.cuda.max_memory_allocated(dev) - base) / 2**20
+                    del r
+                except Exception as ex:
+                    ctx.notes.append(f"peak memory of {impl} {op} {pas}: " + errstr(ex))
+            free_memory()
     del sets
     free_memory()
 
@@ -901,6 +1144,12 @@ def default_cases(dev_type, quick):
             out += [(name, shape, dt) for shape, dt, name in ATTN_SHAPES[(dev_type, quick)]]
         elif op == "lora_linear":
             out += [(op, shape, dt) for shape, dt in LORA_SHAPES[(dev_type, quick)]]
+        elif op == "cross_entropy":
+            out += [(op, shape, dt) for shape, dt in CE_SHAPES[(dev_type, quick)]]
+        elif op == "linear_cross_entropy":
+            out += [(op, shape, dt) for shape, dt in LCE_SHAPES[(dev_type, quick)]]
+        elif op == "matmul":
+            out += [(op, shape, dt) for shape, dt in GEMM_SHAPES[(dev_type, quick)]]
         elif op == "rope":
             out += [tuple(c) for c in ROPE_SHAPES[(dev_type, quick)]]
         elif op == "glu":
@@ -950,7 +1199,7 @@ def main():
     ap.add_argument("--op", help="comma-separated families: " + ", ".join(FAMILIES))
     ap.add_argument("--compile", default="some", choices=["none", "some", "all"],
                     help="torch.compile rows: none; some = where it can fuse more than eager "
-                         "(masked_softmax, add_rms_norm, lora_linear; default); all")
+                         "(masked_softmax, add_rms_norm, lora_linear, the losses; default); all")
     ap.add_argument("--max-seconds", type=float, default=420.0,
                     help="start no new torch.compile work after this many seconds (eager rows "
                          "still run)")
@@ -966,8 +1215,9 @@ def main():
         if bad:
             sys.exit(f"bench_torch.py: unknown --op {bad}, expected one of {FAMILIES}")
         cases = [c for c in cases if family_of(c[0]) in want]
-    compile_fams = {"none": set(), "some": {"masked_softmax", "add_rms_norm", "lora_linear", "rope",
-                                            "glu"},
+    compile_fams = {"none": set(),
+                    "some": {"masked_softmax", "add_rms_norm", "lora_linear", "cross_entropy",
+                             "linear_cross_entropy", "rope", "glu"},
                     "all": set(FAMILIES)}[args.compile]
     torch._dynamo.config.cache_size_limit = 256
 
@@ -978,7 +1228,9 @@ def main():
     ctx.copy_gbps = before
     print(f"copy bandwidth: {before:.1f} GB/s", file=sys.stderr)
     for op, shape, dtype in cases:
-        run = {"lora_linear": run_lora_case, "rope": run_rope_case,
+        run = {"lora_linear": run_lora_case, "cross_entropy": run_ce_case,
+               "linear_cross_entropy": run_lce_case,
+               "matmul": run_matmul_case, "rope": run_rope_case,
                "glu": run_glu_case}.get(family_of(op), run_mem_case)
         run(ctx, op, shape, dtype, family_of(op) in compile_fams)
         if args.json:  # a checkpoint, so a run cut short still leaves its rows
@@ -1032,7 +1284,11 @@ def save(ctx, args, copy_bytes, partial):
                 "x, A), B) * s; torch_addmm = (x @ W.T).addmm_(x @ A.T, B.T, alpha=s); "
                 "torch_merged = F.linear(x, W + s*B@A) (merged untimed); torch_compile = "
                 "torch_peft compiled; fwd+bwd: grads of x, A, B (torch_base: x), W frozen, "
-                "loss = sum(y * probe); TFLOP/s and GB/s with the formulas of the Rust bench."),
+                "loss = sum(y * probe); TFLOP/s and GB/s with the formulas of the Rust bench. "
+                "cross_entropy: F.cross_entropy (mean, ignore_index -100), liger_ce = "
+                "LigerCrossEntropyLoss; linear_cross_entropy: F.cross_entropy(h @ w.T, t), "
+                "liger_flce = LigerFusedLinearCrossEntropyLoss, torch_base = the GEMMs alone; "
+                "peak_mib = torch.cuda peak allocation of one call above the inputs."),
         notes=notes,
     )
     if args.json:

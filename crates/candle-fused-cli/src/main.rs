@@ -1,18 +1,25 @@
-//! `candle-fused`: the correctness sweep (`check`) and the benchmark (`bench`).
+//! `candle-fused`: LoRA fine-tuning (`finetune`, `generate`, `eval`, `merge`), the correctness
+//! sweep (`check`) and the benchmark (`bench`, with `--op train` the LoRA training step).
 
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use candle_fused_cli::bench;
-use candle_fused_testkit::{check, testing};
+use candle_fused_cli::train_cmd;
+use candle_fused_testkit::{check, check_loss, testing};
 use clap::{Parser, Subcommand, ValueEnum};
+
+/// Counts heap bytes so the bench can report each variant's peak (`bench --op train`, the
+/// linear cross-entropy rows); forwards to the system allocator.
+#[global_allocator]
+static ALLOC: candle_fused_cli::alloc::CountingAlloc = candle_fused_cli::alloc::CountingAlloc;
 
 #[derive(Parser)]
 #[command(
     name = "candle-fused",
     version,
-    about = "Fused, trainable softmax / RMSNorm / add+RMSNorm for Candle: correctness check and benchmark"
+    about = "LoRA fine-tuning of Llama / Qwen2 / Mistral checkpoints on fused, trainable Candle kernels; correctness check and benchmark of the kernels"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -36,6 +43,15 @@ impl DeviceArg {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// LoRA fine-tuning of a Hugging Face checkpoint on a JSONL file; with no --model/--data,
+    /// the embedded demo job (about two minutes on 2 CPU cores).
+    Finetune(Box<train_cmd::FinetuneArgs>),
+    /// Text from a checkpoint (and adapter), KV-cached, streamed to stdout.
+    Generate(train_cmd::GenerateArgs),
+    /// Loss and perplexity of a checkpoint (and adapter) on a JSONL file.
+    Eval(train_cmd::EvalArgs),
+    /// Writes the checkpoint with the adapter merged into its weights.
+    Merge(train_cmd::MergeArgs),
     /// Every op forward and backward, each dtype, several shapes, against the f64 reference
     /// (on a GPU also against our CPU backend), with output poisoning; non-zero exit on a FAIL.
     Check {
@@ -57,22 +73,72 @@ enum Cmd {
         #[arg(long)]
         quick: bool,
         /// Only these op families (comma-separated): softmax, masked_softmax, rms_norm,
-        /// add_rms_norm, lora_linear, rope, glu.
+        /// add_rms_norm, lora_linear, cross_entropy, linear_cross_entropy, matmul, rope, glu; or
+        /// `train` alone: the LoRA training step (see bench::train; its own options below).
         #[arg(long, value_delimiter = ',')]
         op: Option<Vec<String>>,
+        #[command(flatten)]
+        train: TrainArgs,
     },
+}
+
+/// Options of `bench --op train` (defaults per device: see bench::train::Options::defaults).
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// Model configurations (comma-separated): cpu-h256, cpu-h512, qwen2.5-0.5b,
+    /// llama-3.2-1b, llama-3-8b.
+    #[arg(long, value_delimiter = ',')]
+    configs: Option<Vec<String>>,
+    /// Variants (comma-separated): ours, ours_ckpt, ours_tape.
+    #[arg(long, value_delimiter = ',')]
+    variants: Option<Vec<String>>,
+    /// Base weight dtype: f32, bf16, f16.
+    #[arg(long)]
+    dtype: Option<String>,
+    /// Batch size, or `auto`: the largest power of two that fits (for a GPU).
+    #[arg(long)]
+    batch: Option<String>,
+    #[arg(long)]
+    seq: Option<usize>,
+    #[arg(long)]
+    warmup: Option<usize>,
+    /// Timed steps.
+    #[arg(long)]
+    iters: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Also time each GEMM shape of the step alone (default: on for the CPU).
+    #[arg(long)]
+    profile: Option<bool>,
+    /// Internal: run one CONFIG:VARIANT in this process and print its row.
+    #[arg(long, hide = true)]
+    train_worker: Option<String>,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.cmd {
+        Cmd::Finetune(a) => train_cmd::finetune(*a).map(|_| ExitCode::SUCCESS),
+        Cmd::Generate(a) => train_cmd::generate_cmd(a).map(|_| ExitCode::SUCCESS),
+        Cmd::Eval(a) => train_cmd::eval_cmd(a).map(|_| ExitCode::SUCCESS),
+        Cmd::Merge(a) => train_cmd::merge_cmd(a).map(|_| ExitCode::SUCCESS),
         Cmd::Check { device, quick } => run_check(device, quick),
         Cmd::Bench {
             device,
             json,
             quick,
             op,
-        } => run_bench(device, json, quick, op),
+            train,
+        } => {
+            if op
+                .as_deref()
+                .is_some_and(|o| o.iter().any(|n| n == "train"))
+            {
+                run_train_bench(device, json, op.unwrap_or_default(), train)
+            } else {
+                run_bench(device, json, quick, op)
+            }
+        }
     };
     match res {
         Ok(code) => code,
@@ -103,6 +169,17 @@ struct CheckLine {
     status: &'static str,
 }
 
+/// One case of the check: what it is, and how to run it on a device.
+struct Job {
+    op: String,
+    shape: Vec<usize>,
+    dtype: DType,
+    /// Elements of its largest input (for `--quick`).
+    elems: usize,
+    #[allow(clippy::type_complexity)]
+    run: Box<dyn Fn(&Device) -> candle_core::Result<Vec<check::Outcome>>>,
+}
+
 fn run_check(arg: DeviceArg, quick: bool) -> Result<ExitCode> {
     let dev = device(arg)?;
     testing::set_poison(true);
@@ -110,9 +187,26 @@ fn run_check(arg: DeviceArg, quick: bool) -> Result<ExitCode> {
     // f64 runs on the CPU; on a GPU it is tried, and if the first f64 case errors it is
     // reported as not supported there (not as a failure).
     dtypes.push(DType::F64);
-    let mut cases = check::sweep(&dtypes);
+    let mut cases: Vec<Job> = check::sweep(&dtypes)
+        .into_iter()
+        .map(|c| Job {
+            op: c.op.name(),
+            shape: c.shape.clone(),
+            dtype: c.dtype,
+            elems: c.shape.iter().product(),
+            run: Box::new(move |d: &Device| check::run(&c, d)),
+        })
+        .collect();
+    // The losses (integer targets): their own sweep, see check_loss.
+    cases.extend(check_loss::sweep(&dtypes).into_iter().map(|c| Job {
+        op: c.name(),
+        shape: c.shape(),
+        dtype: c.dtype,
+        elems: c.rows.iter().product::<usize>() * c.v,
+        run: Box::new(move |d: &Device| check_loss::run(&c, d)),
+    }));
     if quick {
-        cases.retain(|c| c.shape.iter().product::<usize>() <= 8192);
+        cases.retain(|c| c.elems <= 8192);
     }
     let mut lines: Vec<CheckLine> = Vec::new();
     let mut notes: Vec<String> = Vec::new();
@@ -125,7 +219,7 @@ fn run_check(arg: DeviceArg, quick: bool) -> Result<ExitCode> {
             continue;
         }
         let shape = bench::report::shape_str(&case.shape);
-        let res = check::run(case, &dev);
+        let res = (case.run)(&dev);
         if f64_on_gpu && f64_state.is_none() {
             f64_state = Some(res.is_ok());
             if let Err(e) = &res {
@@ -160,7 +254,7 @@ fn run_check(arg: DeviceArg, quick: bool) -> Result<ExitCode> {
             Err(e) => {
                 errors += 1;
                 lines.push(CheckLine {
-                    op: case.op.name(),
+                    op: case.op.clone(),
                     shape,
                     dtype: dtype_str(case.dtype),
                     what: format!("error: {}", e.to_string().lines().next().unwrap_or("")),
@@ -230,6 +324,64 @@ fn run_bench(
             .with_context(|| format!("writing {}", path.display()))?;
     }
     println!("{}", report.render());
+    if let Some(path) = &json {
+        println!("JSON written to {}", path.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_train_bench(
+    arg: DeviceArg,
+    json: Option<std::path::PathBuf>,
+    op: Vec<String>,
+    t: TrainArgs,
+) -> Result<ExitCode> {
+    use bench::train;
+    if op.len() != 1 {
+        anyhow::bail!("bench: --op train runs alone (got --op {})", op.join(","));
+    }
+    let mut o = train::Options::defaults(arg.name());
+    if let Some(c) = t.configs {
+        o.configs = c;
+    }
+    if let Some(v) = t.variants {
+        o.variants = v
+            .iter()
+            .map(|s| train::Variant::parse(s))
+            .collect::<candle_core::Result<_>>()?;
+    }
+    if let Some(d) = t.dtype {
+        o.dtype = match d.as_str() {
+            "f32" => DType::F32,
+            "bf16" => DType::BF16,
+            "f16" => DType::F16,
+            other => anyhow::bail!(
+                "bench --op train: unknown --dtype {other:?}, expected f32, bf16 or f16"
+            ),
+        };
+    }
+    o.batch = match t.batch.as_deref() {
+        None => o.batch,
+        Some("auto") => 0,
+        Some(b) => b.parse().ok().filter(|&n| n > 0).with_context(|| {
+            format!("bench --op train: --batch {b:?} is not a positive number or auto")
+        })?,
+    };
+    o.seq = t.seq.unwrap_or(o.seq);
+    o.warmup = t.warmup.unwrap_or(o.warmup);
+    o.iters = t.iters.unwrap_or(o.iters).max(1);
+    o.seed = t.seed;
+    o.profile = t.profile.unwrap_or(o.profile);
+    o.json = json.clone();
+    if let Some(spec) = t.train_worker {
+        train::worker(&o, &spec)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let report = train::run(&o)?;
+    if let Some(path) = &json {
+        train::write_json(path, &report).with_context(|| format!("writing {}", path.display()))?;
+    }
+    println!("{}", train::render(&report));
     if let Some(path) = &json {
         println!("JSON written to {}", path.display());
     }

@@ -3,6 +3,7 @@
 //! correctness sweep ([`check`]) that `candle-fused check` prints.
 
 pub mod check;
+pub mod check_loss;
 pub mod check_rope_glu;
 pub mod reference;
 pub mod testing;

@@ -175,3 +175,78 @@ pub fn glu_packed(kind: GluKind, gate_up: &Tensor) -> Result<Tensor> {
 pub fn f64(t: &Tensor) -> Result<Tensor> {
     t.to_dtype(DType::F64)
 }
+
+/// Cross-entropy from composed Candle ops (`log_softmax` + `gather`), differentiable in
+/// `logits`, in the logits' dtype: `targets` (i64 or u32, the leading dims) with
+/// `cfg.ignore_index` rows masked out, PyTorch's label smoothing, soft-capping `c·tanh(z/c)`
+/// first, z-loss `λ·lse²`; `Mean` over the counted rows (0 when none is counted) or `Sum`.
+/// Returns a scalar of the logits' dtype.
+pub fn cross_entropy(
+    logits: &Tensor,
+    targets: &Tensor,
+    cfg: &candle_fused::ops::CrossEntropyConfig,
+) -> Result<Tensor> {
+    let v = logits.dim(D::Minus1)?;
+    let x = logits.reshape(((), v))?;
+    let dev = x.device();
+    let t: Vec<i64> = match targets.dtype() {
+        DType::U32 => targets
+            .flatten_all()?
+            .to_vec1::<u32>()?
+            .into_iter()
+            .map(i64::from)
+            .collect(),
+        _ => targets
+            .flatten_all()?
+            .to_dtype(DType::I64)?
+            .to_vec1::<i64>()?,
+    };
+    let valid: Vec<f64> = t
+        .iter()
+        .map(|&c| f64::from(u8::from(c != cfg.ignore_index)))
+        .collect();
+    let n_valid = valid.iter().sum::<f64>();
+    let safe: Vec<u32> = t
+        .iter()
+        .map(|&c| if c == cfg.ignore_index { 0 } else { c as u32 })
+        .collect();
+    let n = safe.len();
+    let idx = Tensor::from_vec(safe, (n, 1), dev)?;
+    let valid = Tensor::from_vec(valid, n, dev)?.to_dtype(x.dtype())?;
+    let z = match cfg.softcap {
+        Some(c) => (x.affine(1.0 / c, 0.0)?.tanh()? * c)?,
+        None => x,
+    };
+    let logp = candle_nn::ops::log_softmax(&z, D::Minus1)?;
+    let eps = cfg.label_smoothing;
+    let nll = logp.gather(&idx, 1)?.squeeze(1)?.neg()?;
+    let mut row = nll.affine(1.0 - eps, 0.0)?;
+    if eps > 0.0 {
+        let smooth = logp.mean(1)?.neg()?;
+        row = (row + smooth.affine(eps, 0.0)?)?;
+    }
+    if cfg.z_loss > 0.0 {
+        let lse = z.log_sum_exp(D::Minus1)?;
+        row = (row + lse.sqr()?.affine(cfg.z_loss, 0.0)?)?;
+    }
+    let total = (row * valid)?.sum_all()?;
+    match (cfg.reduction, n_valid == 0.0) {
+        // (times a zero tensor, not affine(0, 0), so autograd still reaches the logits)
+        (_, true) => &total * total.zeros_like()?,
+        (candle_fused::ops::Reduction::Mean, false) => total.affine(1.0 / n_valid, 0.0),
+        (candle_fused::ops::Reduction::Sum, false) => Ok(total),
+    }
+}
+
+/// `cross_entropy(h·wᵀ, targets, cfg)` with the full logits (`h` `[.., H]`, `w` `[V, H]`):
+/// the composed path Candle users have today (matmul, log_softmax, gather).
+pub fn linear_cross_entropy(
+    h: &Tensor,
+    w: &Tensor,
+    targets: &Tensor,
+    cfg: &candle_fused::ops::CrossEntropyConfig,
+) -> Result<Tensor> {
+    let hd = h.dim(D::Minus1)?;
+    let logits = h.reshape(((), hd))?.matmul(&w.t()?)?;
+    cross_entropy(&logits, &targets.flatten_all()?, cfg)
+}

@@ -29,6 +29,34 @@ pub struct CpuConfig {
     /// f16/bf16 GEMMs (LoRA) widen blocks of about this many elements of their row operands
     /// to f32 at a time.
     pub half_gemm_block: usize,
+    /// The instruction set of the vector math ([`SimdLevel::Auto`]: the best this CPU has).
+    /// Forcing a level the CPU lacks is an error naming the op, never undefined behaviour.
+    pub simd: SimdLevel,
+    /// Threads of the `gemm` crate's matmuls (`crate::ops::matmul`); 0: all of rayon's.
+    pub gemm_threads: usize,
+    /// `M = 1` products (f32, bf16) through the GEMV that streams the weight once, instead of
+    /// the GEMM (measured faster for decode shapes; see BENCHMARKS.md).
+    pub gemv: bool,
+}
+
+/// The instruction set the CPU kernels' vector math runs on, detected at run time (the binary
+/// stays portable: no `target-cpu=native`). Tests force each level the machine has, so the
+/// fallbacks of a CPU without AVX-512 run on every CI machine too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub enum SimdLevel {
+    /// The best level this CPU supports: AVX-512 (F/BW/CD/DQ/VL), else AVX2+FMA on x86-64;
+    /// NEON on aarch64; else scalar.
+    #[default]
+    Auto,
+    /// x86-64 AVX-512 F/BW/CD/DQ/VL (x86-64-v4); f32 to bf16 through AVX-512 BF16
+    /// (`vcvtneps2bf16`) when the CPU also has it.
+    Avx512,
+    /// x86-64 AVX2 + FMA + F16C (x86-64-v3).
+    Avx2,
+    /// aarch64 NEON (what `pulp` detects there).
+    Neon,
+    /// One lane at a time, no vector instructions (what any CPU runs).
+    Scalar,
 }
 
 impl Default for CpuConfig {
@@ -37,6 +65,9 @@ impl Default for CpuConfig {
             serial_below: 1 << 18,
             task_elems: 1 << 15,
             half_gemm_block: 1 << 20,
+            simd: SimdLevel::Auto,
+            gemm_threads: 0,
+            gemv: true,
         }
     }
 }

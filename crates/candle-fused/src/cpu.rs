@@ -1,7 +1,9 @@
 //! Shared CPU machinery: element types with their accumulation type, the parallel row
-//! drivers every op uses, and the vectorizable math (max, sum, dot, exp) of their inner loops.
+//! driver every op uses, and the row math it calls: for f32 the runtime-dispatched SIMD layer
+//! ([`crate::simd`]), for f64 plain loops (vectorized at the same level).
 //!
-//! Half types (f16, bf16) are converted a row at a time into an f32 scratch buffer, computed in
+//! Half types (f16, bf16) are converted a row at a time into an f32 scratch buffer that stays
+//! in L1 (at the SIMD level: shifts or `vcvtneps2bf16` for bf16, F16C for f16), computed in
 //! f32 and converted back, so they read and write their own dtype and accumulate in f32.
 //! f32 and f64 rows are used in place (no copy); f64 accumulates in f64.
 
@@ -12,23 +14,59 @@ use num_traits::Zero;
 use rayon::prelude::*;
 
 use crate::config::CpuConfig;
+use crate::simd::Isa;
 use crate::validate::fail;
 
-/// Accumulation type of the row kernels: `f32` (for f32, f16, bf16) or `f64`.
+mod par;
+pub(crate) use par::par_rows;
+
+/// Accumulation type of the row kernels: `f32` (for f32, f16, bf16) or `f64`, with the row
+/// math the kernels use (f32: [`Isa`]'s vector code; f64: lane loops at the same level).
 pub(crate) trait Acc:
     num_traits::Float + Default + Send + Sync + std::fmt::Debug + std::ops::AddAssign + 'static
 {
-    /// `exp(x)` for `x <= 0` (or NaN): the softmax argument `x - max`.
+    /// `exp(x)` for `x <= 0` (or NaN), one element (the softmax argument `x - max`).
+    #[allow(dead_code)]
     fn exp_nonpos(x: Self) -> Self;
     fn of(v: f64) -> Self;
     /// Widened to f64 (exact).
     fn wide(self) -> f64;
+    /// Maximum of a row (NaN entries may be skipped; they still poison a softmax via exp).
+    fn v_max(isa: Isa, x: &[Self]) -> Self;
+    /// `dst = exp(src - m)`, returning the blocked sum.
+    fn v_exp_sub_sum(isa: Isa, src: &[Self], dst: &mut [Self], m: Self) -> Self;
+    /// `x = exp(x - m)` in place, returning the blocked sum.
+    fn v_exp_sub_sum_inplace(isa: Isa, x: &mut [Self], m: Self) -> Self;
+    /// `y *= k`.
+    fn v_scale(isa: Isa, y: &mut [Self], k: Self);
+    /// Blocked `Σ x²`.
+    fn v_sum_sq(isa: Isa, x: &[Self]) -> Self;
+    /// `y = x · r · w`.
+    fn v_mul_scale_w(isa: Isa, x: &[Self], r: Self, w: &[Self], y: &mut [Self]);
+    /// `s = a + b`.
+    fn v_add(isa: Isa, a: &[Self], b: &[Self], s: &mut [Self]);
+    /// `o = a · b`.
+    fn v_mul(isa: Isa, a: &[Self], b: &[Self], o: &mut [Self]);
+    /// `z = k · x + m`.
+    fn v_scale_add(isa: Isa, x: &[Self], k: Self, m: &[Self], z: &mut [Self]);
+    /// `z = k · x + c`.
+    fn v_scale_add_const(isa: Isa, x: &[Self], k: Self, c: Self, z: &mut [Self]);
+    /// `⟨a, b⟩` in f64.
+    fn v_dot_wide(isa: Isa, a: &[Self], b: &[Self]) -> f64;
+    /// `(Σ x², Σ g·x)` in f64.
+    fn v_wide_sums(isa: Isa, x: &[Self], g: &[Self]) -> (f64, f64);
+    /// `dx = scale · y · (dy − dot)` in f64.
+    fn v_softmax_bwd_row(isa: Isa, y: &[Self], dy: &[Self], dot: f64, scale: f64, dx: &mut [Self]);
+    /// `g = r · (g − x · c) (+ dres)` in f64.
+    fn v_rms_bwd_row(isa: Isa, x: &[Self], r: f64, c: f64, dres: Option<&[Self]>, g: &mut [Self]);
+    /// `acc += dy · x · r`.
+    fn v_dw_accumulate(isa: Isa, dy: &[Self], x: &[Self], r: Self, acc: &mut [Self]);
 }
 
 impl Acc for f32 {
     #[inline(always)]
     fn exp_nonpos(x: f32) -> f32 {
-        exp_nonpos_f32(x)
+        crate::simd::math::exp_nonpos_f32(x)
     }
     #[inline(always)]
     fn of(v: f64) -> f32 {
@@ -37,6 +75,51 @@ impl Acc for f32 {
     #[inline(always)]
     fn wide(self) -> f64 {
         self as f64
+    }
+    fn v_max(isa: Isa, x: &[f32]) -> f32 {
+        isa.max(x)
+    }
+    fn v_exp_sub_sum(isa: Isa, src: &[f32], dst: &mut [f32], m: f32) -> f32 {
+        isa.exp_sub_sum(src, dst, m)
+    }
+    fn v_exp_sub_sum_inplace(isa: Isa, x: &mut [f32], m: f32) -> f32 {
+        isa.exp_sub_sum_inplace(x, m)
+    }
+    fn v_scale(isa: Isa, y: &mut [f32], k: f32) {
+        isa.scale(y, k)
+    }
+    fn v_sum_sq(isa: Isa, x: &[f32]) -> f32 {
+        isa.sum_sq(x)
+    }
+    fn v_mul_scale_w(isa: Isa, x: &[f32], r: f32, w: &[f32], y: &mut [f32]) {
+        isa.mul_scale_w(x, r, w, y)
+    }
+    fn v_add(isa: Isa, a: &[f32], b: &[f32], s: &mut [f32]) {
+        isa.add(a, b, s)
+    }
+    fn v_mul(isa: Isa, a: &[f32], b: &[f32], o: &mut [f32]) {
+        isa.mul(a, b, o)
+    }
+    fn v_scale_add(isa: Isa, x: &[f32], k: f32, m: &[f32], z: &mut [f32]) {
+        isa.scale_add(x, k, m, z)
+    }
+    fn v_scale_add_const(isa: Isa, x: &[f32], k: f32, c: f32, z: &mut [f32]) {
+        isa.scale_add_const(x, k, c, z)
+    }
+    fn v_dot_wide(isa: Isa, a: &[f32], b: &[f32]) -> f64 {
+        isa.dot_wide(a, b)
+    }
+    fn v_wide_sums(isa: Isa, x: &[f32], g: &[f32]) -> (f64, f64) {
+        isa.wide_sums(x, g)
+    }
+    fn v_softmax_bwd_row(isa: Isa, y: &[f32], dy: &[f32], dot: f64, scale: f64, dx: &mut [f32]) {
+        isa.softmax_bwd_row(y, dy, dot, scale, dx)
+    }
+    fn v_rms_bwd_row(isa: Isa, x: &[f32], r: f64, c: f64, dres: Option<&[f32]>, g: &mut [f32]) {
+        isa.rms_bwd_row(x, r, c, dres, g)
+    }
+    fn v_dw_accumulate(isa: Isa, dy: &[f32], x: &[f32], r: f32, acc: &mut [f32]) {
+        isa.dw_accumulate(dy, x, r, acc)
     }
 }
 
@@ -53,6 +136,103 @@ impl Acc for f64 {
     fn wide(self) -> f64 {
         self
     }
+    fn v_max(isa: Isa, x: &[f64]) -> f64 {
+        isa.run(|| max(x))
+    }
+    fn v_exp_sub_sum(isa: Isa, src: &[f64], dst: &mut [f64], m: f64) -> f64 {
+        isa.run(|| {
+            let n = src.len();
+            let (src, dst) = (&src[..n], &mut dst[..n]);
+            blocked_sum(n, |i| {
+                let e = (src[i] - m).exp();
+                dst[i] = e;
+                e
+            })
+        })
+    }
+    fn v_exp_sub_sum_inplace(isa: Isa, x: &mut [f64], m: f64) -> f64 {
+        isa.run(|| {
+            let n = x.len();
+            blocked_sum(n, |i| {
+                let e = (x[i] - m).exp();
+                x[i] = e;
+                e
+            })
+        })
+    }
+    fn v_scale(isa: Isa, y: &mut [f64], k: f64) {
+        isa.run(|| y.iter_mut().for_each(|v| *v *= k))
+    }
+    fn v_sum_sq(isa: Isa, x: &[f64]) -> f64 {
+        isa.run(|| blocked_sum(x.len(), |i| x[i] * x[i]))
+    }
+    fn v_mul_scale_w(isa: Isa, x: &[f64], r: f64, w: &[f64], y: &mut [f64]) {
+        isa.run(|| {
+            for ((o, &xv), &wv) in y.iter_mut().zip(x).zip(w) {
+                *o = xv * r * wv;
+            }
+        })
+    }
+    fn v_add(isa: Isa, a: &[f64], b: &[f64], s: &mut [f64]) {
+        isa.run(|| {
+            for ((o, &x), &y) in s.iter_mut().zip(a).zip(b) {
+                *o = x + y;
+            }
+        })
+    }
+    fn v_mul(isa: Isa, a: &[f64], b: &[f64], o: &mut [f64]) {
+        isa.run(|| {
+            for ((v, &x), &y) in o.iter_mut().zip(a).zip(b) {
+                *v = x * y;
+            }
+        })
+    }
+    fn v_scale_add(isa: Isa, x: &[f64], k: f64, m: &[f64], z: &mut [f64]) {
+        isa.run(|| {
+            for ((o, &a), &b) in z.iter_mut().zip(x).zip(m) {
+                *o = k * a + b;
+            }
+        })
+    }
+    fn v_scale_add_const(isa: Isa, x: &[f64], k: f64, c: f64, z: &mut [f64]) {
+        isa.run(|| {
+            for (o, &a) in z.iter_mut().zip(x) {
+                *o = k * a + c;
+            }
+        })
+    }
+    fn v_dot_wide(isa: Isa, a: &[f64], b: &[f64]) -> f64 {
+        isa.run(|| blocked_sum(a.len().min(b.len()), |i| a[i] * b[i]))
+    }
+    fn v_wide_sums(isa: Isa, x: &[f64], g: &[f64]) -> (f64, f64) {
+        isa.run(|| wide_sums(x, g))
+    }
+    fn v_softmax_bwd_row(isa: Isa, y: &[f64], dy: &[f64], dot: f64, scale: f64, dx: &mut [f64]) {
+        isa.run(|| {
+            for ((d, &yj), &gj) in dx.iter_mut().zip(y).zip(dy) {
+                *d = scale * yj * (gj - dot);
+            }
+        })
+    }
+    fn v_rms_bwd_row(isa: Isa, x: &[f64], r: f64, c: f64, dres: Option<&[f64]>, g: &mut [f64]) {
+        isa.run(|| {
+            for (o, &xv) in g.iter_mut().zip(x) {
+                *o = r * (*o - xv * c);
+            }
+            if let Some(dres) = dres {
+                for (o, &v) in g.iter_mut().zip(dres) {
+                    *o += v;
+                }
+            }
+        })
+    }
+    fn v_dw_accumulate(isa: Isa, dy: &[f64], x: &[f64], r: f64, acc: &mut [f64]) {
+        isa.run(|| {
+            for ((a, &g), &v) in acc.iter_mut().zip(dy).zip(x) {
+                *a += g * v * r;
+            }
+        })
+    }
 }
 
 /// A storage dtype the ops accept, with its accumulation type.
@@ -62,6 +242,10 @@ pub(crate) trait Elem: WithDType {
     const IS_ACC: bool;
     fn to_acc(src: &[Self], dst: &mut [Self::A]);
     fn from_acc(src: &[Self::A], dst: &mut [Self]);
+    /// [`Elem::to_acc`] at the SIMD level of `isa`.
+    fn to_acc_at(isa: Isa, src: &[Self], dst: &mut [Self::A]);
+    /// [`Elem::from_acc`] at the SIMD level of `isa`.
+    fn from_acc_at(isa: Isa, src: &[Self::A], dst: &mut [Self]);
     fn as_acc(s: &[Self]) -> Option<&[Self::A]>;
     fn as_acc_mut(s: &mut [Self]) -> Option<&mut [Self::A]>;
     fn nan() -> Self;
@@ -76,6 +260,12 @@ macro_rules! elem_native {
                 dst.copy_from_slice(src)
             }
             fn from_acc(src: &[$t], dst: &mut [$t]) {
+                dst.copy_from_slice(src)
+            }
+            fn to_acc_at(_: Isa, src: &[$t], dst: &mut [$t]) {
+                dst.copy_from_slice(src)
+            }
+            fn from_acc_at(_: Isa, src: &[$t], dst: &mut [$t]) {
                 dst.copy_from_slice(src)
             }
             fn as_acc(s: &[$t]) -> Option<&[$t]> {
@@ -94,7 +284,7 @@ elem_native!(f32);
 elem_native!(f64);
 
 macro_rules! elem_half {
-    ($t:ty) => {
+    ($t:ty, $to:ident, $from:ident) => {
         impl Elem for $t {
             type A = f32;
             const IS_ACC: bool = false;
@@ -103,6 +293,12 @@ macro_rules! elem_half {
             }
             fn from_acc(src: &[f32], dst: &mut [$t]) {
                 dst.convert_from_f32_slice(src)
+            }
+            fn to_acc_at(isa: Isa, src: &[$t], dst: &mut [f32]) {
+                isa.$to(src, dst)
+            }
+            fn from_acc_at(isa: Isa, src: &[f32], dst: &mut [$t]) {
+                isa.$from(src, dst)
             }
             fn as_acc(_: &[$t]) -> Option<&[f32]> {
                 None
@@ -116,8 +312,8 @@ macro_rules! elem_half {
         }
     };
 }
-elem_half!(f16);
-elem_half!(bf16);
+elem_half!(f16, f16_to_f32, f32_to_f16);
+elem_half!(bf16, bf16_to_f32, f32_to_bf16);
 
 /// Runs `$body` with `$T` bound to the Rust type of `$dtype` (f32, f64, f16, bf16).
 macro_rules! dispatch {
@@ -193,14 +389,39 @@ struct OutPtr<T>(*mut T);
 unsafe impl<T: Send> Send for OutPtr<T> {}
 unsafe impl<T: Sync> Sync for OutPtr<T> {}
 
-/// The parallel row driver (work sizing from `cfg`). `inputs` hold `rows` rows of length `d` each (contiguous), each of
-/// the `M` outputs receives `rows` rows. For each row, `f(row, [input rows], [output rows],
-/// acc)` runs on rows of the accumulation type (converted through per-task scratch for half
-/// types). `acc` is a per-task accumulator of length `acc_len`; the tasks' accumulators are
-/// summed in task order, so the returned total is deterministic run to run (the tasks are fixed
-/// by the problem size, never by the thread count).
+/// [`rows_at`] at the configuration's SIMD level (the scalar level if the configured one is
+/// missing; kernels that want that reported call [`Isa::new`] and [`rows_at`] themselves).
+#[allow(dead_code)]
 pub(crate) fn rows<T: Elem, const N: usize, const M: usize, F>(
     cfg: &CpuConfig,
+    inputs: [&[T]; N],
+    outs: [&mut [T]; M],
+    d: usize,
+    acc_len: usize,
+    f: F,
+) -> Vec<T::A>
+where
+    F: Fn(usize, [&[T::A]; N], [&mut [T::A]; M], &mut [T::A]) + Sync,
+{
+    let isa = Isa::new("cpu", cfg.simd).unwrap_or(Isa::Scalar);
+    rows_at(cfg, isa, inputs, outs, d, acc_len, f)
+}
+
+/// The parallel row driver (work sizing from `cfg`). `inputs` hold `rows` rows of length `d`
+/// each (contiguous), each of the `M` outputs receives `rows` rows. For each row,
+/// `f(row, [input rows], [output rows], acc)` runs on rows of the accumulation type (half types
+/// are converted through per-task scratch at `isa`'s level). `acc` is a per-task accumulator of
+/// length `acc_len`; the tasks' accumulators are summed in task order, so the returned total is
+/// deterministic run to run (the tasks are fixed by the problem size, never by the thread
+/// count).
+///
+/// Problems below `cfg.serial_below` elements run on the calling thread (waking the pool
+/// costs more than they do); larger ones are split into tasks of at least `cfg.task_elems`
+/// elements that rayon spreads over the cores.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn rows_at<T: Elem, const N: usize, const M: usize, F>(
+    cfg: &CpuConfig,
+    isa: Isa,
     inputs: [&[T]; N],
     outs: [&mut [T]; M],
     d: usize,
@@ -246,7 +467,7 @@ where
                 scratch.resize((N + M) * d, T::A::zero());
                 let (ins_buf, out_buf) = scratch.split_at_mut(N * d);
                 for (k, s) in ins.iter().enumerate() {
-                    T::to_acc(s, &mut ins_buf[k * d..(k + 1) * d]);
+                    T::to_acc_at(isa, s, &mut ins_buf[k * d..(k + 1) * d]);
                 }
                 let ins_a: [&[T::A]; N] = std::array::from_fn(|k| &ins_buf[k * d..(k + 1) * d]);
                 let mut it = out_buf.chunks_exact_mut(d);
@@ -254,14 +475,13 @@ where
                     std::array::from_fn(|_| it.next().expect("scratch has M rows"));
                 f(r, ins_a, outs_a, &mut acc);
                 for (o, a) in orows.into_iter().zip(out_buf.chunks_exact(d)) {
-                    T::from_acc(a, o);
+                    T::from_acc_at(isa, a, o);
                 }
             }
         }
         acc
     };
-    // Small problems run on the calling thread: waking the pool costs more than they do.
-    let partials: Vec<Vec<T::A>> = if n_rows * d < cfg.serial_below {
+    let partials: Vec<Vec<T::A>> = if n_rows * d < cfg.serial_below || n_tasks == 1 {
         (0..n_tasks).map(run_task).collect()
     } else {
         (0..n_tasks).into_par_iter().map(run_task).collect()
@@ -272,49 +492,6 @@ where
         }
     }
     total
-}
-
-/// The parallel driver for ops whose outputs do not share one row length or whose inputs are
-/// not plain rows (strided RoPE input, GLU's packed `[.., 2I]` layout): `n_rows` rows, output
-/// `k` holding `row_lens[k]` elements per row. Tasks of whole rows (sized as in [`rows`], from
-/// the elements they write) run `f(rows, [output rows])` with each output's slice for those
-/// rows; the op reads its inputs itself and converts half types through its own scratch.
-pub(crate) fn par_rows<T: Send + Sync, const M: usize, F>(
-    cfg: &CpuConfig,
-    n_rows: usize,
-    outs: [&mut [T]; M],
-    row_lens: [usize; M],
-    f: F,
-) where
-    F: Fn(std::ops::Range<usize>, [&mut [T]; M]) + Sync,
-{
-    for (o, &l) in outs.iter().zip(&row_lens) {
-        assert_eq!(o.len(), n_rows * l, "row driver: output length");
-    }
-    if n_rows == 0 {
-        return;
-    }
-    let per_row: usize = row_lens.iter().sum::<usize>().max(1);
-    let rpt = rows_per_task(cfg.task_elems, n_rows, per_row, usize::MAX);
-    let n_tasks = n_rows.div_ceil(rpt);
-    let ptrs: [OutPtr<T>; M] = outs.map(|o| OutPtr(o.as_mut_ptr()));
-    let run_task = |task: usize| {
-        let r = task * rpt..((task + 1) * rpt).min(n_rows);
-        // SAFETY: rows r.start..r.end lie inside every output and belong to this task alone;
-        // the slices live until the end of the call.
-        let o: [&mut [T]; M] = std::array::from_fn(|k| unsafe {
-            std::slice::from_raw_parts_mut(
-                ptrs[k].0.add(r.start * row_lens[k]),
-                r.len() * row_lens[k],
-            )
-        });
-        f(r, o)
-    };
-    if n_rows * per_row < cfg.serial_below {
-        (0..n_tasks).for_each(run_task);
-    } else {
-        (0..n_tasks).into_par_iter().for_each(run_task);
-    }
 }
 
 /// A small vector of `T` (a weight) converted to the accumulation type.
@@ -330,13 +507,23 @@ pub(crate) fn from_acc_vec<T: Elem>(s: &[T::A], dst: &mut [T]) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Vectorizable inner loops. Written with LANES independent accumulators so LLVM emits SIMD
-// (a single scalar accumulator would serialize the reduction). Sums run over blocks of BLOCK
-// elements whose partial sums are added in f64, so even 262144-long f32 rows keep ~1e-7
-// relative accuracy.
+// The f64 row math (f32 rows go through `crate::simd`): loops written with LANES independent
+// accumulators so LLVM vectorizes them (a single scalar accumulator would serialize the
+// reduction); sums run over blocks of BLOCK elements whose partial sums are added in f64.
 
 const LANES: usize = 16;
-const BLOCK: usize = 1024;
+use crate::simd::BLOCK;
+
+/// `exp(x)` for `x <= 0` in f32 without a libm call (see [`crate::simd::math`]).
+#[allow(unused_imports)]
+pub(crate) use crate::simd::math::exp_nonpos_f32;
+
+/// Sum of `g(x)` over a row (blocked, f64 across blocks).
+#[allow(dead_code)]
+#[inline(always)]
+pub(crate) fn sum_map<A: Acc>(x: &[A], g: impl Fn(A) -> A) -> A {
+    blocked_sum(x.len(), |i| g(x[i]))
+}
 
 /// Maximum of a row (NaN entries are skipped here; they still poison the softmax through exp).
 #[inline(always)]
@@ -392,13 +579,7 @@ pub(crate) fn blocked_sum<A: Acc>(n: usize, mut g: impl FnMut(usize) -> A) -> A 
     A::of(total)
 }
 
-/// Sum of `g(x)` over a row.
-#[inline(always)]
-pub(crate) fn sum_map<A: Acc>(x: &[A], g: impl Fn(A) -> A) -> A {
-    blocked_sum(x.len(), |i| g(x[i]))
-}
-
-/// `(Σ x², Σ g·x)` in f64 (products of f32 values are exact there), lane-parallel.
+/// `(Σ x², Σ g·x)` in f64, lane-parallel.
 #[inline(always)]
 pub(crate) fn wide_sums<A: Acc>(x: &[A], g: &[A]) -> (f64, f64) {
     let mut ss = [0f64; LANES];
@@ -421,77 +602,9 @@ pub(crate) fn wide_sums<A: Acc>(x: &[A], g: &[A]) -> (f64, f64) {
     (ss.iter().sum::<f64>() + s, dt.iter().sum::<f64>() + d)
 }
 
-/// `dst[i] = exp(src[i] - m)`, returning the sum of the results.
-#[inline(always)]
-pub(crate) fn exp_sub_sum<A: Acc>(src: &[A], dst: &mut [A], m: A) -> A {
-    let n = src.len();
-    let (src, dst) = (&src[..n], &mut dst[..n]);
-    blocked_sum(n, |i| {
-        let e = A::exp_nonpos(src[i] - m);
-        dst[i] = e;
-        e
-    })
-}
-
-/// `out[i] = exp(out[i] - m)` in place, returning the sum of the results.
-#[inline(always)]
-pub(crate) fn exp_sub_sum_inplace<A: Acc>(out: &mut [A], m: A) -> A {
-    let n = out.len();
-    blocked_sum(n, |i| {
-        let e = A::exp_nonpos(out[i] - m);
-        out[i] = e;
-        e
-    })
-}
-
-/// `exp(x)` for `x <= 0` in f32 without a libm call, so loops over it vectorize.
-/// x = n·ln2 + r with |r| <= ln2/2 (Cody–Waite, two-part ln2); e^r by its degree-6 Taylor
-/// polynomial (truncation error < 1.3e-7 relative); 2^n built in the exponent bits.
-/// Results below e^-87 (about 1.6e-38) flush to 0; NaN stays NaN.
-#[inline(always)]
-pub(crate) fn exp_nonpos_f32(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    const SHIFTER: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
-    let small = x < -87.0;
-    let xc = if small { -87.0 } else { x };
-    let t = xc * LOG2E + SHIFTER;
-    let n = t - SHIFTER;
-    let r = xc - n * LN2_HI - n * LN2_LO;
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    let ni = (t.to_bits() as i32).wrapping_sub(0x4B40_0000);
-    let scale = f32::from_bits(((ni + 127) as u32) << 23);
-    if small {
-        0.0
-    } else {
-        p * scale
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn exp_matches_libm() {
-        let mut worst = 0f64;
-        let mut x = -87.0f32;
-        while x <= 0.0 {
-            let got = exp_nonpos_f32(x) as f64;
-            let want = (x as f64).exp();
-            worst = worst.max(((got - want) / want).abs());
-            x += 0.000_37;
-        }
-        assert!(worst < 5e-7, "worst relative error {worst}");
-        assert_eq!(exp_nonpos_f32(f32::NEG_INFINITY), 0.0);
-        assert_eq!(exp_nonpos_f32(-200.0), 0.0);
-        assert!(exp_nonpos_f32(f32::NAN).is_nan());
-        assert_eq!(exp_nonpos_f32(0.0), 1.0);
-    }
 
     #[test]
     fn reductions_match_scalar() {
@@ -501,7 +614,7 @@ mod tests {
         let m = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
         assert_eq!(max(&x), m);
         let s: f64 = x.iter().map(|&v| v as f64).sum();
-        assert!((sum_map(&x, |v| v) as f64 - s).abs() < 1e-3);
+        assert!((blocked_sum(x.len(), |i| x[i]) as f64 - s).abs() < 1e-3);
         let d: f64 = x.iter().map(|&v| (v as f64) * (v as f64)).sum();
         assert!((blocked_sum(x.len(), |i| x[i] * x[i]) as f64 - d).abs() / d < 1e-6);
     }

@@ -136,7 +136,7 @@ impl RowSpec {
     ) -> Self {
         let elem = std::mem::size_of::<T>();
         let vec = 16 / elem;
-        let vec_ok = d % vec == 0 && ptrs.iter().all(|&(s, o)| aligned16(s, o, stream));
+        let vec_ok = d.is_multiple_of(vec) && ptrs.iter().all(|&(s, o)| aligned16(s, o, stream));
         Self {
             rows,
             d,
@@ -519,7 +519,7 @@ pub(crate) fn slice<'s, T: CudaDType>(
 /// Is element `offset` of `s` 16-byte aligned?
 pub(crate) fn aligned16<T>(s: &CudaSlice<T>, offset: usize, stream: &CudaStream) -> bool {
     let (p, _g) = s.device_ptr(stream);
-    (p as usize + offset * std::mem::size_of::<T>()) % 16 == 0
+    (p as usize + offset * std::mem::size_of::<T>()).is_multiple_of(16)
 }
 
 /// The kernel-name suffix of a dtype; f64 has no CUDA kernels.

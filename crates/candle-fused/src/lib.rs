@@ -20,7 +20,8 @@
 //!
 //! Layout: one folder per op under [`ops`] (the Candle `CustomOp` with its CPU forward, its
 //! backward and, with the `cuda` feature, its CUDA kernel). Shared pieces live once:
-//! argument checks in `validate`, the CPU row drivers and vector math in `cpu`, the CUDA
+//! argument checks in `validate`, the CPU row drivers in `cpu` and their runtime-dispatched
+//! vector math in `simd`, the CUDA
 //! launch helpers in `cuda`.
 
 pub mod config;
@@ -33,9 +34,10 @@ pub mod ops;
 pub mod poison;
 pub mod prelude;
 pub(crate) mod seam;
+pub(crate) mod simd;
 pub(crate) mod validate;
 
-pub use config::{KernelConfig, Kernels};
+pub use config::{KernelConfig, Kernels, SimdLevel};
 pub use prelude::FusedOps;
 
 /// The README's Rust example, compiled and run as a doctest.

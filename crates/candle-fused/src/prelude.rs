@@ -2,7 +2,7 @@
 
 use candle_core::{Result, Tensor};
 
-use crate::ops::{self, GluKind, RopeLayout, RopeStyle, RopeTable};
+use crate::ops::{self, CrossEntropyConfig, GluKind, RopeLayout, RopeStyle, RopeTable};
 
 /// The fused ops as methods on `Tensor`. All are differentiable; see [`crate::ops`] for the
 /// math and the free-function forms.
@@ -49,6 +49,19 @@ pub trait FusedOps {
     fn glu_fused(&self, kind: GluKind, up: &Tensor) -> Result<Tensor>;
     /// `self` is the packed `[.., 2I]` gate_up: `act(gate) ⊙ up` ([`ops::glu_packed`]).
     fn glu_packed_fused(&self, kind: GluKind) -> Result<Tensor>;
+    /// Cross-entropy of these logits against class indices ([`ops::cross_entropy`]).
+    fn cross_entropy_fused(&self, targets: &Tensor, cfg: &CrossEntropyConfig) -> Result<Tensor>;
+    /// Cross-entropy of `self·wᵀ` (hidden states times the LM head) without the full logits
+    /// ([`ops::linear_cross_entropy`]).
+    fn linear_cross_entropy_fused(
+        &self,
+        w: &Tensor,
+        targets: &Tensor,
+        cfg: &CrossEntropyConfig,
+        chunk: Option<usize>,
+    ) -> Result<Tensor>;
+    /// `op(self) · op(b)`, each transposed when its flag is set ([`ops::matmul`]).
+    fn matmul_fused(&self, b: &Tensor, ta: bool, tb: bool) -> Result<Tensor>;
 }
 
 impl FusedOps for Tensor {
@@ -109,5 +122,23 @@ impl FusedOps for Tensor {
 
     fn glu_packed_fused(&self, kind: GluKind) -> Result<Tensor> {
         ops::glu_packed(kind, self)
+    }
+
+    fn cross_entropy_fused(&self, targets: &Tensor, cfg: &CrossEntropyConfig) -> Result<Tensor> {
+        ops::cross_entropy(self, targets, cfg)
+    }
+
+    fn linear_cross_entropy_fused(
+        &self,
+        w: &Tensor,
+        targets: &Tensor,
+        cfg: &CrossEntropyConfig,
+        chunk: Option<usize>,
+    ) -> Result<Tensor> {
+        ops::linear_cross_entropy(self, w, targets, cfg, chunk)
+    }
+
+    fn matmul_fused(&self, b: &Tensor, ta: bool, tb: bool) -> Result<Tensor> {
+        ops::matmul(self, b, ta, tb)
     }
 }

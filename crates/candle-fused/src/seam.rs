@@ -30,6 +30,9 @@ use candle_core::{Device, Tensor};
 use crate::config::KernelConfig;
 use crate::validate::{err, fail};
 
+mod inplace;
+pub(crate) use inplace::{run_inplace, InplaceKernel};
+
 /// One input of a kernel: its storage and layout, `None` when an optional input is absent.
 pub(crate) type In<'a, S> = Option<(&'a S, &'a Layout)>;
 

@@ -436,3 +436,43 @@ fn glu_misaligned_and_odd() {
 fn glu_sanitizer_small() {
     glu::sanitizer_small()
 }
+
+#[path = "gpu/cross_entropy.rs"]
+mod cross_entropy;
+#[path = "gpu/linear_cross_entropy.rs"]
+mod linear_cross_entropy;
+
+#[test]
+fn cross_entropy_sweep() {
+    cross_entropy::sweep_vs_reference_and_cpu()
+}
+
+#[test]
+fn cross_entropy_misaligned_and_many_rows() {
+    cross_entropy::misaligned_and_many_rows()
+}
+
+#[test]
+fn cross_entropy_deterministic_and_device_mismatch() {
+    cross_entropy::deterministic_and_device_mismatch()
+}
+
+#[test]
+fn linear_cross_entropy_sweep() {
+    linear_cross_entropy::sweep_vs_reference_and_cpu()
+}
+
+#[test]
+fn linear_cross_entropy_large_shapes() {
+    linear_cross_entropy::large_shapes_vs_composed_f64()
+}
+
+#[test]
+fn linear_cross_entropy_memory() {
+    linear_cross_entropy::memory_is_chunk_sized()
+}
+
+#[test]
+fn linear_cross_entropy_device_mismatch() {
+    linear_cross_entropy::device_mismatch()
+}

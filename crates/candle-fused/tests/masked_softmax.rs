@@ -48,7 +48,7 @@ fn mask_broadcast_family_and_causal_match_reference() {
                 for causal in [false, true] {
                     n += 1;
                     let scale = scales[n % scales.len()];
-                    let learned = n % 2 == 0;
+                    let learned = n.is_multiple_of(2);
                     let x = randn(&[b, h, s, t], 2.0, dt);
                     let m = ms.as_ref().map(|ms| mask(ms, 0.2, dt));
                     let ctx = format!(

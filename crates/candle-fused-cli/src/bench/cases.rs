@@ -7,7 +7,9 @@
 //! `--quick` is a few small shapes (under a minute on a CPU).
 //!
 //! LoRA ([`lora_shapes`]) has the (M, K, N, r) list on CUDA; the CPU runs the two
-//! small ones plus a 1024³ case. RoPE and GLU: [`rope_shapes`], [`glu_shapes`].
+//! small ones plus a 1024³ case. The losses ([`ce_shapes`], [`lce_shapes`]): the issue's
+//! 8192 tokens with Llama 3's (4096 × 128256) and Qwen2.5-0.5B's (896 × 151936) heads on CUDA,
+//! scaled down on the CPU. RoPE and GLU: [`rope_shapes`], [`glu_shapes`].
 
 use candle_core::DType::{self, BF16, F32};
 
@@ -174,5 +176,37 @@ pub fn glu_shapes(plan: Plan) -> Vec<(Vec<usize>, GluKind, bool, DType)> {
             (vec![64, 4864], SwiGlu, false, F32),
             (vec![64, 4864], SwiGlu, true, BF16),
         ],
+    }
+}
+
+/// Shapes `[N, V]` and dtypes of `cross_entropy` (logits of the linear cross-entropy shapes).
+pub fn ce_shapes(plan: Plan) -> Vec<([usize; 2], DType)> {
+    match (plan.cuda, plan.quick) {
+        (true, false) => vec![
+            ([8192, 128256], BF16),
+            ([8192, 151936], BF16),
+            ([4096, 32000], F32),
+        ],
+        (true, true) => vec![([4096, 32000], BF16)],
+        (false, false) => vec![
+            ([1024, 32000], F32),
+            ([512, 32000], BF16),
+            ([64, 128256], BF16),
+        ],
+        (false, true) => vec![([64, 32000], F32)],
+    }
+}
+
+/// Shapes `[N, H, V]` and dtypes of `linear_cross_entropy`: tokens × hidden × vocabulary.
+pub fn lce_shapes(plan: Plan) -> Vec<([usize; 3], DType)> {
+    match (plan.cuda, plan.quick) {
+        (true, false) => vec![([8192, 4096, 128256], BF16), ([8192, 896, 151936], BF16)],
+        (true, true) => vec![([2048, 896, 151936], BF16)],
+        (false, false) => vec![
+            ([1024, 256, 16384], F32),
+            ([2048, 128, 32000], F32),
+            ([256, 256, 32000], BF16),
+        ],
+        (false, true) => vec![([256, 64, 4096], F32)],
     }
 }

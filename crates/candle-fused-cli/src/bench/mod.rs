@@ -7,8 +7,8 @@
 //!
 //! Layout: [`timing`] (median timer, CUDA events, copy bandwidth), [`cases`] (the shapes),
 //! [`memops`] (inputs, bytes and implementations of the memory-bound ops), [`lora`] (the
-//! LoRA linear: flops, bytes, impls), [`rope_glu`] (RoPE, SwiGLU/GeGLU), [`report`] (rows,
-//! tables, JSON).
+//! LoRA linear: flops, bytes, impls), [`gemm`] (the matrix products), [`rope_glu`] (RoPE,
+//! SwiGLU/GeGLU), [`report`] (rows, tables, JSON).
 //!
 //! ## Adding an op family (as [`lora`] does)
 //! Write `src/bench/<family>.rs` with a type implementing [`Family`] (its `run` builds random
@@ -17,11 +17,15 @@
 //! [`families`]. `scripts/bench_torch.py` has the matching hook for the PyTorch side.
 
 pub mod cases;
+pub mod gemm;
 pub mod lora;
+pub mod loss;
 pub mod memops;
+pub mod memory;
 pub mod report;
 pub mod rope_glu;
 pub mod timing;
+pub mod train;
 
 use candle_core::{Device, Result};
 
@@ -72,6 +76,9 @@ pub fn families() -> Vec<Box<dyn Family>> {
         Box::new(lora::LoraFamily),
         Box::new(rope_glu::RopeGluFamily("rope")),
         Box::new(rope_glu::RopeGluFamily("glu")),
+        Box::new(loss::LossFamily(loss::CE)),
+        Box::new(loss::LossFamily(loss::LCE)),
+        Box::new(gemm::GemmFamily),
     ]
 }
 
@@ -240,6 +247,7 @@ impl Report {
         let parts = [
             report::summary(&self.rows),
             report::compute_summary(&self.rows),
+            report::peak_summary(&self.rows),
         ];
         let parts: Vec<&String> = parts.iter().filter(|p| !p.is_empty()).collect();
         for (i, p) in parts.iter().enumerate() {

@@ -60,7 +60,16 @@ synchronised around each repetition); small inputs rotate among several random i
     candle_rotary_emb = candle_nn::rotary_emb::{rope, rope_thd, rope_i} on cos/sin gathered
     before timing (fwd only: no backward). GLU (swiglu, geglu = tanh GELU, swiglu_packed =
     one [N, 2I] input; shape = the output [N, I]): GB/s fwd 3Ne, bwd 5Ne (g, u, dy -> dg, du);
-    candle_composed = Tensor::silu / Tensor::gelu times up.";
+    candle_composed = Tensor::silu / Tensor::gelu times up.
+  cross_entropy (shape NxV logits, a tenth of the targets ignored, mean): GB/s: fwd NVe (logits
+    read once) | bwd 2NVe (read, write dlogits) | fwd+bwd 3NVe. ours bwd = the standalone
+    cross_entropy_backward (one pass); candle_composed = log_softmax + gather in the input dtype.
+  linear_cross_entropy (shape NxHxV, loss = CE(h.w^T)): TFLOP/s = 2NHV per GEMM (fwd 1, fwd+bwd
+    2, fwd+bwd+dw 3) for every impl; fwd+bwd = frozen head (dh only), fwd+bwd+dw = head trained.
+    ours = loss only (fwd) or linear_cross_entropy_forward_backward; ours_autograd = the op on
+    Vars, loss.backward(); candle_composed = full logits, log_softmax, gather (its matmul
+    backward computes dW even for a frozen head); base_gemm = the GEMMs alone (the limit).
+    peak = memory of one call above its inputs (CPU: counting allocator; CUDA: pool peak).";
 
 /// One measured row.
 #[derive(Debug, Clone, Serialize)]
@@ -87,6 +96,9 @@ pub struct Row {
     /// The impl whose time `speedup` divides by (`None` for ours).
     pub baseline: Option<String>,
     pub speedup: Option<f64>,
+    /// Peak memory of one call above its inputs, MiB (rows that measure it: the losses).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_mib: Option<f64>,
 }
 
 /// A measurement that could not be made (error, out of memory, not supported).
@@ -193,6 +205,7 @@ impl Collector {
                     tflops: flops.map(|f| f / (st.median_us * 1e6)),
                     baseline: baseline.map(String::from),
                     speedup: None,
+                    peak_mib: None,
                 };
                 eprintln!(
                     "  {:<28} {:<8} {:<18} {:<5} {:<22} {:>12.1} us {:>8.1} GB/s{}",
@@ -228,6 +241,13 @@ impl Collector {
                     error,
                 })
             }
+        }
+    }
+
+    /// Sets the peak memory (`bytes`) of the row recorded last.
+    pub fn set_peak(&mut self, bytes: usize) {
+        if let Some(r) = self.rows.last_mut() {
+            r.peak_mib = Some(bytes as f64 / (1024.0 * 1024.0));
         }
     }
 
@@ -493,4 +513,31 @@ pub fn git_commit() -> Option<String> {
             let s = s.trim().to_string();
             (!s.is_empty()).then_some(s)
         })
+}
+
+/// The peak memory of the rows that measured it (the losses), empty if none did.
+pub fn peak_summary(rows: &[Row]) -> String {
+    let with: Vec<&Row> = rows.iter().filter(|r| r.peak_mib.is_some()).collect();
+    if with.is_empty() {
+        return String::new();
+    }
+    let mut s = format!(
+        "{:<28} {:<18} {:<5} {:<11} {:<16} {:>11} {:>11}\n",
+        "op", "shape", "dtype", "pass", "impl", "peak MiB", "median us"
+    );
+    s.push_str(&"-".repeat(s.len() - 1));
+    s.push('\n');
+    for r in with {
+        s.push_str(&format!(
+            "{:<28} {:<18} {:<5} {:<11} {:<16} {:>11.1} {:>11.1}\n",
+            r.op,
+            shape_str(&r.shape),
+            r.dtype,
+            r.pass,
+            r.imp,
+            r.peak_mib.unwrap_or(0.0),
+            r.median_us
+        ));
+    }
+    s
 }

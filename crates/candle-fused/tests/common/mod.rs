@@ -8,11 +8,14 @@
 //! scalar loops below.
 #![allow(dead_code)]
 
+mod loss;
 mod rms;
 mod rng;
 mod softmax;
 
 // Not every suite uses every helper.
+#[allow(unused_imports)]
+pub use loss::*;
 #[allow(unused_imports)]
 pub use rms::*;
 #[allow(unused_imports)]

@@ -10,6 +10,7 @@ use crate::config::KernelConfig;
 use crate::cpu::{self, dispatch, Acc, Elem};
 use crate::ops::rms_norm::cpu::{rstd, write_row};
 use crate::seam::Inputs;
+use crate::simd::Isa;
 
 /// Returns `[normed, sum]`, each of x's shape.
 pub(super) fn forward(
@@ -39,17 +40,17 @@ fn forward_t<T: Elem>(
     let n = xs.len();
     let mut normed = cpu::alloc::<T>(n, cfg.poison);
     let mut sum = cpu::alloc::<T>(n, cfg.poison);
-    cpu::rows(
+    let isa = Isa::new(op, cfg.cpu.simd)?;
+    cpu::rows_at(
         &cfg.cpu,
+        isa,
         [xs, rs],
         [&mut normed, &mut sum],
         d,
         0,
         |_, [x, res], [y, s], _| {
-            for ((sv, &a), &b) in s.iter_mut().zip(x).zip(res) {
-                *sv = a + b;
-            }
-            write_row(s, rstd(s, eps), Some(&w), y);
+            T::A::v_add(isa, x, res, s);
+            write_row(isa, s, rstd(isa, s, eps), Some(&w), y);
         },
     );
     Ok(vec![

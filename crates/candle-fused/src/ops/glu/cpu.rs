@@ -1,6 +1,7 @@
 //! CPU kernels for GLU, forward and backward: rows of `I` in parallel
-//! ([`cpu::par_rows`]), each a vectorizable elementwise loop (the logistic function from the
-//! crate's libm-free `exp`), half types through f32 blocks of scratch.
+//! ([`cpu::par_rows`]), each an elementwise loop (the logistic function from the crate's
+//! libm-free `exp`) compiled for the configured SIMD level ([`Isa::run`]: LLVM vectorizes it
+//! there), half types through f32 blocks of scratch converted at that level.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Result};
@@ -10,6 +11,7 @@ use super::{GluBwd, GluFwd, GluKind};
 use crate::config::KernelConfig;
 use crate::cpu::{self, dispatch, Acc, Elem};
 use crate::seam::Inputs;
+use crate::simd::Isa;
 
 /// `sqrt(2/π)` and the cubic coefficient of gelu_tanh.
 const K: f64 = 0.797_884_560_802_865_4;
@@ -67,6 +69,7 @@ const BLK: usize = 512;
 /// converted through scratch for f16/bf16.
 #[inline(always)]
 fn on_acc<T: Elem, const N: usize, const M: usize>(
+    isa: Isa,
     ins: [&[T]; N],
     outs: [&mut [T]; M],
     mut f: impl FnMut([&[T::A]; N], [&mut [T::A]; M]),
@@ -84,7 +87,7 @@ fn on_acc<T: Elem, const N: usize, const M: usize>(
     while lo < n {
         let len = BLK.min(n - lo);
         for (b, s) in ib.iter_mut().zip(&ins) {
-            T::to_acc(&s[lo..lo + len], &mut b[..len]);
+            T::to_acc_at(isa, &s[lo..lo + len], &mut b[..len]);
         }
         {
             let i: [&[T::A]; N] = std::array::from_fn(|k| &ib[k][..len]);
@@ -94,7 +97,7 @@ fn on_acc<T: Elem, const N: usize, const M: usize>(
             f(i, o);
         }
         for (s, b) in outs.iter_mut().zip(&ob) {
-            T::from_acc(&b[..len], &mut s[lo..lo + len]);
+            T::from_acc_at(isa, &b[..len], &mut s[lo..lo + len]);
         }
         lo += len;
     }
@@ -132,23 +135,26 @@ fn forward_t<T: Elem, const GELU: bool>(
     } else {
         g.len() / i
     };
+    let isa = Isa::new(op, cfg.cpu.simd)?;
     let mut y = cpu::alloc::<T>(rows * i, cfg.poison);
-    cpu::par_rows(&cfg.cpu, rows, [&mut y], [i], |r, [yo]| match u {
-        // Two tensors: the task's rows are one contiguous span.
-        Some(u) => {
-            let span = r.start * i..r.end * i;
-            on_acc::<T, 2, 1>([&g[span.clone()], &u[span]], [yo], |[g, u], [y]| {
-                fwd_span::<T::A, GELU>(g, u, y)
-            })
-        }
-        None => {
-            for (row, yr) in r.zip(yo.chunks_exact_mut(i)) {
-                let (gr, ur) = g[row * 2 * i..(row + 1) * 2 * i].split_at(i);
-                on_acc::<T, 2, 1>([gr, ur], [yr], |[g, u], [y]| {
+    cpu::par_rows(&cfg.cpu, rows, [&mut y], [i], |r, [yo]| {
+        isa.run(|| match u {
+            // Two tensors: the task's rows are one contiguous span.
+            Some(u) => {
+                let span = r.start * i..r.end * i;
+                on_acc::<T, 2, 1>(isa, [&g[span.clone()], &u[span]], [yo], |[g, u], [y]| {
                     fwd_span::<T::A, GELU>(g, u, y)
                 })
             }
-        }
+            None => {
+                for (row, yr) in r.zip(yo.chunks_exact_mut(i)) {
+                    let (gr, ur) = g[row * 2 * i..(row + 1) * 2 * i].split_at(i);
+                    on_acc::<T, 2, 1>(isa, [gr, ur], [yr], |[g, u], [y]| {
+                        fwd_span::<T::A, GELU>(g, u, y)
+                    })
+                }
+            }
+        })
     });
     Ok(vec![T::to_cpu_storage_owned(y)])
 }
@@ -176,19 +182,22 @@ fn backward_t<T: Elem, const GELU: bool>(
     let (ds, dl) = ins.get(2)?;
     let dy = cpu::slice::<T>(op, "dy", ds, dl)?;
     let last = gl.dims()[gl.dims().len() - 1];
+    let isa = Isa::new(op, cfg.cpu.simd)?;
     if k.packed {
         let i = last / 2;
         let rows = g.len() / last;
         let mut dgu = cpu::alloc::<T>(g.len(), cfg.poison);
         cpu::par_rows(&cfg.cpu, rows, [&mut dgu], [2 * i], |r, [o]| {
-            for (row, orow) in r.zip(o.chunks_exact_mut(2 * i)) {
-                let (gr, ur) = g[row * 2 * i..(row + 1) * 2 * i].split_at(i);
-                let dr = &dy[row * i..(row + 1) * i];
-                let (dgr, dur) = orow.split_at_mut(i);
-                on_acc::<T, 3, 2>([gr, ur, dr], [dgr, dur], |[g, u, d], [a, b]| {
-                    bwd_span::<T::A, GELU>(g, u, d, a, b)
-                })
-            }
+            isa.run(|| {
+                for (row, orow) in r.zip(o.chunks_exact_mut(2 * i)) {
+                    let (gr, ur) = g[row * 2 * i..(row + 1) * 2 * i].split_at(i);
+                    let dr = &dy[row * i..(row + 1) * i];
+                    let (dgr, dur) = orow.split_at_mut(i);
+                    on_acc::<T, 3, 2>(isa, [gr, ur, dr], [dgr, dur], |[g, u, d], [a, b]| {
+                        bwd_span::<T::A, GELU>(g, u, d, a, b)
+                    })
+                }
+            })
         });
         return Ok(vec![T::to_cpu_storage_owned(dgu)]);
     }
@@ -204,11 +213,14 @@ fn backward_t<T: Elem, const GELU: bool>(
         [last, last],
         |r, [a, b]| {
             let span = r.start * last..r.end * last;
-            on_acc::<T, 3, 2>(
-                [&g[span.clone()], &u[span.clone()], &dy[span]],
-                [a, b],
-                |[g, u, d], [a, b]| bwd_span::<T::A, GELU>(g, u, d, a, b),
-            )
+            isa.run(|| {
+                on_acc::<T, 3, 2>(
+                    isa,
+                    [&g[span.clone()], &u[span.clone()], &dy[span]],
+                    [a, b],
+                    |[g, u, d], [a, b]| bwd_span::<T::A, GELU>(g, u, d, a, b),
+                )
+            })
         },
     );
     Ok(vec![

@@ -1,6 +1,7 @@
 //! CPU kernels for RMSNorm: one sweep to reduce a row (sum of squares; in the backward also
-//! ⟨dy⊙w, x⟩ in the same sweep), one to write it; rows in parallel; the weight gradient
-//! accumulated per fixed row block and summed in order (deterministic).
+//! ⟨dy⊙w, x⟩ in the same sweep), one to write it, at the configuration's SIMD level
+//! (`crate::simd`); rows in parallel; the weight gradient accumulated per fixed row block and
+//! summed in order (deterministic).
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Result};
@@ -9,27 +10,23 @@ use super::{RmsNormBwd, RmsNormFwd};
 use crate::config::KernelConfig;
 use crate::cpu::{self, dispatch, Acc, Elem};
 use crate::seam::Inputs;
+use crate::simd::Isa;
 
 /// `1 / sqrt(mean(x²) + eps)` of a row.
 #[inline(always)]
-pub(crate) fn rstd<A: Acc>(x: &[A], eps: A) -> A {
-    let ss = cpu::sum_map(x, |v| v * v);
+pub(crate) fn rstd<A: Acc>(isa: Isa, x: &[A], eps: A) -> A {
+    let ss = A::v_sum_sq(isa, x);
     A::one() / (ss / A::of(x.len() as f64) + eps).sqrt()
 }
 
 /// `y = x · r ⊙ w`.
 #[inline(always)]
-pub(crate) fn write_row<A: Acc>(x: &[A], r: A, w: Option<&[A]>, y: &mut [A]) {
+pub(crate) fn write_row<A: Acc>(isa: Isa, x: &[A], r: A, w: Option<&[A]>, y: &mut [A]) {
     match w {
-        Some(w) => {
-            for ((o, &xv), &wv) in y.iter_mut().zip(x).zip(w) {
-                *o = xv * r * wv;
-            }
-        }
+        Some(w) => A::v_mul_scale_w(isa, x, r, w, y),
         None => {
-            for (o, &xv) in y.iter_mut().zip(x) {
-                *o = xv * r;
-            }
+            y.copy_from_slice(x);
+            A::v_scale(isa, y, r);
         }
     }
 }
@@ -41,7 +38,9 @@ pub(crate) fn write_row<A: Acc>(x: &[A], r: A, w: Option<&[A]>, y: &mut [A]) {
 /// `g − x·c` cancels when `g` is nearly parallel to `x` (always for `D = 1`, where the true
 /// gradient is `g·eps/(x² + eps)`), and f32 would leave only rounding noise.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn bwd_row<A: Acc>(
+    isa: Isa,
     x: &[A],
     dy: &[A],
     dres: Option<&[A]>,
@@ -53,30 +52,16 @@ fn bwd_row<A: Acc>(
     let n = x.len();
     // g = dy ⊙ w, kept in dx until dx is written.
     match w {
-        Some(w) => {
-            for ((o, &d), &wv) in dx.iter_mut().zip(dy).zip(w) {
-                *o = d * wv;
-            }
-        }
+        Some(w) => A::v_mul(isa, dy, w, dx),
         None => dx.copy_from_slice(dy),
     }
-    let (ss, dot) = cpu::wide_sums(x, dx);
+    let (ss, dot) = A::v_wide_sums(isa, x, dx);
     let denom = ss + n as f64 * eps;
     let r = 1.0 / (ss / n as f64 + eps).sqrt();
     let c = dot / denom;
-    for (o, &xv) in dx.iter_mut().zip(x) {
-        *o = A::of(r * (o.wide() - xv.wide() * c));
-    }
-    if let Some(dres) = dres {
-        for (o, &v) in dx.iter_mut().zip(dres) {
-            *o += v;
-        }
-    }
+    A::v_rms_bwd_row(isa, x, r, c, dres, dx);
     if w.is_some() {
-        let ra = A::of(r);
-        for ((a, &gv), &xv) in dw.iter_mut().zip(dy).zip(x) {
-            *a += gv * xv * ra;
-        }
+        A::v_dw_accumulate(isa, dy, x, A::of(r), dw);
     }
 }
 
@@ -103,9 +88,10 @@ fn forward_t<T: Elem>(
         None => None,
     };
     let eps = T::A::of(eps);
+    let isa = Isa::new(op, cfg.cpu.simd)?;
     let mut out = cpu::alloc::<T>(x.len(), cfg.poison);
-    cpu::rows(&cfg.cpu, [x], [&mut out], d, 0, |_, [x], [y], _| {
-        write_row(x, rstd(x, eps), w.as_deref(), y)
+    cpu::rows_at(&cfg.cpu, isa, [x], [&mut out], d, 0, |_, [x], [y], _| {
+        write_row(isa, x, rstd(isa, x, eps), w.as_deref(), y)
     });
     Ok(vec![T::to_cpu_storage_owned(out)])
 }
@@ -144,18 +130,26 @@ fn backward_t<T: Elem>(
     let dw_len = if w.is_some() { d } else { 0 };
     let mut dx = cpu::alloc::<T>(x.len(), cfg.poison);
     let c = &cfg.cpu;
+    let isa = Isa::new(op, c.simd)?;
     let dw = match dres {
-        Some(dres) => cpu::rows(
+        Some(dres) => cpu::rows_at(
             c,
+            isa,
             [x, dy, dres],
             [&mut dx],
             d,
             dw_len,
-            |_, [x, g, dr], [dx], acc| bwd_row(x, g, Some(dr), w, dx, acc, eps),
+            |_, [x, g, dr], [dx], acc| bwd_row(isa, x, g, Some(dr), w, dx, acc, eps),
         ),
-        None => cpu::rows(c, [x, dy], [&mut dx], d, dw_len, |_, [x, g], [dx], acc| {
-            bwd_row(x, g, None, w, dx, acc, eps)
-        }),
+        None => cpu::rows_at(
+            c,
+            isa,
+            [x, dy],
+            [&mut dx],
+            d,
+            dw_len,
+            |_, [x, g], [dx], acc| bwd_row(isa, x, g, None, w, dx, acc, eps),
+        ),
     };
     let mut out = vec![T::to_cpu_storage_owned(dx)];
     if w.is_some() {

@@ -1,7 +1,8 @@
 //! CPU kernel for RoPE (forward = rotation by `+θ`, backward = by `−θ`, one function):
 //! head vectors in parallel ([`cpu::par_rows`]; `x` is read through its strides), each
-//! rotated by one vectorizable loop over its pairs with the table row of its position; half
-//! types through an f32 row of scratch.
+//! rotated by one loop over its pairs with the table row of its position, compiled for the
+//! configured SIMD level ([`Isa::run`]: LLVM vectorizes it there); half types through an f32
+//! row of scratch converted at that level.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result};
@@ -11,6 +12,7 @@ use super::{Geom, Rope, RopeStyle};
 use crate::config::KernelConfig;
 use crate::cpu::{self, dispatch, Acc, Elem};
 use crate::seam::Inputs;
+use crate::simd::Isa;
 use crate::validate::fail;
 
 pub(crate) fn run(
@@ -71,30 +73,33 @@ fn run_t<T: Elem>(
     let half = g.rot / 2;
     let (style, sign) = (k.style, if k.inverse { -1.0 } else { 1.0 });
     let d = g.d;
+    let isa = Isa::new(op, cfg.cpu.simd)?;
     let mut out = cpu::alloc::<T>(g.rows() * d, cfg.poison);
     cpu::par_rows(&cfg.cpu, g.rows(), [&mut out], [d], |rows, [o]| {
-        let mut xa = vec![T::A::zero(); if T::IS_ACC { 0 } else { d }];
-        let mut ya = xa.clone();
-        for (r, orow) in rows.zip(o.chunks_exact_mut(d)) {
-            // Output row r in (b, h, t) order of the layout: its input row and position.
-            let (b, h, t) = match k.layout {
-                super::RopeLayout::Bhtd => (r / (g.h * g.t), (r / g.t) % g.h, r % g.t),
-                super::RopeLayout::Bthd => (r / (g.h * g.t), r % g.h, (r / g.h) % g.t),
-            };
-            let xo = g.off + b * g.sb + h * g.sh + t * g.st;
-            let xrow = &x[xo..xo + d];
-            let p = pos[b * g.pos_b + t];
-            let c = &cos[p * half..(p + 1) * half];
-            let s = &sin[p * half..(p + 1) * half];
-            match (T::as_acc(xrow), T::as_acc_mut(orow)) {
-                (Some(xr), Some(yr)) => rotate(style, sign, xr, yr, c, s),
-                _ => {
-                    T::to_acc(xrow, &mut xa);
-                    rotate(style, sign, &xa, &mut ya, c, s);
-                    T::from_acc(&ya, orow);
+        isa.run(|| {
+            let mut xa = vec![T::A::zero(); if T::IS_ACC { 0 } else { d }];
+            let mut ya = xa.clone();
+            for (r, orow) in rows.zip(o.chunks_exact_mut(d)) {
+                // Output row r in (b, h, t) order of the layout: its input row and position.
+                let (b, h, t) = match k.layout {
+                    super::RopeLayout::Bhtd => (r / (g.h * g.t), (r / g.t) % g.h, r % g.t),
+                    super::RopeLayout::Bthd => (r / (g.h * g.t), r % g.h, (r / g.h) % g.t),
+                };
+                let xo = g.off + b * g.sb + h * g.sh + t * g.st;
+                let xrow = &x[xo..xo + d];
+                let p = pos[b * g.pos_b + t];
+                let c = &cos[p * half..(p + 1) * half];
+                let s = &sin[p * half..(p + 1) * half];
+                match (T::as_acc(xrow), T::as_acc_mut(orow)) {
+                    (Some(xr), Some(yr)) => rotate(style, sign, xr, yr, c, s),
+                    _ => {
+                        T::to_acc_at(isa, xrow, &mut xa);
+                        rotate(style, sign, &xa, &mut ya, c, s);
+                        T::from_acc_at(isa, &ya, orow);
+                    }
                 }
             }
-        }
+        })
     });
     Ok(vec![T::to_cpu_storage_owned(out)])
 }

@@ -1,5 +1,6 @@
 //! CPU kernels for softmax: rows in parallel, three sweeps over a row that stays in cache
-//! (max; exp and sum written to the output; scale), vectorized, f32 accumulation for halves.
+//! (max; exp and sum written to the output; scale), each at the SIMD level of the
+//! configuration (`crate::simd`), f32 accumulation for halves.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result};
@@ -9,6 +10,7 @@ use super::{SoftmaxBwd, SoftmaxFwd};
 use crate::config::KernelConfig;
 use crate::cpu::{self, dispatch, Acc, Elem};
 use crate::seam::Inputs;
+use crate::simd::Isa;
 
 /// The mask in the accumulation type (borrowed when it already is), and its index.
 type MaskParts<'a, A> = (Option<std::borrow::Cow<'a, [A]>>, Option<MaskIndex>);
@@ -70,6 +72,7 @@ fn forward_t<T: Elem>(
     let (s, l) = ins.get(0)?;
     let mask = ins.opt(1);
     let x = cpu::slice::<T>(op.name, "x", s, l)?;
+    let isa = Isa::new(op.name, cfg.cpu.simd)?;
     let dims = l.dims();
     let t = dims[dims.len() - 1];
     let s_rows = if dims.len() >= 2 {
@@ -80,13 +83,13 @@ fn forward_t<T: Elem>(
     let mut out = cpu::alloc::<T>(x.len(), cfg.poison);
     let plain = mask.is_none() && !op.causal && op.scale == 1.0;
     if plain {
-        cpu::rows(&cfg.cpu, [x], [&mut out], t, 0, |_, [x], [y], _| {
-            let m = cpu::max(x);
-            let sum = cpu::exp_sub_sum(x, y, m);
+        cpu::rows_at(&cfg.cpu, isa, [x], [&mut out], t, 0, |_, [x], [y], _| {
+            let m = T::A::v_max(isa, x);
+            let sum = T::A::v_exp_sub_sum(isa, x, y, m);
             // A fully masked row is zeros, unless it holds a NaN (NaN propagates).
             let zero =
                 op.zero_masked_rows && m == T::A::neg_infinity() && !x.iter().any(|v| v.is_nan());
-            normalize(y, sum, zero);
+            normalize(isa, y, sum, zero);
         });
     } else {
         // The mask, in the accumulation type, read through its (broadcast) strides.
@@ -105,7 +108,7 @@ fn forward_t<T: Elem>(
         };
         let scale = T::A::of(op.scale);
         let neg_inf = T::A::neg_infinity();
-        cpu::rows(&cfg.cpu, [x], [&mut out], t, 0, |r, [x], [z], _| {
+        cpu::rows_at(&cfg.cpu, isa, [x], [&mut out], t, 0, |r, [x], [z], _| {
             let vis = if op.causal {
                 let i = (r % s_rows) as i64;
                 (i + t as i64 - s_rows as i64 + 1).clamp(0, t as i64) as usize
@@ -118,17 +121,8 @@ fn forward_t<T: Elem>(
                 (Some(mv), Some(ix)) => {
                     let off = ix.row_offset(r);
                     match ix.col_stride {
-                        0 => {
-                            let mval = mv[off];
-                            for (zj, &xj) in zv.iter_mut().zip(x) {
-                                *zj = scale * xj + mval;
-                            }
-                        }
-                        1 => {
-                            for ((zj, &xj), &mj) in zv.iter_mut().zip(x).zip(&mv[off..off + vis]) {
-                                *zj = scale * xj + mj;
-                            }
-                        }
+                        0 => T::A::v_scale_add_const(isa, &x[..vis], scale, mv[off], zv),
+                        1 => T::A::v_scale_add(isa, &x[..vis], scale, &mv[off..off + vis], zv),
                         cs => {
                             for (j, (zj, &xj)) in zv.iter_mut().zip(x).enumerate() {
                                 *zj = scale * xj + mv[off + j * cs];
@@ -137,20 +131,19 @@ fn forward_t<T: Elem>(
                     }
                 }
                 _ => {
-                    for (zj, &xj) in zv.iter_mut().zip(x) {
-                        *zj = scale * xj;
-                    }
+                    zv.copy_from_slice(&x[..vis]);
+                    T::A::v_scale(isa, zv, scale);
                 }
             }
-            let m = cpu::max(zv);
+            let m = T::A::v_max(isa, zv);
             let all_masked = vis == 0 || m == neg_inf;
             // `max` skips NaN: a row of -inf and NaN is not "fully masked", its NaN propagates.
             if all_masked && op.zero_masked_rows && !zv.iter().any(|v| v.is_nan()) {
                 zv.fill(T::A::zero());
                 return;
             }
-            let sum = cpu::exp_sub_sum_inplace(zv, m);
-            normalize(zv, sum, false);
+            let sum = T::A::v_exp_sub_sum_inplace(isa, zv, m);
+            normalize(isa, zv, sum, false);
             if sum.is_nan() {
                 // A NaN (or +inf) logit makes the whole row NaN, causally hidden columns
                 // included, as an additive -inf mask and the f64 reference do.
@@ -162,15 +155,12 @@ fn forward_t<T: Elem>(
 }
 
 #[inline(always)]
-fn normalize<A: Acc>(y: &mut [A], sum: A, zero: bool) {
+fn normalize<A: Acc>(isa: Isa, y: &mut [A], sum: A, zero: bool) {
     if zero {
         y.fill(A::zero());
         return;
     }
-    let inv = A::one() / sum;
-    for v in y.iter_mut() {
-        *v = *v * inv;
-    }
+    A::v_scale(isa, y, A::one() / sum);
 }
 
 pub(super) fn backward(
@@ -195,14 +185,21 @@ fn backward_t<T: Elem>(
     let t = dims[dims.len() - 1];
     let mut out = cpu::alloc::<T>(y.len(), cfg.poison);
     let scale = op.scale;
-    cpu::rows(&cfg.cpu, [y, g], [&mut out], t, 0, |_, [y, g], [dx], _| {
-        // ⟨dy, y⟩ and `dy − ⟨dy, y⟩` in f64 (products of f32 values are exact there): for a
-        // nearly one-hot row `dy_max − ⟨dy, y⟩` cancels, and in f32 only rounding noise of
-        // `⟨dy, y⟩` would be left (relative errors ~1e-4 at logit gaps of ~10).
-        let dot = cpu::blocked_sum::<f64>(t, |j| y[j].wide() * g[j].wide());
-        for ((d, &yj), &gj) in dx.iter_mut().zip(y).zip(g) {
-            *d = T::A::of(scale * yj.wide() * (gj.wide() - dot));
-        }
-    });
+    let isa = Isa::new(op.name, cfg.cpu.simd)?;
+    cpu::rows_at(
+        &cfg.cpu,
+        isa,
+        [y, g],
+        [&mut out],
+        t,
+        0,
+        |_, [y, g], [dx], _| {
+            // ⟨dy, y⟩ and `dy − ⟨dy, y⟩` in f64 (products of f32 values are exact there): for a
+            // nearly one-hot row `dy_max − ⟨dy, y⟩` cancels, and in f32 only rounding noise of
+            // `⟨dy, y⟩` would be left (relative errors ~1e-4 at logit gaps of ~10).
+            let dot = T::A::v_dot_wide(isa, y, g);
+            T::A::v_softmax_bwd_row(isa, y, g, dot, scale, dx);
+        },
+    );
     Ok(vec![T::to_cpu_storage_owned(out)])
 }

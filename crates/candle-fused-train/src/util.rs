@@ -1,0 +1,148 @@
+//! Shared helpers: error construction (`err`, `fail!`), atomic file writes (temp + rename),
+//! and the seeded SplitMix64 RNG used for initialisation, dropout, data shuffling and sampling
+//! (its whole state is one `u64`, so checkpoints store it exactly).
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Result, Tensor};
+
+/// An error whose message starts with `what: `.
+pub(crate) fn err(what: &str, msg: impl std::fmt::Display) -> candle_core::Error {
+    candle_core::Error::Msg(format!("{what}: {msg}"))
+}
+
+/// `return Err(err(what, format!(..)))`.
+macro_rules! fail {
+    ($what:expr, $($arg:tt)*) => {
+        return Err($crate::util::err($what, format!($($arg)*)))
+    };
+}
+pub(crate) use fail;
+
+/// Adds `context` in front of an error's message.
+pub(crate) trait Context<T> {
+    fn context(self, what: &str, context: impl std::fmt::Display) -> Result<T>;
+}
+
+impl<T, E: std::fmt::Display> Context<T> for std::result::Result<T, E> {
+    fn context(self, what: &str, context: impl std::fmt::Display) -> Result<T> {
+        self.map_err(|e| err(what, format!("{context}: {e}")))
+    }
+}
+
+/// The temporary name `path` is written under before the rename: `.<name>.tmp` in the same
+/// directory (so the rename stays on one file system).
+pub(crate) fn temp_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.tmp"))
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same directory, flushed and
+/// synced, then renamed over `path`. On any error the temporary is removed and `path` is left
+/// as it was (a full disk never leaves a half-written file under the final name).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_with(path, |tmp| {
+        let mut f = std::fs::File::create(tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()
+    })
+}
+
+/// Atomic write through a closure that writes the file at the temporary path it is given.
+pub(crate) fn write_atomic_with(
+    path: &Path,
+    write: impl FnOnce(&Path) -> std::io::Result<()>,
+) -> Result<()> {
+    const WHAT: &str = "write";
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).context(WHAT, format!("cannot create {}", dir.display()))?;
+    }
+    let tmp = temp_path(path);
+    let res = write(&tmp).and_then(|_| std::fs::rename(&tmp, path));
+    if let Err(e) = res {
+        let _ = std::fs::remove_file(&tmp);
+        fail!(WHAT, "cannot write {}: {e}", path.display())
+    }
+    Ok(())
+}
+
+/// Saves `tensors` as a safetensors file at `path`, atomically (see [`write_atomic`]), with
+/// optional string metadata.
+pub(crate) fn save_safetensors(
+    path: &Path,
+    tensors: &[(String, Tensor)],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<()> {
+    let mut views = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        views.push((name.clone(), t.contiguous()?));
+    }
+    let bytes = safetensors::serialize(views.iter().map(|(n, t)| (n.as_str(), t)), metadata)
+        .context("write", format!("cannot serialise {}", path.display()))?;
+    write_atomic(path, &bytes)
+}
+
+/// SplitMix64: a tiny, fast, well-mixed generator whose whole state is one `u64`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SplitMix64 {
+    /// The state (what a checkpoint stores).
+    pub state: u64,
+}
+
+impl SplitMix64 {
+    /// A generator seeded with `seed`.
+    pub fn new(seed: u64) -> Self {
+        Self { state: seed }
+    }
+
+    /// A generator for the stream `(seed, a, b)`: independent streams per layer and module.
+    pub fn keyed(seed: u64, a: u64, b: u64) -> Self {
+        let mut g = Self::new(seed ^ a.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let x = g.next_u64() ^ b.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+        Self::new(x)
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `[0, 1)` with 53 random bits.
+    pub fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    }
+
+    /// Uniform in `[lo, hi)`.
+    pub fn uniform(&mut self, lo: f64, hi: f64) -> f64 {
+        lo + (hi - lo) * self.next_f64()
+    }
+
+    /// Standard normal (Box–Muller).
+    pub fn normal(&mut self) -> f64 {
+        let u1 = 1.0 - self.next_f64(); // (0, 1]
+        let u2 = self.next_f64();
+        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+    }
+
+    /// Uniform integer in `0..n` (`n > 0`).
+    pub fn below(&mut self, n: usize) -> usize {
+        ((self.next_u64() as u128 * n as u128) >> 64) as usize
+    }
+
+    /// Shuffles `v` in place (Fisher–Yates).
+    pub fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            let j = self.below(i + 1);
+            v.swap(i, j);
+        }
+    }
+}

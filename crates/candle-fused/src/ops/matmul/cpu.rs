@@ -1,0 +1,242 @@
+//! CPU matmul: the `gemm` crate for f32/f64/f16 (transposes as strides), bf16 widened to f32
+//! at the SIMD level around an f32 GEMM, and a GEMV for `M = 1` (f32 and bf16) that streams
+//! the weight once, widening it in registers, rows split over the rayon pool.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, DType, Result};
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+use super::{MatmulFwd, OP};
+use crate::config::KernelConfig;
+use crate::cpu;
+use crate::seam::Inputs;
+use crate::simd::Isa;
+use crate::validate::fail;
+
+/// The `gemm` crate's parallelism for `cfg` (0 threads: all of rayon's).
+fn parallelism(cfg: &KernelConfig) -> gemm::Parallelism {
+    let t = match cfg.cpu.gemm_threads {
+        0 => rayon::current_num_threads(),
+        t => t,
+    };
+    if t > 1 {
+        gemm::Parallelism::Rayon(t)
+    } else {
+        gemm::Parallelism::None
+    }
+}
+
+/// `c = op(a) · op(b)` with the `gemm` crate; `a`, `b` contiguous in their stored shapes.
+fn gemm_into<T: 'static + Copy + num_traits::Zero + num_traits::One>(
+    k: &MatmulFwd,
+    par: gemm::Parallelism,
+    a: &[T],
+    b: &[T],
+    c: &mut [T],
+) {
+    let (m, kk, n) = (k.m, k.k, k.n);
+    assert!(a.len() >= m * kk && b.len() >= kk * n && c.len() >= m * n);
+    // op(A)[i, p] and op(B)[p, j] as (row stride, column stride).
+    let (a_rs, a_cs) = if k.ta { (1, m) } else { (kk, 1) };
+    let (b_rs, b_cs) = if k.tb { (1, kk) } else { (n, 1) };
+    // SAFETY: the strides address a[..m*k], b[..k*n] and c[..m*n], checked above; c does not
+    // alias a or b.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            kk,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            T::zero(),
+            T::one(),
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+/// Elements per task of the GEMV and of the conversions (keeps rayon's overhead small).
+const TASK: usize = 1 << 16;
+
+/// A vector operand of the GEMV, as f32.
+trait GemvElem: Copy + Send + Sync {
+    /// `Σ x[i] · w[i]` with `w` widened in registers.
+    fn dot(isa: Isa, x: &[f32], w: &[Self]) -> f32;
+    /// `acc[i] += a · w[i]`.
+    fn axpy(isa: Isa, a: f32, w: &[Self], acc: &mut [f32]);
+}
+
+const LANES: usize = 32;
+
+impl GemvElem for f32 {
+    fn dot(isa: Isa, x: &[f32], w: &[f32]) -> f32 {
+        isa.run(|| dot_lanes(x, w, |v| v))
+    }
+    fn axpy(isa: Isa, a: f32, w: &[f32], acc: &mut [f32]) {
+        isa.run(|| acc.iter_mut().zip(w).for_each(|(o, &v)| *o += a * v))
+    }
+}
+
+impl GemvElem for bf16 {
+    fn dot(isa: Isa, x: &[f32], w: &[bf16]) -> f32 {
+        isa.run(|| dot_lanes(x, w, |v| f32::from_bits((v.to_bits() as u32) << 16)))
+    }
+    fn axpy(isa: Isa, a: f32, w: &[bf16], acc: &mut [f32]) {
+        isa.run(|| {
+            acc.iter_mut()
+                .zip(w)
+                .for_each(|(o, &v)| *o += a * f32::from_bits((v.to_bits() as u32) << 16))
+        })
+    }
+}
+
+/// A lane-parallel dot product (LANES accumulators, so LLVM vectorizes it).
+#[inline(always)]
+fn dot_lanes<W: Copy>(x: &[f32], w: &[W], widen: impl Fn(W) -> f32) -> f32 {
+    let n = x.len().min(w.len());
+    let (x, w) = (&x[..n], &w[..n]);
+    let mut acc = [0f32; LANES];
+    let cx = x.chunks_exact(LANES);
+    let cw = w.chunks_exact(LANES);
+    let (rx, rw) = (cx.remainder(), cw.remainder());
+    for (a, b) in cx.zip(cw) {
+        for i in 0..LANES {
+            acc[i] += a[i] * widen(b[i]);
+        }
+    }
+    let mut t = 0f32;
+    for (&a, &b) in rx.iter().zip(rw) {
+        t += a * widen(b);
+    }
+    acc.iter().sum::<f32>() + t
+}
+
+/// `y [N] = x [K] · op(B)`: with `tb` (`B [N, K]`, a weight) one dot per output, rows split
+/// over the pool; else (`B [K, N]`) `y += x[p] · B[p, :]` over column blocks.
+fn gemv<W: GemvElem>(k: &MatmulFwd, isa: Isa, serial: bool, x: &[f32], b: &[W], y: &mut [f32]) {
+    let (kk, n) = (k.k, k.n);
+    if k.tb {
+        let rows = TASK.div_ceil(kk).max(1);
+        let job = |(i, ys): (usize, &mut [f32])| {
+            for (r, o) in ys.iter_mut().enumerate() {
+                let j = i * rows + r;
+                *o = W::dot(isa, x, &b[j * kk..(j + 1) * kk]);
+            }
+        };
+        if serial {
+            y.chunks_mut(rows).enumerate().for_each(job);
+        } else {
+            y.par_chunks_mut(rows).enumerate().for_each(job);
+        }
+    } else {
+        // Column blocks of 1024 (4 KiB of accumulators stay in L1).
+        const COLS: usize = 1024;
+        let job = |(i, ys): (usize, &mut [f32])| {
+            ys.fill(0.0);
+            let c0 = i * COLS;
+            for (p, &xp) in x.iter().enumerate() {
+                W::axpy(isa, xp, &b[p * n + c0..p * n + c0 + ys.len()], ys);
+            }
+        };
+        if serial {
+            y.chunks_mut(COLS).enumerate().for_each(job);
+        } else {
+            y.par_chunks_mut(COLS).enumerate().for_each(job);
+        }
+    }
+}
+
+/// Widens a bf16 operand to f32 at the SIMD level (in parallel blocks when large).
+fn widen(isa: Isa, serial: bool, src: &[bf16]) -> Vec<f32> {
+    let mut out = vec![0f32; src.len()];
+    if serial || src.len() < 4 * TASK {
+        isa.bf16_to_f32(src, &mut out);
+    } else {
+        out.par_chunks_mut(TASK)
+            .zip(src.par_chunks(TASK))
+            .for_each(|(o, s)| isa.bf16_to_f32(s, o));
+    }
+    out
+}
+
+fn narrow(isa: Isa, serial: bool, src: &[f32]) -> Vec<bf16> {
+    let mut out = vec![bf16::ZERO; src.len()];
+    if serial || src.len() < 4 * TASK {
+        isa.f32_to_bf16(src, &mut out);
+    } else {
+        out.par_chunks_mut(TASK)
+            .zip(src.par_chunks(TASK))
+            .for_each(|(o, s)| isa.f32_to_bf16(s, o));
+    }
+    out
+}
+
+pub(super) fn forward(
+    k: &MatmulFwd,
+    cfg: &KernelConfig,
+    ins: &Inputs<CpuStorage>,
+) -> Result<Vec<CpuStorage>> {
+    let (sa, la) = ins.get(0)?;
+    let (sb, lb) = ins.get(1)?;
+    let par = parallelism(cfg);
+    let serial = matches!(par, gemm::Parallelism::None);
+    let isa = Isa::new(OP, cfg.cpu.simd)?;
+    let mn = k.m * k.n;
+    let out = match sa.dtype() {
+        DType::F32 => {
+            let a = cpu::slice::<f32>(OP, "a", sa, la)?;
+            let b = cpu::slice::<f32>(OP, "b", sb, lb)?;
+            let mut c = cpu::alloc::<f32>(mn, cfg.poison);
+            if k.m == 1 && cfg.cpu.gemv {
+                gemv(k, isa, serial, a, b, &mut c);
+            } else {
+                gemm_into(k, par, a, b, &mut c);
+            }
+            CpuStorage::F32(c)
+        }
+        DType::F64 => {
+            let a = cpu::slice::<f64>(OP, "a", sa, la)?;
+            let b = cpu::slice::<f64>(OP, "b", sb, lb)?;
+            let mut c = cpu::alloc::<f64>(mn, cfg.poison);
+            gemm_into(k, par, a, b, &mut c);
+            CpuStorage::F64(c)
+        }
+        DType::F16 => {
+            let a = cpu::slice::<f16>(OP, "a", sa, la)?;
+            let b = cpu::slice::<f16>(OP, "b", sb, lb)?;
+            let mut c = cpu::alloc::<f16>(mn, cfg.poison);
+            gemm_into(k, par, a, b, &mut c);
+            CpuStorage::F16(c)
+        }
+        DType::BF16 => {
+            let a = cpu::slice::<bf16>(OP, "a", sa, la)?;
+            let b = cpu::slice::<bf16>(OP, "b", sb, lb)?;
+            let mut c32 = cpu::alloc::<f32>(mn, cfg.poison);
+            if k.m == 1 && cfg.cpu.gemv {
+                let x = widen(isa, true, a);
+                gemv(k, isa, serial, &x, b, &mut c32);
+            } else {
+                let (a32, b32) = (widen(isa, serial, a), widen(isa, serial, b));
+                gemm_into(k, par, &a32, &b32, &mut c32);
+            }
+            CpuStorage::BF16(narrow(isa, serial, &c32))
+        }
+        d => fail!(
+            OP,
+            "unsupported dtype {d:?}, expected f32, f64, f16 or bf16"
+        ),
+    };
+    Ok(vec![out])
+}
