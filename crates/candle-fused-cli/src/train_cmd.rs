@@ -185,7 +185,7 @@ impl Progress {
 
 impl Callback for Progress {
     fn on_step(&mut self, s: &StepInfo) {
-        if self.bar.is_hidden() && (s.step % 25 == 0 || s.step == s.total) {
+        if self.bar.is_hidden() && (s.step.is_multiple_of(25) || s.step == s.total) {
             // No terminal (a log file): a line every 25 steps instead of the bar.
             println!(
                 "step {:>5}/{}: loss {:.4}  lr {:.2e}  {:.0} tok/s  {:.0} s",

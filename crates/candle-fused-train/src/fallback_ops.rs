@@ -83,7 +83,7 @@ impl RopeTable {
     pub fn new(cfg: &RopeConfig, device: &Device) -> Result<Self> {
         const OP: &str = "RopeTable";
         let r = cfg.rotary_dim;
-        if r == 0 || r % 2 != 0 || r > cfg.head_dim {
+        if r == 0 || !r.is_multiple_of(2) || r > cfg.head_dim {
             fail!(
                 OP,
                 "rotary_dim {r} must be even, >= 2 and <= head_dim {}",

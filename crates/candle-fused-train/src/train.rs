@@ -411,11 +411,11 @@ impl Trainer {
             cb.on_step(&info);
             let s = self.step;
             let done = s == self.cfg.steps;
-            if done || (self.cfg.eval_every > 0 && s % self.cfg.eval_every == 0) {
+            if done || (self.cfg.eval_every > 0 && s.is_multiple_of(self.cfg.eval_every)) {
                 last_eval = self.record_eval(cb)?.or(last_eval);
             }
             let stop = !done && cb.stop_requested();
-            if stop || (self.cfg.save_every > 0 && s % self.cfg.save_every == 0 && !done) {
+            if stop || (self.cfg.save_every > 0 && s.is_multiple_of(self.cfg.save_every) && !done) {
                 let dir = self.save_checkpoint()?;
                 cb.on_checkpoint(s, &dir);
                 self.write_metrics()?;
