@@ -50,6 +50,25 @@ passes fwd, fwd+bwd (frozen head: grad of h), fwd+bwd+dw (grads of h and w)):
   TFLOP/s: 2NHV per GEMM (fwd 1, fwd+bwd 2, fwd+bwd+dw 3); peak_mib: torch.cuda's peak
   allocation of one call above what was allocated before (CUDA only).
 
+RoPE (families rope: ops rope = [B, H, T, D] half-split, rope_bthd = [B, T, H, D],
+rope_interleaved; theta 1e4, a table of 8192 positions, positions offset..offset+T, like the
+Rust bench): cos/sin gathered at the positions before timing (HF computes them once per forward
+for every layer).
+  torch_eager    transformers' apply_rotary_pos_emb on q: q*cos + rotate_half(q)*sin (cos/sin
+                 [1, T, D] unsqueezed at the head dim); interleaved: the pairs (2i, 2i+1) from a
+                 [.., D/2, 2] view, stacked back
+  torch_compile  the same through torch.compile(dynamic=False)
+  liger          liger_kernel.transformers.rope.liger_rotary_pos_emb(q, k, cos, sin) with a
+                 one-head k (the kernel rotates q and k together; k adds 1/H of the bytes),
+                 [B, H, T, D] half-split only, when liger_kernel imports (CUDA)
+GLU (family glu: swiglu, geglu (tanh GELU), swiglu_packed / geglu_packed (one [N, 2I] input,
+shape = the output [N, I])):
+  torch_eager    F.silu(g) * u / F.gelu(g, approximate="tanh") * u (packed: gu.chunk(2, -1))
+  torch_compile  the same compiled
+  liger          LigerSiLUMulFunction / LigerGELUMulFunction (two tensors; packed: the chunks)
+  bwd / fwd+bwd as for the other ops; bytes as the Rust bench (RoPE 2Ne + 4TR + 4T each way,
+  GLU fwd 3Ne, bwd 5Ne).
+
 Timing: CUDA events around each call, device synchronised before and after, warm-up then the
 median (the same repetition budget as the Rust bench); small inputs rotate among several input
 sets (>= 128 MiB in all) so the 50 MB L2 does not hold them; inputs are random, never zeros.
@@ -174,12 +193,55 @@ GEMM_SHAPES = {
 }
 
 FAMILIES = ["softmax", "masked_softmax", "rms_norm", "add_rms_norm", "lora_linear",
-            "cross_entropy", "linear_cross_entropy", "matmul"]
+            "cross_entropy", "linear_cross_entropy", "matmul", "rope", "glu"]
+
+# RoPE and GLU shapes of crates/candle-fused-cli/src/bench/cases.rs (keep in sync): (op, shape, dtype).
+ROPE_SHAPES = {
+    ("cuda", False): [
+        ("rope", [1, 32, 4096, 128], "bf16"),
+        ("rope", [1, 32, 4096, 128], "f32"),
+        ("rope", [4, 14, 2048, 64], "bf16"),
+        ("rope_bthd", [1, 4096, 32, 128], "bf16"),
+        ("rope_interleaved", [1, 32, 4096, 128], "bf16"),
+    ],
+    ("cuda", True): [("rope", [1, 32, 4096, 128], "bf16"), ("rope", [4, 14, 2048, 64], "bf16")],
+    ("cpu", False): [
+        ("rope", [1, 32, 4096, 128], "f32"),
+        ("rope", [1, 32, 4096, 128], "bf16"),
+        ("rope", [4, 14, 2048, 64], "bf16"),
+        ("rope_bthd", [1, 4096, 32, 128], "bf16"),
+        ("rope_interleaved", [1, 32, 4096, 128], "f32"),
+    ],
+    ("cpu", True): [("rope", [1, 8, 512, 128], "f32"), ("rope", [2, 14, 256, 64], "bf16")],
+}
+GLU_SHAPES = {
+    ("cuda", False): [
+        ("swiglu", [8192, 14336], "bf16"),
+        ("swiglu_packed", [8192, 14336], "bf16"),
+        ("swiglu", [8192, 14336], "f32"),
+        ("geglu", [8192, 14336], "bf16"),
+    ],
+    ("cuda", True): [("swiglu", [8192, 14336], "bf16"), ("swiglu_packed", [8192, 14336], "bf16")],
+    ("cpu", False): [
+        ("swiglu", [1024, 4864], "f32"),
+        ("swiglu", [1024, 4864], "bf16"),
+        ("swiglu_packed", [1024, 4864], "bf16"),
+        ("geglu", [1024, 4864], "f32"),
+    ],
+    ("cpu", True): [("swiglu", [64, 4864], "f32"), ("swiglu_packed", [64, 4864], "bf16")],
+}
+ROPE_POSITIONS = 8192  # crates/candle-fused-cli/src/bench/rope_glu.rs::ROPE_POSITIONS
+ROPE_OPS = ("rope", "rope_bthd", "rope_interleaved", "rope_bthd_interleaved")
+GLU_OPS = ("swiglu", "swiglu_packed", "geglu", "geglu_packed")
 
 
 def family_of(op):
     if op.startswith("masked_softmax"):
         return "masked_softmax"
+    if op in ROPE_OPS:
+        return "rope"
+    if op in GLU_OPS:
+        return "glu"
     if op in ("softmax", "rms_norm", "add_rms_norm", "lora_linear", "cross_entropy",
               "linear_cross_entropy", "matmul"):
         return op
@@ -874,6 +936,195 @@ def run_lce_case(ctx, op, shape, dtype, compile_it):
     free_memory()
 
 
+# ---------------------------------------------------------------- RoPE and GLU
+
+
+def rope_tables(d, dev):
+    """cos/sin [ROPE_POSITIONS, D/2] in f32 (theta 1e4), computed in f64 like the Rust table."""
+    inv = 1.0 / (10000.0 ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    ang = torch.arange(ROPE_POSITIONS, dtype=torch.float64)[:, None] * inv[None, :]
+    return ang.cos().float().to(dev), ang.sin().float().to(dev)
+
+
+def rotate_half(x):
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def rope_eager(op):
+    """f(q, cos, sin): cos/sin [1, T, D] (half-split, HF's cat(freqs, freqs)) or [1, T, D/2]."""
+    unsq = 2 if "bthd" in op else 1
+
+    if "interleaved" in op:
+        def f(q, cos, sin):
+            c, s = cos.unsqueeze(unsq), sin.unsqueeze(unsq)
+            x = q.unflatten(-1, (-1, 2))
+            x0, x1 = x[..., 0], x[..., 1]
+            return (torch.stack((x0 * c - x1 * s, x1 * c + x0 * s), dim=-1).flatten(-2),)
+        return f
+
+    def f(q, cos, sin):
+        c, s = cos.unsqueeze(unsq), sin.unsqueeze(unsq)
+        return (q * c + rotate_half(q) * s,)
+    return f
+
+
+def liger_rope():
+    try:
+        from liger_kernel.transformers.rope import liger_rotary_pos_emb
+    except Exception:
+        return None
+
+    def f(q, k, cos, sin):
+        return liger_rotary_pos_emb(q, k, cos, sin)
+    return f
+
+
+def run_rope_case(ctx, op, shape, dtype, compile_it):
+    """RoPE rows (see the module doc): fwd, bwd (autograd.grad on a prebuilt graph) and fwd+bwd,
+    x the only differentiable input."""
+    dev = ctx.device
+    d = shape[3]
+    t = shape[2] if "bthd" not in op else shape[1]
+    e = elt_size(dtype)
+    n = math.prod(shape)
+    one = 2 * n * e + 4 * t * d + 4 * t
+    nbytes = {"fwd": one, "bwd": one, "fwd+bwd": 2 * one}
+    k = sets_for(2 * n * e)
+    print(f"{op} {shape_str(shape)} {dtype} ({k} input set(s))", file=sys.stderr)
+    cos_t, sin_t = rope_tables(d, dev)
+    sets = []
+    for _ in range(k):
+        off = int(torch.randint(0, ROPE_POSITIONS - t + 1, (1,)).item())
+        pos = torch.arange(off, off + t, device=dev)
+        c, s = cos_t[pos], sin_t[pos]
+        if "interleaved" not in op:
+            c, s = torch.cat((c, c), -1), torch.cat((s, s), -1)
+        c, s = c[None].to(DTYPES[dtype]), s[None].to(DTYPES[dtype])
+        sets.append(((randn(shape, 1.0, dtype, dev), c, s), [randn(shape, 1.0, dtype, dev)]))
+    f_eager = rope_eager(op)
+    impls = [("torch_eager", f_eager)]
+    if compile_it and not ctx.over_time():
+        try:
+            torch._dynamo.reset()
+            f_c = torch.compile(f_eager, dynamic=False)
+            (a, p) = sets[0]
+            with torch.no_grad():
+                f_c(*a)
+            la = leaves(a, [True, False, False])
+            torch.autograd.grad((f_c(*la)[0] * p[0]).sum(), [la[0]])
+            impls.append(("torch_compile", f_c))
+        except Exception as ex:
+            ctx.notes.append(f"torch_compile failed for {op}: {type(ex).__name__}: {str(ex)[:200]}")
+    lig = liger_rope() if (ctx.cuda and op == "rope") else None
+    if lig is not None:
+        kcache = {}  # a one-head k per input set, made before timing (keyed by q's storage)
+        for a, _ in sets:
+            kcache[a[0].data_ptr()] = a[0][:, :1].detach().clone()
+
+        def f_lig(q, c, s):
+            return (lig(q, kcache[q.data_ptr()], c, s)[0],)
+        impls.append(("liger", f_lig))
+    elif ctx.cuda and op == "rope":
+        ctx.notes.append("liger: liger_kernel does not import; no liger rows")
+    diff = [True, False, False]
+    for impl, f in impls:
+        with torch.no_grad():
+            ctx.record(op, "fwd", shape, dtype, impl, k, lambda i, f=f: f(*sets[i % k][0]),
+                       nbytes=nbytes["fwd"])
+        bwd_rows(ctx, op, shape, dtype, impl, f, diff, sets, nbytes=nbytes["bwd"])
+
+        def fwd_bwd(i, f=f):
+            a, p = sets[i % k]
+            la = leaves(a, diff)
+            return torch.autograd.grad((f(*la)[0] * p[0]).sum(), [la[0]])
+
+        ctx.record(op, "fwd+bwd", shape, dtype, impl, k, fwd_bwd, nbytes=nbytes["fwd+bwd"])
+        free_memory()
+    del sets
+    free_memory()
+
+
+def liger_glu(kind):
+    try:
+        if kind == "swiglu":
+            from liger_kernel.ops.swiglu import LigerSiLUMulFunction as Fn
+        else:
+            from liger_kernel.ops.geglu import LigerGELUMulFunction as Fn
+    except Exception:
+        return None
+    return Fn.apply
+
+
+def run_glu_case(ctx, op, shape, dtype, compile_it):
+    """GLU rows (see the module doc)."""
+    dev = ctx.device
+    kind = "geglu" if op.startswith("geglu") else "swiglu"
+    packed = op.endswith("_packed")
+    e = elt_size(dtype)
+    n = math.prod(shape)
+    nbytes = {"fwd": 3 * n * e, "bwd": 5 * n * e, "fwd+bwd": 8 * n * e}
+    k = sets_for(3 * n * e)
+    print(f"{op} {shape_str(shape)} {dtype} ({k} input set(s))", file=sys.stderr)
+
+    def act(g):
+        return F.silu(g) if kind == "swiglu" else F.gelu(g, approximate="tanh")
+
+    if packed:
+        def f_eager(gu):
+            g, u = gu.chunk(2, dim=-1)
+            return (act(g) * u,)
+        diff = [True]
+        wide = list(shape[:-1]) + [2 * shape[-1]]
+        sets = [((randn(wide, 1.0, dtype, dev),), [randn(shape, 1.0, dtype, dev)]) for _ in range(k)]
+    else:
+        def f_eager(g, u):
+            return (act(g) * u,)
+        diff = [True, True]
+        sets = [((randn(shape, 2.0, dtype, dev), randn(shape, 1.0, dtype, dev)),
+                 [randn(shape, 1.0, dtype, dev)]) for _ in range(k)]
+    impls = [("torch_eager", f_eager)]
+    if compile_it and not ctx.over_time():
+        try:
+            torch._dynamo.reset()
+            f_c = torch.compile(f_eager, dynamic=False)
+            (a, p) = sets[0]
+            with torch.no_grad():
+                f_c(*a)
+            la = leaves(a, diff)
+            torch.autograd.grad((f_c(*la)[0] * p[0]).sum(), [x for x, dd in zip(la, diff) if dd])
+            impls.append(("torch_compile", f_c))
+        except Exception as ex:
+            ctx.notes.append(f"torch_compile failed for {op}: {type(ex).__name__}: {str(ex)[:200]}")
+    lig = liger_glu(kind) if ctx.cuda else None
+    if lig is not None:
+        if packed:
+            def f_lig(gu):
+                g, u = gu.chunk(2, dim=-1)
+                return (lig(g, u),)
+        else:
+            def f_lig(g, u):
+                return (lig(g, u),)
+        impls.append(("liger", f_lig))
+    elif ctx.cuda:
+        ctx.notes.append(f"liger: liger_kernel does not import; no liger rows for {op}")
+    for impl, f in impls:
+        with torch.no_grad():
+            ctx.record(op, "fwd", shape, dtype, impl, k, lambda i, f=f: f(*sets[i % k][0]),
+                       nbytes=nbytes["fwd"])
+        bwd_rows(ctx, op, shape, dtype, impl, f, diff, sets, nbytes=nbytes["bwd"])
+
+        def fwd_bwd(i, f=f):
+            a, p = sets[i % k]
+            la = leaves(a, diff)
+            return torch.autograd.grad((f(*la)[0] * p[0]).sum(), [x for x, dd in zip(la, diff) if dd])
+
+        ctx.record(op, "fwd+bwd", shape, dtype, impl, k, fwd_bwd, nbytes=nbytes["fwd+bwd"])
+        free_memory()
+    del sets
+    free_memory()
+
+
 def cases_from_json(path):
     with open(path) as fh:
         data = json.load(fh)
@@ -899,6 +1150,10 @@ def default_cases(dev_type, quick):
             out += [(op, shape, dt) for shape, dt in LCE_SHAPES[(dev_type, quick)]]
         elif op == "matmul":
             out += [(op, shape, dt) for shape, dt in GEMM_SHAPES[(dev_type, quick)]]
+        elif op == "rope":
+            out += [tuple(c) for c in ROPE_SHAPES[(dev_type, quick)]]
+        elif op == "glu":
+            out += [tuple(c) for c in GLU_SHAPES[(dev_type, quick)]]
         else:
             out += [(op, shape, dt) for shape, dt in ROW_SHAPES[(dev_type, quick)]]
     return out
@@ -962,7 +1217,7 @@ def main():
         cases = [c for c in cases if family_of(c[0]) in want]
     compile_fams = {"none": set(),
                     "some": {"masked_softmax", "add_rms_norm", "lora_linear", "cross_entropy",
-                             "linear_cross_entropy"},
+                             "linear_cross_entropy", "rope", "glu"},
                     "all": set(FAMILIES)}[args.compile]
     torch._dynamo.config.cache_size_limit = 256
 
@@ -975,7 +1230,8 @@ def main():
     for op, shape, dtype in cases:
         run = {"lora_linear": run_lora_case, "cross_entropy": run_ce_case,
                "linear_cross_entropy": run_lce_case,
-               "matmul": run_matmul_case}.get(family_of(op), run_mem_case)
+               "matmul": run_matmul_case, "rope": run_rope_case,
+               "glu": run_glu_case}.get(family_of(op), run_mem_case)
         run(ctx, op, shape, dtype, family_of(op) in compile_fams)
         if args.json:  # a checkpoint, so a run cut short still leaves its rows
             save(ctx, args, copy_bytes, partial=True)

@@ -30,6 +30,7 @@ IMPL_ORDER = [
     "base_linear",
     "candle_fused_builtin",
     "candle_composed",
+    "candle_rotary_emb",
     "merged",
     "torch_eager",
     "torch_base",
@@ -37,6 +38,7 @@ IMPL_ORDER = [
     "torch_addmm",
     "torch_merged",
     "torch_compile",
+    "liger",
 ]
 # Compute-bound rows (those with flops: LoRA) get their own summary with TFLOP/s and the
 # targets of issue 4: fwd <= 1.05x the limit (the faster of base_gemm and base_linear) for

@@ -74,8 +74,8 @@ enum Cmd {
         #[arg(long)]
         quick: bool,
         /// Only these op families (comma-separated): softmax, masked_softmax, rms_norm,
-        /// add_rms_norm, lora_linear, cross_entropy, linear_cross_entropy, matmul; or `train`
-        /// alone: the LoRA training step (see bench::train; its own options below).
+        /// add_rms_norm, lora_linear, cross_entropy, linear_cross_entropy, matmul, rope, glu; or
+        /// `train` alone: the LoRA training step (see bench::train; its own options below).
         #[arg(long, value_delimiter = ',')]
         op: Option<Vec<String>>,
         /// The kernel configuration ours run on, by name: default, or another of

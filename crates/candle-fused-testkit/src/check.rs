@@ -18,7 +18,8 @@ use candle_core::{DType, Device, Result, Tensor};
 use candle_fused::Kernels;
 
 use crate::rng::Rng;
-use crate::{reference, testing};
+use crate::{check_rope_glu, reference, testing};
+use candle_fused::ops::{GluKind, RopeLayout, RopeStyle};
 
 /// How the additive mask of a masked-softmax case is shaped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +60,20 @@ pub enum OpKind {
         r: usize,
         bias: bool,
     },
+    /// RoPE on `x = shape` (`[B, H, T, D]` or `[B, T, H, D]` per `layout`) with random
+    /// positions, `[B, T]` i64 when `batch_positions`, else `[T]` u32 (see
+    /// [`crate::check_rope_glu`]).
+    Rope {
+        layout: RopeLayout,
+        style: RopeStyle,
+        rotary_dim: usize,
+        batch_positions: bool,
+    },
+    /// `act(gate) ⊙ up` with output `shape`; `packed`: one `[.., 2I]` input.
+    Glu {
+        kind: GluKind,
+        packed: bool,
+    },
 }
 
 impl OpKind {
@@ -98,6 +113,7 @@ impl OpKind {
                     if *bias { ",bias" } else { "" }
                 )
             }
+            OpKind::Rope { .. } | OpKind::Glu { .. } => check_rope_glu::name(*self),
         }
     }
 }
@@ -148,6 +164,14 @@ struct Inputs {
 }
 
 fn make_inputs(case: &Case, device: &Device, rng: &mut Rng) -> Result<Inputs> {
+    if let OpKind::Rope { .. } | OpKind::Glu { .. } = case.op {
+        let (names, tensors, differentiable) = check_rope_glu::make_inputs(case, device, rng)?;
+        return Ok(Inputs {
+            names,
+            tensors,
+            differentiable,
+        });
+    }
     let dt = case.dtype;
     let shape = &case.shape;
     let d = *shape.last().unwrap_or(&1);
@@ -221,6 +245,7 @@ fn make_inputs(case: &Case, device: &Device, rng: &mut Rng) -> Result<Inputs> {
                 differentiable,
             }
         }
+        OpKind::Rope { .. } | OpKind::Glu { .. } => unreachable!("handled above"),
         OpKind::AddRmsNorm => {
             let res = rng.randn(shape, 1.0, dt, device)?;
             let w = rng.rand(&[d], 0.5, 1.5, dt, device)?;
@@ -268,6 +293,7 @@ pub fn apply(kernels: &Kernels, op: OpKind, args: &[Tensor], fused: bool) -> Res
             let (a, b) = reference::add_rms_norm(&args[0], &args[1], &args[2], eps)?;
             vec![a, b]
         }
+        (OpKind::Rope { .. } | OpKind::Glu { .. }, f) => check_rope_glu::apply(k, op, args, f)?,
     })
 }
 
@@ -330,7 +356,15 @@ pub fn run(kernels: &Kernels, case: &Case, device: &Device) -> Result<Vec<Outcom
         true,
     )?;
 
-    let cpu64 = |t: &Tensor| t.to_device(&Device::Cpu)?.to_dtype(DType::F64);
+    // Float inputs upcast to f64; integer ones (RoPE positions) as they are.
+    let cpu64 = |t: &Tensor| -> Result<Tensor> {
+        let t = t.to_device(&Device::Cpu)?;
+        if t.dtype().is_float() {
+            t.to_dtype(DType::F64)
+        } else {
+            Ok(t)
+        }
+    };
     let ref_in: Vec<Tensor> = inputs.tensors.iter().map(cpu64).collect::<Result<_>>()?;
     let ref_probes: Vec<Tensor> = probes.iter().map(cpu64).collect::<Result<_>>()?;
     let (ref_outs, ref_grads) = fwd_bwd(
@@ -518,8 +552,8 @@ pub fn row_cases(shapes: &[Vec<usize>], dtypes: &[DType]) -> Vec<Case> {
 }
 
 /// The sweep of `candle-fused check`: every op, each dtype, several shapes (including last
-/// dims 1, odd, prime, 4097 and 65536, a masked-softmax family, and LoRA linear shapes up to
-/// rank 256).
+/// dims 1, odd, prime, 4097 and 65536, a masked-softmax family, LoRA linear shapes up to
+/// rank 256, and the RoPE / GLU cases of [`check_rope_glu::sweep`]).
 pub fn sweep(dtypes: &[DType]) -> Vec<Case> {
     let row_shapes: Vec<Vec<usize>> = vec![
         vec![1],
@@ -568,6 +602,7 @@ pub fn sweep(dtypes: &[DType]) -> Vec<Case> {
                 dtype,
             });
         }
+        cases.extend(check_rope_glu::sweep(dtype));
     }
     cases
 }

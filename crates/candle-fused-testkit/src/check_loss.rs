@@ -118,8 +118,12 @@ pub fn targets_from(
     device: &Device,
 ) -> Result<Tensor> {
     let n: usize = rows.iter().product();
-    let u = rng.rand(&[n], 0.0, 1.0, DType::F64, &Device::Cpu)?.to_vec1::<f64>()?;
-    let c = rng.rand(&[n], 0.0, v as f64, DType::F64, &Device::Cpu)?.to_vec1::<f64>()?;
+    let u = rng
+        .rand(&[n], 0.0, 1.0, DType::F64, &Device::Cpu)?
+        .to_vec1::<f64>()?;
+    let c = rng
+        .rand(&[n], 0.0, v as f64, DType::F64, &Device::Cpu)?
+        .to_vec1::<f64>()?;
     let t: Vec<i64> = u
         .iter()
         .zip(&c)
@@ -252,7 +256,9 @@ pub fn run(kernels: &Kernels, case: &LossCase, device: &Device) -> Result<Vec<Ou
     let k = *kernels;
     let mut rng = Rng::stream(&format!("check_loss {} {:?}", case.name(), case.dtype));
     let inputs = make_inputs(case, device, &mut rng)?;
-    let probe = rng.randn(&[1], 1.0, DType::F32, &Device::Cpu)?.to_vec1::<f32>()?[0] as f64;
+    let probe = rng
+        .randn(&[1], 1.0, DType::F32, &Device::Cpu)?
+        .to_vec1::<f32>()?[0] as f64;
     let names: &[&str] = match case.op {
         LossOp::CrossEntropy => &["logits"],
         LossOp::Linear { .. } => &["h", "w"],

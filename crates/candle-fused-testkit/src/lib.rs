@@ -6,6 +6,7 @@
 pub mod asserts;
 pub mod check;
 pub mod check_loss;
+pub mod check_rope_glu;
 pub mod reference;
 pub mod rng;
 pub mod testing;

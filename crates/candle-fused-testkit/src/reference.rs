@@ -4,6 +4,7 @@
 //! inputs' dtype as "Candle composed", the differentiable path Candle users have today.
 
 use candle_core::{DType, Result, Tensor, D};
+use candle_fused::ops::{GluKind, RopeLayout, RopeStyle};
 
 /// `softmax(x)` over the last dim (Candle's `candle_nn::ops::softmax`).
 pub fn softmax(x: &Tensor) -> Result<Tensor> {
@@ -79,6 +80,95 @@ pub fn add_rms_norm(
 ) -> Result<(Tensor, Tensor)> {
     let s = (x + residual)?;
     Ok((rms_norm(&s, Some(w), eps)?, s))
+}
+
+/// RoPE from composed ops: the table rows at `positions` (`[T]` or `[B, T]`, u32/i64) are
+/// gathered (`cos`, `sin`: `[P, R/2]`, converted to `x`'s dtype) and broadcast over the heads;
+/// the first `R` dims of each head are rotated (pairs `(i, i + R/2)` or `(2i, 2i + 1)`), the
+/// rest concatenated back unchanged. Differentiable in `x`.
+pub fn rope(
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    positions: &Tensor,
+    layout: RopeLayout,
+    style: RopeStyle,
+) -> Result<Tensor> {
+    let (d0, d1, d2, d) = x.dims4()?;
+    let half = cos.dim(1)?;
+    let rot = 2 * half;
+    let (b, t) = match layout {
+        RopeLayout::Bhtd => (d0, d2),
+        RopeLayout::Bthd => (d0, d1),
+    };
+    let pb = if positions.rank() == 2 { b } else { 1 };
+    let gather = |tab: &Tensor| -> Result<Tensor> {
+        let g = tab
+            .to_dtype(x.dtype())?
+            .index_select(&positions.flatten_all()?, 0)?;
+        match layout {
+            RopeLayout::Bhtd => g.reshape((pb, 1, t, half)),
+            RopeLayout::Bthd => g.reshape((pb, t, 1, half)),
+        }
+    };
+    let (c, s) = (gather(cos)?, gather(sin)?);
+    let xr = x.narrow(D::Minus1, 0, rot)?;
+    let yr = match style {
+        RopeStyle::HalfSplit => {
+            let x1 = xr.narrow(D::Minus1, 0, half)?;
+            let x2 = xr.narrow(D::Minus1, half, half)?;
+            let y1 = (x1.broadcast_mul(&c)? - x2.broadcast_mul(&s)?)?;
+            let y2 = (x2.broadcast_mul(&c)? + x1.broadcast_mul(&s)?)?;
+            Tensor::cat(&[y1, y2], D::Minus1)?
+        }
+        RopeStyle::Interleaved => {
+            let pairs = xr.reshape((d0, d1, d2, half, 2))?;
+            let xe = pairs.narrow(D::Minus1, 0, 1)?.squeeze(D::Minus1)?;
+            let xo = pairs.narrow(D::Minus1, 1, 1)?.squeeze(D::Minus1)?;
+            let ye = (xe.broadcast_mul(&c)? - xo.broadcast_mul(&s)?)?;
+            let yo = (xo.broadcast_mul(&c)? + xe.broadcast_mul(&s)?)?;
+            Tensor::stack(&[ye, yo], D::Minus1)?.reshape((d0, d1, d2, rot))?
+        }
+    };
+    if rot == d {
+        Ok(yr)
+    } else {
+        Tensor::cat(&[yr, x.narrow(D::Minus1, rot, d - rot)?], D::Minus1)
+    }
+}
+
+/// `act(gate) ⊙ up` written out from elementary ops (the ground truth in f64):
+/// silu `g / (1 + e^{−g})`, gelu_tanh `g/2 · (1 + tanh(sqrt(2/π)·(g + 0.044715·g³)))`.
+pub fn glu(kind: GluKind, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    let act = match kind {
+        GluKind::SwiGlu => (gate / (gate.neg()?.exp()? + 1.0)?)?,
+        GluKind::GeGluTanh => {
+            let k = (2.0 / std::f64::consts::PI).sqrt();
+            let inner = ((gate + ((gate.sqr()? * gate)? * 0.044715)?)? * k)?;
+            ((gate * 0.5)? * (inner.tanh()? + 1.0)?)?
+        }
+    };
+    act * up
+}
+
+/// `act(gate) ⊙ up` with Candle's own unary ops (`Tensor::silu`, `Tensor::gelu`, both with
+/// a backward): what a Candle model writes today (the bench's composed path).
+pub fn glu_builtin(kind: GluKind, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    let act = match kind {
+        GluKind::SwiGlu => gate.silu()?,
+        GluKind::GeGluTanh => gate.gelu()?,
+    };
+    act * up
+}
+
+/// The packed layout `[.., 2I]`: [`glu`] of its two halves.
+pub fn glu_packed(kind: GluKind, gate_up: &Tensor) -> Result<Tensor> {
+    let i = gate_up.dim(D::Minus1)? / 2;
+    glu(
+        kind,
+        &gate_up.narrow(D::Minus1, 0, i)?,
+        &gate_up.narrow(D::Minus1, i, i)?,
+    )
 }
 
 /// Upcasts to f64 (the reference precision).

@@ -17,6 +17,9 @@ use crate::config::CpuConfig;
 use crate::seam::Inputs;
 use crate::simd::Isa;
 
+mod par;
+pub(crate) use par::par_rows;
+
 /// Accumulation type of the row kernels: `f32` (for f32, f16, bf16) or `f64`, with the row
 /// math the kernels use (f32: [`Isa`]'s vector code; f64: lane loops at the same level).
 pub(crate) trait Acc:

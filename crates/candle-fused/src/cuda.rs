@@ -312,6 +312,17 @@ impl<'a> Args<'a> {
         self.val(p + (offset * std::mem::size_of::<T>()) as u64)
     }
 
+    /// Device pointers to elements `offsets` of one output buffer (e.g. the two halves of a
+    /// packed gradient), in order.
+    pub fn outputs_at<T>(&mut self, s: &'a mut CudaSlice<T>, offsets: &[usize]) -> &mut Self {
+        let (p, g) = s.device_ptr_mut(self.stream);
+        self.guards.push(g);
+        for &o in offsets {
+            self.val(p + (o * std::mem::size_of::<T>()) as u64);
+        }
+        self
+    }
+
     /// A null pointer (an absent optional input).
     pub fn null(&mut self) -> &mut Self {
         self.val(0u64)
@@ -356,7 +367,11 @@ pub(crate) fn launch(plan: &Launch, args: &Args) -> Result<()> {
     raw_launch(
         &plan.func,
         args,
-        (plan.clusters * csize, plan.threads, plan.smem),
+        (
+            [plan.clusters * csize, 1, 1],
+            [plan.threads, 1, 1],
+            plan.smem,
+        ),
         csize,
     )
 }
@@ -370,6 +385,23 @@ pub(crate) fn launch_simple(
     block: u32,
     args: &Args,
 ) -> Result<()> {
+    raw_launch(
+        &function(dev, ptx, name)?,
+        args,
+        ([grid, 1, 1], [block, 1, 1], 0),
+        1,
+    )
+}
+
+/// Launches a plain kernel of `ptx` on a 3-D grid of 3-D blocks, no shared memory.
+pub(crate) fn launch_3d(
+    dev: &CudaDevice,
+    ptx: &Ptx,
+    name: &str,
+    grid: [u32; 3],
+    block: [u32; 3],
+    args: &Args,
+) -> Result<()> {
     raw_launch(&function(dev, ptx, name)?, args, (grid, block, 0), 1)
 }
 
@@ -377,7 +409,7 @@ pub(crate) fn launch_simple(
 fn raw_launch(
     func: &CudaFunction,
     args: &Args,
-    (grid, block, smem): (u32, u32, u32),
+    (grid, block, smem): ([u32; 3], [u32; 3], u32),
     csize: u32,
 ) -> Result<()> {
     let mut params: Vec<*mut c_void> = args
@@ -392,12 +424,12 @@ fn raw_launch(
     attr.value.clusterDim.y = 1;
     attr.value.clusterDim.z = 1;
     let cfg = sys::CUlaunchConfig {
-        gridDimX: grid,
-        gridDimY: 1,
-        gridDimZ: 1,
-        blockDimX: block,
-        blockDimY: 1,
-        blockDimZ: 1,
+        gridDimX: grid[0],
+        gridDimY: grid[1],
+        gridDimZ: grid[2],
+        blockDimX: block[0],
+        blockDimY: block[1],
+        blockDimZ: block[2],
         sharedMemBytes: smem,
         hStream: args.stream.cu_stream(),
         attrs: &mut attr,

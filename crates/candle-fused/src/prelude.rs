@@ -2,8 +2,7 @@
 
 use candle_core::{Result, Tensor};
 
-use crate::ops;
-use crate::ops::CrossEntropyConfig;
+use crate::ops::{self, CrossEntropyConfig, GluKind, RopeLayout, RopeStyle, RopeTable};
 
 /// The fused ops as methods on `Tensor`. All are differentiable; see [`crate::ops`] for the
 /// math and the free-function forms.
@@ -36,6 +35,20 @@ pub trait FusedOps {
         b: &Tensor,
         scale: f64,
     ) -> Result<Tensor>;
+    /// RoPE on `self` (q or k) at `positions` ([`ops::rope`]).
+    fn rope_fused(
+        &self,
+        table: &RopeTable,
+        positions: &Tensor,
+        layout: RopeLayout,
+        style: RopeStyle,
+    ) -> Result<Tensor>;
+    /// `silu(self) ⊙ up` ([`ops::swiglu`]).
+    fn swiglu_fused(&self, up: &Tensor) -> Result<Tensor>;
+    /// `act(self) ⊙ up` ([`ops::glu`]).
+    fn glu_fused(&self, kind: GluKind, up: &Tensor) -> Result<Tensor>;
+    /// `self` is the packed `[.., 2I]` gate_up: `act(gate) ⊙ up` ([`ops::glu_packed`]).
+    fn glu_packed_fused(&self, kind: GluKind) -> Result<Tensor>;
     /// Cross-entropy of these logits against class indices ([`ops::cross_entropy`]).
     fn cross_entropy_fused(&self, targets: &Tensor, cfg: &CrossEntropyConfig) -> Result<Tensor>;
     /// Cross-entropy of `self·wᵀ` (hidden states times the LM head) without the full logits
@@ -87,6 +100,28 @@ impl FusedOps for Tensor {
         scale: f64,
     ) -> Result<Tensor> {
         ops::lora_linear(self, w, bias, a, b, scale)
+    }
+
+    fn rope_fused(
+        &self,
+        table: &RopeTable,
+        positions: &Tensor,
+        layout: RopeLayout,
+        style: RopeStyle,
+    ) -> Result<Tensor> {
+        ops::rope(self, table, positions, layout, style)
+    }
+
+    fn swiglu_fused(&self, up: &Tensor) -> Result<Tensor> {
+        ops::swiglu(self, up)
+    }
+
+    fn glu_fused(&self, kind: GluKind, up: &Tensor) -> Result<Tensor> {
+        ops::glu(kind, self, up)
+    }
+
+    fn glu_packed_fused(&self, kind: GluKind) -> Result<Tensor> {
+        ops::glu_packed(kind, self)
     }
 
     fn cross_entropy_fused(&self, targets: &Tensor, cfg: &CrossEntropyConfig) -> Result<Tensor> {

@@ -9,11 +9,12 @@
 //! LoRA ([`lora_shapes`]) has the (M, K, N, r) list on CUDA; the CPU runs the two
 //! small ones plus a 1024³ case. The losses ([`ce_shapes`], [`lce_shapes`]): the issue's
 //! 8192 tokens with Llama 3's (4096 × 128256) and Qwen2.5-0.5B's (896 × 151936) heads on CUDA,
-//! scaled down on the CPU.
+//! scaled down on the CPU. RoPE and GLU: [`rope_shapes`], [`glu_shapes`].
 
 use candle_core::DType::{self, BF16, F32};
 
 use super::memops::{MemCase, SCALE};
+use candle_fused::ops::{GluKind, RopeLayout, RopeStyle};
 use candle_fused::Kernels;
 use candle_fused_testkit::check::{MaskKind, OpKind};
 
@@ -123,6 +124,67 @@ pub fn mem_cases(family: &str, scope: Scope) -> Vec<MemCase> {
             })
             .collect(),
         _ => vec![],
+    }
+}
+
+/// RoPE shapes `(x shape in the layout's order, layout, style, dtype)`: Llama's q
+/// `[1, 32, 4096, 128]` and Qwen2.5-0.5B's `[4, 14, 2048, 64]` (CPU as well: they fit),
+/// plus the `[B, T, H, D]` layout and the interleaved style; `--quick`: smaller.
+pub fn rope_shapes(scope: Scope) -> Vec<([usize; 4], RopeLayout, RopeStyle, DType)> {
+    use RopeLayout::{Bhtd, Bthd};
+    use RopeStyle::{HalfSplit, Interleaved};
+    match (scope.cuda, scope.quick) {
+        (true, false) => vec![
+            ([1, 32, 4096, 128], Bhtd, HalfSplit, BF16),
+            ([1, 32, 4096, 128], Bhtd, HalfSplit, F32),
+            ([4, 14, 2048, 64], Bhtd, HalfSplit, BF16),
+            ([1, 4096, 32, 128], Bthd, HalfSplit, BF16),
+            ([1, 32, 4096, 128], Bhtd, Interleaved, BF16),
+        ],
+        (true, true) => vec![
+            ([1, 32, 4096, 128], Bhtd, HalfSplit, BF16),
+            ([4, 14, 2048, 64], Bhtd, HalfSplit, BF16),
+        ],
+        (false, false) => vec![
+            ([1, 32, 4096, 128], Bhtd, HalfSplit, F32),
+            ([1, 32, 4096, 128], Bhtd, HalfSplit, BF16),
+            ([4, 14, 2048, 64], Bhtd, HalfSplit, BF16),
+            ([1, 4096, 32, 128], Bthd, HalfSplit, BF16),
+            ([1, 32, 4096, 128], Bhtd, Interleaved, F32),
+        ],
+        (false, true) => vec![
+            ([1, 8, 512, 128], Bhtd, HalfSplit, F32),
+            ([2, 14, 256, 64], Bhtd, HalfSplit, BF16),
+        ],
+    }
+}
+
+/// GLU shapes `(output shape, kind, packed, dtype)`: Llama-3-8B's MLP `[8192, 14336]` on
+/// CUDA; on the CPU Qwen2.5-0.5B's intermediate size for 1024 tokens `[1024, 4864]`;
+/// `--quick`: 64 tokens.
+pub fn glu_shapes(scope: Scope) -> Vec<(Vec<usize>, GluKind, bool, DType)> {
+    use GluKind::{GeGluTanh, SwiGlu};
+    match (scope.cuda, scope.quick) {
+        (true, false) => vec![
+            (vec![8192, 14336], SwiGlu, false, BF16),
+            (vec![8192, 14336], SwiGlu, true, BF16),
+            (vec![8192, 14336], SwiGlu, false, F32),
+            (vec![8192, 14336], GeGluTanh, false, BF16),
+        ],
+        (true, true) => vec![
+            (vec![8192, 14336], SwiGlu, false, BF16),
+            (vec![8192, 14336], SwiGlu, true, BF16),
+        ],
+        (false, false) => vec![
+            (vec![1024, 4864], SwiGlu, false, F32),
+            (vec![1024, 4864], SwiGlu, false, BF16),
+            (vec![1024, 4864], SwiGlu, true, BF16),
+            (vec![1024, 4864], GeGluTanh, false, F32),
+        ],
+        (false, true) => vec![
+            (vec![64, 4864], SwiGlu, false, F32),
+            (vec![64, 4864], SwiGlu, true, BF16),
+        ],
     }
 }
 

@@ -137,6 +137,8 @@ impl MemCase {
             OpKind::RmsNorm { .. } => "rms_norm",
             OpKind::AddRmsNorm => "add_rms_norm",
             OpKind::Lora { .. } => "lora_linear",
+            OpKind::Rope { .. } => "rope",
+            OpKind::Glu { .. } => "glu",
         }
     }
 
@@ -194,7 +196,9 @@ impl MemCase {
             OpKind::RmsNorm { weight: true } => (2.0 * n + d, 3.0 * n + 2.0 * d),
             OpKind::RmsNorm { weight: false } => (2.0 * n, 3.0 * n),
             OpKind::AddRmsNorm => (4.0 * n + d, 4.0 * n + 2.0 * d),
-            OpKind::Lora { .. } => unreachable!("LoRA is benchmarked by its own family"),
+            OpKind::Lora { .. } | OpKind::Rope { .. } | OpKind::Glu { .. } => {
+                unreachable!("benchmarked by its own family")
+            }
         };
         match pass {
             Pass::Fwd => fwd,
@@ -278,7 +282,9 @@ impl MemCase {
                 ],
                 vec![true; 3],
             ),
-            OpKind::Lora { .. } => unreachable!("LoRA is benchmarked by its own family"),
+            OpKind::Lora { .. } | OpKind::Rope { .. } | OpKind::Glu { .. } => {
+                unreachable!("benchmarked by its own family")
+            }
         };
         let saved = match self.op {
             // Our forward output, or the reference's if ours fails (so the other impls can
@@ -291,7 +297,9 @@ impl MemCase {
             }
             OpKind::RmsNorm { .. } => args[0].clone(),
             OpKind::AddRmsNorm => (&args[0] + &args[1])?,
-            OpKind::Lora { .. } => unreachable!("LoRA is benchmarked by its own family"),
+            OpKind::Lora { .. } | OpKind::Rope { .. } | OpKind::Glu { .. } => {
+                unreachable!("benchmarked by its own family")
+            }
         };
         Ok(InputSet {
             args,
@@ -337,7 +345,9 @@ impl MemCase {
                     k.add_rms_norm_backward(&set.saved, &set.args[2], dy, &set.probes[1], EPS)?;
                 Ok(vec![dx, dw])
             }
-            OpKind::Lora { .. } => unreachable!("LoRA is benchmarked by its own family"),
+            OpKind::Lora { .. } | OpKind::Rope { .. } | OpKind::Glu { .. } => {
+                unreachable!("benchmarked by its own family")
+            }
         }
     }
 

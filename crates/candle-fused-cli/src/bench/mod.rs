@@ -7,8 +7,8 @@
 //!
 //! Layout: [`timing`] (median timer, CUDA events, copy bandwidth), [`cases`] (the shapes),
 //! [`memops`] (inputs, bytes and implementations of the memory-bound ops), [`lora`] (the
-//! LoRA linear: flops, bytes, impls), [`gemm`] (the matrix products), [`report`] (rows,
-//! tables, JSON).
+//! LoRA linear: flops, bytes, impls), [`gemm`] (the matrix products), [`rope_glu`] (RoPE,
+//! SwiGLU/GeGLU), [`report`] (rows, tables, JSON).
 //!
 //! ## Adding an op family (as [`lora`] does)
 //! Write `src/bench/<family>.rs` with a type implementing [`Family`] (its `run` builds random
@@ -23,6 +23,7 @@ pub mod loss;
 pub mod memops;
 pub mod memory;
 pub mod report;
+pub mod rope_glu;
 pub mod timing;
 pub mod train;
 
@@ -74,6 +75,8 @@ pub fn families() -> Vec<Box<dyn Family>> {
         Box::new(MemFamily("rms_norm")),
         Box::new(MemFamily("add_rms_norm")),
         Box::new(lora::LoraFamily),
+        Box::new(rope_glu::RopeGluFamily("rope")),
+        Box::new(rope_glu::RopeGluFamily("glu")),
         Box::new(loss::LossFamily(loss::CE)),
         Box::new(loss::LossFamily(loss::LCE)),
         Box::new(gemm::GemmFamily),

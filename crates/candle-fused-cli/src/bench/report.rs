@@ -54,6 +54,13 @@ synchronised around each repetition); small inputs rotate among several random i
     loss.backward(); Candle's matmul backward (base_gemm, candle_composed) also computes an
     unused dW (not counted in the flops). ours/limit = ours' time / the faster of base_gemm
     and base_linear (target: fwd <= 1.05 for M >= 4096).
+  RoPE (rope = [B,H,T,D] half-split, rope_bthd, rope_interleaved; T = tokens, R = rotary dim):
+    GB/s fwd and bwd 2Ne + 4TR + 4T (x -> y, the f32 cos/sin rows of the positions, u32
+    positions). candle_composed = the rotation from Candle ops (cos/sin gathered each call);
+    candle_rotary_emb = candle_nn::rotary_emb::{rope, rope_thd, rope_i} on cos/sin gathered
+    before timing (fwd only: no backward). GLU (swiglu, geglu = tanh GELU, swiglu_packed =
+    one [N, 2I] input; shape = the output [N, I]): GB/s fwd 3Ne, bwd 5Ne (g, u, dy -> dg, du);
+    candle_composed = Tensor::silu / Tensor::gelu times up.
   cross_entropy (shape NxV logits, a tenth of the targets ignored, mean): GB/s: fwd NVe (logits
     read once) | bwd 2NVe (read, write dlogits) | fwd+bwd 3NVe. ours bwd = the standalone
     cross_entropy_backward (one pass); candle_composed = log_softmax + gather in the input dtype.

@@ -545,6 +545,45 @@ fn nan_in_fully_masked_row_is_nan_on_gpu() {
     assert!(y[1].iter().all(|v| v.is_finite()), "{y:?}");
 }
 
+mod rope;
+
+#[test]
+fn rope_sweep_and_bench_shapes() {
+    rope::sweep_and_bench_shapes()
+}
+
+#[test]
+fn rope_misaligned_strided_and_odd() {
+    rope::misaligned_strided_and_odd()
+}
+
+#[test]
+fn rope_errors_and_stale_positions() {
+    rope::errors_and_stale_positions()
+}
+
+#[test]
+fn rope_sanitizer_small() {
+    rope::sanitizer_small()
+}
+
+mod glu;
+
+#[test]
+fn glu_sweep_and_bench_shapes() {
+    glu::sweep_and_bench_shapes()
+}
+
+#[test]
+fn glu_misaligned_and_odd() {
+    glu::misaligned_and_odd()
+}
+
+#[test]
+fn glu_sanitizer_small() {
+    glu::sanitizer_small()
+}
+
 mod cross_entropy;
 mod linear_cross_entropy;
 

@@ -1,0 +1,1008 @@
+//! RoPE (`ops::rope`, `rope_backward`, `rope_fused`, `RopeTable`): forward and gradient vs
+//! the composed f64 reference and finite differences, θ then −θ, the pass-through dims,
+//! positions `[T]`/`[B, T]` (u32/i64) with restarts and offsets, strided inputs, the table
+//! vs the transformers formulas (plain f64 below, and values derived by hand), bad input.
+//!
+//! Inputs are fresh random values each run (`common::randn`; the testkit's seeded RNG will
+//! replace it when it lands).
+
+mod common;
+
+use candle_core::{DType, Result, Tensor};
+use candle_fused::ops::{self, RopeConfig, RopeLayout, RopeScaling, RopeStyle, RopeTable};
+use candle_fused::prelude::*;
+use candle_fused::{KernelConfig, Kernels};
+use candle_fused_testkit::reference;
+use common::*;
+
+const LAYOUTS: [RopeLayout; 2] = [RopeLayout::Bhtd, RopeLayout::Bthd];
+const STYLES: [RopeStyle; 2] = [RopeStyle::HalfSplit, RopeStyle::Interleaved];
+
+/// Element by element equal values, NaN matching NaN, where Candle's autograd may have
+/// touched one side: it adds each gradient to a zeroed buffer, which turns `-0` into `0`, and
+/// that add may run with flush-to-zero, so subnormals (of f32 range) count as zero.
+fn assert_equal(what: &str, a: &Tensor, b: &Tensor) {
+    assert_eq!((a.dims(), a.dtype()), (b.dims(), b.dtype()), "{what}");
+    let tiny = if a.dtype() == DType::F64 {
+        f64::MIN_POSITIVE
+    } else {
+        f32::MIN_POSITIVE as f64
+    };
+    let flush = |v: f64| if v.abs() < tiny { 0.0 } else { v };
+    for (i, (x, y)) in vec64(a).iter().zip(vec64(b)).enumerate() {
+        let same = flush(*x) == flush(y) || (x.is_nan() && y.is_nan());
+        assert!(same, "{what}: element {i}: {x} vs {y}");
+    }
+}
+
+fn k() -> Kernels {
+    Kernels::new(KernelConfig::poisoned())
+}
+
+fn table(d: usize, rot: usize, max_positions: usize, scaling: Option<RopeScaling>) -> RopeTable {
+    let cfg = RopeConfig {
+        rotary_dim: rot,
+        scaling,
+        ..RopeConfig::new(d, 10_000.0, max_positions)
+    };
+    RopeTable::new(&cfg, &CPU).unwrap()
+}
+
+/// x's dims in the layout's order.
+fn dims(layout: RopeLayout, b: usize, h: usize, t: usize, d: usize) -> Vec<usize> {
+    match layout {
+        RopeLayout::Bhtd => vec![b, h, t, d],
+        RopeLayout::Bthd => vec![b, t, h, d],
+    }
+}
+
+/// Random positions in `0..max` of `shape` and `dtype` (u32 or i64).
+fn positions(shape: &[usize], max: usize, dtype: DType) -> Tensor {
+    rand(shape, 0.0, max as f64, DType::F64)
+        .floor()
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+}
+
+type Case = (RopeLayout, RopeStyle, [usize; 4], usize);
+
+/// (layout, style, [B, H, T, D], rotary dim): D from 2 to 130, partial rotary dims, T = 1.
+fn cases() -> Vec<Case> {
+    let mut v = Vec::new();
+    for layout in LAYOUTS {
+        for style in STYLES {
+            for (bhtd, rot) in [
+                ([1, 1, 1, 2], 2),
+                ([2, 3, 5, 8], 8),
+                ([1, 4, 17, 64], 64),
+                ([3, 2, 1, 10], 6),
+                ([2, 2, 9, 7], 4),
+                ([1, 3, 6, 130], 128),
+            ] {
+                v.push((layout, style, bhtd, rot));
+            }
+        }
+    }
+    v
+}
+
+fn fused(
+    tab: RopeTable,
+    pos: Tensor,
+    layout: RopeLayout,
+    style: RopeStyle,
+) -> impl Fn(&[Tensor]) -> Result<Vec<Tensor>> {
+    move |a| Ok(vec![k().rope(&a[0], &tab, &pos, layout, style)?])
+}
+
+fn refr(
+    tab: RopeTable,
+    pos: Tensor,
+    layout: RopeLayout,
+    style: RopeStyle,
+) -> impl Fn(&[Tensor]) -> Result<Vec<Tensor>> {
+    move |a| {
+        Ok(vec![reference::rope(
+            &a[0],
+            tab.cos(),
+            tab.sin(),
+            &pos,
+            layout,
+            style,
+        )?])
+    }
+}
+
+#[test]
+fn forward_and_backward_match_reference_all_dtypes() {
+    for &dt in &DTYPES {
+        for (layout, style, [b, h, t, d], rot) in cases() {
+            let tab = table(d, rot, 64, None);
+            for pos in [
+                positions(&[t], 64, DType::U32),
+                positions(&[b, t], 64, DType::I64),
+            ] {
+                let x = randn(&dims(layout, b, h, t, d), 1.0, dt);
+                let probe = randn(x.dims(), 1.0, dt);
+                let f = fused(tab.clone(), pos.clone(), layout, style);
+                let r = refr(tab.clone(), pos.clone(), layout, style);
+                let both = run_both(&f, &r, &[x], &[true], std::slice::from_ref(&probe));
+                let ctx = format!(
+                    "rope {layout:?} {style:?} {:?} rot {rot} pos {:?}",
+                    [b, h, t, d],
+                    pos.dims()
+                );
+                compare_all(&ctx, &both, &["y"], &["x"], &[true], dt, &|_| 0.0);
+                // The standalone backward is the same as the autograd gradient, bit for bit.
+                let dx = k()
+                    .rope_backward(&probe, &tab, &pos, layout, style)
+                    .unwrap();
+                assert_equal(
+                    &format!("{ctx}: rope_backward"),
+                    &dx,
+                    both.2[0].as_ref().unwrap(),
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn gradient_matches_finite_differences() {
+    for (layout, style, [b, h, t, d], rot) in cases() {
+        let tab = table(d, rot, 32, None);
+        let pos = positions(&[b, t], 32, DType::I64);
+        let x = randn(&dims(layout, b, h, t, d), 1.0, DType::F64);
+        let probe = randn(x.dims(), 1.0, DType::F64);
+        let f = fused(tab, pos, layout, style);
+        let inputs = [x];
+        let (_, g) = fwd_bwd(&f, &inputs, &[true], std::slice::from_ref(&probe)).unwrap();
+        let want = fd(&f, &inputs, 0, 0, &probe);
+        let ctx = format!(
+            "rope dx vs fd {layout:?} {style:?} {:?} rot {rot}",
+            [b, h, t, d]
+        );
+        assert_close_tol(&ctx, g[0].as_ref().unwrap(), &want, FD_TOL);
+    }
+}
+
+/// θ then −θ gives `a²·x`: `x` for the plain table (f32: within a few ulps), and the YaRN
+/// attention factor squared; the pass-through dims come back bit for bit.
+#[test]
+fn rotating_forward_then_backward_gives_back_the_input() {
+    for layout in LAYOUTS {
+        for style in STYLES {
+            let tab = table(72, 64, 4096, None);
+            let x = randn(&dims(layout, 2, 3, 50, 72), 1.0, DType::F32);
+            let pos = positions(&[50], 4096, DType::U32);
+            let y = ops::rope(&x, &tab, &pos, layout, style).unwrap();
+            let back = ops::rope_backward(&y, &tab, &pos, layout, style).unwrap();
+            assert_close_tol("θ then −θ", &back, &x, 1e-6);
+            assert_same(
+                "pass-through dims",
+                &back.narrow(3, 64, 8).unwrap(),
+                &x.narrow(3, 64, 8).unwrap(),
+            );
+            let yarn = Some(RopeScaling::Yarn {
+                factor: 4.0,
+                original_max_positions: 1024,
+                beta_fast: 32.0,
+                beta_slow: 1.0,
+                mscale: None,
+                mscale_all_dim: None,
+                attention_factor: None,
+            });
+            let tab = table(72, 72, 4096, yarn);
+            let a = tab.attention_factor();
+            assert!((a - (0.1 * 4f64.ln() + 1.0)).abs() < 1e-15);
+            let y = ops::rope(&x, &tab, &pos, layout, style).unwrap();
+            let back = ops::rope_backward(&y, &tab, &pos, layout, style).unwrap();
+            assert_close_tol(
+                "yarn θ then −θ = a²·x",
+                &back,
+                &(&x * (a * a)).unwrap(),
+                1e-6,
+            );
+        }
+    }
+}
+
+/// The dims past the rotary dim are copied, and so is their gradient.
+#[test]
+fn pass_through_dims_and_their_gradient_are_unchanged() {
+    for &dt in &DTYPES {
+        let tab = table(10, 4, 16, None);
+        let x = randn(&[2, 3, 4, 10], 1.0, dt);
+        let pos = positions(&[4], 16, DType::U32);
+        let y = k()
+            .rope(&x, &tab, &pos, RopeLayout::Bhtd, RopeStyle::HalfSplit)
+            .unwrap();
+        assert_same(
+            "pass-through",
+            &y.narrow(3, 4, 6).unwrap(),
+            &x.narrow(3, 4, 6).unwrap(),
+        );
+        let dy = randn(&[2, 3, 4, 10], 1.0, dt);
+        let dx = k()
+            .rope_backward(&dy, &tab, &pos, RopeLayout::Bhtd, RopeStyle::HalfSplit)
+            .unwrap();
+        assert_same(
+            "pass-through grad",
+            &dx.narrow(3, 4, 6).unwrap(),
+            &dy.narrow(3, 4, 6).unwrap(),
+        );
+    }
+}
+
+/// `[B, T]` positions: packed sequences restarting at 0 and a KV cache at an offset give the
+/// same rows as separate calls with `[T]` positions.
+#[test]
+fn per_token_positions_restart_and_offset() {
+    let tab = table(16, 16, 64, None);
+    for layout in LAYOUTS {
+        let x = randn(&dims(layout, 2, 3, 6, 16), 1.0, DType::F32);
+        // Row 0: two packed sequences (0, 1, 2, 0, 1, 2); row 1: a cache continuing at 40.
+        let pos = Tensor::new(&[[0i64, 1, 2, 0, 1, 2], [40, 41, 42, 43, 44, 45]], &CPU).unwrap();
+        let y = ops::rope(&x, &tab, &pos, layout, RopeStyle::HalfSplit).unwrap();
+        for bi in 0..2 {
+            let xb = x.narrow(0, bi, 1).unwrap();
+            let pb = pos.narrow(0, bi, 1).unwrap().squeeze(0).unwrap();
+            let yb = ops::rope(&xb, &tab, &pb, layout, RopeStyle::HalfSplit).unwrap();
+            assert_same("row of [B, T] positions", &y.narrow(0, bi, 1).unwrap(), &yb);
+        }
+        // Position 0 is the identity.
+        let t_dim = if layout == RopeLayout::Bhtd { 2 } else { 1 };
+        assert_same(
+            "position 0",
+            &y.narrow(0, 0, 1).unwrap().narrow(t_dim, 0, 1).unwrap(),
+            &x.narrow(0, 0, 1).unwrap().narrow(t_dim, 0, 1).unwrap(),
+        );
+        // u32 and i64 positions agree.
+        let y32 = ops::rope(
+            &x,
+            &tab,
+            &pos.to_dtype(DType::U32).unwrap(),
+            layout,
+            RopeStyle::HalfSplit,
+        )
+        .unwrap();
+        assert_same("u32 vs i64 positions", &y32, &y);
+    }
+}
+
+/// Views whose last dim is contiguous are read through their strides (transposed projection
+/// output, narrowed heads, broadcast); others are copied first. All equal the contiguous copy
+/// bit for bit, and gradients flow through the views.
+#[test]
+fn strided_inputs_match_contiguous_copies() {
+    let tab = table(8, 8, 32, None);
+    let pos = positions(&[5], 32, DType::U32);
+    let views: Vec<(&str, Vec<usize>, View)> = vec![
+        ("transposed [B,T,H,D] as Bhtd", vec![2, 5, 3, 8], |x| {
+            x.transpose(1, 2)
+        }),
+        ("narrowed last dim", vec![2, 3, 5, 11], |x| {
+            x.narrow(3, 2, 8)
+        }),
+        ("broadcast heads", vec![2, 1, 5, 8], |x| {
+            x.broadcast_as((2, 3, 5, 8))
+        }),
+        ("last dim strided (copied)", vec![2, 3, 8, 5], |x| {
+            x.transpose(2, 3)
+        }),
+    ];
+    for &dt in &DTYPES {
+        for style in STYLES {
+            for (name, base, view) in &views {
+                let xb = randn(base, 1.0, dt);
+                let xv = view(&xb).unwrap();
+                assert!(!xv.is_contiguous(), "{name}");
+                let y = k().rope(&xv, &tab, &pos, RopeLayout::Bhtd, style).unwrap();
+                let yc = k()
+                    .rope(
+                        &xv.contiguous().unwrap(),
+                        &tab,
+                        &pos,
+                        RopeLayout::Bhtd,
+                        style,
+                    )
+                    .unwrap();
+                assert_same(name, &y, &yc);
+                assert!(y.is_contiguous());
+                let view = *view;
+                let (t1, p1, t2, p2) = (tab.clone(), pos.clone(), tab.clone(), pos.clone());
+                let f = move |a: &[Tensor]| -> Result<Vec<Tensor>> {
+                    Ok(vec![k().rope(
+                        &view(&a[0])?,
+                        &t1,
+                        &p1,
+                        RopeLayout::Bhtd,
+                        style,
+                    )?])
+                };
+                let r = move |a: &[Tensor]| -> Result<Vec<Tensor>> {
+                    Ok(vec![reference::rope(
+                        &view(&a[0])?,
+                        t2.cos(),
+                        t2.sin(),
+                        &p2,
+                        RopeLayout::Bhtd,
+                        style,
+                    )?])
+                };
+                let probe = randn(xv.dims(), 1.0, dt);
+                let both = run_both(&f, &r, &[xb], &[true], std::slice::from_ref(&probe));
+                // Candle sums the broadcast view's gradient over the heads in dt: the floor of
+                // that sum, from the reference gradient of the view itself.
+                let r_view = refr(tab.clone(), pos.clone(), RopeLayout::Bhtd, style);
+                let xv64 = f64t(&xv).contiguous().unwrap();
+                let (_, gv) = fwd_bwd(&r_view, &[xv64], &[true], &[f64t(&probe)]).unwrap();
+                let floor = sum_floor(gv[0].as_ref().unwrap(), &pullback(&view, base), dt);
+                compare_all(name, &both, &["y"], &["x"], &[true], dt, &|_| floor);
+                // A strided dy in the standalone backward.
+                let dy = randn(&[2, 5, 3, 8], 1.0, dt).transpose(1, 2).unwrap();
+                assert_same(
+                    &format!("{name}: strided dy"),
+                    &k().rope_backward(&dy, &tab, &pos, RopeLayout::Bhtd, style)
+                        .unwrap(),
+                    &k().rope_backward(
+                        &dy.contiguous().unwrap(),
+                        &tab,
+                        &pos,
+                        RopeLayout::Bhtd,
+                        style,
+                    )
+                    .unwrap(),
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn prelude_and_free_functions_agree() {
+    let tab = table(8, 8, 16, None);
+    let pos = positions(&[3], 16, DType::U32);
+    let x = randn(&[1, 2, 3, 8], 1.0, DType::F32);
+    let a = x
+        .rope_fused(&tab, &pos, RopeLayout::Bhtd, RopeStyle::Interleaved)
+        .unwrap();
+    let b = ops::rope(&x, &tab, &pos, RopeLayout::Bhtd, RopeStyle::Interleaved).unwrap();
+    assert_same("prelude", &a, &b);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The table against the transformers formulas.
+
+/// Transformers' inverse frequencies, written out again here in plain f64 from its
+/// `_compute_*_parameters` (an independent transcription, array-style as transformers does
+/// it): `(inv_freq, attention_factor)`.
+fn hf_inv_freq(
+    dim: usize,
+    base: f64,
+    seq_len: usize,
+    scaling: Option<RopeScaling>,
+) -> (Vec<f64>, f64) {
+    let pow_inv = |b: f64| -> Vec<f64> {
+        (0..dim)
+            .step_by(2)
+            .map(|j| 1.0 / b.powf(j as f64 / dim as f64))
+            .collect()
+    };
+    let pi = std::f64::consts::PI;
+    match scaling {
+        None => (pow_inv(base), 1.0),
+        Some(RopeScaling::Linear { factor }) => {
+            (pow_inv(base).iter().map(|f| f / factor).collect(), 1.0)
+        }
+        Some(RopeScaling::Dynamic {
+            factor,
+            original_max_positions: m,
+        }) => {
+            let seq = seq_len.max(m) as f64;
+            let b = base
+                * ((factor * seq / m as f64) - (factor - 1.0))
+                    .powf(dim as f64 / (dim as f64 - 2.0));
+            (pow_inv(b), 1.0)
+        }
+        Some(RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_positions,
+        }) => {
+            let old = original_max_positions as f64;
+            let inv = pow_inv(base);
+            let wavelen: Vec<f64> = inv.iter().map(|f| 2.0 * pi / f).collect();
+            let (low_wl, high_wl) = (old / low_freq_factor, old / high_freq_factor);
+            let llama: Vec<f64> = inv
+                .iter()
+                .zip(&wavelen)
+                .map(|(&f, &w)| if w > low_wl { f / factor } else { f })
+                .collect();
+            let out = llama.iter().zip(&wavelen).map(|(&f, &w)| {
+                let smooth = (old / w - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                let smoothed = (1.0 - smooth) * f / factor + smooth * f;
+                let medium = w >= high_wl && w <= low_wl; // ~(w < high) & ~(w > low)
+                if medium {
+                    smoothed
+                } else {
+                    f
+                }
+            });
+            (out.collect(), 1.0)
+        }
+        Some(RopeScaling::Yarn {
+            factor,
+            original_max_positions,
+            beta_fast,
+            beta_slow,
+            mscale,
+            mscale_all_dim,
+            attention_factor,
+        }) => {
+            let get_mscale = |s: f64, m: f64| {
+                if s <= 1.0 {
+                    1.0
+                } else {
+                    0.1 * m * s.ln() + 1.0
+                }
+            };
+            let att = attention_factor.unwrap_or(match (mscale, mscale_all_dim) {
+                (Some(a), Some(b)) if a != 0.0 && b != 0.0 => {
+                    get_mscale(factor, a) / get_mscale(factor, b)
+                }
+                _ => get_mscale(factor, 1.0),
+            });
+            let find_dim = |rot: f64| {
+                (dim as f64 * (original_max_positions as f64 / (rot * 2.0 * pi)).ln())
+                    / (2.0 * base.ln())
+            };
+            let low = find_dim(beta_fast).floor().max(0.0);
+            let high = find_dim(beta_slow).ceil().min(dim as f64 - 1.0);
+            let high = if low == high { high + 0.001 } else { high };
+            let pos_freqs: Vec<f64> = (0..dim)
+                .step_by(2)
+                .map(|j| base.powf(j as f64 / dim as f64))
+                .collect();
+            let out = pos_freqs.iter().enumerate().map(|(i, &p)| {
+                let ramp = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+                let extra = 1.0 - ramp;
+                (1.0 / (factor * p)) * (1.0 - extra) + (1.0 / p) * extra
+            });
+            (out.collect(), att)
+        }
+    }
+}
+
+fn yarn(factor: f64, orig: usize) -> RopeScaling {
+    RopeScaling::Yarn {
+        factor,
+        original_max_positions: orig,
+        beta_fast: 32.0,
+        beta_slow: 1.0,
+        mscale: None,
+        mscale_all_dim: None,
+        attention_factor: None,
+    }
+}
+
+/// Real checkpoints' configs: the inverse frequencies and the table rows at positions up to
+/// and past the original context, against the transcription above.
+#[test]
+fn table_matches_the_transformers_formulas() {
+    let llama31 = RopeScaling::Llama3 {
+        factor: 8.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_positions: 8192,
+    };
+    type Config = (&'static str, usize, usize, f64, usize, Option<RopeScaling>);
+    let configs: Vec<Config> = vec![
+        ("llama2", 128, 128, 10_000.0, 4096, None),
+        (
+            "linear x4",
+            128,
+            128,
+            10_000.0,
+            16_384,
+            Some(RopeScaling::Linear { factor: 4.0 }),
+        ),
+        (
+            "dynamic within context",
+            64,
+            64,
+            10_000.0,
+            2048,
+            Some(RopeScaling::Dynamic {
+                factor: 2.0,
+                original_max_positions: 4096,
+            }),
+        ),
+        (
+            "dynamic past context",
+            64,
+            64,
+            10_000.0,
+            12_000,
+            Some(RopeScaling::Dynamic {
+                factor: 2.0,
+                original_max_positions: 4096,
+            }),
+        ),
+        ("llama3.1", 128, 128, 500_000.0, 131_072, Some(llama31)),
+        (
+            "qwen2.5 yarn",
+            128,
+            128,
+            1_000_000.0,
+            131_072,
+            Some(yarn(4.0, 32_768)),
+        ),
+        ("qwen2.5-0.5b", 64, 64, 1_000_000.0, 32_768, None),
+        ("partial rotary (neox)", 80, 20, 10_000.0, 4096, None),
+        (
+            "deepseek yarn mscale",
+            64,
+            64,
+            10_000.0,
+            8192,
+            Some(RopeScaling::Yarn {
+                factor: 40.0,
+                original_max_positions: 4096,
+                beta_fast: 32.0,
+                beta_slow: 1.0,
+                mscale: Some(1.0),
+                mscale_all_dim: Some(0.5),
+                attention_factor: None,
+            }),
+        ),
+        (
+            "yarn explicit attention factor",
+            64,
+            32,
+            10_000.0,
+            8192,
+            Some(RopeScaling::Yarn {
+                factor: 8.0,
+                original_max_positions: 2048,
+                beta_fast: 16.0,
+                beta_slow: 2.0,
+                mscale: None,
+                mscale_all_dim: None,
+                attention_factor: Some(0.75),
+            }),
+        ),
+    ];
+    for (name, head, rot, theta, maxp, scaling) in configs {
+        let cfg = RopeConfig {
+            head_dim: head,
+            rotary_dim: rot,
+            theta,
+            max_positions: maxp,
+            scaling,
+        };
+        let tab = RopeTable::new(&cfg, &CPU).unwrap();
+        let (want, att) = hf_inv_freq(rot, theta, maxp, scaling);
+        assert_eq!(tab.inv_freq().len(), rot / 2);
+        for (i, (&g, &w)) in tab.inv_freq().iter().zip(&want).enumerate() {
+            assert!(
+                ((g - w) / w).abs() < 1e-13,
+                "{name}: inv_freq[{i}] {g} vs {w}"
+            );
+        }
+        assert!(
+            (tab.attention_factor() - att).abs() < 1e-15,
+            "{name}: attention factor"
+        );
+        let (cos, sin) = (
+            tab.cos().to_vec2::<f32>().unwrap(),
+            tab.sin().to_vec2::<f32>().unwrap(),
+        );
+        assert_eq!((cos.len(), cos[0].len()), (maxp, rot / 2));
+        for p in [
+            0,
+            1,
+            7,
+            2047,
+            2048,
+            4095,
+            4096,
+            8191,
+            8192,
+            20_000,
+            32_767,
+            32_768,
+            100_000,
+            maxp - 1,
+        ] {
+            if p >= maxp {
+                continue;
+            }
+            for i in 0..rot / 2 {
+                let ang = p as f64 * want[i];
+                for (got, w, what) in [
+                    (cos[p][i], att * ang.cos(), "cos"),
+                    (sin[p][i], att * ang.sin(), "sin"),
+                ] {
+                    // One rounding to f32 (plus the angle's f64 rounding, ~p·1e-16).
+                    let tol = 6e-8 * att + p as f64 * 1e-15;
+                    assert!(
+                        (got as f64 - w).abs() <= tol,
+                        "{name}: {what}[{p}][{i}] = {got} vs {w}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Values derived by hand from the published formulas (θ = 10⁴, rotary dim 4, so the
+/// default frequencies are `[1, 10⁴^(−1/2)] = [1, 0.01]`).
+#[test]
+fn table_spot_values_by_hand() {
+    let inv = |scaling, maxp| table(4, 4, maxp, scaling).inv_freq().to_vec();
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-15 * b.abs().max(1.0);
+    assert!(close(inv(None, 8)[1], 0.01));
+    // Linear ×2: [0.5, 0.005].
+    let v = inv(Some(RopeScaling::Linear { factor: 2.0 }), 8);
+    assert!(close(v[0], 0.5) && close(v[1], 0.005), "{v:?}");
+    // Dynamic ×2 past a context of 1000 with 2000 positions: base 10⁴·(2·2000/1000 − 1)^(4/2)
+    // = 90000, so [1, 1/300]; within the context the base is unchanged.
+    let dynamic = RopeScaling::Dynamic {
+        factor: 2.0,
+        original_max_positions: 1000,
+    };
+    let v = inv(Some(dynamic), 2000);
+    assert!(close(v[0], 1.0) && close(v[1], 1.0 / 300.0), "{v:?}");
+    assert!(close(inv(Some(dynamic), 1000)[1], 0.01));
+    // Llama3 ×8, low 1, high 4, context 1000: wavelengths 2π (< 250: kept) and 200π ≈ 628.3
+    // (between 250 and 1000): s = (1000/(200π) − 1)/3 = 0.197183..., (1 − s)·0.01/8 + s·0.01
+    // = 0.0029753525...
+    let l3 = |orig| RopeScaling::Llama3 {
+        factor: 8.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_positions: orig,
+    };
+    let v = inv(Some(l3(1000)), 8);
+    assert!(
+        close(v[0], 1.0) && (v[1] - 0.002_975_352_506_846_947).abs() < 1e-15,
+        "{v:?}"
+    );
+    // ... and with context 100 the 628-wavelength frequency is past 100: 0.01/8.
+    assert!(close(inv(Some(l3(100)), 8)[1], 0.00125));
+    // YaRN ×4, context 1000, β 32/1: corr(32) = 4·ln(1000/(64π))/(2 ln 10⁴) = 0.348 -> low 0,
+    // corr(1) = 1.101 -> high 2; ramp [0, 0.5]: [1, 0.0025·0.5 + 0.01·0.5] = [1, 0.00625];
+    // attention factor 0.1·ln 4 + 1 = 1.1386294361...
+    let t = table(4, 4, 200, Some(yarn(4.0, 1000)));
+    assert!(
+        close(t.inv_freq()[0], 1.0) && close(t.inv_freq()[1], 0.00625),
+        "{:?}",
+        t.inv_freq()
+    );
+    assert!((t.attention_factor() - 1.138_629_436_111_989).abs() < 1e-15);
+    // Position 160, frequency 0.00625: angle 1; the table holds a·cos 1 and a·sin 1.
+    let c = t.cos().to_vec2::<f32>().unwrap()[160][1] as f64;
+    let s = t.sin().to_vec2::<f32>().unwrap()[160][1] as f64;
+    assert!(
+        (c - 1.138_629_436_111_989 * 0.540_302_305_868_139_8).abs() < 1e-7,
+        "{c}"
+    );
+    assert!(
+        (s - 1.138_629_436_111_989 * 0.841_470_984_807_896_5).abs() < 1e-7,
+        "{s}"
+    );
+    // Default table at position 100: angles [100, 1].
+    let t = table(4, 4, 128, None);
+    let c = t.cos().to_vec2::<f32>().unwrap()[100].clone();
+    assert!(
+        (c[1] as f64 - 0.540_302_305_868_139_8).abs() < 6e-8
+            && (c[0] as f64 - 100f64.cos()).abs() < 6e-8
+    );
+    // YaRN with mscale 1 and mscale_all_dim 0.5, ×40: (0.1·ln 40 + 1)/(0.05·ln 40 + 1) = 1.15572...
+    let y = RopeScaling::Yarn {
+        factor: 40.0,
+        original_max_positions: 1000,
+        beta_fast: 32.0,
+        beta_slow: 1.0,
+        mscale: Some(1.0),
+        mscale_all_dim: Some(0.5),
+        attention_factor: None,
+    };
+    assert!((table(4, 4, 8, Some(y)).attention_factor() - 1.155_721_990_196_260_8).abs() < 1e-14);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bad input.
+
+fn err<T: std::fmt::Debug>(r: Result<T>) -> String {
+    no_panic("rope bad input", || r.unwrap_err().to_string())
+}
+
+#[test]
+fn bad_input_gives_clear_errors() {
+    let tab = table(8, 8, 16, None);
+    let x = randn(&[1, 2, 3, 8], 1.0, DType::F32);
+    let pos = positions(&[3], 16, DType::U32);
+    let l = RopeLayout::Bhtd;
+    let s = RopeStyle::HalfSplit;
+    let cases: Vec<(&str, String)> = vec![
+        (
+            "rank",
+            err(ops::rope(
+                &randn(&[2, 3, 8], 1.0, DType::F32),
+                &tab,
+                &pos,
+                l,
+                s,
+            )),
+        ),
+        (
+            "head dim",
+            err(ops::rope(
+                &randn(&[1, 2, 3, 6], 1.0, DType::F32),
+                &tab,
+                &pos,
+                l,
+                s,
+            )),
+        ),
+        (
+            "dtype",
+            err(ops::rope(
+                &x.to_dtype(DType::U32).unwrap(),
+                &tab,
+                &pos,
+                l,
+                s,
+            )),
+        ),
+        (
+            "positions",
+            err(ops::rope(&x, &tab, &positions(&[4], 16, DType::U32), l, s)),
+        ),
+        (
+            "positions",
+            err(ops::rope(
+                &x,
+                &tab,
+                &positions(&[2, 3], 16, DType::I64),
+                l,
+                s,
+            )),
+        ),
+        (
+            "positions",
+            err(ops::rope(
+                &x,
+                &tab,
+                &positions(&[1, 1, 3], 16, DType::I64),
+                l,
+                s,
+            )),
+        ),
+        (
+            "u32 or i64",
+            err(ops::rope(
+                &x,
+                &tab,
+                &pos.to_dtype(DType::F32).unwrap(),
+                l,
+                s,
+            )),
+        ),
+        (
+            "u32 or i64",
+            err(ops::rope(&x, &tab, &pos.to_dtype(DType::U8).unwrap(), l, s)),
+        ),
+        (
+            "outside the table",
+            err(ops::rope(
+                &x,
+                &tab,
+                &Tensor::new(&[0u32, 16, 2], &CPU).unwrap(),
+                l,
+                s,
+            )),
+        ),
+        (
+            "outside the table",
+            err(ops::rope(
+                &x,
+                &tab,
+                &Tensor::new(&[0i64, -1, 2], &CPU).unwrap(),
+                l,
+                s,
+            )),
+        ),
+        (
+            "outside the table",
+            err(ops::rope_backward(
+                &x,
+                &tab,
+                &Tensor::new(&[0u32, 99, 2], &CPU).unwrap(),
+                l,
+                s,
+            )),
+        ),
+        (
+            "dy",
+            err(ops::rope_backward(
+                &randn(&[1, 2, 8], 1.0, DType::F32),
+                &tab,
+                &pos,
+                l,
+                s,
+            )),
+        ),
+    ];
+    for (want, got) in cases {
+        assert!(
+            got.contains("candle-fused rope") && got.contains(want),
+            "expected {want:?} in: {got}"
+        );
+    }
+    // Table configuration.
+    let bad: Vec<(&str, RopeConfig)> = vec![
+        (
+            "rotary_dim must be even",
+            RopeConfig {
+                rotary_dim: 7,
+                ..RopeConfig::new(8, 1e4, 16)
+            },
+        ),
+        (
+            "rotary_dim must be even",
+            RopeConfig {
+                rotary_dim: 10,
+                ..RopeConfig::new(8, 1e4, 16)
+            },
+        ),
+        (
+            "rotary_dim must be even",
+            RopeConfig {
+                rotary_dim: 0,
+                ..RopeConfig::new(8, 1e4, 16)
+            },
+        ),
+        ("theta", RopeConfig::new(8, -1.0, 16)),
+        ("theta", RopeConfig::new(8, f64::NAN, 16)),
+        ("max_positions", RopeConfig::new(8, 1e4, 0)),
+        ("too large", RopeConfig::new(8, 1e4, 1 << 31)),
+        (
+            "factor",
+            RopeConfig {
+                scaling: Some(RopeScaling::Linear { factor: 0.0 }),
+                ..RopeConfig::new(8, 1e4, 16)
+            },
+        ),
+        (
+            "rotary_dim > 2",
+            RopeConfig {
+                scaling: Some(RopeScaling::Dynamic {
+                    factor: 2.0,
+                    original_max_positions: 8,
+                }),
+                ..RopeConfig::new(2, 1e4, 16)
+            },
+        ),
+        (
+            "original_max_positions",
+            RopeConfig {
+                scaling: Some(yarn(2.0, 0)),
+                ..RopeConfig::new(8, 1e4, 16)
+            },
+        ),
+        (
+            "high_freq_factor > low_freq_factor",
+            RopeConfig {
+                scaling: Some(RopeScaling::Llama3 {
+                    factor: 8.0,
+                    low_freq_factor: 4.0,
+                    high_freq_factor: 1.0,
+                    original_max_positions: 8,
+                }),
+                ..RopeConfig::new(8, 1e4, 16)
+            },
+        ),
+    ];
+    for (want, cfg) in bad {
+        let got = err(RopeTable::new(&cfg, &CPU));
+        assert!(
+            got.contains("rope_table") && got.contains(want),
+            "expected {want:?} in: {got}"
+        );
+    }
+}
+
+#[test]
+fn empty_inputs_give_empty_outputs() {
+    let tab = table(8, 8, 16, None);
+    for (shape, pshape) in [
+        ([0usize, 2, 3, 8], vec![3usize]),
+        ([1, 0, 3, 8], vec![3]),
+        ([1, 2, 0, 8], vec![0]),
+        ([2, 2, 0, 8], vec![2, 0]),
+    ] {
+        let x = Tensor::zeros(&shape, DType::F32, &CPU).unwrap();
+        let pos = Tensor::zeros(pshape.as_slice(), DType::U32, &CPU).unwrap();
+        let y = ops::rope(&x, &tab, &pos, RopeLayout::Bhtd, RopeStyle::HalfSplit).unwrap();
+        assert_eq!(y.dims(), &shape);
+        let dx =
+            ops::rope_backward(&x, &tab, &pos, RopeLayout::Bhtd, RopeStyle::HalfSplit).unwrap();
+        assert_eq!(dx.dims(), &shape);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Property tests: random shapes (1, odd, primes), rotary dims, layouts, styles, dtypes and
+// positions, from a seed that is part of the case (a failure reproduces from its seed).
+
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn config() -> ProptestConfig {
+        ProptestConfig {
+            cases: 200,
+            failure_persistence: None,
+            max_shrink_iters: 100,
+            ..ProptestConfig::default()
+        }
+    }
+
+    fn dtype() -> impl Strategy<Value = DType> {
+        prop_oneof![
+            Just(DType::F32),
+            Just(DType::F64),
+            Just(DType::F16),
+            Just(DType::BF16)
+        ]
+    }
+
+    /// (head dim, rotary dim): even rotary dims up to the head dim, odd head dims.
+    fn dims_rot() -> impl Strategy<Value = (usize, usize)> {
+        prop_oneof![
+            Just(2usize),
+            Just(3),
+            Just(7),
+            Just(8),
+            Just(13),
+            Just(64),
+            Just(67),
+            Just(128),
+            2usize..40
+        ]
+        .prop_flat_map(|d| (Just(d), 1usize..=d / 2).prop_map(|(d, h)| (d, 2 * h)))
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn rope_matches_reference(
+            b in 1usize..=3, h in prop_oneof![Just(1usize), Just(2), Just(3), Just(5), Just(7)],
+            t in prop_oneof![Just(1usize), Just(2), Just(5), Just(11), Just(31)],
+            (d, rot) in dims_rot(), dt in dtype(), seed in any::<u64>(),
+            bhtd in any::<bool>(), half in any::<bool>(), per_row in any::<bool>(), wide in any::<bool>(),
+        ) {
+            let layout = if bhtd { RopeLayout::Bhtd } else { RopeLayout::Bthd };
+            let style = if half { RopeStyle::HalfSplit } else { RopeStyle::Interleaved };
+            let mut rng = SeededRng::new(seed);
+            let maxp = 97;
+            let tab = table(d, rot, maxp, None);
+            let pshape = if per_row { vec![b, t] } else { vec![t] };
+            let pos = rng.rand(&pshape, 0.0, maxp as f64, DType::F64).floor().unwrap()
+                .to_dtype(if wide { DType::I64 } else { DType::U32 }).unwrap();
+            let x = rng.randn(&dims(layout, b, h, t, d), 1.0, dt);
+            let probe = rng.randn(x.dims(), 1.0, dt);
+            let f = fused(tab.clone(), pos.clone(), layout, style);
+            let r = refr(tab, pos, layout, style);
+            let both = run_both(&f, &r, &[x], &[true], std::slice::from_ref(&probe));
+            let ctx = format!("seed {seed}: rope {layout:?} {style:?} {:?} rot {rot} {dt:?}", [b, h, t, d]);
+            compare_all(&ctx, &both, &["y"], &["x"], &[true], dt, &|_| 0.0);
+        }
+    }
+}
