@@ -17,7 +17,6 @@ use std::collections::BTreeMap;
 
 use candle_core::{DType, Result, Tensor};
 use candle_fused::nn::peft_key;
-use candle_fused::ops;
 
 use crate::kops;
 use crate::lora::Target;
@@ -124,7 +123,7 @@ impl Model {
         let seed = self.next_dropout_seed();
         let ctx = self.ctx(batch, false, Some(seed))?;
         let (hf, x_last, per_layer) = self.hidden(&batch.tokens, &ctx, true)?;
-        let lce = kops::linear_cross_entropy_forward_backward(
+        let lce = self.kernels.linear_cross_entropy_forward_backward(
             &hf,
             self.head(),
             &batch.targets,
@@ -163,8 +162,10 @@ impl Model {
         let seed = self.next_dropout_seed();
         let ctx = self.ctx(batch, true, Some(seed))?;
         let (h, _, _) = self.hidden(&batch.tokens, &ctx, false)?;
-        let logits = ops::linear(&h, self.head(), None)?;
-        let loss = kops::cross_entropy(&logits, &batch.targets, &Default::default())?;
+        let logits = self.kernels.linear(&h, self.head(), None)?;
+        let loss = self
+            .kernels
+            .cross_entropy(&logits, &batch.targets, &Default::default())?;
         let store = loss.backward()?;
         let mut grads = LoraGrads::default();
         for (key, var) in self.lora_vars() {
@@ -217,10 +218,12 @@ impl Model {
             Ok(g.dx)
         };
         // MLP: m = down(glu(gate(h2), up(h2))).
-        let act = kops::glu(self.glu_kind(), &sv.gate, &sv.up)?;
+        let act = self.kernels.glu(self.glu_kind(), &sv.gate, &sv.up)?;
         let g = self.proj_backward(l, Target::Down, &act, gx_out, ad(Target::Down), true)?;
         let dact = put(Target::Down, g)?.ok_or_else(missing)?;
-        let (dgate, dup) = kops::glu_backward(self.glu_kind(), &sv.gate, &sv.up, &dact)?;
+        let (dgate, dup) = self
+            .kernels
+            .glu_backward(self.glu_kind(), &sv.gate, &sv.up, &dact)?;
         let g = self.proj_backward(l, Target::Gate, &sv.h2, &dgate, ad(Target::Gate), true)?;
         let dh2_g = put(Target::Gate, g)?.ok_or_else(missing)?;
         let g = self.proj_backward(l, Target::Up, &sv.h2, &dup, ad(Target::Up), true)?;
@@ -277,8 +280,12 @@ impl Model {
         let dk = dsg.t()?.matmul(&qg)?;
         let style = kops::RopeStyle::HalfSplit;
         let layout = kops::RopeLayout::Bhtd;
-        let dq = kops::rope_backward(&dq, &self.rope, &ctx.positions, layout, style)?;
-        let dk = kops::rope_backward(&dk, &self.rope, &ctx.positions, layout, style)?;
+        let dq = self
+            .kernels
+            .rope_backward(&dq, &self.rope, &ctx.positions, layout, style)?;
+        let dk = self
+            .kernels
+            .rope_backward(&dk, &self.rope, &ctx.positions, layout, style)?;
         let flat = |x: Tensor, n: usize| x.transpose(1, 2)?.reshape((b, t, n * d));
         Ok((flat(dq, hq)?, flat(dk, hkv)?, flat(dv, hkv)?))
     }
@@ -315,7 +322,9 @@ impl Model {
                 scale,
                 mask: None,
             }) if need_dx => {
-                let g = ops::lora_linear_backward(x, w, bias, a, b, *scale, dy)?;
+                let g = self
+                    .kernels
+                    .lora_linear_backward(x, w, bias, a, b, *scale, dy)?;
                 Ok(ProjGrads {
                     dx: Some(g.dx),
                     ad: Some((g.da, g.db)),

@@ -80,7 +80,7 @@ impl Model {
                 rotary_dim: cfg.head_dim,
                 theta: cfg.rope_theta,
                 max_positions: cfg.max_position_embeddings.clamp(1, ROPE_CAP),
-                scaling: cfg.rope_scaling.clone(),
+                scaling: cfg.rope_scaling,
             },
             device,
         )?;

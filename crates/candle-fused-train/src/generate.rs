@@ -121,7 +121,8 @@ impl Model {
         }
         cache.len += t;
         let last = h.narrow(1, t - 1, 1)?.reshape((1, self.cfg.hidden_size))?;
-        candle_fused::ops::linear(&last, self.head(), None)?
+        self.kernels
+            .linear(&last, self.head(), None)?
             .to_dtype(DType::F32)?
             .reshape(self.cfg.vocab_size)
     }

@@ -52,15 +52,15 @@
 //! in f32, like HF) and is capped at 32768 positions; the tape path computes the full logits and
 //! cross-entropy, the explicit path never builds them.
 //!
-//! Until the fused RoPE, GLU and cross-entropy ops land in `candle_fused::ops`, composed
-//! stand-ins with the same signatures live in `fallback_ops` (reached through `kops`).
+//! The model runs the fused ops of `candle_fused::ops` (RoPE, SwiGLU/GeGLU, RMSNorm,
+//! add+RMSNorm, masked softmax, LoRA linear, linear + cross-entropy) with the model's
+//! `Kernels`; the explicit backward calls their standalone backwards.
 
 pub mod backward;
 mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod demo;
-mod fallback_ops;
 pub mod generate;
 pub mod lora;
 pub mod model;
@@ -71,15 +71,13 @@ pub mod train;
 pub(crate) mod util;
 pub mod weights;
 
-/// The ops the model runs: `candle_fused::ops` plus the stand-ins not yet there.
-pub(crate) mod kops {
-    pub use crate::fallback_ops::*;
-}
+/// The ops the model runs: the fused ops of `candle_fused::ops`.
+pub(crate) use candle_fused::ops as kops;
 
 pub use backward::LoraGrads;
+pub use candle_fused::ops::RopeScaling;
 pub use config::{Activation, Arch, ModelConfig};
 pub use data::{build_rows, load_jsonl, make_batch, split, DataStats, Example, Overflow, Row};
-pub use fallback_ops::RopeScaling;
 pub use generate::{generate, GenerateConfig, KvCache};
 pub use lora::{Adapter, Lora, LoraSpec, Target};
 pub use model::{Batch, Model};

@@ -14,10 +14,10 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use candle_core::{DType, Device, Result, Tensor};
-use candle_fused::{ops, Kernels};
+use candle_fused::Kernels;
 
 use crate::config::{Activation, ModelConfig};
-use crate::kops::{self, GluKind, RopeLayout, RopeStyle, RopeTable};
+use crate::kops::{GluKind, RopeLayout, RopeStyle, RopeTable};
 use crate::lora::{Lora, LoraSpec, Target};
 use crate::util::{fail, SplitMix64};
 
@@ -217,15 +217,20 @@ impl Model {
     pub fn forward(&self, batch: &Batch) -> Result<Tensor> {
         let ctx = self.ctx(batch, true, None)?;
         let (h, _, _) = self.hidden(&batch.tokens, &ctx, false)?;
-        ops::linear(&h, self.head(), None)
+        self.kernels.linear(&h, self.head(), None)
     }
 
     /// Mean cross-entropy of `batch` outside autograd (no dropout): the eval loss.
     pub fn loss(&self, batch: &Batch) -> Result<f32> {
         let ctx = self.ctx(batch, false, None)?;
         let (h, _, _) = self.hidden(&batch.tokens, &ctx, false)?;
-        let l =
-            kops::linear_cross_entropy(&h, self.head(), &batch.targets, &Default::default(), None)?;
+        let l = self.kernels.linear_cross_entropy(
+            &h,
+            self.head(),
+            &batch.targets,
+            &Default::default(),
+            None,
+        )?;
         l.to_dtype(DType::F32)?.to_scalar::<f32>()
     }
 
@@ -383,13 +388,13 @@ impl Model {
         let layer = &self.layers[l];
         let (w, bias) = (&layer.proj[t.index()], layer.bias[t.index()].as_ref());
         match ad {
-            None => ops::linear(x, w, bias),
+            None => self.kernels.linear(x, w, bias),
             Some(AdapterT {
                 a,
                 b,
                 scale,
                 mask: None,
-            }) => ops::lora_linear(x, w, bias, a, b, *scale),
+            }) => self.kernels.lora_linear(x, w, bias, a, b, *scale),
             Some(AdapterT {
                 a,
                 b,
@@ -399,7 +404,7 @@ impl Model {
                 let dims = x.dims().to_vec();
                 let k = dims[dims.len() - 1];
                 let rows = x.elem_count() / k;
-                let base = ops::linear(x, w, bias)?;
+                let base = self.kernels.linear(x, w, bias)?;
                 let xd = (x.reshape((rows, k))? * m)?;
                 let low = (xd.matmul(&a.t()?)?.matmul(&b.t()?)? * *scale)?;
                 let low = low.reshape(base.shape())?;
@@ -498,7 +503,7 @@ impl Model {
             .add_rms_norm(&a, x, &layer.post_norm, self.cfg.rms_norm_eps)?;
         let gate = self.proj(l, Target::Gate, &h2, ads[4].as_ref())?;
         let up = self.proj(l, Target::Up, &h2, ads[5].as_ref())?;
-        let act = kops::glu(self.glu_kind(), &gate, &up)?;
+        let act = self.kernels.glu(self.glu_kind(), &gate, &up)?;
         let m = self.proj(l, Target::Down, &act, ads[6].as_ref())?;
         let kv = (kh.clone(), vh.clone());
         let saved = save.then(|| Saved {
@@ -543,14 +548,14 @@ impl Model {
         let (hq, hkv, d, g) = (c.num_heads, c.num_kv_heads, c.head_dim, c.kv_groups());
         let heads = |x: &Tensor, n: usize| x.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous();
         let style = RopeStyle::HalfSplit;
-        let qh = kops::rope(
+        let qh = self.kernels.rope(
             &heads(q, hq)?,
             &self.rope,
             positions,
             RopeLayout::Bhtd,
             style,
         )?;
-        let kh = kops::rope(
+        let kh = self.kernels.rope(
             &heads(k, hkv)?,
             &self.rope,
             positions,

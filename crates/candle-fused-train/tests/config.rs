@@ -52,12 +52,8 @@ fn parses_each_architecture() {
     c2.raw = serde_json::Value::Null;
     let back = ModelConfig::from_value(&c2.to_json()).unwrap();
     assert_eq!(
-        (
-            back.rope_theta,
-            back.rope_scaling.clone(),
-            back.num_kv_heads
-        ),
-        (c.rope_theta, c.rope_scaling.clone(), c.num_kv_heads)
+        (back.rope_theta, back.rope_scaling, back.num_kv_heads),
+        (c.rope_theta, c.rope_scaling, c.num_kv_heads)
     );
 }
 
