@@ -45,7 +45,7 @@ impl DeviceArg {
 #[derive(Subcommand)]
 enum Cmd {
     /// LoRA fine-tuning of a Hugging Face checkpoint on a JSONL file; with no --model/--data,
-    /// the embedded demo job (about two minutes on 2 CPU cores).
+    /// the embedded demo job (under a minute on 2 idle CPU cores).
     Finetune(Box<train_cmd::FinetuneArgs>),
     /// Text from a checkpoint (and adapter), KV-cached, streamed to stdout.
     Generate(train_cmd::GenerateArgs),

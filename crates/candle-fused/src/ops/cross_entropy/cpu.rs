@@ -2,8 +2,10 @@
 //! one sweep for `Σ exp(z − max)` and `Σ z` (lane accumulators, blocks joined in f64), and for
 //! the gradient one writing sweep; rows in parallel. Ignored rows are never read.
 //!
-//! The row driver is local: `cpu::rows` maps rows to rows of the same length, while these
-//! kernels map rows to per-row scalars (lse, loss) and update rows in place.
+//! Every task runs compiled for the configured SIMD level ([`Isa::run`]; LLVM vectorizes the
+//! lane loops there), half types converted at that level. The row driver is local:
+//! `cpu::rows` maps rows to rows of the same length, while these kernels map rows to per-row
+//! scalars (lse, loss) and update rows in place.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result, WithDType};
@@ -15,6 +17,7 @@ use super::{CeBwd, CeFused, CeFwd, CeSum, Params};
 use crate::config::{CpuConfig, KernelConfig};
 use crate::cpu::{self, dispatch, exp_nonpos_f32, Acc, Elem};
 use crate::seam::Inputs;
+use crate::simd::Isa;
 use crate::validate::fail;
 
 /// The accumulation types with the soft-capping helpers.
@@ -220,6 +223,7 @@ fn rows_per_task(cfg: &CpuConfig, d: usize) -> usize {
 /// `f(row, logits row)` for every counted row of `x`, `R::default()` for ignored rows.
 fn map_rows<T: Elem, R: Send + Default + Clone>(
     cfg: &CpuConfig,
+    isa: Isa,
     x: &[T],
     tgt: &[i32],
     d: usize,
@@ -227,24 +231,7 @@ fn map_rows<T: Elem, R: Send + Default + Clone>(
 ) -> Vec<R> {
     let rpt = rows_per_task(cfg, d);
     let task = |(ti, xs): (usize, &[T])| -> Vec<R> {
-        let mut scratch = Vec::new();
-        xs.chunks(d)
-            .enumerate()
-            .map(|(k, xr)| {
-                let r = ti * rpt + k;
-                if tgt[r] < 0 {
-                    return R::default();
-                }
-                match T::as_acc(xr) {
-                    Some(a) => f(r, a),
-                    None => {
-                        scratch.resize(d, T::A::zero());
-                        T::to_acc(xr, &mut scratch);
-                        f(r, &scratch)
-                    }
-                }
-            })
-            .collect()
+        isa.run(|| map_task::<T, R>(isa, ti * rpt, xs, tgt, d, &f))
     };
     let parts: Vec<Vec<R>> = if x.len() < cfg.serial_below {
         x.chunks(rpt * d).enumerate().map(task).collect()
@@ -254,11 +241,43 @@ fn map_rows<T: Elem, R: Send + Default + Clone>(
     parts.concat()
 }
 
+/// One task of [`map_rows`]: rows `r0..` of `xs`, compiled for `isa` (inlined into its
+/// [`Isa::run`]).
+#[inline(always)]
+fn map_task<T: Elem, R: Default>(
+    isa: Isa,
+    r0: usize,
+    xs: &[T],
+    tgt: &[i32],
+    d: usize,
+    f: &impl Fn(usize, &[T::A]) -> R,
+) -> Vec<R> {
+    let mut scratch = Vec::new();
+    xs.chunks(d)
+        .enumerate()
+        .map(|(k, xr)| {
+            let r = r0 + k;
+            if tgt[r] < 0 {
+                return R::default();
+            }
+            match T::as_acc(xr) {
+                Some(a) => f(r, a),
+                None => {
+                    scratch.resize(d, T::A::zero());
+                    T::to_acc_at(isa, xr, &mut scratch);
+                    f(r, &scratch)
+                }
+            }
+        })
+        .collect()
+}
+
 /// `f(row, working row)` for every counted row of `dst`: the working row holds `src`'s row
 /// (or `dst`'s own when `src` is `None`) in the accumulation type and is written back to
 /// `dst` after `f`. Ignored rows of `dst` are set to zero.
 fn update_rows<T: Elem, R: Send + Default + Clone>(
     cfg: &CpuConfig,
+    isa: Isa,
     src: Option<&[T]>,
     dst: &mut [T],
     tgt: &[i32],
@@ -267,30 +286,7 @@ fn update_rows<T: Elem, R: Send + Default + Clone>(
 ) -> Vec<R> {
     let rpt = rows_per_task(cfg, d);
     let task = |(ti, ys): (usize, &mut [T])| -> Vec<R> {
-        let mut scratch = Vec::new();
-        ys.chunks_mut(d)
-            .enumerate()
-            .map(|(k, yr)| {
-                let r = ti * rpt + k;
-                if tgt[r] < 0 {
-                    yr.fill(T::zero());
-                    return R::default();
-                }
-                let xr = src.map(|s| &s[r * d..(r + 1) * d]);
-                if T::IS_ACC {
-                    if let Some(xr) = xr {
-                        yr.copy_from_slice(xr);
-                    }
-                    f(r, T::as_acc_mut(yr).expect("IS_ACC"))
-                } else {
-                    scratch.resize(d, T::A::zero());
-                    T::to_acc(xr.unwrap_or(yr), &mut scratch);
-                    let res = f(r, &mut scratch);
-                    T::from_acc(&scratch, yr);
-                    res
-                }
-            })
-            .collect()
+        isa.run(|| update_task::<T, R>(isa, ti * rpt, src, ys, tgt, d, &f))
     };
     let parts: Vec<Vec<R>> = if dst.len() < cfg.serial_below {
         dst.chunks_mut(rpt * d).enumerate().map(task).collect()
@@ -298,6 +294,43 @@ fn update_rows<T: Elem, R: Send + Default + Clone>(
         dst.par_chunks_mut(rpt * d).enumerate().map(task).collect()
     };
     parts.concat()
+}
+
+/// One task of [`update_rows`]: rows `r0..` of `ys`, compiled for `isa`.
+#[inline(always)]
+fn update_task<T: Elem, R: Default>(
+    isa: Isa,
+    r0: usize,
+    src: Option<&[T]>,
+    ys: &mut [T],
+    tgt: &[i32],
+    d: usize,
+    f: &impl Fn(usize, &mut [T::A]) -> R,
+) -> Vec<R> {
+    let mut scratch = Vec::new();
+    ys.chunks_mut(d)
+        .enumerate()
+        .map(|(k, yr)| {
+            let r = r0 + k;
+            if tgt[r] < 0 {
+                yr.fill(T::zero());
+                return R::default();
+            }
+            let xr = src.map(|s| &s[r * d..(r + 1) * d]);
+            if T::IS_ACC {
+                if let Some(xr) = xr {
+                    yr.copy_from_slice(xr);
+                }
+                f(r, T::as_acc_mut(yr).expect("IS_ACC"))
+            } else {
+                scratch.resize(d, T::A::zero());
+                T::to_acc_at(isa, xr.unwrap_or(yr), &mut scratch);
+                let res = f(r, &mut scratch);
+                T::from_acc_at(isa, &scratch, yr);
+                res
+            }
+        })
+        .collect()
 }
 
 /// The rows' sum in f64, in row order.
@@ -344,7 +377,8 @@ where
     let tgt = targets(op, ins)?;
     let d = last_dim(xl);
     let r = Row::<T::A>::new(&k.p, d);
-    let res = map_rows::<T, [T::A; 3]>(&cfg.cpu, x, tgt, d, |i, row| {
+    let isa = Isa::new(op, cfg.cpu.simd)?;
+    let res = map_rows::<T, [T::A; 3]>(&cfg.cpu, isa, x, tgt, d, |i, row| {
         let t = tgt[i] as usize;
         let st = r.stats(row, t);
         [r.loss(row[t], &st), st.m + st.ls, st.other]
@@ -394,7 +428,8 @@ where
     let r = Row::<T::A>::new(&k.p, d);
     let gs = T::A::of(k.scale * dloss);
     let mut dx = cpu::alloc::<T>(x.len(), cfg.poison);
-    update_rows::<T, ()>(&cfg.cpu, Some(x), &mut dx, tgt, d, |i, row| {
+    let isa = Isa::new(op, cfg.cpu.simd)?;
+    update_rows::<T, ()>(&cfg.cpu, isa, Some(x), &mut dx, tgt, d, |i, row| {
         let (lse, other) = (stats[2 * i], stats[2 * i + 1]);
         r.grad(row, tgt[i] as usize, lse, T::A::zero(), other, gs)
     });
@@ -451,6 +486,7 @@ pub(crate) fn dst_slice<'a, T: SliceMut>(
 fn fused_rows<T: Elem>(
     k: &CeFused,
     cfg: &KernelConfig,
+    isa: Isa,
     src: Option<&[T]>,
     dst: &mut [T],
     tgt: &[i32],
@@ -461,7 +497,7 @@ where
 {
     let r = Row::<T::A>::new(&k.p, d);
     let gs = T::A::of(k.scale);
-    update_rows::<T, T::A>(&cfg.cpu, src, dst, tgt, d, |i, row| {
+    update_rows::<T, T::A>(&cfg.cpu, isa, src, dst, tgt, d, |i, row| {
         let t = tgt[i] as usize;
         let st = r.stats(row, t);
         let loss = r.loss(row[t], &st);
@@ -492,7 +528,8 @@ where
     let x = cpu::slice::<T>(op, "logits", xs, xl)?;
     let tgt = targets(op, ins)?;
     let mut dx = cpu::alloc::<T>(x.len(), cfg.poison);
-    let losses = fused_rows::<T>(k, cfg, Some(x), &mut dx, tgt, last_dim(xl));
+    let isa = Isa::new(op, cfg.cpu.simd)?;
+    let losses = fused_rows::<T>(k, cfg, isa, Some(x), &mut dx, tgt, last_dim(xl));
     Ok(vec![
         T::to_cpu_storage_owned(dx),
         T::A::to_cpu_storage_owned(losses),
@@ -510,9 +547,10 @@ pub(crate) fn fused_inplace(
     let (ts, tl) = ins.get(0)?;
     let tgt = cpu::slice::<i32>(op, "targets", ts, tl)?;
     let d = last_dim(dl);
+    let isa = Isa::new(op, cfg.cpu.simd)?;
     dispatch!(op, ds.dtype(), |T| {
         let dst = dst_slice::<T>(op, "logits", ds, dl)?;
-        let losses = fused_rows::<T>(k, cfg, None, dst, tgt, d);
+        let losses = fused_rows::<T>(k, cfg, isa, None, dst, tgt, d);
         Ok(vec![<T as Elem>::A::to_cpu_storage_owned(losses)])
     })
 }
