@@ -1,16 +1,18 @@
-//! The model on CUDA (the `cuda` feature; needs an NVIDIA GPU): on the committed transformers
-//! + PEFT fixtures (`tests/fixtures`, see `tests/parity.rs`), for every architecture (Llama,
-//! Qwen2, Mistral) and batch (plain, masked, packed), the base and adapter logits, the loss
-//! and every LoRA gradient of the explicit backward, with the base weights in f32 and in
-//! bf16, against
+//! The model on CUDA (the `cuda` feature; needs an NVIDIA GPU): on the committed fixtures of
+//! transformers and PEFT (`tests/fixtures`, see `tests/parity.rs`), for every architecture
+//! (Llama, Qwen2, Mistral) and batch (plain, masked, packed), the base and adapter logits, the
+//! loss and every LoRA gradient of the explicit backward, with the base weights in f32 and in
+//! bf16, against:
+//!
 //! - transformers + PEFT (the fixtures, computed in f32): f32 within 1e-4 relative, bf16
 //!   logits and loss within 2e-2, bf16 LoRA gradients within 4e-2 (the issue asks 2e-2: on
 //!   the CPU our bf16 gradients of these tiny models are 2.1-3.2e-2 from the f32 reference,
 //!   of which the rounding of the base weights to bf16 alone is 1.2-2.0e-2, the f32 gradients
 //!   of the rounded weights, measured and printed here beside each check; the 2e-2 target is
 //!   printed as MET or MISSED per check);
-//! - our CPU path in the same dtype: the same tolerances;
-//! and, in f32, the explicit backward against Candle's tape on CUDA within 1e-5.
+//! - our CPU path in the same dtype: the same tolerances.
+//!
+//! And, in f32, the explicit backward against Candle's tape on CUDA within 1e-5.
 //! Every check is printed (name, error, tolerance) and all failures are listed together.
 //! The fixtures are found as `parity_common::fixtures_dir` says (a test binary built here and
 //! run from the root of a copy of the tree elsewhere finds them there).
@@ -110,7 +112,11 @@ fn model_on_device(r: &mut Report, dev: &Device, dtype: DType) {
                 let logits = m.forward(&batch).unwrap();
                 let want = fx.expected(&format!("logits.{b}.{which}"));
                 let tag = format!("{arch} {b} {which} {dt}");
-                r.check(&format!("{tag}: logits vs transformers"), rel(&logits, &want), tol);
+                r.check(
+                    &format!("{tag}: logits vs transformers"),
+                    rel(&logits, &want),
+                    tol,
+                );
                 r.check(
                     &format!("{tag}: logits vs cpu"),
                     rel(&logits, &mc.forward(&batch_c).unwrap()),
@@ -174,7 +180,10 @@ fn model_on_device(r: &mut Report, dev: &Device, dtype: DType) {
                     tape.get(k).cloned()
                 });
                 r.check(
-                    &format!("{tag}: explicit backward vs tape on the device (worst: {})", w.1),
+                    &format!(
+                        "{tag}: explicit backward vs tape on the device (worst: {})",
+                        w.1
+                    ),
                     w.0,
                     TOL_TAPE,
                 );
@@ -185,7 +194,8 @@ fn model_on_device(r: &mut Report, dev: &Device, dtype: DType) {
 
 #[test]
 fn cuda_f32_matches_transformers_peft_cpu_and_tape() {
-    let mut r = Report::new("CUDA f32: logits, loss, LoRA gradients vs transformers + PEFT, CPU, tape");
+    let mut r =
+        Report::new("CUDA f32: logits, loss, LoRA gradients vs transformers + PEFT, CPU, tape");
     model_on_device(&mut r, &cuda(), DType::F32);
     r.finish();
 }
@@ -203,7 +213,8 @@ fn cuda_bf16_matches_transformers_peft_and_cpu() {
 fn cuda_random_model_is_seeded_and_finite() {
     let dev = cuda();
     let fx = Fixture::load("llama");
-    let cfg = candle_fused_train::ModelConfig::from_file(&fx.dir.join("model/config.json")).unwrap();
+    let cfg =
+        candle_fused_train::ModelConfig::from_file(&fx.dir.join("model/config.json")).unwrap();
     let loss = |seed| {
         let m = Model::random(cfg.clone(), DType::BF16, &dev, seed).unwrap();
         m.loss(&fx.batch_on("plain", &dev)).unwrap()

@@ -7,7 +7,9 @@
 //! one tensor: nothing can differ.)
 
 use candle_core::{DType, Device, Tensor, Var};
-use candle_fused::ops::{CrossEntropyConfig, GluKind, RopeConfig, RopeLayout, RopeStyle, RopeTable};
+use candle_fused::ops::{
+    CrossEntropyConfig, GluKind, RopeConfig, RopeLayout, RopeStyle, RopeTable,
+};
 use candle_fused_testkit::check_loss;
 use candle_fused_testkit::testing::{self, poisoned};
 
@@ -120,7 +122,10 @@ pub fn remaining_arguments() {
                 let e = e.to_string();
                 let ok = e.contains(&format!("candle-fused {op}:"))
                     && e.contains(&format!("{arg} is on device"));
-                println!("{op} {arg} on the CPU: {} ({e})", if ok { "PASS" } else { "FAIL" });
+                println!(
+                    "{op} {arg} on the CPU: {} ({e})",
+                    if ok { "PASS" } else { "FAIL" }
+                );
                 if !ok {
                     fails.push(format!("{op} {arg}: {e}"));
                 }
