@@ -21,6 +21,8 @@ eager model through torch.compile (forward; backward by AOTAutograd); liger = Li
 apply_liger_kernel_to_<arch> patching (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy),
 when liger_kernel imports (else the variant is listed under skipped).
 
+--batch auto: the largest power of two whose step runs (one step each; for compile with the
+eager model, so that the search does not recompile at every batch size).
 Each (config, variant) runs in a fresh process, so its peak memory is its own:
   CPU: peak RSS = the process's RSS high-water mark (getrusage ru_maxrss) at the end;
        peak_delta = that minus the RSS after importing torch/transformers/peft (what the
@@ -260,13 +262,13 @@ def worker(args):
         return
     rss_model = rss_mb()
 
-    def attempt(batch, steps, warmup):
+    def attempt(batch, steps, warmup, f=None):
         g = torch.Generator(device="cpu").manual_seed(args.seed + batch)
         seq = torch.randint(0, c["vocab"], (batch, args.seq + 1), generator=g)
         tokens, targets = seq[:, :-1].to(device), seq[:, 1:].to(device)
         if args.variant == "liger":  # HF/Liger shift labels inside: labels[t] is predicted at t-1
             targets = seq[:, :-1].to(device)
-        step = make_step(torch, fwd, opt, args.variant, tokens, targets)
+        step = make_step(torch, f or fwd, opt, args.variant, tokens, targets)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         times, losses = [], []
@@ -284,10 +286,13 @@ def worker(args):
         return times, losses
 
     if args.batch == "auto":  # the largest power of two that fits: one step each, then time it
+        # compile: the search runs the eager model (each new batch would recompile, minutes on
+        # the 8B configuration); the compiled step then runs at the batch found.
         b = None
+        probe = model if args.variant == "compile" else None
         for cand in [2**i for i in range(0, 10)]:
             try:
-                attempt(cand, 1, 1)
+                attempt(cand, 1, 1, probe)
                 b = cand
             except torch.OutOfMemoryError:
                 progress(f"  batch {cand}: out of memory")

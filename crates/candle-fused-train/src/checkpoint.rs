@@ -110,6 +110,15 @@ impl Model {
     /// head of `head_std`. The head's scale bounds the logits a unit-RMS hidden state can
     /// reach (about `head_std·H`): with 0.02 and H = 128 that is 2.6, which caps the loss near
     /// 3 whatever the adapter learns, so the demo uses a larger one.
+    ///
+    /// On the CPU every value comes from one [`SplitMix64`] stream of `seed`, in a fixed order
+    /// (embedding, then per layer the seven projections with their biases and the two norms,
+    /// the final norm, the head): the same model on every machine. On another device (CUDA,
+    /// Metal) drawing billions of values on the host one at a time would take minutes for an
+    /// 8B configuration, so the device's own generator draws them: `device.set_seed(seed)`,
+    /// then `Tensor::randn` in f32 on the device (converted to `dtype`), in the same order
+    /// and with the same distributions. Such a model is reproducible on that device for a
+    /// seed, but it is not the CPU model of the same seed.
     pub fn random_with(
         cfg: ModelConfig,
         dtype: DType,
@@ -120,7 +129,14 @@ impl Model {
     ) -> Result<Model> {
         check_dtype(dtype)?;
         let mut rng = SplitMix64::new(seed);
+        let on_host = device.is_cpu();
+        if !on_host {
+            device.set_seed(seed)?;
+        }
         let mut randn = |shape: &[usize], std: f64| -> Result<Tensor> {
+            if !on_host {
+                return Tensor::randn(0f32, std as f32, shape, device)?.to_dtype(dtype);
+            }
             let n: usize = shape.iter().product();
             let v: Vec<f32> = (0..n).map(|_| (rng.normal() * std) as f32).collect();
             Tensor::from_vec(v, shape, device)?.to_dtype(dtype)

@@ -25,8 +25,18 @@ pub fn sabotage(what: &str) -> bool {
     std::env::var("CANDLE_FUSED_PARITY_SABOTAGE").is_ok_and(|v| v.split(',').any(|w| w == what))
 }
 
+/// The fixtures: `CANDLE_FUSED_FIXTURES` if set, else this crate's `tests/fixtures` where it
+/// was built, else `crates/candle-fused-train/tests/fixtures` under the working directory (a
+/// test binary built here and run from the root of a copy of the tree on a GPU machine).
 pub fn fixtures_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+    if let Some(p) = std::env::var_os("CANDLE_FUSED_FIXTURES") {
+        return p.into();
+    }
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    if built.is_dir() {
+        return built;
+    }
+    PathBuf::from("crates/candle-fused-train/tests/fixtures")
 }
 
 /// One architecture's fixture: `model/`, adapters, batches, expected tensors and values.
@@ -63,8 +73,13 @@ impl Fixture {
 
     /// The checkpoint in f32 on the CPU, with the PEFT adapter of `adapter` (a fixture subdir).
     pub fn model(&self, adapter: Option<&str>) -> Model {
-        let mut m = Model::load(&self.dir.join("model"), DType::F32, &Device::Cpu)
-            .unwrap_or_else(|e| panic!("{}: Model::load: {e}", self.name));
+        self.model_on(adapter, DType::F32, &Device::Cpu)
+    }
+
+    /// [`Fixture::model`] with the base weights in `dtype` on `device` (the adapters are f32).
+    pub fn model_on(&self, adapter: Option<&str>, dtype: DType, device: &Device) -> Model {
+        let mut m = Model::load(&self.dir.join("model"), dtype, device)
+            .unwrap_or_else(|e| panic!("{}: Model::load({dtype:?}, {device:?}): {e}", self.name));
         if let Some(a) = adapter {
             let a = if a == "adapter" && sabotage("adapter") {
                 "adapter_trained"
@@ -104,6 +119,18 @@ impl Fixture {
             b.segments = Some(self.batch_tensor(&format!("{name}.segments")));
         }
         b
+    }
+
+    /// [`Fixture::batch`] with every tensor on `device`.
+    pub fn batch_on(&self, name: &str, device: &Device) -> Batch {
+        let b = self.batch(name);
+        let mv = |t: &Tensor| t.to_device(device).unwrap();
+        Batch {
+            tokens: mv(&b.tokens),
+            targets: mv(&b.targets),
+            positions: b.positions.as_ref().map(mv),
+            segments: b.segments.as_ref().map(mv),
+        }
     }
 
     pub fn expected(&self, key: &str) -> Tensor {

@@ -28,7 +28,7 @@ fn run(cases: &[Case]) {
     let dev = gpu();
     let mut failures = Vec::new();
     for case in cases {
-        let outs = check::run(case, &dev).unwrap_or_else(|e| panic!("{case:?}: {e}"));
+        let outs = check::run(&k(), case, &dev).unwrap_or_else(|e| panic!("{case:?}: {e}"));
         for o in outs {
             println!(
                 "{:<34} {:<18} {:<14} {:<5} {:>10.3e} {:>8.0e} {}",

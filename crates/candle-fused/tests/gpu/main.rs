@@ -1,6 +1,9 @@
 //! GPU tests (the `cuda` feature; run on a machine with an NVIDIA GPU). Every op, forward and
 //! backward, f32/f16/bf16, last dims from 1 to 262144 and odd row counts, against the f64
 //! reference and against this crate's CPU backend, with outputs poisoned before each launch.
+//! Modules: lora, rope, glu, cross_entropy, linear_cross_entropy (one per op), softmax (causal
+//! S == T, T > S, T < S, learned masks, the bench shape), mismatch (device mismatch of the
+//! arguments not covered here).
 #![cfg(feature = "cuda")]
 
 use candle_core::{DType, Device, Tensor, D};
@@ -620,4 +623,22 @@ fn linear_cross_entropy_memory() {
 #[test]
 fn linear_cross_entropy_device_mismatch() {
     linear_cross_entropy::device_mismatch()
+}
+
+mod mismatch;
+mod softmax;
+
+#[test]
+fn causal_softmax_square_offsets_and_learned_masks() {
+    softmax::causal_square_offsets_and_masks();
+}
+
+#[test]
+fn causal_softmax_bench_shape_bf16() {
+    softmax::causal_bench_shape_bf16();
+}
+
+#[test]
+fn device_mismatch_remaining_arguments() {
+    mismatch::remaining_arguments();
 }

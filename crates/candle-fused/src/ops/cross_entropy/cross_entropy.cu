@@ -108,7 +108,7 @@ template <typename T, int VEC, bool GRAD> struct CeRow {
   __device__ __forceinline__ void begin_row(int64_t row) { t = tgt[row]; }
   __device__ __forceinline__ const T* input(int, int64_t row) const { return x + row * d; }
   __device__ __forceinline__ int stage_len(int64_t row, int64_t, int n) const { return tgt[row] < 0 ? 0 : n; }
-  __device__ __forceinline__ void init(int64_t, int, unsigned char*) {}
+  __device__ __forceinline__ void init(int64_t, int) {}
   __device__ __forceinline__ void finish(int64_t, int64_t, int) {}
 
   __device__ MaxSumZ partial(int64_t, int64_t lo, int n, T* const* s) const {

@@ -39,7 +39,7 @@ fn layout(packed: bool, n_gate: usize, last: usize) -> (usize, usize, usize) {
 /// The vector width: 16-byte packs when the row length and every pointer line up.
 fn width<T>(cols: usize, ptrs: &[(&CudaSlice<T>, usize)], stream: &CudaStream) -> usize {
     let vec = 16 / std::mem::size_of::<T>();
-    if cols % vec == 0 && ptrs.iter().all(|&(s, o)| cuda::aligned16(s, o, stream)) {
+    if cols.is_multiple_of(vec) && ptrs.iter().all(|&(s, o)| cuda::aligned16(s, o, stream)) {
         vec
     } else {
         1
