@@ -3,8 +3,8 @@
 //! (the formulas written out from elementary Candle ops) and finite differences, the packed
 //! layout vs the two-tensor one, saturated gates, NaN, strided inputs, bad input, empty.
 //!
-//! Inputs are fresh random values each run (`common::randn`; the testkit's seeded RNG will
-//! replace it when it lands).
+//! Inputs are fresh random values each run from the testkit's seeded stream (`common::randn`;
+//! the seed is printed on failure, `CANDLE_FUSED_SEED` replays it).
 
 mod common;
 

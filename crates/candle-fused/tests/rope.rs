@@ -3,8 +3,8 @@
 //! positions `[T]`/`[B, T]` (u32/i64) with restarts and offsets, strided inputs, the table
 //! vs the transformers formulas (plain f64 below, and values derived by hand), bad input.
 //!
-//! Inputs are fresh random values each run (`common::randn`; the testkit's seeded RNG will
-//! replace it when it lands).
+//! Inputs are fresh random values each run from the testkit's seeded stream (`common::randn`;
+//! the seed is printed on failure, `CANDLE_FUSED_SEED` replays it).
 
 mod common;
 
