@@ -348,9 +348,13 @@ fn function(dev: &CudaDevice, ptx: &Ptx, name: &str) -> Result<CudaFunction> {
         .get_or_load_custom_func(name, &format!("candle-fused-{}-{arch}", ptx.name), src)?
         .into_cuda_function();
     use sys::CUfunction_attribute_enum::*;
+    // Static + dynamic shared memory may not exceed the opt-in limit: a kernel with static
+    // shared arrays (ce_sum's 8 KiB) gets the rest (asking for the whole limit there is
+    // CUDA_ERROR_INVALID_VALUE).
+    let static_smem = func.shared_size_bytes().w()?;
     func.set_attribute(
         CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-        info.smem_optin as i32,
+        info.smem_optin as i32 - static_smem,
     )
     .w()?;
     if info.clusters() {

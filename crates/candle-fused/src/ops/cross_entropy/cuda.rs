@@ -16,6 +16,11 @@ use crate::validate::fail;
 
 pub(crate) static PTX: Ptx = ptx!("cross_entropy");
 
+/// Bytes of the kernels' reduction type `MaxSumZ` (four f32: max, Σ exp, Σ z, Σ_{j≠t} p):
+/// the row engine sizes its block scratch by it (12 here overran shared memory, found by
+/// compute-sanitizer memcheck on the H200, 2026-12-02).
+const MAX_SUM_Z: usize = 16;
+
 /// The row constants (`CeParams` in cross_entropy.cu).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
@@ -103,7 +108,7 @@ fn forward_t<T: CudaDType + DeviceRepr>(
     let (rows, d) = rows_d(l);
     let mut row_loss = cuda::alloc::<f32>(dev, rows, cfg.poison)?;
     let mut stats = cuda::alloc::<f32>(dev, 2 * rows, cfg.poison)?;
-    let spec = RowSpec::new(rows, d, 1, 12, &[(x, xo)], &stream);
+    let spec = RowSpec::new(rows, d, 1, MAX_SUM_Z, &[(x, xo)], &stream);
     let prefix = format!("ce_fwd_{}", cuda::dtype_name(op, s.dtype())?);
     let plan = cuda::plan(op, dev, &PTX, &prefix, &spec)?;
     {
@@ -190,7 +195,7 @@ fn launch_fused<T: CudaDType + DeviceRepr>(
     if let Some(y) = &y {
         ptrs.push((&**y, 0));
     }
-    let spec = RowSpec::new(rows, d, 1, 12, &ptrs, &stream);
+    let spec = RowSpec::new(rows, d, 1, MAX_SUM_Z, &ptrs, &stream);
     let prefix = format!("ce_fused_{dt}");
     let plan = cuda::plan(op, dev, &PTX, &prefix, &spec)?;
     let mut args = Args::new(&stream);
