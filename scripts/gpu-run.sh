@@ -11,7 +11,7 @@
 # SAN_TIMEOUT, PROBE_ARGS/PROBE_TAG, BENCH_ARGS/BENCH_TIMEOUT, TORCH_ARGS/TORCH_TIMEOUT,
 # TRAIN_TEST_TIMEOUT, PARITY_TIMEOUT, TRAIN_CONFIGS, TRAIN_VARIANTS, TRAIN_BATCH, TRAIN_WARMUP,
 # TRAIN_ITERS, TRAIN_BENCH_TIMEOUT, TORCH_TRAIN_VARIANTS/TORCH_TRAIN_BATCH/TORCH_TRAIN_TAG/
-# TORCH_TRAIN_TIMEOUT, TRAIN_OURS, NSYS_BATCH/NSYS_TIMEOUT, PACK (see below),
+# TORCH_TRAIN_TIMEOUT, TRAIN_OURS, SAN_FILTER (test-name filters of the sanitizer runs), NSYS_BATCH/NSYS_TIMEOUT, PACK (see below),
 # CANDLE_FUSED_SEED (fixes the random inputs of the tests, check, bench and probe; each run
 # prints the seed it used).
 set -uo pipefail
@@ -60,7 +60,7 @@ for phase in "$@"; do
     sanitize)
       for tool in memcheck racecheck; do
         { echo "# $STAMP"; timeout ${SAN_TIMEOUT:-300} compute-sanitizer --tool $tool --error-exitcode 9 $B/gpu-tests --test-threads=1 \
-            misaligned fully_masked non_contiguous sanitizer_small 2>&1; } > "$OUT/sanitizer-$tool.log"; r=$?
+            ${SAN_FILTER:-misaligned fully_masked non_contiguous sanitizer_small} 2>&1; } > "$OUT/sanitizer-$tool.log"; r=$?
         echo "$tool exit $r"; tail -n 4 "$OUT/sanitizer-$tool.log"; [ $r = 0 ] || rc=1
       done ;;
     probe)
