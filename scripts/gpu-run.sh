@@ -9,7 +9,7 @@
 # configuration, kernel summary), ncu; or several: bash scripts/gpu-run.sh test bench.
 # scripts/GPU-CALLS.md: the three device calls of issue 12. Environment: TEST_TIMEOUT,
 # SAN_TIMEOUT, PROBE_ARGS/PROBE_TAG, BENCH_ARGS/BENCH_TIMEOUT, TORCH_ARGS/TORCH_TIMEOUT,
-# TRAIN_TEST_TIMEOUT, PARITY_TIMEOUT, TRAIN_CONFIGS, TRAIN_VARIANTS, TRAIN_BATCH, TRAIN_WARMUP,
+# TRAIN_TEST_TIMEOUT, PARITY_TIMEOUT, TRAIN_CONFIGS, TRAIN_VARIANTS, TRAIN_PROFILE (true: time each GEMM of the step alone), TRAIN_BATCH, TRAIN_WARMUP,
 # TRAIN_ITERS, TRAIN_BENCH_TIMEOUT, TORCH_TRAIN_VARIANTS/TORCH_TRAIN_BATCH/TORCH_TRAIN_TAG/
 # TORCH_TRAIN_TIMEOUT, TRAIN_OURS, SAN_FILTER (test-name filters of the sanitizer runs), NSYS_BATCH/NSYS_TIMEOUT, PACK (see below),
 # CANDLE_FUSED_SEED (fixes the random inputs of the tests, check, bench and probe; each run
@@ -109,7 +109,7 @@ for phase in "$@"; do
       # rewritten after each row so a timeout keeps the finished rows).
       { echo "# $STAMP"; timeout ${TRAIN_BENCH_TIMEOUT:-230} $B/candle-fused bench --op train --device cuda --dtype bf16 --seq 2048 \
           --batch ${TRAIN_BATCH:-auto} --configs "$TRAIN_CONFIGS" --variants ${TRAIN_VARIANTS:-ours,ours_ckpt,tape} \
-          --warmup ${TRAIN_WARMUP:-2} --iters ${TRAIN_ITERS:-5} --json "$OUT/train-ours.json" 2>&1; } > "$OUT/train-ours.log" || rc=1
+          --warmup ${TRAIN_WARMUP:-2} --iters ${TRAIN_ITERS:-5} ${TRAIN_PROFILE:+--profile $TRAIN_PROFILE} --json "$OUT/train-ours.json" 2>&1; } > "$OUT/train-ours.log" || rc=1
       grep -E ' / |skipped' "$OUT/train-ours.log" | grep -v 'fresh process' ;;
     torch-train)
       # PyTorch + PEFT on the same configurations (eager SDPA, torch.compile, Liger), then
