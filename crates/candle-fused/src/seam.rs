@@ -120,6 +120,44 @@ macro_rules! backends {
             $crate::cuda::dispatch!(ins.op(), s.dtype(), |T| $($cuda)::+::<T>(self, cfg, ins))
         }
     };
+    // Backends that dispatch on the dtype themselves: `fn(&Kernel, &KernelConfig, &Inputs)`.
+    (plain $($cpu:ident)::+, $($cuda:ident)::+) => {
+        fn cpu(
+            &self,
+            cfg: &$crate::config::KernelConfig,
+            ins: &$crate::seam::Inputs<candle_core::CpuStorage>,
+        ) -> candle_core::Result<Vec<candle_core::CpuStorage>> {
+            $($cpu)::+(self, cfg, ins)
+        }
+        #[cfg(feature = "cuda")]
+        fn cuda(
+            &self,
+            cfg: &$crate::config::KernelConfig,
+            ins: &$crate::seam::Inputs<candle_core::CudaStorage>,
+        ) -> candle_core::Result<Vec<candle_core::CudaStorage>> {
+            $($cuda)::+(self, cfg, ins)
+        }
+    };
+    // In-place kernels (`seam::inplace::InPlaceKernel`): the destination comes first.
+    (in_place $($cpu:ident)::+, $($cuda:ident)::+) => {
+        fn cpu(
+            &self,
+            cfg: &$crate::config::KernelConfig,
+            dst: (&mut candle_core::CpuStorage, &candle_core::Layout),
+            ins: &$crate::seam::Inputs<candle_core::CpuStorage>,
+        ) -> candle_core::Result<Vec<candle_core::CpuStorage>> {
+            $($cpu)::+(self, cfg, dst, ins)
+        }
+        #[cfg(feature = "cuda")]
+        fn cuda(
+            &self,
+            cfg: &$crate::config::KernelConfig,
+            dst: (&mut candle_core::CudaStorage, &candle_core::Layout),
+            ins: &$crate::seam::Inputs<candle_core::CudaStorage>,
+        ) -> candle_core::Result<Vec<candle_core::CudaStorage>> {
+            $($cuda)::+(self, cfg, dst, ins)
+        }
+    };
 }
 pub(crate) use backends;
 

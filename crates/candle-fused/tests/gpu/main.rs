@@ -10,11 +10,13 @@ use candle_core::{DType, Device, Tensor, D};
 use candle_fused_testkit::check::{self, Case, MaskKind, OpKind};
 use candle_fused_testkit::testing::{self, poisoned};
 
-fn gpu() -> Device {
+pub(crate) fn gpu() -> Device {
     Device::new_cuda(0).expect("a CUDA device (these tests need a GPU)")
 }
 
-fn run_cases(cases: &[Case]) {
+/// Runs `check::run` (poisoned outputs) on every case on the GPU, prints each comparison and
+/// panics listing every failure and error (the modules' sweeps use it too).
+pub(crate) fn run_cases(cases: &[Case]) {
     let dev = gpu();
     let mut failures = Vec::new();
     let mut n = 0;

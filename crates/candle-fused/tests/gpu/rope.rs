@@ -18,47 +18,13 @@ use candle_fused::{KernelConfig, Kernels};
 use candle_fused_testkit::check::{self, Case, OpKind};
 use candle_fused_testkit::testing::{self, rel_err, tolerance};
 
-fn gpu() -> Device {
-    Device::new_cuda(0).expect("a CUDA device")
-}
+use super::gpu;
 
 fn k() -> Kernels {
     Kernels::new(KernelConfig::poisoned())
 }
 
 const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
-
-fn run(cases: &[Case]) {
-    let dev = gpu();
-    let mut failures = Vec::new();
-    for case in cases {
-        let outs = check::run(&k(), case, &dev).unwrap_or_else(|e| panic!("{case:?}: {e}"));
-        for o in outs {
-            println!(
-                "{:<34} {:<18} {:<10} {:<5} {:>10.3e} {:>8.0e} {}",
-                o.op,
-                format!("{:?}", o.shape),
-                o.what,
-                format!("{:?}", o.dtype),
-                o.rel_err,
-                o.tol,
-                if o.pass() { "PASS" } else { "FAIL" }
-            );
-            if !o.pass() {
-                failures.push(format!(
-                    "{} {} {:?} {:?}: {:.3e}",
-                    o.op, o.what, o.shape, o.dtype, o.rel_err
-                ));
-            }
-        }
-    }
-    assert!(
-        failures.is_empty(),
-        "{} failures:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
-}
 
 pub fn sweep_and_bench_shapes() {
     let mut cases: Vec<Case> = check::sweep(&DTYPES)
@@ -114,7 +80,7 @@ pub fn sweep_and_bench_shapes() {
         };
         cases.push(Case { op, shape, dtype });
     }
-    run(&cases);
+    super::run_cases(&cases);
 }
 
 fn table(d: usize, rot: usize, dev: &Device) -> RopeTable {
@@ -309,5 +275,5 @@ pub fn sanitizer_small() {
             cases.push(Case { op, shape, dtype });
         }
     }
-    run(&cases);
+    super::run_cases(&cases);
 }

@@ -43,7 +43,7 @@ pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 
-use candle_core::{CpuStorage, DType, Device, Layout, Result, Tensor};
+use candle_core::{CpuStorage, DType, Device, Result, Tensor};
 
 use crate::config::{KernelConfig, Kernels};
 use crate::seam::{self, InplaceKernel, Inputs, Kernel};
@@ -181,23 +181,7 @@ impl InplaceKernel for CeFused {
     fn inputs(&self) -> &'static [&'static str] {
         &["logits", "targets"]
     }
-    fn cpu(
-        &self,
-        cfg: &KernelConfig,
-        dst: (&mut CpuStorage, &Layout),
-        ins: &Inputs<CpuStorage>,
-    ) -> Result<Vec<CpuStorage>> {
-        cpu::fused_inplace(self, cfg, dst, ins)
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda(
-        &self,
-        cfg: &KernelConfig,
-        dst: (&mut candle_core::CudaStorage, &Layout),
-        ins: &Inputs<candle_core::CudaStorage>,
-    ) -> Result<Vec<candle_core::CudaStorage>> {
-        cuda::fused_inplace(self, cfg, dst, ins)
-    }
+    crate::seam::backends!(in_place cpu::fused_inplace, cuda::fused_inplace);
 }
 
 /// Host-validated targets.

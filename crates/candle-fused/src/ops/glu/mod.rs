@@ -19,10 +19,10 @@ pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 
-use candle_core::{CpuStorage, Result, Shape, Tensor, D};
+use candle_core::{Result, Shape, Tensor, D};
 
 use crate::config::{KernelConfig, Kernels};
-use crate::seam::{self, Inputs, Kernel};
+use crate::seam::{self, Kernel};
 use crate::validate::{self, fail};
 
 /// The activation of the gate.
@@ -62,17 +62,7 @@ impl Kernel for GluFwd {
             &["gate", "up"]
         }
     }
-    fn cpu(&self, cfg: &KernelConfig, ins: &Inputs<CpuStorage>) -> Result<Vec<CpuStorage>> {
-        cpu::forward(self, cfg, ins)
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda(
-        &self,
-        cfg: &KernelConfig,
-        ins: &Inputs<candle_core::CudaStorage>,
-    ) -> Result<Vec<candle_core::CudaStorage>> {
-        cuda::forward(self, cfg, ins)
-    }
+    crate::seam::backends!(plain cpu::forward, cuda::forward);
 }
 
 impl Kernel for GluBwd {
@@ -86,17 +76,7 @@ impl Kernel for GluBwd {
             &["gate", "up", "dy"]
         }
     }
-    fn cpu(&self, cfg: &KernelConfig, ins: &Inputs<CpuStorage>) -> Result<Vec<CpuStorage>> {
-        cpu::backward(self, cfg, ins)
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda(
-        &self,
-        cfg: &KernelConfig,
-        ins: &Inputs<candle_core::CudaStorage>,
-    ) -> Result<Vec<candle_core::CudaStorage>> {
-        cuda::backward(self, cfg, ins)
-    }
+    crate::seam::backends!(plain cpu::backward, cuda::backward);
 }
 
 /// `gate` and `up`: rank >= 1, float, the same shape, dtype and device.

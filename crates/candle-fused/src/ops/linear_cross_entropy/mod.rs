@@ -36,11 +36,11 @@ pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 
-use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor};
+use candle_core::{DType, Result, Storage, Tensor};
 
 use super::cross_entropy::{self as ce, CeFused, CeFwd, CrossEntropyConfig, Params};
 use crate::config::{KernelConfig, Kernels};
-use crate::seam::{self, InplaceKernel, Inputs};
+use crate::seam::{self, InplaceKernel};
 use crate::validate::{self, fail};
 
 const OP: &str = "linear_cross_entropy";
@@ -59,23 +59,7 @@ impl InplaceKernel for DwAccum {
     fn inputs(&self) -> &'static [&'static str] {
         &["dw", "dlogits", "h"]
     }
-    fn cpu(
-        &self,
-        cfg: &KernelConfig,
-        dst: (&mut CpuStorage, &Layout),
-        ins: &Inputs<CpuStorage>,
-    ) -> Result<Vec<CpuStorage>> {
-        cpu::dw_accum(self, cfg, dst, ins)
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda(
-        &self,
-        cfg: &KernelConfig,
-        dst: (&mut candle_core::CudaStorage, &Layout),
-        ins: &Inputs<candle_core::CudaStorage>,
-    ) -> Result<Vec<candle_core::CudaStorage>> {
-        cuda::dw_accum(self, cfg, dst, ins)
-    }
+    crate::seam::backends!(in_place cpu::dw_accum, cuda::dw_accum);
 }
 
 /// Loss and gradients of [`linear_cross_entropy_forward_backward`].

@@ -33,10 +33,10 @@ mod table;
 
 pub use table::{RopeConfig, RopeScaling, RopeTable};
 
-use candle_core::{CpuStorage, DType, Layout, Result, Tensor};
+use candle_core::{DType, Layout, Result, Tensor};
 
 use crate::config::{KernelConfig, Kernels};
-use crate::seam::{self, Inputs, Kernel};
+use crate::seam::{self, Kernel};
 use crate::validate::{self, fail};
 
 /// Which entries form the rotated pairs.
@@ -79,17 +79,7 @@ impl Kernel for Rope {
     fn strided(&self, i: usize) -> bool {
         i == 0 && self.strided_x
     }
-    fn cpu(&self, cfg: &KernelConfig, ins: &Inputs<CpuStorage>) -> Result<Vec<CpuStorage>> {
-        cpu::run(self, cfg, ins)
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda(
-        &self,
-        cfg: &KernelConfig,
-        ins: &Inputs<candle_core::CudaStorage>,
-    ) -> Result<Vec<candle_core::CudaStorage>> {
-        cuda::run(self, cfg, ins)
-    }
+    crate::seam::backends!(plain cpu::run, cuda::run);
 }
 
 /// Where the kernels find things, from the layout of `x` (rank 4, last dim contiguous).
