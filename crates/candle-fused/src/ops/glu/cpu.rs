@@ -1,7 +1,8 @@
 //! CPU kernels for GLU, forward and backward: rows of `I` in parallel
-//! ([`cpu::par_rows`]), each an elementwise loop (the logistic function from the crate's
-//! libm-free `exp`) compiled for the configured SIMD level ([`Isa::run`]: LLVM vectorizes it
-//! there), half types through f32 blocks of scratch converted at that level.
+//! ([`cpu::par_rows`]), each in chunks of 256: `e^{−|z|}` of the chunk by the SIMD layer's
+//! vector `exp`, then an elementwise loop compiled for the configured SIMD level
+//! ([`Isa::run`]: LLVM vectorizes it there); half types through f32 blocks of scratch
+//! converted at that level.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Result};
@@ -17,48 +18,89 @@ use crate::simd::Isa;
 const K: f64 = 0.797_884_560_802_865_4;
 const C: f64 = 0.044_715;
 
-/// `(σ(a), 1 − σ(a))`, both from `e^{−|a|}`: no cancellation, no overflow; NaN stays NaN.
+/// `σ(z) = 1/(1 + e)` for `z ≥ 0` and `e/(1 + e)` below, `e = e^{−|z|}` ([`gate_from`]): no
+/// cancellation, no overflow; NaN stays NaN (through `g` itself).
 #[inline(always)]
-fn sig2<A: Acc>(a: A) -> (A, A) {
-    let e = A::exp_nonpos(-a.abs());
+fn fwd_span<A: Acc, const GELU: bool>(isa: Isa, g: &[A], u: &[A], y: &mut [A]) {
+    let mut e = [A::zero(); CH];
+    for ((gc, uc), yc) in g.chunks(CH).zip(u.chunks(CH)).zip(y.chunks_mut(CH)) {
+        let e = gate_exps::<A, GELU>(isa, gc, &mut e);
+        for (((o, &gv), &uv), &ev) in yc.iter_mut().zip(gc).zip(uc).zip(e.iter()) {
+            let (s, _, _) = gate_from::<A, GELU>(gv, ev);
+            *o = gv * s * uv;
+        }
+    }
+}
+
+/// Elements per chunk of the vector `exp` in the GLU loops.
+const CH: usize = 256;
+
+/// `e^{−|z(g)|}` for a chunk of gates, through the SIMD layer's vector `exp` (the scalar
+/// libm-free `exp` called per element does not vectorize): the logistic function's only
+/// transcendental, computed once per element.
+#[inline(always)]
+fn gate_exps<'a, A: Acc, const GELU: bool>(isa: Isa, g: &[A], e: &'a mut [A; CH]) -> &'a [A] {
+    let e = &mut e[..g.len()];
+    for (ev, &gv) in e.iter_mut().zip(g) {
+        *ev = -z_of::<A, GELU>(gv).abs();
+    }
+    A::v_exp_sub_sum_inplace(isa, e, A::zero());
+    e
+}
+
+/// The logistic function's argument: `g` (SwiGLU) or `2·sqrt(2/π)·(g + 0.044715·g³)`.
+#[inline(always)]
+fn z_of<A: Acc, const GELU: bool>(g: A) -> A {
+    if GELU {
+        let (k2, k2c) = (A::of(2.0 * K), A::of(2.0 * K * C));
+        g * (k2 + k2c * g * g)
+    } else {
+        g
+    }
+}
+
+/// For a gate value `g` and `e = e^{−|z(g)|}`: `(s, 1 − s, z'(g))` with `s = σ(z(g))` (see the
+/// module doc of glu).
+#[inline(always)]
+fn gate_from<A: Acc, const GELU: bool>(g: A, e: A) -> (A, A, A) {
     let r = A::one() / (A::one() + e);
     let er = e * r;
-    if a >= A::zero() {
+    let (s, om) = if z_of::<A, GELU>(g) >= A::zero() {
         (r, er)
     } else {
         (er, r)
-    }
-}
-
-/// For a gate value `g`: `(s, 1 − s, z'(g))` with `s = σ(z(g))` (see the module doc of glu).
-#[inline(always)]
-fn gate<A: Acc, const GELU: bool>(g: A) -> (A, A, A) {
-    if GELU {
+    };
+    let dz = if GELU {
         let (k2, k2c) = (A::of(2.0 * K), A::of(2.0 * K * C));
-        let g2 = g * g;
-        let (s, om) = sig2(g * (k2 + k2c * g2));
-        (s, om, k2 + A::of(3.0) * k2c * g2)
+        k2 + A::of(3.0) * k2c * g * g
     } else {
-        let (s, om) = sig2(g);
-        (s, om, A::one())
-    }
+        A::one()
+    };
+    (s, om, dz)
 }
 
 #[inline(always)]
-fn fwd_span<A: Acc, const GELU: bool>(g: &[A], u: &[A], y: &mut [A]) {
-    for ((o, &gv), &uv) in y.iter_mut().zip(g).zip(u) {
-        let (s, _, _) = gate::<A, GELU>(gv);
-        *o = gv * s * uv;
-    }
-}
-
-#[inline(always)]
-fn bwd_span<A: Acc, const GELU: bool>(g: &[A], u: &[A], dy: &[A], dg: &mut [A], du: &mut [A]) {
-    for ((((a, b), &gv), &uv), &d) in dg.iter_mut().zip(du.iter_mut()).zip(g).zip(u).zip(dy) {
-        let (s, om, dz) = gate::<A, GELU>(gv);
-        // g·s·(1 − s) first: 0 for saturated gates even when z' is large.
-        *a = d * uv * (s + gv * s * om * dz);
-        *b = d * gv * s;
+fn bwd_span<A: Acc, const GELU: bool>(
+    isa: Isa,
+    g: &[A],
+    u: &[A],
+    dy: &[A],
+    dg: &mut [A],
+    du: &mut [A],
+) {
+    let mut e = [A::zero(); CH];
+    let mut lo = 0;
+    while lo < g.len() {
+        let hi = (lo + CH).min(g.len());
+        let e = gate_exps::<A, GELU>(isa, &g[lo..hi], &mut e);
+        for (i, &ev) in (lo..hi).zip(e.iter()) {
+            let (gv, uv, d) = (g[i], u[i], dy[i]);
+            let (s, om, dz) = gate_from::<A, GELU>(gv, ev);
+            // g·s·(1 − s) first: 0 for saturated gates even when z' is large.
+            dg[i] = d * uv * (s + gv * s * om * dz);
+            du[i] = d * gv * s;
+        }
+        lo = hi;
     }
 }
 
@@ -139,18 +181,21 @@ fn forward_t<T: Elem, const GELU: bool>(
     let mut y = cpu::alloc::<T>(rows * i, cfg.poison);
     cpu::par_rows(&cfg.cpu, rows, [&mut y], [i], |r, [yo]| {
         isa.run(|| match u {
-            // Two tensors: the task's rows are one contiguous span.
+            // Two tensors: row by row as in the packed layout, so both layouts chunk the
+            // vector `exp` alike and give the same bits.
             Some(u) => {
-                let span = r.start * i..r.end * i;
-                on_acc::<T, 2, 1>(isa, [&g[span.clone()], &u[span]], [yo], |[g, u], [y]| {
-                    fwd_span::<T::A, GELU>(g, u, y)
-                })
+                for (row, yr) in r.zip(yo.chunks_exact_mut(i)) {
+                    let span = row * i..(row + 1) * i;
+                    on_acc::<T, 2, 1>(isa, [&g[span.clone()], &u[span]], [yr], |[g, u], [y]| {
+                        fwd_span::<T::A, GELU>(isa, g, u, y)
+                    })
+                }
             }
             None => {
                 for (row, yr) in r.zip(yo.chunks_exact_mut(i)) {
                     let (gr, ur) = g[row * 2 * i..(row + 1) * 2 * i].split_at(i);
                     on_acc::<T, 2, 1>(isa, [gr, ur], [yr], |[g, u], [y]| {
-                        fwd_span::<T::A, GELU>(g, u, y)
+                        fwd_span::<T::A, GELU>(isa, g, u, y)
                     })
                 }
             }
@@ -194,7 +239,7 @@ fn backward_t<T: Elem, const GELU: bool>(
                     let dr = &dy[row * i..(row + 1) * i];
                     let (dgr, dur) = orow.split_at_mut(i);
                     on_acc::<T, 3, 2>(isa, [gr, ur, dr], [dgr, dur], |[g, u, d], [a, b]| {
-                        bwd_span::<T::A, GELU>(g, u, d, a, b)
+                        bwd_span::<T::A, GELU>(isa, g, u, d, a, b)
                     })
                 }
             })
@@ -212,14 +257,20 @@ fn backward_t<T: Elem, const GELU: bool>(
         [&mut dg, &mut du],
         [last, last],
         |r, [a, b]| {
-            let span = r.start * last..r.end * last;
+            // Row by row, as the packed layout (the same bits from both).
             isa.run(|| {
-                on_acc::<T, 3, 2>(
-                    isa,
-                    [&g[span.clone()], &u[span.clone()], &dy[span]],
-                    [a, b],
-                    |[g, u, d], [a, b]| bwd_span::<T::A, GELU>(g, u, d, a, b),
-                )
+                let rows = r
+                    .zip(a.chunks_exact_mut(last))
+                    .zip(b.chunks_exact_mut(last));
+                for ((row, ar), br) in rows {
+                    let span = row * last..(row + 1) * last;
+                    on_acc::<T, 3, 2>(
+                        isa,
+                        [&g[span.clone()], &u[span.clone()], &dy[span]],
+                        [ar, br],
+                        |[g, u, d], [a, b]| bwd_span::<T::A, GELU>(isa, g, u, d, a, b),
+                    )
+                }
             })
         },
     );
