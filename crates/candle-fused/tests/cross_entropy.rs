@@ -32,10 +32,7 @@ struct Both {
     gs: Tensor,
     r_loss: Tensor,
     r_g: Tensor,
-    /// The loss's rounding floor (absolute): the loss is a sum of row terms like `lse − z_t`
-    /// computed from f32 values of magnitude up to `max|z|`, so a tiny loss (V = 1 with only
-    /// the z-loss, or nearly one-hot rows) cancels to a few f32 ulps of those magnitudes;
-    /// `4·ε_f32·(1 + 2λ·max|z|)·Σ_rows max|z|` (times the reduction's scale).
+    /// The loss's rounding floor (absolute, [`loss_floor`]).
     floor: f64,
 }
 
@@ -49,27 +46,7 @@ fn both(x: &Tensor, t: &Tensor, cfg: &CrossEntropyConfig, probe: f64) -> Both {
     let r_loss = reference::cross_entropy(v64.as_tensor(), t, cfg).unwrap();
     let r_g = (&r_loss * probe).unwrap().backward().unwrap();
     let r_g = r_g.get(&v64).unwrap().clone();
-    let d = x.dims().last().copied().unwrap_or(1).max(1);
-    let xv = vec64(x);
-    let row_max: Vec<f64> = xv
-        .chunks(d)
-        .map(|r| r.iter().fold(0f64, |m, v| m.max(v.abs())))
-        .collect();
-    let zmax = row_max.iter().fold(0f64, |m, &v| m.max(v));
-    let counted = vec64(&t.to_dtype(DType::F64).unwrap())
-        .iter()
-        .filter(|&&v| v as i64 != cfg.ignore_index && v >= 0.0)
-        .count()
-        .max(1);
-    let scale = match cfg.reduction {
-        Reduction::Mean => 1.0 / counted as f64,
-        _ => 1.0,
-    };
-    let floor = 4.0
-        * f32::EPSILON as f64
-        * (1.0 + 2.0 * cfg.z_loss * zmax)
-        * row_max.iter().sum::<f64>()
-        * scale;
+    let floor = loss_floor(x, t, cfg);
     Both {
         loss,
         g,
@@ -573,7 +550,7 @@ fn config_strategy() -> impl Strategy<Value = CrossEntropyConfig> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 200, failure_persistence: None, ..ProptestConfig::default() })]
+    #![proptest_config(proptest_config(200))]
 
     #[test]
     fn random_shapes_match_the_reference(

@@ -9,6 +9,7 @@ use candle_fused::config::CpuConfig;
 use candle_fused::ops;
 use candle_fused::prelude::*;
 use candle_fused::{KernelConfig, Kernels, SimdLevel};
+use candle_fused_testkit::testing;
 use common::*;
 
 /// op(a)·op(b) in f64 through Candle's matmul (the reference).
@@ -54,11 +55,12 @@ fn check(
     compare_all(ctx, &both, &["c"], &["a", "b"], &[true, true], dt, &|_| 0.0);
 }
 
-/// (M, K, N): GEMV (both weight layouts), tails, a 1024-long inner dim, non-square.
+/// (M, K, N): GEMV (both weight layouts, and `N = 1`), tails, a 1024-long inner dim, non-square.
 const SIZES: &[(usize, usize, usize)] = &[
     (1, 1, 1),
     (1, 300, 257),
     (1, 1030, 70),
+    (257, 300, 1),
     (3, 5, 7),
     (17, 64, 33),
     (64, 1024, 48),
@@ -74,6 +76,30 @@ fn matches_reference_every_dtype_and_transpose() {
                 let ctx = format!("matmul {size:?} ta {ta} tb {tb} {dt:?}");
                 check(&k, &ctx, &[], size, ta, tb, dt);
             }
+        }
+    }
+}
+
+/// f16 products with one output row or column accumulate in f32: the gemm crate's f16 GEMV
+/// paths accumulate in f16 (Candle's CPU matmul: relative error ~1e-2 at K = 4096), so ours
+/// must stay within a few f16 roundings of the f64 result there.
+#[test]
+fn f16_gemv_accumulates_in_f32() {
+    let k = Kernels::new(KernelConfig::poisoned());
+    let kk = 4096;
+    for (m, n) in [(1, 64), (64, 1), (1, 2), (2, 1)] {
+        for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+            let (sa, sb) = shapes(&[], m, kk, n, ta, tb);
+            let a = randn(&sa, 1.0, DType::F16);
+            let b = randn(&sb, 1.0, DType::F16);
+            let c = k.matmul(&a, &b, ta, tb).unwrap();
+            let r = reference(&f64t(&a), &f64t(&b), ta, tb).unwrap();
+            let err = testing::rel_err(&c, &r).unwrap();
+            let bound = 4.0 * unit_roundoff(DType::F16);
+            assert!(
+                err <= bound,
+                "f16 matmul M={m} K={kk} N={n} ta {ta} tb {tb}: relative error {err:.2e} > {bound:.1e}"
+            );
         }
     }
 }

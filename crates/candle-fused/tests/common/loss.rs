@@ -66,6 +66,34 @@ pub fn ce_configs() -> Vec<(&'static str, CrossEntropyConfig)> {
 }
 
 /// The loss's tolerance: it is an f32 scalar for every dtype.
+/// The loss's rounding floor (absolute): the loss is a sum of row terms like `lse − z_t`
+/// computed from f32 values of magnitude up to `max|z|`, so a tiny loss (V = 1 with only the
+/// z-loss, or nearly one-hot rows) cancels to a few f32 ulps of those magnitudes;
+/// `4·ε_f32·(1 + 2λ·max|z|)·Σ_rows max|z|` (times the reduction's scale). `logits` `[.., V]`
+/// (any float dtype), `targets` its leading shape.
+pub fn loss_floor(logits: &Tensor, targets: &Tensor, cfg: &CrossEntropyConfig) -> f64 {
+    let d = logits.dims().last().copied().unwrap_or(1).max(1);
+    let xv = super::vec64(logits);
+    let row_max: Vec<f64> = xv
+        .chunks(d)
+        .map(|r| r.iter().fold(0f64, |m, v| m.max(v.abs())))
+        .collect();
+    let zmax = row_max.iter().fold(0f64, |m, &v| m.max(v));
+    let counted = super::vec64(&targets.to_dtype(DType::F64).unwrap())
+        .iter()
+        .filter(|&&v| v as i64 != cfg.ignore_index && v >= 0.0)
+        .count()
+        .max(1);
+    let scale = match cfg.reduction {
+        Reduction::Mean => 1.0 / counted as f64,
+        _ => 1.0,
+    };
+    4.0 * f32::EPSILON as f64
+        * (1.0 + 2.0 * cfg.z_loss * zmax)
+        * row_max.iter().sum::<f64>()
+        * scale
+}
+
 pub fn loss_tol(dt: DType) -> f64 {
     match dt {
         DType::F64 => 1e-6,

@@ -17,10 +17,12 @@ pub use rms::*;
 pub use softmax::*;
 
 /// Proptest's configuration with its case generator seeded from the run's seed (so
-/// `CANDLE_FUSED_SEED` reruns the same cases, and each run draws new ones).
+/// `CANDLE_FUSED_SEED` reruns the same cases, and each run draws new ones). Failures print the
+/// minimal case; no regression files are written into the source tree.
 pub fn proptest_config(cases: u32) -> proptest::test_runner::Config {
     proptest::test_runner::Config {
         cases,
+        failure_persistence: None,
         rng_seed: proptest::test_runner::RngSeed::Fixed(candle_fused_testkit::rng::run_seed()),
         ..proptest::test_runner::Config::default()
     }

@@ -1,7 +1,7 @@
 //! CPU kernel of the linear cross-entropy's weight gradient: `dw += dlogitsᵀ·h` for one chunk,
 //! one call of the `gemm` crate accumulating into the f32 (f64) accumulator (`dst += lhs·rhs`,
 //! the transpose by strides); half inputs are widened to f32 first (one chunk's worth).
-//! (The logits and `dh` GEMMs go through Candle's matmul, which calls the same crate.)
+//! (The logits and `dh` GEMMs go through [`crate::ops::matmul`], which calls the same crate.)
 
 use std::borrow::Cow;
 

@@ -1,7 +1,7 @@
 //! CUDA kernel of the linear cross-entropy's weight gradient: `dw += dlogitsᵀ·h` for one chunk
 //! as one `cublasGemmEx` (inputs in their dtype, f32 compute, `β = 1` into the f32
 //! accumulator), on Candle's cuBLAS handle and stream. (The logits and `dh` GEMMs go through
-//! Candle's matmul, which calls the same cuBLAS.)
+//! [`crate::ops::matmul`], i.e. Candle's matmul on the same cuBLAS.)
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cublas::{result, sys};

@@ -7,7 +7,7 @@
 //! chunk's logits about the size of `h`, rounded up to a multiple of 16 rows and at least 128
 //! rows so the GEMMs stay efficient; `chunk: Some(n)` forces `n`). Per chunk:
 //!
-//! 1. `logits_c = h_c·wᵀ` (GEMM: Candle's matmul, cuBLAS or the gemm crate), `[C, V]`;
+//! 1. `logits_c = h_c·wᵀ` (GEMM: [`super::matmul`], cuBLAS or the gemm crate), `[C, V]`;
 //! 2. the fused cross-entropy kernel, **in place**: one pass over `logits_c` gives the chunk's
 //!    row losses and overwrites `logits_c` with `s·d loss / d logits_c` (`s` the loss scale times
 //!    `dloss`), so no second `[C, V]` buffer is needed;
@@ -19,7 +19,9 @@
 //!
 //! Chunks whose targets are all ignored are skipped (no GEMM). Peak extra memory: `dh`
 //! (`N·H`), one logits chunk (`C·V`) plus its `dh_c` (`C·H`), and with dW the f32 accumulator
-//! `[V, H]` (and, for half types on the CPU, f32 copies of one chunk); never `[N, V]`.
+//! `[V, H]` (and, for half types on the CPU, f32 copies of one chunk); never `[N, V]`. (On
+//! the CPU a bf16 GEMM also widens its operands, `w` included, to f32 for the call: the gemm
+//! crate has no bf16 kernel; Candle's CPU matmul does the same.)
 //!
 //! Gradients are produced during the forward (Liger-Kernel's way): [`linear_cross_entropy`]
 //! keeps `dh` (and `dw`) and its backward multiplies them by the incoming gradient;
@@ -30,7 +32,9 @@
 //! compute it: an f32 chunk would need `w` in f32 (a `[V, H]` f32 copy, 2 GB for Llama 3's
 //! head) or a mixed-type GEMM, for at most one bf16 rounding of each logit (2⁻⁹ relative). The
 //! CE kernel reads it in f32 and accumulates in f32; `dlogits` is rounded once to the input
-//! dtype, the GEMMs accumulate in f32 and `dw` accumulates across chunks in f32.
+//! dtype, the GEMMs accumulate in f32 (on the CPU also for one-row chunks, whose f16 GEMV in
+//! the gemm crate would accumulate in f16: [`super::matmul`] avoids it) and `dw` accumulates
+//! across chunks in f32.
 
 pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
@@ -161,7 +165,7 @@ fn run(
     let c = chunk.unwrap_or_else(|| default_chunk(n, hd, v)).min(n);
     let h2 = h.detach().reshape((n, hd))?.contiguous()?;
     let w = w.detach().contiguous()?;
-    let wt = w.t()?;
+    let mm = Kernels::new(*kc);
     let grads = need_dh || need_dw;
     let dh = if need_dh {
         Some(Tensor::zeros((n, hd), dt, &dev)?)
@@ -187,7 +191,7 @@ fn run(
         }
         let hc = h2.narrow(0, r0, len)?;
         let tc = tg.t.narrow(0, r0, len)?;
-        let logits = hc.matmul(&wt)?;
+        let logits = mm.matmul(&hc, &w, false, true)?;
         if !grads {
             let k = CeFwd { p, scale, name: op };
             let mut o = seam::run(&k, kc, &[Some(&logits), Some(&tc)])?;
@@ -200,7 +204,7 @@ fn run(
         }
         parts.push(seam::tensor(o.remove(0), len));
         if let Some(dh) = &dh {
-            dh.slice_set(&logits.matmul(&w)?, 0, r0)?;
+            dh.slice_set(&mm.matmul(&logits, &w, false, false)?, 0, r0)?;
         }
         if let Some(acc) = &acc {
             seam::run_inplace(&DwAccum { name: op }, kc, acc, &[&logits, &hc])?;
@@ -250,7 +254,18 @@ impl Kernels {
         )?;
         let (dh, dw) = (out.dh, out.dw);
         seam::attach(OP, out.loss, (), &[h, w], move |_, g| {
-            let times = |t: &Tensor| t.broadcast_mul(&g.to_dtype(t.dtype())?);
+            // The product in f32 (f64 for f64), rounded once: a half `g` would add its own
+            // rounding (2⁻⁹ relative for bf16) to the stored gradient's.
+            let times = |t: &Tensor| {
+                let acc = if t.dtype() == DType::F64 {
+                    DType::F64
+                } else {
+                    DType::F32
+                };
+                t.to_dtype(acc)?
+                    .broadcast_mul(&g.to_dtype(acc)?)?
+                    .to_dtype(t.dtype())
+            };
             Ok(vec![
                 dh.as_ref().map(times).transpose()?,
                 dw.as_ref().map(times).transpose()?,

@@ -1,6 +1,7 @@
 //! CPU matmul: the `gemm` crate for f32/f64/f16 (transposes as strides), bf16 widened to f32
-//! at the SIMD level around an f32 GEMM, and a GEMV for `M = 1` (f32 and bf16) that streams
-//! the weight once, widening it in registers, rows split over the rayon pool.
+//! at the SIMD level around an f32 GEMM, and a GEMV for `M = 1` (f32 and bf16; f16 also for
+//! `N = 1`, whose `gemm` paths accumulate in f16) that streams the weight once, widening it in
+//! registers, rows split over the rayon pool.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, Result};
@@ -101,6 +102,30 @@ impl GemvElem for bf16 {
         })
     }
 }
+
+impl GemvElem for f16 {
+    fn dot(isa: Isa, x: &[f32], w: &[f16]) -> f32 {
+        let mut buf = [0f32; WIDEN];
+        let mut t = 0f32;
+        for (xc, wc) in x.chunks(WIDEN).zip(w.chunks(WIDEN)) {
+            let b = &mut buf[..wc.len()];
+            isa.f16_to_f32(wc, b);
+            t += isa.run(|| dot_lanes(xc, b, |v| v));
+        }
+        t
+    }
+    fn axpy(isa: Isa, a: f32, w: &[f16], acc: &mut [f32]) {
+        let mut buf = [0f32; WIDEN];
+        for (oc, wc) in acc.chunks_mut(WIDEN).zip(w.chunks(WIDEN)) {
+            let b = &mut buf[..wc.len()];
+            isa.f16_to_f32(wc, b);
+            isa.run(|| oc.iter_mut().zip(b.iter()).for_each(|(o, &v)| *o += a * v));
+        }
+    }
+}
+
+/// Elements of an f16 operand widened at a time on the stack by the f16 GEMV.
+const WIDEN: usize = 256;
 
 /// A lane-parallel dot product (LANES accumulators, so LLVM vectorizes it).
 #[inline(always)]
@@ -217,7 +242,33 @@ pub(super) fn forward(
             let a = cpu::slice::<f16>(OP, "a", sa, la)?;
             let b = cpu::slice::<f16>(OP, "b", sb, lb)?;
             let mut c = cpu::alloc::<f16>(mn, cfg.poison);
-            gemm_into(k, par, a, b, &mut c);
+            // The gemm crate's f16 GEMV paths (`M = 1` or `N = 1`) accumulate in f16 (relative
+            // error ~1e-2 at K = 4096, measured); ours accumulates in f32 like its GEMM.
+            // `N = 1` is the same GEMV transposed: `cᵀ = op(b)ᵀ · op(a)ᵀ`.
+            let gemv_of = match (k.m, k.n) {
+                (1, _) => Some((*k, a, b)),
+                (m, 1) => Some((
+                    MatmulFwd {
+                        m: 1,
+                        k: k.k,
+                        n: m,
+                        ta: false,
+                        tb: !k.ta,
+                    },
+                    b,
+                    a,
+                )),
+                _ => None,
+            };
+            if let Some((g, x, w)) = gemv_of {
+                let mut x32 = vec![0f32; g.k];
+                isa.f16_to_f32(&x[..g.k], &mut x32);
+                let mut c32 = vec![0f32; mn];
+                gemv(&g, isa, serial, &x32, w, &mut c32);
+                isa.f32_to_f16(&c32, &mut c);
+            } else {
+                gemm_into(k, par, a, b, &mut c);
+            }
             CpuStorage::F16(c)
         }
         DType::BF16 => {
