@@ -232,66 +232,61 @@ pub(crate) fn sum_sq<S: Simd>(s: S, x: &[f32]) -> f32 {
     total as f32
 }
 
+/// `out[i] = f(a[i], b[i], out[i])` over `out`'s length: `v` on the SIMD body, `e` on the
+/// scalar tail (the same arithmetic).
+#[inline(always)]
+fn zip2<S: Simd>(
+    a: &[f32],
+    b: &[f32],
+    out: &mut [f32],
+    v: impl Fn(S::f32s, S::f32s, S::f32s) -> S::f32s,
+    e: impl Fn(f32, f32, f32) -> f32,
+) {
+    let n = out.len();
+    let (a, b) = (&a[..n], &b[..n]);
+    let (ha, ta) = S::as_simd_f32s(a);
+    let (hb, tb) = S::as_simd_f32s(b);
+    let (ho, to) = S::as_mut_simd_f32s(out);
+    for ((o, &x), &y) in ho.iter_mut().zip(ha).zip(hb) {
+        *o = v(x, y, *o);
+    }
+    for ((o, &x), &y) in to.iter_mut().zip(ta).zip(tb) {
+        *o = e(x, y, *o);
+    }
+}
+
 #[inline(always)]
 pub(crate) fn mul_scale_w<S: Simd>(s: S, x: &[f32], r: f32, w: &[f32], y: &mut [f32]) {
-    let n = y.len();
-    let (x, w) = (&x[..n], &w[..n]);
-    let (hx, tx) = S::as_simd_f32s(x);
-    let (hw, tw) = S::as_simd_f32s(w);
-    let (hy, ty) = S::as_mut_simd_f32s(y);
     let rv = s.splat_f32s(r);
-    for ((o, &a), &b) in hy.iter_mut().zip(hx).zip(hw) {
-        *o = s.mul_f32s(s.mul_f32s(a, rv), b);
-    }
-    for ((o, &a), &b) in ty.iter_mut().zip(tx).zip(tw) {
-        *o = a * r * b;
-    }
+    zip2::<S>(
+        x,
+        w,
+        y,
+        |a, b, _| s.mul_f32s(s.mul_f32s(a, rv), b),
+        |a, b, _| a * r * b,
+    )
 }
 
 #[inline(always)]
 pub(crate) fn add<S: Simd>(s: S, a: &[f32], b: &[f32], out: &mut [f32]) {
-    let n = out.len();
-    let (a, b) = (&a[..n], &b[..n]);
-    let (ha, ta) = S::as_simd_f32s(a);
-    let (hb, tb) = S::as_simd_f32s(b);
-    let (ho, to) = S::as_mut_simd_f32s(out);
-    for ((o, &x), &y) in ho.iter_mut().zip(ha).zip(hb) {
-        *o = s.add_f32s(x, y);
-    }
-    for ((o, &x), &y) in to.iter_mut().zip(ta).zip(tb) {
-        *o = x + y;
-    }
+    zip2::<S>(a, b, out, |x, y, _| s.add_f32s(x, y), |x, y, _| x + y)
 }
 
 #[inline(always)]
 pub(crate) fn mul<S: Simd>(s: S, a: &[f32], b: &[f32], out: &mut [f32]) {
-    let n = out.len();
-    let (a, b) = (&a[..n], &b[..n]);
-    let (ha, ta) = S::as_simd_f32s(a);
-    let (hb, tb) = S::as_simd_f32s(b);
-    let (ho, to) = S::as_mut_simd_f32s(out);
-    for ((o, &x), &y) in ho.iter_mut().zip(ha).zip(hb) {
-        *o = s.mul_f32s(x, y);
-    }
-    for ((o, &x), &y) in to.iter_mut().zip(ta).zip(tb) {
-        *o = x * y;
-    }
+    zip2::<S>(a, b, out, |x, y, _| s.mul_f32s(x, y), |x, y, _| x * y)
 }
 
 #[inline(always)]
 pub(crate) fn scale_add<S: Simd>(s: S, x: &[f32], k: f32, m: &[f32], z: &mut [f32]) {
-    let n = z.len();
-    let (x, m) = (&x[..n], &m[..n]);
-    let (hx, tx) = S::as_simd_f32s(x);
-    let (hm, tm) = S::as_simd_f32s(m);
-    let (hz, tz) = S::as_mut_simd_f32s(z);
     let kv = s.splat_f32s(k);
-    for ((o, &a), &b) in hz.iter_mut().zip(hx).zip(hm) {
-        *o = s.add_f32s(s.mul_f32s(kv, a), b);
-    }
-    for ((o, &a), &b) in tz.iter_mut().zip(tx).zip(tm) {
-        *o = k * a + b;
-    }
+    zip2::<S>(
+        x,
+        m,
+        z,
+        |a, b, _| s.add_f32s(s.mul_f32s(kv, a), b),
+        |a, b, _| k * a + b,
+    )
 }
 
 #[inline(always)]
@@ -311,18 +306,14 @@ pub(crate) fn scale_add_const<S: Simd>(s: S, x: &[f32], k: f32, c: f32, z: &mut 
 
 #[inline(always)]
 pub(crate) fn dw_accumulate<S: Simd>(s: S, dy: &[f32], x: &[f32], r: f32, acc: &mut [f32]) {
-    let n = acc.len();
-    let (dy, x) = (&dy[..n], &x[..n]);
-    let (hg, tg) = S::as_simd_f32s(dy);
-    let (hx, tx) = S::as_simd_f32s(x);
-    let (ha, ta) = S::as_mut_simd_f32s(acc);
     let rv = s.splat_f32s(r);
-    for ((a, &g), &v) in ha.iter_mut().zip(hg).zip(hx) {
-        *a = s.add_f32s(*a, s.mul_f32s(s.mul_f32s(g, v), rv));
-    }
-    for ((a, &g), &v) in ta.iter_mut().zip(tg).zip(tx) {
-        *a += g * v * r;
-    }
+    zip2::<S>(
+        dy,
+        x,
+        acc,
+        |g, v, a| s.add_f32s(a, s.mul_f32s(s.mul_f32s(g, v), rv)),
+        |g, v, a| a + g * v * r,
+    )
 }
 
 #[inline(always)]

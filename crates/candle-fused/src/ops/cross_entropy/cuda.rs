@@ -85,16 +85,7 @@ fn sum_into(
     Ok(out)
 }
 
-pub(crate) fn forward(
-    k: &CeFwd,
-    cfg: &KernelConfig,
-    ins: &Inputs<CudaStorage>,
-) -> Result<Vec<CudaStorage>> {
-    let (xs, _) = ins.get(0)?;
-    dispatch!(ins.op(), xs.dtype(), |T| forward_t::<T>(k, cfg, ins))
-}
-
-fn forward_t<T: CudaDType + DeviceRepr>(
+pub(crate) fn forward_t<T: CudaDType + DeviceRepr>(
     k: &CeFwd,
     cfg: &KernelConfig,
     ins: &Inputs<CudaStorage>,
@@ -124,16 +115,7 @@ fn forward_t<T: CudaDType + DeviceRepr>(
     Ok(vec![cuda::storage(loss, dev), cuda::storage(stats, dev)])
 }
 
-pub(crate) fn backward(
-    k: &CeBwd,
-    cfg: &KernelConfig,
-    ins: &Inputs<CudaStorage>,
-) -> Result<Vec<CudaStorage>> {
-    let (xs, _) = ins.get(0)?;
-    dispatch!(ins.op(), xs.dtype(), |T| backward_t::<T>(k, cfg, ins))
-}
-
-fn backward_t<T: CudaDType + DeviceRepr>(
+pub(crate) fn backward_t<T: CudaDType + DeviceRepr>(
     k: &CeBwd,
     cfg: &KernelConfig,
     ins: &Inputs<CudaStorage>,
@@ -211,16 +193,7 @@ fn launch_fused<T: CudaDType + DeviceRepr>(
     cuda::launch(&plan, &args)
 }
 
-pub(crate) fn fused(
-    k: &CeFused,
-    cfg: &KernelConfig,
-    ins: &Inputs<CudaStorage>,
-) -> Result<Vec<CudaStorage>> {
-    let (xs, _) = ins.get(0)?;
-    dispatch!(ins.op(), xs.dtype(), |T| fused_t::<T>(k, cfg, ins))
-}
-
-fn fused_t<T: CudaDType + DeviceRepr>(
+pub(crate) fn fused_t<T: CudaDType + DeviceRepr>(
     k: &CeFused,
     cfg: &KernelConfig,
     ins: &Inputs<CudaStorage>,

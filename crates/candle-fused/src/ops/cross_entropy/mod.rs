@@ -43,10 +43,10 @@ pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 
-use candle_core::{CpuStorage, DType, Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 
 use crate::config::{KernelConfig, Kernels};
-use crate::seam::{self, InplaceKernel, Inputs, Kernel};
+use crate::seam::{self, InplaceKernel, Kernel};
 use crate::validate::{self, fail};
 
 /// How the per-row losses are reduced.
@@ -141,8 +141,10 @@ pub(crate) struct CeSum {
     pub name: &'static str,
 }
 
+/// `impl Kernel` for a CE kernel struct: its name field, its inputs, and `seam::backends!`
+/// with the rest (the `_t` kernels are generic over the element type).
 macro_rules! kernel {
-    ($k:ty, $inputs:expr, $cpu:path, $cuda:ident) => {
+    ($k:ty, $inputs:expr, $($backends:tt)*) => {
         impl Kernel for $k {
             fn name(&self) -> &'static str {
                 self.name
@@ -150,29 +152,24 @@ macro_rules! kernel {
             fn inputs(&self) -> &'static [&'static str] {
                 $inputs
             }
-            fn cpu(&self, cfg: &KernelConfig, ins: &Inputs<CpuStorage>) -> Result<Vec<CpuStorage>> {
-                $cpu(self, cfg, ins)
-            }
-            #[cfg(feature = "cuda")]
-            fn cuda(
-                &self,
-                cfg: &KernelConfig,
-                ins: &Inputs<candle_core::CudaStorage>,
-            ) -> Result<Vec<candle_core::CudaStorage>> {
-                cuda::$cuda(self, cfg, ins)
-            }
+            crate::seam::backends!($($backends)*);
         }
     };
 }
-kernel!(CeFwd, &["logits", "targets"], cpu::forward, forward);
+kernel!(
+    CeFwd,
+    &["logits", "targets"],
+    cpu::forward_t,
+    cuda::forward_t
+);
 kernel!(
     CeBwd,
     &["logits", "targets", "stats", "dloss"],
-    cpu::backward,
-    backward
+    cpu::backward_t,
+    cuda::backward_t
 );
-kernel!(CeFused, &["logits", "targets"], cpu::fused, fused);
-kernel!(CeSum, &["row_losses"], cpu::sum, sum);
+kernel!(CeFused, &["logits", "targets"], cpu::fused_t, cuda::fused_t);
+kernel!(CeSum, &["row_losses"], plain cpu::sum, cuda::sum);
 
 impl InplaceKernel for CeFused {
     fn name(&self) -> &'static str {

@@ -123,16 +123,7 @@ fn f32_storage(v: f64) -> CpuStorage {
 // ---------------------------------------------------------------------------------------------
 // Forward: loss and lse.
 
-pub(crate) fn forward(
-    k: &CeFwd,
-    cfg: &KernelConfig,
-    ins: &Inputs<CpuStorage>,
-) -> Result<Vec<CpuStorage>> {
-    let (xs, _) = ins.get(0)?;
-    dispatch!(ins.op(), xs.dtype(), |T| forward_t::<T>(k, cfg, ins))
-}
-
-fn forward_t<T: Elem>(
+pub(crate) fn forward_t<T: Elem>(
     k: &CeFwd,
     cfg: &KernelConfig,
     ins: &Inputs<CpuStorage>,
@@ -162,16 +153,7 @@ where
 // ---------------------------------------------------------------------------------------------
 // Backward from the saved lse.
 
-pub(crate) fn backward(
-    k: &CeBwd,
-    cfg: &KernelConfig,
-    ins: &Inputs<CpuStorage>,
-) -> Result<Vec<CpuStorage>> {
-    let (xs, _) = ins.get(0)?;
-    dispatch!(ins.op(), xs.dtype(), |T| backward_t::<T>(k, cfg, ins))
-}
-
-fn backward_t<T: Elem>(
+pub(crate) fn backward_t<T: Elem>(
     k: &CeBwd,
     cfg: &KernelConfig,
     ins: &Inputs<CpuStorage>,
@@ -274,16 +256,7 @@ where
     })
 }
 
-pub(crate) fn fused(
-    k: &CeFused,
-    cfg: &KernelConfig,
-    ins: &Inputs<CpuStorage>,
-) -> Result<Vec<CpuStorage>> {
-    let (xs, _) = ins.get(0)?;
-    dispatch!(ins.op(), xs.dtype(), |T| fused_t::<T>(k, cfg, ins))
-}
-
-fn fused_t<T: Elem>(
+pub(crate) fn fused_t<T: Elem>(
     k: &CeFused,
     cfg: &KernelConfig,
     ins: &Inputs<CpuStorage>,
