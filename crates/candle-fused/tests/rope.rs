@@ -1,7 +1,8 @@
 //! RoPE (`ops::rope`, `rope_backward`, `rope_fused`, `RopeTable`): forward and gradient vs
 //! the composed f64 reference and finite differences, θ then −θ, the pass-through dims,
-//! positions `[T]`/`[B, T]` (u32/i64) with restarts and offsets, strided inputs, bad input,
-//! property tests. The table builder against the transformers formulas: `rope_table.rs`.
+//! positions `[T]`/`[B, T]` (u32/i64) with restarts and offsets, strided inputs, property
+//! tests. Bad input: `rope_errors.rs`; the table builder against the transformers formulas:
+//! `rope_table.rs`.
 //!
 //! Inputs are fresh random values each run from the testkit's seeded stream (`common::randn`;
 //! the seed is printed on failure, `CANDLE_FUSED_SEED` replays it).
@@ -9,60 +10,16 @@
 mod common;
 
 use candle_core::{DType, Result, Tensor};
-use candle_fused::ops::{self, RopeConfig, RopeLayout, RopeScaling, RopeStyle, RopeTable};
+use candle_fused::ops::{self, RopeLayout, RopeScaling, RopeStyle, RopeTable};
 use candle_fused::prelude::*;
 use candle_fused::{KernelConfig, Kernels};
 use candle_fused_testkit::reference;
 use common::*;
 
-const LAYOUTS: [RopeLayout; 2] = [RopeLayout::Bhtd, RopeLayout::Bthd];
 const STYLES: [RopeStyle; 2] = [RopeStyle::HalfSplit, RopeStyle::Interleaved];
-
-/// Element by element equal values, NaN matching NaN, where Candle's autograd may have
-/// touched one side: it adds each gradient to a zeroed buffer, which turns `-0` into `0`, and
-/// that add may run with flush-to-zero, so subnormals (of f32 range) count as zero.
-fn assert_equal(what: &str, a: &Tensor, b: &Tensor) {
-    assert_eq!((a.dims(), a.dtype()), (b.dims(), b.dtype()), "{what}");
-    let tiny = if a.dtype() == DType::F64 {
-        f64::MIN_POSITIVE
-    } else {
-        f32::MIN_POSITIVE as f64
-    };
-    let flush = |v: f64| if v.abs() < tiny { 0.0 } else { v };
-    for (i, (x, y)) in vec64(a).iter().zip(vec64(b)).enumerate() {
-        let same = flush(*x) == flush(y) || (x.is_nan() && y.is_nan());
-        assert!(same, "{what}: element {i}: {x} vs {y}");
-    }
-}
 
 fn k() -> Kernels {
     Kernels::new(KernelConfig::poisoned())
-}
-
-fn table(d: usize, rot: usize, max_positions: usize, scaling: Option<RopeScaling>) -> RopeTable {
-    let cfg = RopeConfig {
-        rotary_dim: rot,
-        scaling,
-        ..RopeConfig::new(d, 10_000.0, max_positions)
-    };
-    RopeTable::new(&cfg, &CPU).unwrap()
-}
-
-/// x's dims in the layout's order.
-fn dims(layout: RopeLayout, b: usize, h: usize, t: usize, d: usize) -> Vec<usize> {
-    match layout {
-        RopeLayout::Bhtd => vec![b, h, t, d],
-        RopeLayout::Bthd => vec![b, t, h, d],
-    }
-}
-
-/// Random positions in `0..max` of `shape` and `dtype` (u32 or i64).
-fn positions(shape: &[usize], max: usize, dtype: DType) -> Tensor {
-    rand(shape, 0.0, max as f64, DType::F64)
-        .floor()
-        .unwrap()
-        .to_dtype(dtype)
-        .unwrap()
 }
 
 type Case = (RopeLayout, RopeStyle, [usize; 4], usize);
@@ -370,241 +327,6 @@ fn prelude_and_free_functions_agree() {
         .unwrap();
     let b = ops::rope(&x, &tab, &pos, RopeLayout::Bhtd, RopeStyle::Interleaved).unwrap();
     assert_same("prelude", &a, &b);
-}
-
-/// A `yarn` scaling with transformers' defaults for the betas.
-fn yarn(factor: f64, orig: usize) -> RopeScaling {
-    RopeScaling::Yarn {
-        factor,
-        original_max_positions: orig,
-        beta_fast: 32.0,
-        beta_slow: 1.0,
-        mscale: None,
-        mscale_all_dim: None,
-        attention_factor: None,
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Bad input.
-
-fn err<T: std::fmt::Debug>(r: Result<T>) -> String {
-    no_panic("rope bad input", || r.unwrap_err().to_string())
-}
-
-#[test]
-fn bad_input_gives_clear_errors() {
-    let tab = table(8, 8, 16, None);
-    let x = randn(&[1, 2, 3, 8], 1.0, DType::F32);
-    let pos = positions(&[3], 16, DType::U32);
-    let l = RopeLayout::Bhtd;
-    let s = RopeStyle::HalfSplit;
-    let cases: Vec<(&str, String)> = vec![
-        (
-            "rank",
-            err(ops::rope(
-                &randn(&[2, 3, 8], 1.0, DType::F32),
-                &tab,
-                &pos,
-                l,
-                s,
-            )),
-        ),
-        (
-            "head dim",
-            err(ops::rope(
-                &randn(&[1, 2, 3, 6], 1.0, DType::F32),
-                &tab,
-                &pos,
-                l,
-                s,
-            )),
-        ),
-        (
-            "dtype",
-            err(ops::rope(
-                &x.to_dtype(DType::U32).unwrap(),
-                &tab,
-                &pos,
-                l,
-                s,
-            )),
-        ),
-        (
-            "positions",
-            err(ops::rope(&x, &tab, &positions(&[4], 16, DType::U32), l, s)),
-        ),
-        (
-            "positions",
-            err(ops::rope(
-                &x,
-                &tab,
-                &positions(&[2, 3], 16, DType::I64),
-                l,
-                s,
-            )),
-        ),
-        (
-            "positions",
-            err(ops::rope(
-                &x,
-                &tab,
-                &positions(&[1, 1, 3], 16, DType::I64),
-                l,
-                s,
-            )),
-        ),
-        (
-            "u32 or i64",
-            err(ops::rope(
-                &x,
-                &tab,
-                &pos.to_dtype(DType::F32).unwrap(),
-                l,
-                s,
-            )),
-        ),
-        (
-            "u32 or i64",
-            err(ops::rope(&x, &tab, &pos.to_dtype(DType::U8).unwrap(), l, s)),
-        ),
-        (
-            "outside the table",
-            err(ops::rope(
-                &x,
-                &tab,
-                &Tensor::new(&[0u32, 16, 2], &CPU).unwrap(),
-                l,
-                s,
-            )),
-        ),
-        (
-            "outside the table",
-            err(ops::rope(
-                &x,
-                &tab,
-                &Tensor::new(&[0i64, -1, 2], &CPU).unwrap(),
-                l,
-                s,
-            )),
-        ),
-        (
-            "outside the table",
-            err(ops::rope_backward(
-                &x,
-                &tab,
-                &Tensor::new(&[0u32, 99, 2], &CPU).unwrap(),
-                l,
-                s,
-            )),
-        ),
-        (
-            "dy",
-            err(ops::rope_backward(
-                &randn(&[1, 2, 8], 1.0, DType::F32),
-                &tab,
-                &pos,
-                l,
-                s,
-            )),
-        ),
-    ];
-    for (want, got) in cases {
-        assert!(
-            got.contains("candle-fused rope") && got.contains(want),
-            "expected {want:?} in: {got}"
-        );
-    }
-    // Table configuration.
-    let bad: Vec<(&str, RopeConfig)> = vec![
-        (
-            "rotary_dim must be even",
-            RopeConfig {
-                rotary_dim: 7,
-                ..RopeConfig::new(8, 1e4, 16)
-            },
-        ),
-        (
-            "rotary_dim must be even",
-            RopeConfig {
-                rotary_dim: 10,
-                ..RopeConfig::new(8, 1e4, 16)
-            },
-        ),
-        (
-            "rotary_dim must be even",
-            RopeConfig {
-                rotary_dim: 0,
-                ..RopeConfig::new(8, 1e4, 16)
-            },
-        ),
-        ("theta", RopeConfig::new(8, -1.0, 16)),
-        ("theta", RopeConfig::new(8, f64::NAN, 16)),
-        ("max_positions", RopeConfig::new(8, 1e4, 0)),
-        ("too large", RopeConfig::new(8, 1e4, 1 << 31)),
-        (
-            "factor",
-            RopeConfig {
-                scaling: Some(RopeScaling::Linear { factor: 0.0 }),
-                ..RopeConfig::new(8, 1e4, 16)
-            },
-        ),
-        (
-            "rotary_dim > 2",
-            RopeConfig {
-                scaling: Some(RopeScaling::Dynamic {
-                    factor: 2.0,
-                    original_max_positions: 8,
-                }),
-                ..RopeConfig::new(2, 1e4, 16)
-            },
-        ),
-        (
-            "original_max_positions",
-            RopeConfig {
-                scaling: Some(yarn(2.0, 0)),
-                ..RopeConfig::new(8, 1e4, 16)
-            },
-        ),
-        (
-            "high_freq_factor > low_freq_factor",
-            RopeConfig {
-                scaling: Some(RopeScaling::Llama3 {
-                    factor: 8.0,
-                    low_freq_factor: 4.0,
-                    high_freq_factor: 1.0,
-                    original_max_positions: 8,
-                }),
-                ..RopeConfig::new(8, 1e4, 16)
-            },
-        ),
-    ];
-    for (want, cfg) in bad {
-        let got = err(RopeTable::new(&cfg, &CPU));
-        assert!(
-            got.contains("rope_table") && got.contains(want),
-            "expected {want:?} in: {got}"
-        );
-    }
-}
-
-#[test]
-fn empty_inputs_give_empty_outputs() {
-    let tab = table(8, 8, 16, None);
-    for (shape, pshape) in [
-        ([0usize, 2, 3, 8], vec![3usize]),
-        ([1, 0, 3, 8], vec![3]),
-        ([1, 2, 0, 8], vec![0]),
-        ([2, 2, 0, 8], vec![2, 0]),
-    ] {
-        let x = Tensor::zeros(&shape, DType::F32, &CPU).unwrap();
-        let pos = Tensor::zeros(pshape.as_slice(), DType::U32, &CPU).unwrap();
-        let y = ops::rope(&x, &tab, &pos, RopeLayout::Bhtd, RopeStyle::HalfSplit).unwrap();
-        assert_eq!(y.dims(), &shape);
-        let dx =
-            ops::rope_backward(&x, &tab, &pos, RopeLayout::Bhtd, RopeStyle::HalfSplit).unwrap();
-        assert_eq!(dx.dims(), &shape);
-    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -2,17 +2,23 @@
 //! (`candle_fused_testkit::asserts`), the op-specific floors live here (`rms.rs`, `softmax.rs`).
 #![allow(dead_code)]
 
+mod exact;
 mod loss;
 mod rms;
+mod rope;
 mod softmax;
 
 // Not every suite uses every helper.
 #[allow(unused_imports)]
 pub use candle_fused_testkit::asserts::*;
 #[allow(unused_imports)]
+pub use exact::*;
+#[allow(unused_imports)]
 pub use loss::*;
 #[allow(unused_imports)]
 pub use rms::*;
+#[allow(unused_imports)]
+pub use rope::*;
 #[allow(unused_imports)]
 pub use softmax::*;
 

@@ -2,7 +2,7 @@
 //! and the argument, for the arguments the other tests leave out: the backwards of RoPE,
 //! SwiGLU, cross-entropy and LoRA linear, the forward of linear + cross-entropy with CPU
 //! targets, its forward-backward with a CPU `w`, and the learned mask of the masked softmax.
-//! (The rest: `device_mismatch_is_a_clear_error_for_every_op` in `main.rs`, and the RoPE, GLU,
+//! ([`every_op`]: every op's main arguments; the rest in the RoPE, GLU,
 //! cross-entropy and linear + cross-entropy modules. `softmax_last_dim` and `glu_packed` take
 //! one tensor: nothing can differ.)
 
@@ -133,4 +133,125 @@ pub fn remaining_arguments() {
         }
     }
     assert!(fails.is_empty(), "device mismatch:\n{}", fails.join("\n"));
+}
+
+/// A tensor on the CPU among GPU arguments, for every op's main arguments.
+pub fn every_op() {
+    let dev = gpu();
+    let cpu = Device::Cpu;
+    let k = poisoned();
+    let dt = DType::F32;
+    let on = |shape: &[usize], d: &Device| testing::randn(shape, 1.0, dt, d).unwrap();
+    let x = on(&[2, 8], &dev);
+    let (x_c, w_c, m_c) = (on(&[2, 8], &cpu), on(&[8], &cpu), on(&[2, 8], &cpu));
+    let w = on(&[8], &dev);
+    let (wl, a, b, bias) = (
+        on(&[6, 8], &dev),
+        on(&[2, 8], &dev),
+        on(&[6, 2], &dev),
+        on(&[6], &dev),
+    );
+    let (wl_c, a_c, b_c, bias_c) = (
+        on(&[6, 8], &cpu),
+        on(&[2, 8], &cpu),
+        on(&[6, 2], &cpu),
+        on(&[6], &cpu),
+    );
+    let dy = on(&[2, 6], &dev);
+    let dy_c = on(&[2, 6], &cpu);
+    let cases: Vec<(&str, &str, candle_core::Result<()>)> = vec![
+        (
+            "masked_softmax",
+            "mask",
+            k.masked_softmax(&x, 0.5, Some(&m_c), false).map(|_| ()),
+        ),
+        (
+            "softmax_backward",
+            "dy",
+            k.softmax_backward(&x, &x_c, 1.0).map(|_| ()),
+        ),
+        (
+            "rms_norm",
+            "weight",
+            k.rms_norm(&x, Some(&w_c), 1e-5).map(|_| ()),
+        ),
+        (
+            "rms_norm_backward",
+            "weight",
+            k.rms_norm_backward(&x, Some(&w_c), &x, 1e-5).map(|_| ()),
+        ),
+        (
+            "rms_norm_backward",
+            "dy",
+            k.rms_norm_backward(&x, Some(&w), &x_c, 1e-5).map(|_| ()),
+        ),
+        (
+            "add_rms_norm",
+            "residual",
+            k.add_rms_norm(&x, &x_c, &w, 1e-5).map(|_| ()),
+        ),
+        (
+            "add_rms_norm",
+            "weight",
+            k.add_rms_norm(&x, &x, &w_c, 1e-5).map(|_| ()),
+        ),
+        (
+            "add_rms_norm_backward",
+            "weight",
+            k.add_rms_norm_backward(&x, &w_c, &x, &x, 1e-5).map(|_| ()),
+        ),
+        (
+            "add_rms_norm_backward",
+            "d_normed",
+            k.add_rms_norm_backward(&x, &w, &x_c, &x, 1e-5).map(|_| ()),
+        ),
+        (
+            "add_rms_norm_backward",
+            "d_sum",
+            k.add_rms_norm_backward(&x, &w, &x, &x_c, 1e-5).map(|_| ()),
+        ),
+        (
+            "lora_linear",
+            "w",
+            k.lora_linear(&x, &wl_c, None, &a, &b, 0.5).map(|_| ()),
+        ),
+        (
+            "lora_linear",
+            "a",
+            k.lora_linear(&x, &wl, None, &a_c, &b, 0.5).map(|_| ()),
+        ),
+        (
+            "lora_linear",
+            "b",
+            k.lora_linear(&x, &wl, None, &a, &b_c, 0.5).map(|_| ()),
+        ),
+        (
+            "lora_linear",
+            "bias",
+            k.lora_linear(&x, &wl, Some(&bias_c), &a, &b, 0.5)
+                .map(|_| ()),
+        ),
+        (
+            "lora_linear_backward",
+            "dy",
+            k.lora_linear_backward(&x, &wl, Some(&bias), &a, &b, 0.5, &dy_c)
+                .map(|_| ()),
+        ),
+        ("linear", "w", k.linear(&x, &wl_c, None).map(|_| ())),
+        (
+            "linear",
+            "bias",
+            k.linear(&x, &wl, Some(&bias_c)).map(|_| ()),
+        ),
+    ];
+    let _ = (&dy, &x_c);
+    for (op, arg, r) in cases {
+        let e = r.expect_err(op).to_string();
+        assert!(
+            e.contains(&format!("candle-fused {op}:"))
+                && e.contains(&format!("{arg} is on device"))
+                && e.contains("expected"),
+            "{op} {arg}: {e}"
+        );
+    }
 }
