@@ -116,29 +116,40 @@ impl<A: CeAcc> Row<A> {
         }
     }
 
-    /// The reduction of a row with target `t`: the sums run over the columns before and after
-    /// `t` (vectorized) and the target's term is added on its own.
+    /// `(Σ exp(z(x) − m), Σ z(x))` over a span of non-target columns held in scratch (which
+    /// this overwrites): without soft-capping through the SIMD layer's vector `exp` (the scalar
+    /// per-element `exp` does not vectorize), with it per element.
     #[inline(always)]
-    pub(super) fn stats(&self, x: &[A], t: usize) -> Stats<A> {
-        let m = self.z(cpu::max(x));
-        let (sa, za) = self.sums(&x[..t], m);
-        let (sb, zb) = self.sums(&x[t + 1..], m);
-        self.finish(m, (sa + sb, za + zb), x[t])
+    fn sums_in(&self, isa: Isa, x: &mut [A], m: A) -> (f64, f64) {
+        match self.cap {
+            None => {
+                let zs = cpu::blocked_sum(x.len(), |i| x[i]).wide();
+                (A::v_exp_sub_sum_inplace(isa, x, m).wide(), zs)
+            }
+            Some(_) => self.sums(x, m),
+        }
     }
 
-    /// [`Self::stats`] of a row stored in a half type: read twice (max, then sums) in blocks
-    /// of [`HB`] converted at `isa`'s level, never widened as a whole (a row of 128256 f32 would
-    /// not stay in L2 across the sweeps).
+    /// The reduction of a row with target `t` (any element type): the max sweep, then the sums
+    /// over blocks of [`HB`] copied (converted at `isa`'s level for half types) into scratch
+    /// that stays in L1; the columns before and after `t` are summed, the target's term is
+    /// added on its own. Half-type rows are never widened as a whole.
     #[inline(always)]
-    fn stats_half<T: Elem<A = A>>(&self, isa: Isa, x: &[T], t: usize) -> Stats<A> {
+    fn stats_blocks<T: Elem<A = A>>(&self, isa: Isa, x: &[T], t: usize) -> Stats<A> {
         let mut buf = [A::zero(); HB];
-        let mut mx = A::neg_infinity();
-        for c in x.chunks(HB) {
-            let b = &mut buf[..c.len()];
-            T::to_acc_at(isa, c, b);
-            let bm = cpu::max(b);
-            mx = if bm > mx { bm } else { mx };
-        }
+        let mx = match T::as_acc(x) {
+            Some(a) => cpu::max(a),
+            None => {
+                let mut mx = A::neg_infinity();
+                for c in x.chunks(HB) {
+                    let b = &mut buf[..c.len()];
+                    T::to_acc_at(isa, c, b);
+                    let bm = cpu::max(b);
+                    mx = if bm > mx { bm } else { mx };
+                }
+                mx
+            }
+        };
         let m = self.z(mx);
         let (mut s, mut zs) = (0f64, 0f64);
         for (ci, c) in x.chunks(HB).enumerate() {
@@ -146,11 +157,12 @@ impl<A: CeAcc> Row<A> {
             T::to_acc_at(isa, c, b);
             let lo = ci * HB;
             let (a, z) = if (lo..lo + c.len()).contains(&t) {
-                let (p, q) = b.split_at(t - lo);
-                let ((sa, za), (sb, zb)) = (self.sums(p, m), self.sums(&q[1..], m));
+                let (p, q) = b.split_at_mut(t - lo);
+                let (sa, za) = self.sums_in(isa, p, m);
+                let (sb, zb) = self.sums_in(isa, &mut q[1..], m);
                 (sa + sb, za + zb)
             } else {
-                self.sums(b, m)
+                self.sums_in(isa, b, m)
             };
             s += a;
             zs += z;
@@ -161,10 +173,7 @@ impl<A: CeAcc> Row<A> {
     /// The stats of row `x` (any element type) and its target's raw logit.
     #[inline(always)]
     pub(super) fn stats_of<T: Elem<A = A>>(&self, isa: Isa, x: &[T], t: usize) -> (Stats<A>, A) {
-        match T::as_acc(x) {
-            Some(a) => (self.stats(a, t), a[t]),
-            None => (self.stats_half(isa, x, t), one(isa, x[t])),
-        }
+        (self.stats_blocks(isa, x, t), one(isa, x[t]))
     }
 
     /// The row's loss `(m − z_t) + ln s + ε·(z_t − Σz/V) + λ·lse²` (the same as the module
@@ -191,13 +200,16 @@ impl<A: CeAcc> Row<A> {
 
     /// Overwrites a span of non-target columns (holding the logits) with their gradient
     /// `p_j·(1 + 2λ·lse) − ε/V` (times `gs`), `p_j = exp(z_j − m − ln s)`; times `sech²` with
-    /// soft-capping.
+    /// soft-capping (per element). Without it: `z − m`, the SIMD layer's vector `exp` of that
+    /// minus `ln s`, then the affine map (three vectorized passes over the span, in L1).
     #[inline(always)]
-    fn grad_span(&self, span: &mut [A], m: A, ls: A, (k, off): (A, A)) {
+    fn grad_span(&self, isa: Isa, span: &mut [A], m: A, ls: A, (k, off): (A, A)) {
         match self.cap {
-            None => span
-                .iter_mut()
-                .for_each(|v| *v = A::exp_nonpos((*v - m) - ls) * k - off),
+            None => {
+                span.iter_mut().for_each(|v| *v = *v - m);
+                A::v_exp_sub_sum_inplace(isa, span, ls);
+                span.iter_mut().for_each(|v| *v = *v * k - off);
+            }
             Some((c, ic)) => span.iter_mut().for_each(|v| {
                 let (th, s2) = A::tanh_sech2(*v * ic);
                 *v = (A::exp_nonpos((c * th - m) - ls) * k - off) * s2;
@@ -222,7 +234,8 @@ impl<A: CeAcc> Row<A> {
 
     /// Writes `gs · d loss / d x` of row `src` (`None`: `dst`'s own logits) into `dst`, for a
     /// row with target `t` and stats `m`, `ls`, `other` (any element type; half types in
-    /// blocks of [`HB`] converted at `isa`'s level, one read and one write of the row).
+    /// blocks of [`HB`] converted at `isa`'s level: one read and one write of the row; the
+    /// target's gradient from its stats, written over the block's).
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     pub(super) fn grad_of<T: Elem<A = A>>(
@@ -235,26 +248,26 @@ impl<A: CeAcc> Row<A> {
         gs: A,
     ) {
         let ko = self.k_off(m, ls, gs);
+        let xt = one(isa, src.map_or(dst[t], |s| s[t]));
+        let gt = self.grad_target(xt, m, ls, other, gs);
         if T::IS_ACC {
             if let Some(s) = src {
                 dst.copy_from_slice(s);
             }
             let row = T::as_acc_mut(dst).expect("IS_ACC");
-            let xt = row[t];
-            self.grad_span(&mut row[..t], m, ls, ko);
-            self.grad_span(&mut row[t + 1..], m, ls, ko);
-            row[t] = self.grad_target(xt, m, ls, other, gs);
+            for c in row.chunks_mut(HB) {
+                self.grad_span(isa, c, m, ls, ko);
+            }
+            row[t] = gt;
             return;
         }
-        let xt = one(isa, src.map_or(dst[t], |s| s[t]));
-        let gt = self.grad_target(xt, m, ls, other, gs);
         let mut buf = [A::zero(); HB];
         let mut lo = 0;
         while lo < dst.len() {
             let hi = (lo + HB).min(dst.len());
             let b = &mut buf[..hi - lo];
             T::to_acc_at(isa, src.map_or(&dst[lo..hi], |s| &s[lo..hi]), b);
-            self.grad_span(b, m, ls, ko);
+            self.grad_span(isa, b, m, ls, ko);
             if (lo..hi).contains(&t) {
                 b[t - lo] = gt;
             }
