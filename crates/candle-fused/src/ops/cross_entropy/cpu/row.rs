@@ -206,7 +206,7 @@ impl<A: CeAcc> Row<A> {
     fn grad_span(&self, isa: Isa, span: &mut [A], m: A, ls: A, (k, off): (A, A)) {
         match self.cap {
             None => {
-                span.iter_mut().for_each(|v| *v = *v - m);
+                span.iter_mut().for_each(|v| *v -= m);
                 A::v_exp_sub_sum_inplace(isa, span, ls);
                 span.iter_mut().for_each(|v| *v = *v * k - off);
             }
