@@ -147,101 +147,146 @@ impl Acc for f64 {
         self
     }
     fn v_max(isa: Isa, x: &[f64]) -> f64 {
-        isa.run(|| max(x))
+        isa.run(
+            #[inline(always)]
+            || max(x),
+        )
     }
     fn v_exp_sub_sum(isa: Isa, src: &[f64], dst: &mut [f64], m: f64) -> f64 {
-        isa.run(|| {
-            let n = src.len();
-            let (src, dst) = (&src[..n], &mut dst[..n]);
-            blocked_sum(n, |i| {
-                let e = (src[i] - m).exp();
-                dst[i] = e;
-                e
-            })
-        })
+        isa.run(
+            #[inline(always)]
+            || {
+                let n = src.len();
+                let (src, dst) = (&src[..n], &mut dst[..n]);
+                blocked_sum(n, |i| {
+                    let e = (src[i] - m).exp();
+                    dst[i] = e;
+                    e
+                })
+            },
+        )
     }
     fn v_exp_sub_sum_inplace(isa: Isa, x: &mut [f64], m: f64) -> f64 {
-        isa.run(|| {
-            let n = x.len();
-            blocked_sum(n, |i| {
-                let e = (x[i] - m).exp();
-                x[i] = e;
-                e
-            })
-        })
+        isa.run(
+            #[inline(always)]
+            || {
+                let n = x.len();
+                blocked_sum(n, |i| {
+                    let e = (x[i] - m).exp();
+                    x[i] = e;
+                    e
+                })
+            },
+        )
     }
     fn v_scale(isa: Isa, y: &mut [f64], k: f64) {
-        isa.run(|| y.iter_mut().for_each(|v| *v *= k))
+        isa.run(
+            #[inline(always)]
+            || y.iter_mut().for_each(|v| *v *= k),
+        )
     }
     fn v_sum_sq(isa: Isa, x: &[f64]) -> f64 {
-        isa.run(|| blocked_sum(x.len(), |i| x[i] * x[i]))
+        isa.run(
+            #[inline(always)]
+            || blocked_sum(x.len(), |i| x[i] * x[i]),
+        )
     }
     fn v_mul_scale_w(isa: Isa, x: &[f64], r: f64, w: &[f64], y: &mut [f64]) {
-        isa.run(|| {
-            for ((o, &xv), &wv) in y.iter_mut().zip(x).zip(w) {
-                *o = xv * r * wv;
-            }
-        })
+        isa.run(
+            #[inline(always)]
+            || {
+                for ((o, &xv), &wv) in y.iter_mut().zip(x).zip(w) {
+                    *o = xv * r * wv;
+                }
+            },
+        )
     }
     fn v_add(isa: Isa, a: &[f64], b: &[f64], s: &mut [f64]) {
-        isa.run(|| {
-            for ((o, &x), &y) in s.iter_mut().zip(a).zip(b) {
-                *o = x + y;
-            }
-        })
+        isa.run(
+            #[inline(always)]
+            || {
+                for ((o, &x), &y) in s.iter_mut().zip(a).zip(b) {
+                    *o = x + y;
+                }
+            },
+        )
     }
     fn v_mul(isa: Isa, a: &[f64], b: &[f64], o: &mut [f64]) {
-        isa.run(|| {
-            for ((v, &x), &y) in o.iter_mut().zip(a).zip(b) {
-                *v = x * y;
-            }
-        })
+        isa.run(
+            #[inline(always)]
+            || {
+                for ((v, &x), &y) in o.iter_mut().zip(a).zip(b) {
+                    *v = x * y;
+                }
+            },
+        )
     }
     fn v_scale_add(isa: Isa, x: &[f64], k: f64, m: &[f64], z: &mut [f64]) {
-        isa.run(|| {
-            for ((o, &a), &b) in z.iter_mut().zip(x).zip(m) {
-                *o = k * a + b;
-            }
-        })
+        isa.run(
+            #[inline(always)]
+            || {
+                for ((o, &a), &b) in z.iter_mut().zip(x).zip(m) {
+                    *o = k * a + b;
+                }
+            },
+        )
     }
     fn v_scale_add_const(isa: Isa, x: &[f64], k: f64, c: f64, z: &mut [f64]) {
-        isa.run(|| {
-            for (o, &a) in z.iter_mut().zip(x) {
-                *o = k * a + c;
-            }
-        })
+        isa.run(
+            #[inline(always)]
+            || {
+                for (o, &a) in z.iter_mut().zip(x) {
+                    *o = k * a + c;
+                }
+            },
+        )
     }
     fn v_dot_wide(isa: Isa, a: &[f64], b: &[f64]) -> f64 {
-        isa.run(|| blocked_sum(a.len().min(b.len()), |i| a[i] * b[i]))
+        isa.run(
+            #[inline(always)]
+            || blocked_sum(a.len().min(b.len()), |i| a[i] * b[i]),
+        )
     }
     fn v_wide_sums(isa: Isa, x: &[f64], g: &[f64]) -> (f64, f64) {
-        isa.run(|| wide_sums(x, g))
+        isa.run(
+            #[inline(always)]
+            || wide_sums(x, g),
+        )
     }
     fn v_softmax_bwd_row(isa: Isa, y: &[f64], dy: &[f64], dot: f64, scale: f64, dx: &mut [f64]) {
-        isa.run(|| {
-            for ((d, &yj), &gj) in dx.iter_mut().zip(y).zip(dy) {
-                *d = scale * yj * (gj - dot);
-            }
-        })
+        isa.run(
+            #[inline(always)]
+            || {
+                for ((d, &yj), &gj) in dx.iter_mut().zip(y).zip(dy) {
+                    *d = scale * yj * (gj - dot);
+                }
+            },
+        )
     }
     fn v_rms_bwd_row(isa: Isa, x: &[f64], r: f64, c: f64, dres: Option<&[f64]>, g: &mut [f64]) {
-        isa.run(|| {
-            for (o, &xv) in g.iter_mut().zip(x) {
-                *o = r * (*o - xv * c);
-            }
-            if let Some(dres) = dres {
-                for (o, &v) in g.iter_mut().zip(dres) {
-                    *o += v;
+        isa.run(
+            #[inline(always)]
+            || {
+                for (o, &xv) in g.iter_mut().zip(x) {
+                    *o = r * (*o - xv * c);
                 }
-            }
-        })
+                if let Some(dres) = dres {
+                    for (o, &v) in g.iter_mut().zip(dres) {
+                        *o += v;
+                    }
+                }
+            },
+        )
     }
     fn v_dw_accumulate(isa: Isa, dy: &[f64], x: &[f64], r: f64, acc: &mut [f64]) {
-        isa.run(|| {
-            for ((a, &g), &v) in acc.iter_mut().zip(dy).zip(x) {
-                *a += g * v * r;
-            }
-        })
+        isa.run(
+            #[inline(always)]
+            || {
+                for ((a, &g), &v) in acc.iter_mut().zip(dy).zip(x) {
+                    *a += g * v * r;
+                }
+            },
+        )
     }
 }
 

@@ -43,11 +43,14 @@ impl Isa {
     pub fn bf16_to_f32(self, src: &[bf16], dst: &mut [f32]) {
         let n = dst.len();
         let src = &src[..n];
-        self.run(|| {
-            for (d, s) in dst.iter_mut().zip(src) {
-                *d = f32::from_bits((s.to_bits() as u32) << 16);
-            }
-        })
+        self.run(
+            #[inline(always)]
+            || {
+                for (d, s) in dst.iter_mut().zip(src) {
+                    *d = f32::from_bits((s.to_bits() as u32) << 16);
+                }
+            },
+        )
     }
 
     /// `dst[i] = src[i]` rounded to nearest even.
@@ -61,11 +64,14 @@ impl Isa {
             unsafe { f32_to_bf16_avx512(src, dst) };
             return;
         }
-        self.run(|| {
-            for (d, &s) in dst.iter_mut().zip(src) {
-                *d = bf16::from_bits(bf16_bits(s));
-            }
-        })
+        self.run(
+            #[inline(always)]
+            || {
+                for (d, &s) in dst.iter_mut().zip(src) {
+                    *d = bf16::from_bits(bf16_bits(s));
+                }
+            },
+        )
     }
 
     /// `dst[i] = src[i]` widened.

@@ -180,26 +180,37 @@ fn forward_t<T: Elem, const GELU: bool>(
     let isa = Isa::new(op, cfg.cpu.simd)?;
     let mut y = cpu::alloc::<T>(rows * i, cfg.poison);
     cpu::par_rows(&cfg.cpu, rows, [&mut y], [i], |r, [yo]| {
-        isa.run(|| match u {
-            // Two tensors: row by row as in the packed layout, so both layouts chunk the
-            // vector `exp` alike and give the same bits.
-            Some(u) => {
-                for (row, yr) in r.zip(yo.chunks_exact_mut(i)) {
-                    let span = row * i..(row + 1) * i;
-                    on_acc::<T, 2, 1>(isa, [&g[span.clone()], &u[span]], [yr], |[g, u], [y]| {
-                        fwd_span::<T::A, GELU>(isa, g, u, y)
-                    })
+        isa.run(
+            #[inline(always)]
+            || match u {
+                // Two tensors: row by row as in the packed layout, so both layouts chunk the
+                // vector `exp` alike and give the same bits.
+                Some(u) => {
+                    for (row, yr) in r.zip(yo.chunks_exact_mut(i)) {
+                        let span = row * i..(row + 1) * i;
+                        on_acc::<T, 2, 1>(
+                            isa,
+                            [&g[span.clone()], &u[span]],
+                            [yr],
+                            #[inline(always)]
+                            |[g, u], [y]| fwd_span::<T::A, GELU>(isa, g, u, y),
+                        )
+                    }
                 }
-            }
-            None => {
-                for (row, yr) in r.zip(yo.chunks_exact_mut(i)) {
-                    let (gr, ur) = g[row * 2 * i..(row + 1) * 2 * i].split_at(i);
-                    on_acc::<T, 2, 1>(isa, [gr, ur], [yr], |[g, u], [y]| {
-                        fwd_span::<T::A, GELU>(isa, g, u, y)
-                    })
+                None => {
+                    for (row, yr) in r.zip(yo.chunks_exact_mut(i)) {
+                        let (gr, ur) = g[row * 2 * i..(row + 1) * 2 * i].split_at(i);
+                        on_acc::<T, 2, 1>(
+                            isa,
+                            [gr, ur],
+                            [yr],
+                            #[inline(always)]
+                            |[g, u], [y]| fwd_span::<T::A, GELU>(isa, g, u, y),
+                        )
+                    }
                 }
-            }
-        })
+            },
+        )
     });
     Ok(vec![T::to_cpu_storage_owned(y)])
 }
@@ -233,16 +244,23 @@ fn backward_t<T: Elem, const GELU: bool>(
         let rows = g.len() / last;
         let mut dgu = cpu::alloc::<T>(g.len(), cfg.poison);
         cpu::par_rows(&cfg.cpu, rows, [&mut dgu], [2 * i], |r, [o]| {
-            isa.run(|| {
-                for (row, orow) in r.zip(o.chunks_exact_mut(2 * i)) {
-                    let (gr, ur) = g[row * 2 * i..(row + 1) * 2 * i].split_at(i);
-                    let dr = &dy[row * i..(row + 1) * i];
-                    let (dgr, dur) = orow.split_at_mut(i);
-                    on_acc::<T, 3, 2>(isa, [gr, ur, dr], [dgr, dur], |[g, u, d], [a, b]| {
-                        bwd_span::<T::A, GELU>(isa, g, u, d, a, b)
-                    })
-                }
-            })
+            isa.run(
+                #[inline(always)]
+                || {
+                    for (row, orow) in r.zip(o.chunks_exact_mut(2 * i)) {
+                        let (gr, ur) = g[row * 2 * i..(row + 1) * 2 * i].split_at(i);
+                        let dr = &dy[row * i..(row + 1) * i];
+                        let (dgr, dur) = orow.split_at_mut(i);
+                        on_acc::<T, 3, 2>(
+                            isa,
+                            [gr, ur, dr],
+                            [dgr, dur],
+                            #[inline(always)]
+                            |[g, u, d], [a, b]| bwd_span::<T::A, GELU>(isa, g, u, d, a, b),
+                        )
+                    }
+                },
+            )
         });
         return Ok(vec![T::to_cpu_storage_owned(dgu)]);
     }
@@ -258,20 +276,24 @@ fn backward_t<T: Elem, const GELU: bool>(
         [last, last],
         |r, [a, b]| {
             // Row by row, as the packed layout (the same bits from both).
-            isa.run(|| {
-                let rows = r
-                    .zip(a.chunks_exact_mut(last))
-                    .zip(b.chunks_exact_mut(last));
-                for ((row, ar), br) in rows {
-                    let span = row * last..(row + 1) * last;
-                    on_acc::<T, 3, 2>(
-                        isa,
-                        [&g[span.clone()], &u[span.clone()], &dy[span]],
-                        [ar, br],
-                        |[g, u, d], [a, b]| bwd_span::<T::A, GELU>(isa, g, u, d, a, b),
-                    )
-                }
-            })
+            isa.run(
+                #[inline(always)]
+                || {
+                    let rows = r
+                        .zip(a.chunks_exact_mut(last))
+                        .zip(b.chunks_exact_mut(last));
+                    for ((row, ar), br) in rows {
+                        let span = row * last..(row + 1) * last;
+                        on_acc::<T, 3, 2>(
+                            isa,
+                            [&g[span.clone()], &u[span.clone()], &dy[span]],
+                            [ar, br],
+                            #[inline(always)]
+                            |[g, u, d], [a, b]| bwd_span::<T::A, GELU>(isa, g, u, d, a, b),
+                        )
+                    }
+                },
+            )
         },
     );
     Ok(vec![

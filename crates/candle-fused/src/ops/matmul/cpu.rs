@@ -83,23 +83,35 @@ const LANES: usize = 32;
 
 impl GemvElem for f32 {
     fn dot(isa: Isa, x: &[f32], w: &[f32]) -> f32 {
-        isa.run(|| dot_lanes(x, w, |v| v))
+        isa.run(
+            #[inline(always)]
+            || dot_lanes(x, w, |v| v),
+        )
     }
     fn axpy(isa: Isa, a: f32, w: &[f32], acc: &mut [f32]) {
-        isa.run(|| acc.iter_mut().zip(w).for_each(|(o, &v)| *o += a * v))
+        isa.run(
+            #[inline(always)]
+            || acc.iter_mut().zip(w).for_each(|(o, &v)| *o += a * v),
+        )
     }
 }
 
 impl GemvElem for bf16 {
     fn dot(isa: Isa, x: &[f32], w: &[bf16]) -> f32 {
-        isa.run(|| dot_lanes(x, w, |v| f32::from_bits((v.to_bits() as u32) << 16)))
+        isa.run(
+            #[inline(always)]
+            || dot_lanes(x, w, |v| f32::from_bits((v.to_bits() as u32) << 16)),
+        )
     }
     fn axpy(isa: Isa, a: f32, w: &[bf16], acc: &mut [f32]) {
-        isa.run(|| {
-            acc.iter_mut()
-                .zip(w)
-                .for_each(|(o, &v)| *o += a * f32::from_bits((v.to_bits() as u32) << 16))
-        })
+        isa.run(
+            #[inline(always)]
+            || {
+                acc.iter_mut()
+                    .zip(w)
+                    .for_each(|(o, &v)| *o += a * f32::from_bits((v.to_bits() as u32) << 16))
+            },
+        )
     }
 }
 
@@ -110,7 +122,10 @@ impl GemvElem for f16 {
         for (xc, wc) in x.chunks(WIDEN).zip(w.chunks(WIDEN)) {
             let b = &mut buf[..wc.len()];
             isa.f16_to_f32(wc, b);
-            t += isa.run(|| dot_lanes(xc, b, |v| v));
+            t += isa.run(
+                #[inline(always)]
+                || dot_lanes(xc, b, |v| v),
+            );
         }
         t
     }
@@ -119,7 +134,10 @@ impl GemvElem for f16 {
         for (oc, wc) in acc.chunks_mut(WIDEN).zip(w.chunks(WIDEN)) {
             let b = &mut buf[..wc.len()];
             isa.f16_to_f32(wc, b);
-            isa.run(|| oc.iter_mut().zip(b.iter()).for_each(|(o, &v)| *o += a * v));
+            isa.run(
+                #[inline(always)]
+                || oc.iter_mut().zip(b.iter()).for_each(|(o, &v)| *o += a * v),
+            );
         }
     }
 }

@@ -76,30 +76,33 @@ fn run_t<T: Elem>(
     let isa = Isa::new(op, cfg.cpu.simd)?;
     let mut out = cpu::alloc::<T>(g.rows() * d, cfg.poison);
     cpu::par_rows(&cfg.cpu, g.rows(), [&mut out], [d], |rows, [o]| {
-        isa.run(|| {
-            let mut xa = vec![T::A::zero(); if T::IS_ACC { 0 } else { d }];
-            let mut ya = xa.clone();
-            for (r, orow) in rows.zip(o.chunks_exact_mut(d)) {
-                // Output row r in (b, h, t) order of the layout: its input row and position.
-                let (b, h, t) = match k.layout {
-                    super::RopeLayout::Bhtd => (r / (g.h * g.t), (r / g.t) % g.h, r % g.t),
-                    super::RopeLayout::Bthd => (r / (g.h * g.t), r % g.h, (r / g.h) % g.t),
-                };
-                let xo = g.off + b * g.sb + h * g.sh + t * g.st;
-                let xrow = &x[xo..xo + d];
-                let p = pos[b * g.pos_b + t];
-                let c = &cos[p * half..(p + 1) * half];
-                let s = &sin[p * half..(p + 1) * half];
-                match (T::as_acc(xrow), T::as_acc_mut(orow)) {
-                    (Some(xr), Some(yr)) => rotate(style, sign, xr, yr, c, s),
-                    _ => {
-                        T::to_acc_at(isa, xrow, &mut xa);
-                        rotate(style, sign, &xa, &mut ya, c, s);
-                        T::from_acc_at(isa, &ya, orow);
+        isa.run(
+            #[inline(always)]
+            || {
+                let mut xa = vec![T::A::zero(); if T::IS_ACC { 0 } else { d }];
+                let mut ya = xa.clone();
+                for (r, orow) in rows.zip(o.chunks_exact_mut(d)) {
+                    // Output row r in (b, h, t) order of the layout: its input row and position.
+                    let (b, h, t) = match k.layout {
+                        super::RopeLayout::Bhtd => (r / (g.h * g.t), (r / g.t) % g.h, r % g.t),
+                        super::RopeLayout::Bthd => (r / (g.h * g.t), r % g.h, (r / g.h) % g.t),
+                    };
+                    let xo = g.off + b * g.sb + h * g.sh + t * g.st;
+                    let xrow = &x[xo..xo + d];
+                    let p = pos[b * g.pos_b + t];
+                    let c = &cos[p * half..(p + 1) * half];
+                    let s = &sin[p * half..(p + 1) * half];
+                    match (T::as_acc(xrow), T::as_acc_mut(orow)) {
+                        (Some(xr), Some(yr)) => rotate(style, sign, xr, yr, c, s),
+                        _ => {
+                            T::to_acc_at(isa, xrow, &mut xa);
+                            rotate(style, sign, &xa, &mut ya, c, s);
+                            T::from_acc_at(isa, &ya, orow);
+                        }
                     }
                 }
-            }
-        })
+            },
+        )
     });
     Ok(vec![T::to_cpu_storage_owned(out)])
 }

@@ -45,19 +45,25 @@ fn map_rows<T: Elem, R: Send + Default + Clone>(
 ) -> Vec<R> {
     let rpt = rows_per_task(cfg, d);
     let task = |(ti, xs): (usize, &[T])| -> Vec<R> {
-        isa.run(|| {
-            xs.chunks(d)
-                .enumerate()
-                .map(|(k, xr)| {
-                    let r = ti * rpt + k;
-                    if tgt[r] < 0 {
-                        R::default()
-                    } else {
-                        f(r, xr)
-                    }
-                })
-                .collect()
-        })
+        isa.run(
+            #[inline(always)]
+            || {
+                xs.chunks(d)
+                    .enumerate()
+                    .map(
+                        #[inline(always)]
+                        |(k, xr)| {
+                            let r = ti * rpt + k;
+                            if tgt[r] < 0 {
+                                R::default()
+                            } else {
+                                f(r, xr)
+                            }
+                        },
+                    )
+                    .collect()
+            },
+        )
     };
     let parts: Vec<Vec<R>> = if x.len() < cfg.serial_below {
         x.chunks(rpt * d).enumerate().map(task).collect()
@@ -80,19 +86,25 @@ fn update_rows<T: Elem, R: Send + Default + Clone>(
 ) -> Vec<R> {
     let rpt = rows_per_task(cfg, d);
     let task = |(ti, ys): (usize, &mut [T])| -> Vec<R> {
-        isa.run(|| {
-            ys.chunks_mut(d)
-                .enumerate()
-                .map(|(k, yr)| {
-                    let r = ti * rpt + k;
-                    if tgt[r] < 0 {
-                        yr.fill(T::zero());
-                        return R::default();
-                    }
-                    f(r, src.map(|s| &s[r * d..(r + 1) * d]), yr)
-                })
-                .collect()
-        })
+        isa.run(
+            #[inline(always)]
+            || {
+                ys.chunks_mut(d)
+                    .enumerate()
+                    .map(
+                        #[inline(always)]
+                        |(k, yr)| {
+                            let r = ti * rpt + k;
+                            if tgt[r] < 0 {
+                                yr.fill(T::zero());
+                                return R::default();
+                            }
+                            f(r, src.map(|s| &s[r * d..(r + 1) * d]), yr)
+                        },
+                    )
+                    .collect()
+            },
+        )
     };
     let parts: Vec<Vec<R>> = if dst.len() < cfg.serial_below {
         dst.chunks_mut(rpt * d).enumerate().map(task).collect()
@@ -138,10 +150,18 @@ where
     let d = last_dim(xl);
     let r = Row::<T::A>::new(&k.p, d);
     let isa = Isa::new(op, cfg.cpu.simd)?;
-    let res = map_rows::<T, [T::A; 3]>(&cfg.cpu, isa, x, tgt, d, |i, row| {
-        let (st, xt) = r.stats_of(isa, row, tgt[i] as usize);
-        [r.loss(xt, &st), st.m + st.ls, st.other]
-    });
+    let res = map_rows::<T, [T::A; 3]>(
+        &cfg.cpu,
+        isa,
+        x,
+        tgt,
+        d,
+        #[inline(always)]
+        |i, row| {
+            let (st, xt) = r.stats_of(isa, row, tgt[i] as usize);
+            [r.loss(xt, &st), st.m + st.ls, st.other]
+        },
+    );
     let loss: Vec<T::A> = res.iter().map(|v| v[0]).collect();
     let stats: Vec<T::A> = res.iter().flat_map(|v| [v[1], v[2]]).collect();
     Ok(vec![
@@ -179,11 +199,20 @@ where
     let gs = T::A::of(k.scale * dloss);
     let mut dx = cpu::alloc::<T>(x.len(), cfg.poison);
     let isa = Isa::new(op, cfg.cpu.simd)?;
-    update_rows::<T, ()>(&cfg.cpu, isa, Some(x), &mut dx, tgt, d, |i, src, dst| {
-        let (lse, other) = (stats[2 * i], stats[2 * i + 1]);
-        let t = tgt[i] as usize;
-        r.grad_of(isa, src, dst, t, (lse, T::A::zero(), other), gs)
-    });
+    update_rows::<T, ()>(
+        &cfg.cpu,
+        isa,
+        Some(x),
+        &mut dx,
+        tgt,
+        d,
+        #[inline(always)]
+        |i, src, dst| {
+            let (lse, other) = (stats[2 * i], stats[2 * i + 1]);
+            let t = tgt[i] as usize;
+            r.grad_of(isa, src, dst, t, (lse, T::A::zero(), other), gs)
+        },
+    );
     Ok(vec![T::to_cpu_storage_owned(dx)])
 }
 
@@ -248,12 +277,21 @@ where
 {
     let r = Row::<T::A>::new(&k.p, d);
     let gs = T::A::of(k.scale);
-    update_rows::<T, T::A>(&cfg.cpu, isa, src, dst, tgt, d, |i, src, dst| {
-        let t = tgt[i] as usize;
-        let (st, xt) = r.stats_of(isa, src.unwrap_or(&*dst), t);
-        r.grad_of(isa, src, dst, t, (st.m, st.ls, st.other), gs);
-        r.loss(xt, &st)
-    })
+    update_rows::<T, T::A>(
+        &cfg.cpu,
+        isa,
+        src,
+        dst,
+        tgt,
+        d,
+        #[inline(always)]
+        |i, src, dst| {
+            let t = tgt[i] as usize;
+            let (st, xt) = r.stats_of(isa, src.unwrap_or(&*dst), t);
+            r.grad_of(isa, src, dst, t, (st.m, st.ls, st.other), gs);
+            r.loss(xt, &st)
+        },
+    )
 }
 
 pub(crate) fn fused_t<T: Elem>(
