@@ -529,7 +529,7 @@ mod props {
                     prop_assert_eq!(y.dims(), shape.as_slice());
                     return Ok(());
                 }
-                let both = run_both(&packed(kind), &packed_ref(kind), &[gu.clone()], &[true], &[probe.clone()]);
+                let both = run_both(&packed(kind), &packed_ref(kind), std::slice::from_ref(&gu), &[true], std::slice::from_ref(&probe));
                 let fl = packed_gate_floor(kind, &gu, &probe, rgrad(&both, 0));
                 compare_all(&ctx, &both, &["y"], &["gate_up"], &[true], dt, &|_| fl);
             } else {
@@ -539,7 +539,7 @@ mod props {
                     prop_assert_eq!(y.dims(), shape.as_slice());
                     return Ok(());
                 }
-                let both = run_both(&pair(kind), &pair_ref(kind), &[g.clone(), u.clone()], &[true, true], &[probe.clone()]);
+                let both = run_both(&pair(kind), &pair_ref(kind), &[g.clone(), u.clone()], &[true, true], std::slice::from_ref(&probe));
                 let fl = gate_floor(kind, &g, &u, &probe, rgrad(&both, 0));
                 compare_all(&ctx, &both, &["y"], &["gate", "up"], &[true, true], dt, &|k| if k == 0 { fl } else { 0.0 });
             }
