@@ -77,14 +77,6 @@ fn grads(
     (loss, dh, dw)
 }
 
-/// The f64 reference `(loss, dh, dw)`; with `round`, on logits and logit gradients rounded to
-/// that dtype (what a logits chunk in a half dtype can reach at best: `dh = dlogits·w` sums
-/// rounded terms that may cancel).
-fn reference_grads(c: &Case, round: Option<DType>) -> (Tensor, Tensor, Tensor) {
-    let r = reference_parts(c, round);
-    (r.loss, r.dh, r.dw)
-}
-
 /// The f64 reference and the conditioning of its gradient GEMMs.
 struct Reference {
     loss: Tensor,
@@ -104,6 +96,9 @@ fn logits_shape(c: &Case) -> Vec<usize> {
     s
 }
 
+/// The f64 reference; with `round`, on logits and logit gradients rounded to that dtype (what a
+/// logits chunk in a half dtype can reach at best: `dh = dlogits·w` sums rounded terms that
+/// may cancel).
 fn reference_parts(c: &Case, round: Option<DType>) -> Reference {
     let (h, w) = (f64t(&c.h), f64t(&c.w));
     let hd = h.dim(candle_core::D::Minus1).unwrap();
@@ -173,19 +168,19 @@ fn check_case(ctx: &str, c: &Case, chunk: Option<usize>, train_w: bool) {
     assert_eq!(s.dh.dims(), c.h.dims());
     assert_eq!((s.dh.dtype(), loss.dtype()), (dt, DType::F32));
     let r = reference_parts(c, None);
-    let (r_loss, r_dh, r_dw) = (r.loss.clone(), r.dh.clone(), r.dw.clone());
+    let (r_loss, r_dh, r_dw) = (&r.loss, &r.dh, &r.dw);
     let half = matches!(dt, DType::F16 | DType::BF16);
-    let rounded = half.then(|| reference_grads(c, Some(dt)));
-    let extra = |ours_ref: &Tensor, pick: fn(&(Tensor, Tensor, Tensor)) -> &Tensor| {
+    let rounded = half.then(|| reference_parts(c, Some(dt)));
+    let extra = |ours_ref: &Tensor, pick: fn(&Reference) -> &Tensor| {
         rounded
             .as_ref()
             .map_or(0.0, |r| 2.0 * testing::rel_err(pick(r), ours_ref).unwrap())
     };
     let floor = loss_floor(&r.logits, &c.t, &c.cfg);
     for (what, l) in [("loss", &loss), ("loss (standalone)", &s.loss)] {
-        let err = testing::rel_err(l, &r_loss).unwrap();
-        let abs = (vec64(l)[0] - vec64(&r_loss)[0]).abs();
-        let t = loss_tol(dt).max(extra(&r_loss, |r| &r.0));
+        let err = testing::rel_err(l, r_loss).unwrap();
+        let abs = (vec64(l)[0] - vec64(r_loss)[0]).abs();
+        let t = loss_tol(dt).max(extra(r_loss, |r| &r.loss));
         assert!(
             err <= t || abs <= floor,
             "{ctx}: {what} {l} vs {r_loss}: {err:.3e} > {t:.1e} (absolute {abs:.1e} > floor {floor:.1e})"
@@ -202,17 +197,17 @@ fn check_case(ctx: &str, c: &Case, chunk: Option<usize>, train_w: bool) {
             "dh",
             Some(&dh),
             Some(&s.dh),
-            &r_dh,
+            r_dh,
             &r.dh_mag,
-            extra(&r_dh, |r| &r.1),
+            extra(r_dh, |r| &r.dh),
         ),
         (
             "dw",
             dw.as_ref(),
             s.dw.as_ref(),
-            &r_dw,
+            r_dw,
             &r.dw_mag,
-            extra(&r_dw, |r| &r.2),
+            extra(r_dw, |r| &r.dw),
         ),
     ];
     for (name, auto, standalone, r, mag, f) in grads_to_check {

@@ -8,15 +8,6 @@ mod common;
 use candle_fused::ops::{RopeConfig, RopeScaling, RopeTable};
 use common::*;
 
-fn table(d: usize, rot: usize, max_positions: usize, scaling: Option<RopeScaling>) -> RopeTable {
-    let cfg = RopeConfig {
-        rotary_dim: rot,
-        scaling,
-        ..RopeConfig::new(d, 10_000.0, max_positions)
-    };
-    RopeTable::new(&cfg, &CPU).unwrap()
-}
-
 // ---------------------------------------------------------------------------------------------
 // The table against the transformers formulas.
 
@@ -118,18 +109,6 @@ fn hf_inv_freq(
             });
             (out.collect(), att)
         }
-    }
-}
-
-fn yarn(factor: f64, orig: usize) -> RopeScaling {
-    RopeScaling::Yarn {
-        factor,
-        original_max_positions: orig,
-        beta_fast: 32.0,
-        beta_slow: 1.0,
-        mscale: None,
-        mscale_all_dim: None,
-        attention_factor: None,
     }
 }
 

@@ -1,4 +1,4 @@
-//! Helpers of the RoPE suites (`rope.rs`, `rope_errors.rs`).
+//! Helpers of the RoPE suites (`rope.rs`, `rope_errors.rs`, `rope_table.rs`).
 
 use candle_core::{DType, Tensor};
 use candle_fused::ops::{RopeConfig, RopeLayout, RopeScaling, RopeTable};

@@ -123,9 +123,22 @@ fn last_dim(l: &Layout) -> usize {
     l.dims().last().copied().unwrap_or(1)
 }
 
-fn targets<'a>(op: &str, ins: &Inputs<'a, CpuStorage>) -> Result<&'a [i32]> {
-    let (s, l) = ins.get(1)?;
-    cpu::slice::<i32>(op, "targets", s, l)
+/// The inputs every out-of-place CE kernel starts from: the logits (input 0), the targets
+/// (input 1), the row length and the configured SIMD level.
+#[allow(clippy::type_complexity)]
+fn logits_targets<'a, T: Elem>(
+    cfg: &KernelConfig,
+    ins: &Inputs<'a, CpuStorage>,
+) -> Result<(&'a [T], &'a [i32], usize, Isa)> {
+    let op = ins.op();
+    let (xs, xl) = ins.get(0)?;
+    let (ts, tl) = ins.get(1)?;
+    Ok((
+        cpu::slice::<T>(op, "logits", xs, xl)?,
+        cpu::slice::<i32>(op, "targets", ts, tl)?,
+        last_dim(xl),
+        Isa::new(op, cfg.cpu.simd)?,
+    ))
 }
 
 fn f32_storage(v: f64) -> CpuStorage {
@@ -143,13 +156,8 @@ pub(crate) fn forward_t<T: Elem>(
 where
     T::A: CeAcc,
 {
-    let op = ins.op();
-    let (xs, xl) = ins.get(0)?;
-    let x = cpu::slice::<T>(op, "logits", xs, xl)?;
-    let tgt = targets(op, ins)?;
-    let d = last_dim(xl);
+    let (x, tgt, d, isa) = logits_targets::<T>(cfg, ins)?;
     let r = Row::<T::A>::new(&k.p, d);
-    let isa = Isa::new(op, cfg.cpu.simd)?;
     let res = map_rows::<T, [T::A; 3]>(
         &cfg.cpu,
         isa,
@@ -182,9 +190,7 @@ where
     T::A: CeAcc,
 {
     let op = ins.op();
-    let (xs, xl) = ins.get(0)?;
-    let x = cpu::slice::<T>(op, "logits", xs, xl)?;
-    let tgt = targets(op, ins)?;
+    let (x, tgt, d, isa) = logits_targets::<T>(cfg, ins)?;
     let (ss, sl) = ins.get(2)?;
     let stats = cpu::slice::<T::A>(op, "stats", ss, sl)?;
     let dloss = match ins.opt(3) {
@@ -194,11 +200,9 @@ where
             .unwrap_or(1.0) as f64,
         None => 1.0,
     };
-    let d = last_dim(xl);
     let r = Row::<T::A>::new(&k.p, d);
     let gs = T::A::of(k.scale * dloss);
     let mut dx = cpu::alloc::<T>(x.len(), cfg.poison);
-    let isa = Isa::new(op, cfg.cpu.simd)?;
     update_rows::<T, ()>(
         &cfg.cpu,
         isa,
@@ -302,13 +306,9 @@ pub(crate) fn fused_t<T: Elem>(
 where
     T::A: CeAcc,
 {
-    let op = ins.op();
-    let (xs, xl) = ins.get(0)?;
-    let x = cpu::slice::<T>(op, "logits", xs, xl)?;
-    let tgt = targets(op, ins)?;
+    let (x, tgt, d, isa) = logits_targets::<T>(cfg, ins)?;
     let mut dx = cpu::alloc::<T>(x.len(), cfg.poison);
-    let isa = Isa::new(op, cfg.cpu.simd)?;
-    let losses = fused_rows::<T>(k, cfg, isa, Some(x), &mut dx, tgt, last_dim(xl));
+    let losses = fused_rows::<T>(k, cfg, isa, Some(x), &mut dx, tgt, d);
     Ok(vec![
         T::to_cpu_storage_owned(dx),
         T::A::to_cpu_storage_owned(losses),

@@ -91,18 +91,8 @@ impl<A: CeAcc> Row<A> {
         }
     }
 
-    /// `(Σ exp(z(x) − m), Σ z(x))` over a span of non-target columns, in f64.
-    #[inline(always)]
-    fn sums(&self, x: &[A], m: A) -> (f64, f64) {
-        match self.cap {
-            None => exp_sums(x, m, |v| v),
-            Some((c, ic)) => exp_sums(x, m, |v| c * A::tanh_sech2(v * ic).0),
-        }
-    }
-
-    /// The stats from the row max `mx` of the raw logits, the sums over the non-target
-    /// columns and the target's raw logit `xt`. Soft-capping is monotonic, so the capped max
-    /// is the cap of the max.
+    /// The stats from the (capped) row max `m`, the sums over the non-target columns and the
+    /// target's raw logit `xt`.
     #[inline(always)]
     fn finish(&self, m: A, (s, zs): (f64, f64), xt: A) -> Stats<A> {
         let zt = self.z(xt);
@@ -126,16 +116,18 @@ impl<A: CeAcc> Row<A> {
                 let zs = cpu::blocked_sum(x.len(), |i| x[i]).wide();
                 (A::v_exp_sub_sum_inplace(isa, x, m).wide(), zs)
             }
-            Some(_) => self.sums(x, m),
+            Some((c, ic)) => exp_sums(x, m, |v| c * A::tanh_sech2(v * ic).0),
         }
     }
 
     /// The reduction of a row with target `t` (any element type): the max sweep, then the sums
     /// over blocks of [`HB`] copied (converted at `isa`'s level for half types) into scratch
     /// that stays in L1; the columns before and after `t` are summed, the target's term is
-    /// added on its own. Half-type rows are never widened as a whole.
+    /// added on its own. Half-type rows are never widened as a whole. Soft-capping is
+    /// monotonic, so the capped max is the cap of the max. Returns the stats and the target's
+    /// raw logit.
     #[inline(always)]
-    fn stats_blocks<T: Elem<A = A>>(&self, isa: Isa, x: &[T], t: usize) -> Stats<A> {
+    pub(super) fn stats_of<T: Elem<A = A>>(&self, isa: Isa, x: &[T], t: usize) -> (Stats<A>, A) {
         let mut buf = [A::zero(); HB];
         let mx = match T::as_acc(x) {
             Some(a) => cpu::max(a),
@@ -167,13 +159,8 @@ impl<A: CeAcc> Row<A> {
             s += a;
             zs += z;
         }
-        self.finish(m, (s, zs), one(isa, x[t]))
-    }
-
-    /// The stats of row `x` (any element type) and its target's raw logit.
-    #[inline(always)]
-    pub(super) fn stats_of<T: Elem<A = A>>(&self, isa: Isa, x: &[T], t: usize) -> (Stats<A>, A) {
-        (self.stats_blocks(isa, x, t), one(isa, x[t]))
+        let xt = one(isa, x[t]);
+        (self.finish(m, (s, zs), xt), xt)
     }
 
     /// The row's loss `(m − z_t) + ln s + ε·(z_t − Σz/V) + λ·lse²` (the same as the module
