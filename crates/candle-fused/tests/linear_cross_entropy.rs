@@ -571,3 +571,16 @@ proptest! {
         check_case(&format!("{lead:?}x{hd} V={v} {dt:?} cfg {cfg_i} chunk {chunk:?} dw {train_w} p_ignore {p_ignore} seed {seed}"), &c, chunk, train_w);
     }
 }
+
+/// The dW chunk of the bench's heads: logits at most half the f32 accumulator's bytes.
+#[test]
+fn dw_chunk_sizes() {
+    // Llama 3 (H 4096, V 128256, bf16): 4096 rows (a 1 GiB chunk beside the 2 GiB accumulator).
+    assert_eq!(ops::linear_cross_entropy_chunk(8192, 4096, 128256), 272);
+    assert_eq!(ops::linear_cross_entropy_chunk_dw(8192, 4096, 128256, DType::BF16), 4096);
+    assert_eq!(ops::linear_cross_entropy_chunk_dw(8192, 4096, 128256, DType::F32), 2048);
+    // Qwen2.5-0.5B (H 896, V 151936): 896 rows; never more than the tokens.
+    assert_eq!(ops::linear_cross_entropy_chunk_dw(8192, 896, 151936, DType::BF16), 896);
+    assert_eq!(ops::linear_cross_entropy_chunk_dw(500, 4096, 128256, DType::BF16), 500);
+    assert_eq!(ops::linear_cross_entropy_chunk_dw(8192, 64, 65536, DType::F64), 128);
+}

@@ -20,7 +20,10 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::{DType, Device, Tensor};
-use candle_fused::ops::{self, linear_cross_entropy_chunk as default_chunk, CrossEntropyConfig};
+use candle_fused::ops::{
+    self, linear_cross_entropy_chunk as default_chunk,
+    linear_cross_entropy_chunk_dw as default_chunk_dw, CrossEntropyConfig,
+};
 
 struct Counting;
 
@@ -93,6 +96,10 @@ fn peak_extra_memory_is_bounded_by_the_chunk() {
     let cfg = CrossEntropyConfig::default();
     let c = default_chunk(n, hd, v);
     assert_eq!(c, 128);
+    // With dW the chunk grows to half the accumulator's bytes (H·4/(2·4) = 32 rows here), but
+    // never below the default.
+    let c_dw = default_chunk_dw(n, hd, v, DType::F32);
+    assert_eq!(c_dw, 128);
     // Warm-up on a few rows: thread pools and per-thread GEMM buffers exist before measuring.
     let hs = h.narrow(0, 0, 64).unwrap();
     let ts = t.narrow(0, 0, 64).unwrap();
@@ -103,7 +110,7 @@ fn peak_extra_memory_is_bounded_by_the_chunk() {
     let full_logits = n * v * e;
     let base_bound = n * hd * e + c * v * e + c * hd * e + n * 16 + n * e + slack;
     for need_dw in [false, true] {
-        let bound = base_bound + if need_dw { v * hd * e + c * v * e } else { 0 };
+        let bound = base_bound + if need_dw { v * hd * e + c_dw * v * e } else { 0 };
         let t0 = std::time::Instant::now();
         let (r, extra) = peak_extra(|| {
             ops::linear_cross_entropy_forward_backward(&h, &w, &t, &cfg, None, need_dw, 1.0)
@@ -132,3 +139,4 @@ fn peak_extra_memory_is_bounded_by_the_chunk() {
         drop(r);
     }
 }
+

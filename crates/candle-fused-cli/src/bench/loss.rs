@@ -231,20 +231,66 @@ const LCE_ROWS: [LceRow; 11] = [
     },
 ];
 
+/// GPU only: ours at forced chunk sizes (`ours_c{rows}`), to choose the default chunk from
+/// data (a chunk's `dh` GEMM has only `C × H` outputs over a `K = V` reduction: small chunks
+/// leave most SMs idle unless cuBLAS splits K).
+const LCE_CHUNK_ROWS: [LceRow; 6] = [
+    LceRow {
+        pass: "fwd",
+        imp: "ours_c2048",
+        dw: false,
+    },
+    LceRow {
+        pass: "fwd+bwd",
+        imp: "ours_c1024",
+        dw: false,
+    },
+    LceRow {
+        pass: "fwd+bwd",
+        imp: "ours_c2048",
+        dw: false,
+    },
+    LceRow {
+        pass: "fwd+bwd",
+        imp: "ours_c4096",
+        dw: false,
+    },
+    LceRow {
+        pass: "fwd+bwd+dw",
+        imp: "ours_c272",
+        dw: true,
+    },
+    LceRow {
+        pass: "fwd+bwd+dw",
+        imp: "ours_c1024",
+        dw: true,
+    },
+];
+
+/// The forced chunk of an `ours_c{rows}` impl (None: the default).
+fn forced_chunk(imp: &str) -> Option<usize> {
+    imp.strip_prefix("ours_c").and_then(|n| n.parse().ok())
+}
+
 /// Runs one linear measurement once on `s`; returns what must outlive the clock.
 fn lce_once(r: LceRow, s: &LceSet) -> Result<Vec<Tensor>> {
     let c = cfg();
     if r.pass == "fwd" {
         return Ok(vec![match r.imp {
             "ours" => ops::linear_cross_entropy(&s.h, &s.w, &s.t, &c, None)?,
+            imp if forced_chunk(imp).is_some() => {
+                ops::linear_cross_entropy(&s.h, &s.w, &s.t, &c, forced_chunk(imp))?
+            }
             "candle_composed" => reference::linear_cross_entropy(&s.h, &s.w, &s.t, &c)?,
             _ => s.h.matmul(&s.w.t()?)?,
         }]);
     }
     match r.imp {
-        "ours" => {
-            let g =
-                ops::linear_cross_entropy_forward_backward(&s.h, &s.w, &s.t, &c, None, r.dw, 1.0)?;
+        imp if imp == "ours" || forced_chunk(imp).is_some() => {
+            let chunk = forced_chunk(imp);
+            let g = ops::linear_cross_entropy_forward_backward(
+                &s.h, &s.w, &s.t, &c, chunk, r.dw, 1.0,
+            )?;
             Ok(std::iter::once(g.dh).chain(g.dw).collect())
         }
         "base_gemm" => {
@@ -312,7 +358,8 @@ fn lce_run(n: usize, hd: usize, v: usize, dtype: DType, timer: &Timer, out: &mut
         let want = reference::linear_cross_entropy(&f32(&s.h)?, &f32(&s.w)?, &s.t, &c)?;
         agree(LCE, &ours, &want, dtype)
     })();
-    for r in LCE_ROWS {
+    let extra: &[LceRow] = if dev.is_cpu() { &[] } else { &LCE_CHUNK_ROWS };
+    for &r in LCE_ROWS.iter().chain(extra) {
         let (flops, bytes) = match (r.pass, r.dw) {
             ("fwd", _) => (gemm, e * (nf * hf + vf * hf)),
             (_, false) => (2.0 * gemm, e * (2.0 * nf * hf + vf * hf)),

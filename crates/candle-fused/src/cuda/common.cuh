@@ -226,7 +226,8 @@ struct Geom {
 __host__ __device__ __forceinline__ int64_t align16(int64_t bytes) { return (bytes + 15) / 16 * 16; }
 
 // Runs `op` over every row. Op provides:
-//   using Red;  static constexpr int NIN;               (reduction type, staged input rows)
+//   using Red;  static constexpr int NIN;               (reduction type, staged input rows;
+//                                                        0: nothing staged, the op reads global)
 //   void begin_row(int64_t row)                         (per-row setup, e.g. mask offsets)
 //   const T* input(int k, int64_t row) const;           (row base of staged input k)
 //   int stage_len(int64_t row, int64_t lo, int n) const (elements of the slice to stage, <= n)
@@ -245,18 +246,20 @@ template <typename T, int VEC, typename Op> __device__ void run_rows(const Geom 
   const int64_t cid = blockIdx.x / csize, ncl = gridDim.x / csize;
   const int64_t lo = rank * g.chunk;
   const int n = (int)max((int64_t)0, min(g.chunk, g.d - lo));
-  T* s[Op::NIN];
+  T* s[Op::NIN > 0 ? Op::NIN : 1] = {};
 #pragma unroll
   for (int k = 0; k < Op::NIN; k++) s[k] = reinterpret_cast<T*>(smem + k * slice_bytes);
   op.init(lo, n);
   int parity = 0;
   for (int64_t row = cid; row < g.rows; row += ncl) {
-    const int nl = op.stage_len(row, lo, n);
+    if constexpr (Op::NIN > 0) {
+      const int nl = op.stage_len(row, lo, n);
 #pragma unroll
-    for (int k = 0; k < Op::NIN; k++) stage<T, VEC>(s[k], op.input(k, row) + lo, nl);
-    cp_async_commit();
-    cp_async_wait_all();
-    __syncthreads();
+      for (int k = 0; k < Op::NIN; k++) stage<T, VEC>(s[k], op.input(k, row) + lo, nl);
+      cp_async_commit();
+      cp_async_wait_all();
+      __syncthreads();
+    }
     op.begin_row(row);
     Red r = op.partial(row, lo, n, s);
     r = block_reduce(r, scratch);

@@ -95,7 +95,10 @@ struct GradRow {
 // may alias x: each CTA writes only the slice it staged, after the row's reduction).
 template <typename T, int VEC, bool GRAD> struct CeRow {
   using Red = MaxSumZ;
-  static constexpr int NIN = 1;
+  // The forward reads its slice once from global (online max/sum: nothing to keep for a
+  // second pass, so no staging, no shared-memory slice: any row length runs on one CTA); the
+  // fused gradient stages it (read once, written once from shared memory).
+  static constexpr int NIN = GRAD ? 1 : 0;
   const T* x;
   const int* __restrict__ tgt;
   T* y;                          // GRAD only
@@ -111,8 +114,47 @@ template <typename T, int VEC, bool GRAD> struct CeRow {
   __device__ __forceinline__ void init(int64_t, int) {}
   __device__ __forceinline__ void finish(int64_t, int64_t, int) {}
 
-  __device__ MaxSumZ partial(int64_t, int64_t lo, int n, T* const* s) const {
+  // The forward's partial: one pass over the slice in global memory, the running max rescaling
+  // the running sums when it grows. An all -inf slice gives (-inf, 0, Σz, 0); a NaN poisons it.
+  __device__ MaxSumZ partial_online(int64_t row, int64_t lo, int n) const {
+    const T* sx = x + row * d + lo;
+    const int nu = n / VEC;
+    const int tl = (int)(t - lo);
+    float m = -INFINITY, sum = 0.f, zs = 0.f, other = 0.f;
+    bool nan = false;
+    for (int u = threadIdx.x; u < nu; u += blockDim.x) {
+      const Pack<T, VEC> a = ldg_pack<T, VEC>(sx + u * VEC);
+      float z[VEC];
+      float pm = -INFINITY;
+#pragma unroll
+      for (int e = 0; e < VEC; e++) {
+        z[e] = capz(ld(a.v[e]), p);
+        pm = fmaxf(pm, z[e]);
+        nan |= isnan(z[e]);
+        zs += z[e];
+      }
+      if (pm > m) {
+        const float r = fast_exp2((m - pm) * LOG2E);  // m = -inf: 0
+        sum *= r;
+        other *= r;
+        m = pm;
+      }
+      if (m != -INFINITY) {
+#pragma unroll
+        for (int e = 0; e < VEC; e++) {
+          const float ex = fast_exp2((z[e] - m) * LOG2E);
+          sum += ex;
+          if (u * VEC + e != tl) other += ex;
+        }
+      }
+    }
+    if (nan) return MaxSumZ{NAN, NAN, NAN, NAN};
+    return {m, sum, zs, other};
+  }
+
+  __device__ MaxSumZ partial(int64_t row, int64_t lo, int n, T* const* s) const {
     if (t < 0) return MaxSumZ::identity();
+    if constexpr (!GRAD) return partial_online(row, lo, n);
     const T* sx = s[0];
     const int nu = n / VEC;
     float m = -INFINITY;
@@ -171,7 +213,7 @@ template <typename T, int VEC, bool GRAD> struct CeRow {
     const float l2s = log2f(r.s), ls = l2s / LOG2E, lse = r.m + ls, other = r.o / r.s;
     // The CTA holding the target's column writes the row's loss from its staged logit.
     if (threadIdx.x == 0 && t >= lo && t < lo + n) {
-      const float zt = capz(ld(s[0][t - lo]), p);
+      const float zt = capz(ld(GRAD ? s[0][t - lo] : x[row * d + t]), p);
       float l = (r.m - zt) + ls + p.zl * lse * lse;
       if (p.eps != 0.f) l += p.eps * zt - p.eps_v * r.z;
       row_loss[row] = l;

@@ -99,7 +99,8 @@ pub(crate) fn forward_t<T: CudaDType + DeviceRepr>(
     let (rows, d) = rows_d(l);
     let mut row_loss = cuda::alloc::<f32>(dev, rows, cfg.poison)?;
     let mut stats = cuda::alloc::<f32>(dev, 2 * rows, cfg.poison)?;
-    let spec = RowSpec::new(rows, d, 1, MAX_SUM_Z, &[(x, xo)], &stream);
+    // Nothing staged (nin 0): the forward reads each slice once from global memory.
+    let spec = RowSpec::new(rows, d, 0, MAX_SUM_Z, &[(x, xo)], &stream);
     let prefix = format!("ce_fwd_{}", cuda::dtype_name(op, s.dtype())?);
     let plan = cuda::plan(op, dev, &PTX, &prefix, &spec)?;
     {

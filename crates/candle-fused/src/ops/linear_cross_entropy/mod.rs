@@ -5,7 +5,8 @@
 //! embeddings the embedding matrix), targets and options as in [`super::cross_entropy`].
 //! Tokens are processed in chunks of `C` rows (default [`default_chunk`]: `C·V ≈ N·H`, a
 //! chunk's logits about the size of `h`, rounded up to a multiple of 16 rows and at least 128
-//! rows so the GEMMs stay efficient; `chunk: Some(n)` forces `n`). Per chunk:
+//! rows so the GEMMs stay efficient; with dW [`default_chunk_dw`], larger, so that the
+//! accumulator is not re-read for every small chunk; `chunk: Some(n)` forces `n`). Per chunk:
 //!
 //! 1. `logits_c = h_c·wᵀ` (GEMM: [`super::matmul`], cuBLAS or the gemm crate), `[C, V]`;
 //! 2. the fused cross-entropy kernel, **in place**: one pass over `logits_c` gives the chunk's
@@ -93,6 +94,23 @@ pub fn default_chunk(n: usize, h: usize, v: usize) -> usize {
         .clamp(1, n.max(1))
 }
 
+/// The default chunk when `w`'s gradient is accumulated: at least [`default_chunk`], and up to
+/// a chunk whose logits take half the bytes of the `[V, H]` accumulator (`C = H·a / (2e)`, `a`
+/// the accumulator's and `e` the input's element bytes; a multiple of 16 rows, at most `N`).
+/// Every chunk's dW GEMM reads and writes the whole accumulator (`2·V·H·a` bytes for `2·C·V·H`
+/// flops): with Llama 3's head (`H` = 4096, bf16) the default 272-row chunks made that traffic
+/// 31 × 4.2 GB, more than the GEMMs' own time on an H200; 4096-row chunks make it 2 × 4.2 GB.
+/// The accumulator already dominates the extra memory then, so the larger chunk costs at most
+/// half of it again.
+pub fn default_chunk_dw(n: usize, h: usize, v: usize, dtype: DType) -> usize {
+    let (e, a) = match dtype {
+        DType::F64 => (8, 8),
+        d => (d.size_in_bytes(), 4),
+    };
+    let big = (h * a / (2 * e)) / 16 * 16;
+    default_chunk(n, h, v).max(big.min(n))
+}
+
 /// What one run produces.
 struct Out {
     loss: Storage,
@@ -162,7 +180,12 @@ fn run(
     };
     let p = Params::of(cfg);
     let scale = ce::loss_scale(cfg, tg.n_valid);
-    let c = chunk.unwrap_or_else(|| default_chunk(n, hd, v)).min(n);
+    let c = chunk
+        .unwrap_or_else(|| match need_dw {
+            true => default_chunk_dw(n, hd, v, dt),
+            false => default_chunk(n, hd, v),
+        })
+        .min(n);
     let h2 = h.detach().reshape((n, hd))?.contiguous()?;
     let w = w.detach().contiguous()?;
     let mm = Kernels::new(*kc);

@@ -272,11 +272,12 @@ fn check(
     Ok(())
 }
 
-/// The positions' min and max against the table, on the device (one read-back), skipped when
-/// this positions tensor was checked against this table before.
+/// The positions' min and max against the table, on the device (one read-back: a sync),
+/// skipped when this positions tensor is among the last [`table::CHECKED_IDS`] checked against
+/// this table (tensor ids are never reused).
 fn check_range_on_device(op: &str, table: &RopeTable, positions: &Tensor) -> Result<()> {
-    let mut last = table.checked.lock().unwrap_or_else(|e| e.into_inner());
-    if *last == Some(positions.id()) {
+    let mut seen = table.checked.lock().unwrap_or_else(|e| e.into_inner());
+    if seen.contains(&positions.id()) {
         return Ok(());
     }
     let p = positions.flatten_all()?;
@@ -295,7 +296,10 @@ fn check_range_on_device(op: &str, table: &RopeTable, positions: &Tensor) -> Res
             n - 1
         )
     }
-    *last = Some(positions.id());
+    if seen.len() == table::CHECKED_IDS {
+        seen.pop_front();
+    }
+    seen.push_back(positions.id());
     Ok(())
 }
 

@@ -94,25 +94,28 @@ __device__ void rope(const T* __restrict__ x, const float* __restrict__ cos_t,
     const bool ok = p >= 0 && p < g.n_pos;
     const T* xb = x + b * g.sb + t * g.st;
     T* yb = y + b * g.ob + t * g.ot;
+    // No branch on the position before the loads of x: they do not wait for the positions ->
+    // table chain (two dependent memory latencies). An out-of-range row reads table row 0 and
+    // turns its results into NaN through NaN table entries.
     if (u < g.rot_units) {
       const int64_t i = u * EL;                                 // first element of the unit
       const int64_t k = STYLE == 0 ? u * VEC : u * PAIRS;       // first table entry
       float c[PAIRS] = {}, s[PAIRS] = {};
-      if (ok) {
-        ld_tab<PAIRS>(cos_t + p * g.half + k, c);
-        ld_tab<PAIRS>(sin_t + p * g.half + k, s);
+      if (g.n_pos > 0) {
+        const int64_t pr = ok ? p : 0;
+        ld_tab<PAIRS>(cos_t + pr * g.half + k, c);
+        ld_tab<PAIRS>(sin_t + pr * g.half + k, s);
       }
+      const float nan = __int_as_float(0x7fc00000);
 #pragma unroll
-      for (int e = 0; e < PAIRS; e++) s[e] *= g.sign;
+      for (int e = 0; e < PAIRS; e++) {
+        c[e] = ok ? c[e] : nan;
+        s[e] = ok ? s[e] * g.sign : nan;
+      }
 #pragma unroll 4
       for (int64_t h = h0; h < h1; h++) {
         const T* xr = xb + h * g.sh;
         T* yr = yb + h * g.oh;
-        if (!ok) {
-          st_n<T, EL, V>(yr + i, nan_pack<T, EL>());
-          if (STYLE == 0) st_n<T, VEC, V>(yr + i + g.half, nan_pack<T, VEC>());
-          continue;
-        }
         if constexpr (STYLE == 0) {
           const Pack<T, VEC> a = ld_n<T, VEC, V>(xr + i), bb = ld_n<T, VEC, V>(xr + i + g.half);
           Pack<T, VEC> o1, o2;
@@ -137,11 +140,12 @@ __device__ void rope(const T* __restrict__ x, const float* __restrict__ cos_t,
         }
       }
     } else {
-      // Past the rotary dims: copied.
+      // Past the rotary dims: copied (NaN for an out-of-range position).
       const int64_t j = 2 * g.half + (u - g.rot_units) * VEC;
 #pragma unroll 4
       for (int64_t h = h0; h < h1; h++) {
-        const Pack<T, VEC> a = ok ? ld_n<T, VEC, V>(xb + h * g.sh + j) : nan_pack<T, VEC>();
+        Pack<T, VEC> a = ld_n<T, VEC, V>(xb + h * g.sh + j);
+        if (!ok) a = nan_pack<T, VEC>();
         st_n<T, VEC, V>(yb + h * g.oh + j, a);
       }
     }

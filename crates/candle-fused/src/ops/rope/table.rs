@@ -30,12 +30,16 @@
 //! (`inv_freq @ position_ids` in float32), so at position `p` its angles carry an error of
 //! about `p·6e-8` rad; the table here is the exact value rounded once to f32.
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
 use candle_core::{Device, Result, Tensor, TensorId};
 use rayon::prelude::*;
 
 use crate::validate::fail;
+
+/// How many positions tensors a [`RopeTable`] remembers as range-checked on a GPU.
+pub(crate) const CHECKED_IDS: usize = 16;
 
 /// The `rope_scaling` kinds (Hugging Face `rope_type`), see the module doc for the formulas.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -307,9 +311,11 @@ pub struct RopeTable {
     config: RopeConfig,
     inv_freq: Vec<f64>,
     attention_factor: f64,
-    /// The last positions tensor whose range was checked against the table on a GPU (a
-    /// device-side min/max read back once per positions tensor, not once per call).
-    pub(crate) checked: Arc<Mutex<Option<TensorId>>>,
+    /// The last [`CHECKED_IDS`] positions tensors whose range was checked against the table
+    /// on a GPU (a device-side min/max read back once per positions tensor, not once per
+    /// call; several, so that q and k of a few batches in flight, or rotated inputs, do not
+    /// evict each other).
+    pub(crate) checked: Arc<Mutex<VecDeque<TensorId>>>,
 }
 
 impl RopeTable {
@@ -337,7 +343,7 @@ impl RopeTable {
             config: *cfg,
             inv_freq,
             attention_factor: a,
-            checked: Arc::new(Mutex::new(None)),
+            checked: Arc::default(),
         })
     }
 
@@ -370,7 +376,7 @@ impl RopeTable {
         Ok(Self {
             cos: self.cos.to_device(device)?,
             sin: self.sin.to_device(device)?,
-            checked: Arc::new(Mutex::new(None)),
+            checked: Arc::default(),
             ..self.clone()
         })
     }
