@@ -83,6 +83,11 @@ enum Cmd {
         /// rms-bwd-cols32).
         #[arg(long, default_value = "default")]
         kernel_config: String,
+        /// Calls per timed sample: 1 (default) times each call alone, the device synchronised
+        /// before it; N > 1 issues N calls back to back and reports the time per call (the
+        /// host's work overlaps the device's, as in a training step).
+        #[arg(long, default_value_t = 1)]
+        stream: usize,
         #[command(flatten)]
         train: TrainArgs,
     },
@@ -135,6 +140,7 @@ fn main() -> ExitCode {
             quick,
             op,
             kernel_config,
+            stream,
             train,
         } => {
             if op
@@ -143,7 +149,7 @@ fn main() -> ExitCode {
             {
                 run_train_bench(device, json, op.unwrap_or_default(), train)
             } else {
-                run_bench(device, json, quick, op, &kernel_config)
+                run_bench(device, json, quick, op, &kernel_config, stream)
             }
         }
     };
@@ -351,6 +357,7 @@ fn run_bench(
     quick: bool,
     ops: Option<Vec<String>>,
     kernel_config_name: &str,
+    stream: usize,
 ) -> Result<ExitCode> {
     let cfg = bench::Config {
         device: device(arg)?,
@@ -359,6 +366,7 @@ fn run_bench(
         checkpoint: json.clone(),
         kernels: kernel_config(kernel_config_name)?,
         seed: seed()?,
+        stream,
     };
     let report = bench::run(&cfg)?;
     if let Some(path) = &json {

@@ -110,7 +110,12 @@ fn peak_extra_memory_is_bounded_by_the_chunk() {
     let full_logits = n * v * e;
     let base_bound = n * hd * e + c * v * e + c * hd * e + n * 16 + n * e + slack;
     for need_dw in [false, true] {
-        let bound = base_bound + if need_dw { v * hd * e + c_dw * v * e } else { 0 };
+        let bound = base_bound
+            + if need_dw {
+                v * hd * e + c_dw * v * e
+            } else {
+                0
+            };
         let t0 = std::time::Instant::now();
         let (r, extra) = peak_extra(|| {
             ops::linear_cross_entropy_forward_backward(&h, &w, &t, &cfg, None, need_dw, 1.0)
@@ -139,4 +144,3 @@ fn peak_extra_memory_is_bounded_by_the_chunk() {
         drop(r);
     }
 }
-

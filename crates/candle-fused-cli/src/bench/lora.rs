@@ -494,6 +494,7 @@ mod tests {
             min_reps: 2,
             max_reps: 2,
             target_s: 0.0,
+            stream: 1,
         };
         let timer = Timer::new(&Device::Cpu, budget).unwrap();
         let mut out = Collector {

@@ -288,9 +288,8 @@ fn lce_once(r: LceRow, s: &LceSet) -> Result<Vec<Tensor>> {
     match r.imp {
         imp if imp == "ours" || forced_chunk(imp).is_some() => {
             let chunk = forced_chunk(imp);
-            let g = ops::linear_cross_entropy_forward_backward(
-                &s.h, &s.w, &s.t, &c, chunk, r.dw, 1.0,
-            )?;
+            let g =
+                ops::linear_cross_entropy_forward_backward(&s.h, &s.w, &s.t, &c, chunk, r.dw, 1.0)?;
             Ok(std::iter::once(g.dh).chain(g.dw).collect())
         }
         "base_gemm" => {
@@ -441,6 +440,7 @@ mod tests {
             min_reps: 2,
             max_reps: 2,
             target_s: 0.0,
+            stream: 1,
         };
         Timer::new(&Device::Cpu, b).unwrap()
     }

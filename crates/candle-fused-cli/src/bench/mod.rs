@@ -118,6 +118,8 @@ pub struct Config {
     pub kernels: (String, Kernels),
     /// The seed of the random inputs (recorded in the report; `CANDLE_FUSED_SEED` reruns it).
     pub seed: u64,
+    /// Calls per timed sample ([`Budget::stream`]; 1: each call alone).
+    pub stream: usize,
 }
 
 /// Bytes of the copy that measures the copy bandwidth: 1 GiB per buffer on a GPU, 256 MiB on
@@ -152,7 +154,11 @@ pub fn run(cfg: &Config) -> Result<Report> {
         }
     };
     let device = &cfg.device;
-    let timer = Timer::new(device, Budget::new(device, cfg.quick))?;
+    let budget = Budget {
+        stream: cfg.stream.max(1),
+        ..Budget::new(device, cfg.quick)
+    };
+    let timer = Timer::new(device, budget)?;
     let scope = Scope {
         cuda: device.is_cuda(),
         quick: cfg.quick,
@@ -214,7 +220,19 @@ pub fn run(cfg: &Config) -> Result<Report> {
     if device.is_cpu() {
         notes.push(format!("rayon threads: {}", rayon::current_num_threads()));
     }
-    let mode = if cfg.quick { "quick" } else { "full" };
+    if budget.stream > 1 {
+        notes.push(format!(
+            "stream mode: {} calls back to back per sample, time per call (the host's work \
+             overlaps the device's)",
+            budget.stream
+        ));
+    }
+    let mode = match (cfg.quick, budget.stream > 1) {
+        (true, false) => "quick",
+        (false, false) => "full",
+        (true, true) => "quick, stream",
+        (false, true) => "full, stream",
+    };
     Ok(Report {
         header: header(copy_gbps, mode, notes),
         rows: out.rows,

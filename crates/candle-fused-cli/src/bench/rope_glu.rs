@@ -432,6 +432,7 @@ mod tests {
                 min_reps: 1,
                 max_reps: 1,
                 target_s: 0.0,
+                stream: 1,
             },
         )
         .unwrap();

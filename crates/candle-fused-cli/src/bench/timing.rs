@@ -25,6 +25,11 @@ pub struct Budget {
     pub min_reps: usize,
     pub max_reps: usize,
     pub target_s: f64,
+    /// Calls per sample: 1 times each call alone (the device synchronised before it, so on a
+    /// GPU the host's work before the launch is inside the clock); `n > 1` issues `n` calls
+    /// back to back between the events and divides, so the host's work overlaps the previous
+    /// kernels (what a training step sees) and short kernels are timed at their own speed.
+    pub stream: usize,
 }
 
 impl Budget {
@@ -36,24 +41,28 @@ impl Budget {
                 min_reps: 3,
                 max_reps: 20,
                 target_s: 0.1,
+                stream: 1,
             },
             (true, false) => Budget {
                 warmup: 1,
                 min_reps: 4,
                 max_reps: 40,
                 target_s: 0.25,
+                stream: 1,
             },
             (false, true) => Budget {
                 warmup: 3,
                 min_reps: 10,
                 max_reps: 50,
                 target_s: 0.1,
+                stream: 1,
             },
             (false, false) => Budget {
                 warmup: 5,
                 min_reps: 10,
                 max_reps: 200,
                 target_s: 0.25,
+                stream: 1,
             },
         }
     }
@@ -128,40 +137,48 @@ impl Timer {
         mut f: impl FnMut(S) -> Result<R>,
     ) -> Result<Stats> {
         let mut i = 0;
+        let n = self.budget.stream.max(1);
+        // The setups of one sample (untimed), then its calls.
+        let mut sample = |i: &mut usize| -> Result<f64> {
+            let ss = (0..n)
+                .map(|_| {
+                    *i += 1;
+                    setup(*i - 1)
+                })
+                .collect::<Result<Vec<S>>>()?;
+            self.once(ss, &mut f)
+        };
         let mut warm = f64::INFINITY;
         for _ in 0..self.budget.warmup.max(1) {
-            let s = setup(i)?;
-            warm = warm.min(self.once(s, &mut f)?);
-            i += 1;
+            warm = warm.min(sample(&mut i)?);
         }
-        let fit = (self.budget.target_s * 1e6 / warm.max(1e-3)) as usize;
+        let fit = (self.budget.target_s * 1e6 / (warm * n as f64).max(1e-3)) as usize;
         let reps = fit.clamp(self.budget.min_reps, self.budget.max_reps);
         let mut samples = Vec::with_capacity(reps);
         for _ in 0..reps {
-            let s = setup(i)?;
-            samples.push(self.once(s, &mut f)?);
-            i += 1;
+            samples.push(sample(&mut i)?);
         }
         Ok(Stats::from_samples(samples))
     }
 
-    /// One timed call, in microseconds.
-    fn once<S, R>(&self, s: S, f: &mut impl FnMut(S) -> Result<R>) -> Result<f64> {
+    /// One sample: the calls on `ss` back to back, in microseconds per call.
+    fn once<S, R>(&self, ss: Vec<S>, f: &mut impl FnMut(S) -> Result<R>) -> Result<f64> {
+        let n = ss.len().max(1) as f64;
         self.device.synchronize()?;
         #[cfg(feature = "cuda")]
         if let Some(ev) = &self.events {
             ev.start()?;
-            let r = f(s)?;
+            let r = ss.into_iter().map(&mut *f).collect::<Result<Vec<R>>>()?;
             ev.stop()?;
-            let us = ev.elapsed_us()?;
+            let us = ev.elapsed_us()? / n;
             self.device.synchronize()?;
             drop(r);
             return Ok(us);
         }
         let t0 = Instant::now();
-        let r = f(s)?;
+        let r = ss.into_iter().map(&mut *f).collect::<Result<Vec<R>>>()?;
         self.device.synchronize()?;
-        let us = t0.elapsed().as_secs_f64() * 1e6;
+        let us = t0.elapsed().as_secs_f64() * 1e6 / n;
         drop(r);
         Ok(us)
     }

@@ -25,8 +25,8 @@ pub use add_rms_norm::{add_rms_norm, add_rms_norm_backward};
 pub use cross_entropy::{cross_entropy, cross_entropy_backward, CrossEntropyConfig, Reduction};
 pub use glu::{glu, glu_backward, glu_packed, glu_packed_backward, swiglu, GluKind};
 pub use linear_cross_entropy::{
-    default_chunk as linear_cross_entropy_chunk,
-    default_chunk_dw as linear_cross_entropy_chunk_dw, linear_cross_entropy,
+    default_chunk as linear_cross_entropy_chunk, default_chunk_dw as linear_cross_entropy_chunk_dw,
+    default_chunk_on as linear_cross_entropy_chunk_on, linear_cross_entropy,
     linear_cross_entropy_forward_backward, LinearCrossEntropy,
 };
 pub(crate) use lora::check as check_lora;

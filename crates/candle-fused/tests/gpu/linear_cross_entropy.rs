@@ -8,7 +8,7 @@
 //!   H = 4096, V = 151936 with H = 896) against the composed f64 path on the GPU (cuBLAS), loss,
 //!   dh and dw, with the rounded-logits floor for bf16.
 //! - [`memory_is_chunk_sized`]: the pool's peak while running 8192 tokens × 4096 × 128256 bf16
-//!   (no dW) stays near dh + one chunk, far below the 2.1 GB of bf16 logits.
+//!   (no dW) stays near dh + one (1024-row) chunk, far below the 2.1 GB of bf16 logits.
 //! - [`device_mismatch`]: `w` or the targets on another device are clear errors.
 
 use candle_core::{DType, Device, Tensor, Var};
@@ -187,7 +187,8 @@ pub fn memory_is_chunk_sized() {
         .linear_cross_entropy_forward_backward(&h, &w, &t, &cfg, None, false, 1.0)
         .unwrap();
     let extra = pool::high(&dev) - base;
-    let c = candle_fused::ops::linear_cross_entropy_chunk(n, hd, v);
+    let c = candle_fused::ops::linear_cross_entropy_chunk_on(&dev, n, hd, v, DType::BF16, false);
+    assert_eq!(c, 1024, "the GPU default chunk of this head");
     let bound = (n * hd * 2 + 2 * c * v * 2 + c * hd * 2 + n * 16 + (64 << 20)) as u64;
     let full = (n * v * 2) as u64;
     println!(
