@@ -79,6 +79,27 @@ pub struct CudaConfig {
     pub softmax_fwd: SoftmaxFwdConfig,
     /// RMSNorm and add+RMSNorm backward.
     pub rms_norm_bwd: RmsNormBwdConfig,
+    /// RoPE forward and backward.
+    pub rope: RopeKernelConfig,
+}
+
+/// How many heads one thread of the RoPE kernel rotates with one load of its token's table
+/// entries (the table is f32: for bf16 as many bytes per pair as the pair itself).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HeadsPerThread {
+    /// Up to 8, fewer while that leaves under 1024 threads per SM, at least 2 when there are
+    /// two heads.
+    #[default]
+    Auto,
+    /// This many (1, 2, 4, 8 or 16; at most the number of heads).
+    Fixed(u8),
+}
+
+/// RoPE kernel build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RopeKernelConfig {
+    /// See [`HeadsPerThread`].
+    pub heads_per_thread: HeadsPerThread,
 }
 
 /// Whether the softmax forward keeps each thread's exponentials in registers.
@@ -147,12 +168,25 @@ impl KernelConfig {
             },
             ..d
         };
+        let with_hpt = |n| KernelConfig {
+            cuda: CudaConfig {
+                rope: RopeKernelConfig {
+                    heads_per_thread: HeadsPerThread::Fixed(n),
+                },
+                ..d.cuda
+            },
+            ..d
+        };
         vec![
             ("default", d),
             ("softmax-cache-on", with_cache(RegisterCache::On)),
             ("softmax-cache-off", with_cache(RegisterCache::Off)),
             ("rms-bwd-cols16", with_cols(DwColumns::C16)),
             ("rms-bwd-cols32", with_cols(DwColumns::C32)),
+            ("rope-hpt2", with_hpt(2)),
+            ("rope-hpt4", with_hpt(4)),
+            ("rope-hpt8", with_hpt(8)),
+            ("rope-hpt16", with_hpt(16)),
         ]
     }
 }

@@ -101,15 +101,17 @@ pub fn misaligned_strided_and_odd() {
                 let n = 2 * 3 * 5 * d;
                 let big = testing::randn(&[n + 1], 1.0, dt, &dev).unwrap();
                 let x = big.narrow(0, 1, n).unwrap().reshape((2, 3, 5, d)).unwrap();
-                let pos_c = testing::rand(&[2, 5], 0.0, 512.0, DType::F64, &Device::Cpu)
-                    .unwrap()
-                    .floor()
-                    .unwrap()
-                    .to_dtype(DType::I64)
-                    .unwrap();
-                let pos = pos_c.to_device(&dev).unwrap();
                 let xc = x.to_device(&Device::Cpu).unwrap();
                 for layout in [RopeLayout::Bhtd, RopeLayout::Bthd] {
+                    // [B, T]: T is dim 2 of [2, 3, 5, d] for Bhtd, dim 1 for Bthd.
+                    let t = if layout == RopeLayout::Bhtd { 5 } else { 3 };
+                    let pos_c = testing::rand(&[2, t], 0.0, 512.0, DType::F64, &Device::Cpu)
+                        .unwrap()
+                        .floor()
+                        .unwrap()
+                        .to_dtype(DType::I64)
+                        .unwrap();
+                    let pos = pos_c.to_device(&dev).unwrap();
                     let y = k().rope(&x, &tg, &pos, layout, style).unwrap();
                     let yc = k().rope(&xc, &tc, &pos_c, layout, style).unwrap();
                     let e = rel_err(&y, &yc).unwrap();

@@ -8,7 +8,7 @@ use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, DType, Result};
 
 use super::{Geom, Rope, RopeStyle};
-use crate::config::KernelConfig;
+use crate::config::{HeadsPerThread, KernelConfig};
 use crate::cuda::{self, dispatch, ptx, Args, DeviceInfo, Ptx};
 use crate::seam::Inputs;
 use crate::validate::fail;
@@ -50,7 +50,10 @@ pub(crate) fn run(
 /// that would leave fewer than 1024 threads per SM (each thread keeps several 16-byte loads
 /// in flight, so half the SM's threads cover the memory latency); at least 2 when there are
 /// two heads (the f32 table bytes per pair equal a bf16 pair's). Not measured yet on a GPU.
-fn heads_per_thread(g: &Geom, units: usize, sms: usize) -> usize {
+fn heads_per_thread(g: &Geom, units: usize, sms: usize, cfg: HeadsPerThread) -> usize {
+    if let HeadsPerThread::Fixed(n) = cfg {
+        return (n as usize).clamp(1, g.h.max(1));
+    }
     if g.h <= 1 {
         return 1;
     }
@@ -108,7 +111,7 @@ fn run_t<T: CudaDType + DeviceRepr>(
         )
     }
     let sms = DeviceInfo::of(dev)?.sms as usize;
-    let hpt = heads_per_thread(&g, units, sms);
+    let hpt = heads_per_thread(&g, units, sms, cfg.cuda.rope.heads_per_thread);
     let by = (256 / units).max(1);
     let (ob, oh, ot) = g.out_strides(k.layout);
     let geom = RopeGeom {
