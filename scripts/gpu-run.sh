@@ -11,7 +11,7 @@
 # TEST_FILTER/TEST_TAG (a part of the GPU tests, no check), SAN_TIMEOUT, PROBE_ARGS/PROBE_TAG, BENCH_ARGS/BENCH_TIMEOUT, TORCH_ARGS/TORCH_TIMEOUT,
 # TRAIN_TEST_TIMEOUT, PARITY_TIMEOUT, TRAIN_CONFIGS, TRAIN_VARIANTS, TRAIN_PROFILE (true: time each GEMM of the step alone), TRAIN_BATCH, TRAIN_WARMUP,
 # TRAIN_ITERS, TRAIN_BENCH_TIMEOUT, TORCH_TRAIN_VARIANTS/TORCH_TRAIN_BATCH/TORCH_TRAIN_TAG/
-# TORCH_TRAIN_TIMEOUT, TRAIN_OURS, SAN_FILTER (test-name filters of the sanitizer runs), NSYS_BATCH/NSYS_TIMEOUT, PACK (see below),
+# TORCH_TRAIN_TIMEOUT, TRAIN_OURS, SAN_FILTER (test-name filters of the sanitizer runs), NCU_KERNELS/NCU_BENCH/NCU_TIMEOUT, NSYS_BATCH/NSYS_TIMEOUT, PACK (see below),
 # CANDLE_FUSED_SEED (fixes the random inputs of the tests, check, bench and probe; each run
 # prints the seed it used).
 set -uo pipefail
@@ -89,12 +89,14 @@ for phase in "$@"; do
       python3 scripts/merge_bench.py "$ours" "$OUT/bench-torch$t.json" --json "$OUT/bench-merged$t.json" --md "$OUT/bench-merged$t.md" || rc=1
       head -n 90 "$OUT/bench-merged$t.md" ;;
     ncu)
-      # Profile kernels of one probe shape (PROBE_SHAPE, default 3 = [32768,4096] bf16):
-      # NCU_KERNELS is a space-separated list of kernel-name regexes, one profiled launch each.
-      for k in ${NCU_KERNELS:-rms_fwd}; do
-        ncu --clock-control none -k "regex:$k" -c 1 --set full $B/kernel_probe ${PROBE_SHAPE:-3} --configs default \
-          > "$OUT/ncu-$k.log" 2>&1 || rc=1
-        grep -E '^  [a-z_0-9]+ \(|Duration|DRAM Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per|Block Size|Issued Ipc Active|Executed Instructions  |Warp Cycles Per Issued|Stall [A-Z][a-z]+ +|One or More Eligible|Dynamic Shared|Theoretical Occ|Block Limit' "$OUT/ncu-$k.log" | head -60
+      # Profile kernels while the bench runs (NCU_BENCH, default "--op rope --quick": its first
+      # case is the bench shape): NCU_KERNELS is a space-separated list of kernel-name regexes,
+      # two profiled launches each (ncu prints when the process ends: keep the bench short).
+      for k in ${NCU_KERNELS:-rope_half_u32_bf16}; do
+        timeout ${NCU_TIMEOUT:-120} ncu --clock-control none -k "regex:$k" -c 2 --section SpeedOfLight --section LaunchStats \
+          --section Occupancy --section MemoryWorkloadAnalysis --section WarpStateStats \
+          $B/candle-fused bench --device cuda ${NCU_BENCH:---op rope --quick} > "$OUT/ncu-$k.log" 2>&1 || rc=1
+        grep -E '^  [a-z_0-9]+ \(|Duration|DRAM Throughput|Achieved Occupancy|Registers Per|Block Size|Grid Size|Waves Per SM|Theoretical Occ|L2 Hit|Warp Cycles Per Issued' "$OUT/ncu-$k.log" | head -60
       done ;;
     train-test)
       # The model on CUDA (crates/candle-fused-train/tests/gpu.rs): fixtures vs transformers +

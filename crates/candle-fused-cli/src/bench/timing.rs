@@ -334,3 +334,45 @@ pub fn device_name(device: &Device) -> String {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `stream: n` runs n setups and n calls per sample, in order, and reports per-call time.
+    #[test]
+    fn stream_mode_runs_n_calls_per_sample() {
+        let budget = Budget {
+            warmup: 2,
+            min_reps: 3,
+            max_reps: 3,
+            target_s: 0.0,
+            stream: 4,
+        };
+        let timer = Timer::new(&Device::Cpu, budget).unwrap();
+        let mut setups = Vec::new();
+        let mut calls = Vec::new();
+        let stats = timer
+            .time_with_setup(
+                |i| {
+                    setups.push(i);
+                    Ok(i)
+                },
+                |i| {
+                    calls.push(i);
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                    Ok(())
+                },
+            )
+            .unwrap();
+        let want: Vec<usize> = (0..(2 + 3) * 4).collect();
+        assert_eq!(setups, want);
+        assert_eq!(calls, want);
+        assert_eq!(stats.reps, 3);
+        // Per call, not per sample of 4 calls.
+        assert!(
+            stats.median_us >= 1000.0 && stats.median_us < 3000.0,
+            "{stats:?}"
+        );
+    }
+}
