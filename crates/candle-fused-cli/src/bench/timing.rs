@@ -360,7 +360,7 @@ mod tests {
                 },
                 |i| {
                     calls.push(i);
-                    std::thread::sleep(std::time::Duration::from_millis(1));
+                    std::thread::sleep(std::time::Duration::from_millis(2));
                     Ok(())
                 },
             )
