@@ -577,27 +577,20 @@ proptest! {
 fn dw_chunk_sizes() {
     // Llama 3 (H 4096, V 128256, bf16): 4096 rows (a 1 GiB chunk beside the 2 GiB accumulator).
     assert_eq!(ops::linear_cross_entropy_chunk(8192, 4096, 128256), 272);
-    assert_eq!(
-        ops::linear_cross_entropy_chunk_dw(8192, 4096, 128256, DType::BF16),
-        4096
-    );
-    assert_eq!(
-        ops::linear_cross_entropy_chunk_dw(8192, 4096, 128256, DType::F32),
-        2048
-    );
-    // Qwen2.5-0.5B (H 896, V 151936): 896 rows; never more than the tokens.
-    assert_eq!(
-        ops::linear_cross_entropy_chunk_dw(8192, 896, 151936, DType::BF16),
-        896
-    );
-    assert_eq!(
-        ops::linear_cross_entropy_chunk_dw(500, 4096, 128256, DType::BF16),
-        500
-    );
-    assert_eq!(
-        ops::linear_cross_entropy_chunk_dw(8192, 64, 65536, DType::F64),
-        128
-    );
+    for (n, h, v, dt, want) in [
+        (8192, 4096, 128256, DType::BF16, 4096),
+        (8192, 4096, 128256, DType::F32, 2048),
+        // Qwen2.5-0.5B (H 896, V 151936): 896 rows; never more than the tokens.
+        (8192, 896, 151936, DType::BF16, 896),
+        (500, 4096, 128256, DType::BF16, 500),
+        (8192, 64, 65536, DType::F64, 128),
+    ] {
+        assert_eq!(
+            ops::linear_cross_entropy_chunk_dw(n, h, v, dt),
+            want,
+            "{n}x{h}x{v} {dt:?}"
+        );
+    }
     // On the CPU the device-aware default is the plain rule.
     let cpu = candle_core::Device::Cpu;
     for (n, h, v, dw) in [(8192, 4096, 128256, false), (8192, 896, 151936, true)] {

@@ -275,19 +275,18 @@ fn forced_chunk(imp: &str) -> Option<usize> {
 /// Runs one linear measurement once on `s`; returns what must outlive the clock.
 fn lce_once(r: LceRow, s: &LceSet) -> Result<Vec<Tensor>> {
     let c = cfg();
+    // `ours` or `ours_c{rows}` (ours at a forced chunk).
+    let chunk = forced_chunk(r.imp);
+    let ours = r.imp == "ours" || chunk.is_some();
     if r.pass == "fwd" {
         return Ok(vec![match r.imp {
-            "ours" => ops::linear_cross_entropy(&s.h, &s.w, &s.t, &c, None)?,
-            imp if forced_chunk(imp).is_some() => {
-                ops::linear_cross_entropy(&s.h, &s.w, &s.t, &c, forced_chunk(imp))?
-            }
+            _ if ours => ops::linear_cross_entropy(&s.h, &s.w, &s.t, &c, chunk)?,
             "candle_composed" => reference::linear_cross_entropy(&s.h, &s.w, &s.t, &c)?,
             _ => s.h.matmul(&s.w.t()?)?,
         }]);
     }
     match r.imp {
-        imp if imp == "ours" || forced_chunk(imp).is_some() => {
-            let chunk = forced_chunk(imp);
+        _ if ours => {
             let g =
                 ops::linear_cross_entropy_forward_backward(&s.h, &s.w, &s.t, &c, chunk, r.dw, 1.0)?;
             Ok(std::iter::once(g.dh).chain(g.dw).collect())
