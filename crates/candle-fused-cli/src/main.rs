@@ -359,6 +359,9 @@ fn run_bench(
     kernel_config_name: &str,
     stream: usize,
 ) -> Result<ExitCode> {
+    if stream == 0 {
+        anyhow::bail!("bench: --stream must be at least 1 (calls per timed sample), got 0");
+    }
     let cfg = bench::Config {
         device: device(arg)?,
         quick,

@@ -2,7 +2,7 @@
 //! a PEFT adapter, metrics and plot; an existing --out is refused unless --overwrite or
 //! --resume; --resume continues; generate, eval and merge run on the result; bad input (JSONL
 //! line, target module, rank, tokenizer larger than the embedding, missing model) is a clear
-//! error with nothing half-written.
+//! error with nothing half-written; `bench --stream 0` is refused.
 
 use std::path::Path;
 use std::process::Command;
@@ -205,4 +205,12 @@ fn finetune_generate_eval_merge_and_bad_input() {
         !ok && text.contains("the tokenizer has 261 tokens but the model's embedding only 200"),
         "{text}"
     );
+}
+
+/// `bench --stream 0` is refused with a message naming the flag (before any work is done).
+#[test]
+fn bench_stream_zero_is_a_clear_error() {
+    let (ok, text) = run(&["bench", "--device", "cpu", "--op", "rope", "--stream", "0"]);
+    assert!(!ok, "{text}");
+    assert!(text.contains("--stream must be at least 1"), "{text}");
 }
