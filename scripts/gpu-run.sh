@@ -10,7 +10,7 @@
 # scripts/GPU-CALLS.md: the three device calls of issue 12. Environment: TEST_TIMEOUT,
 # TEST_FILTER/TEST_TAG (a part of the GPU tests, no check), SAN_TIMEOUT, PROBE_ARGS/PROBE_TAG, BENCH_ARGS/BENCH_TIMEOUT, TORCH_ARGS/TORCH_TIMEOUT,
 # TRAIN_TEST_TIMEOUT, PARITY_TIMEOUT, TRAIN_CONFIGS, TRAIN_VARIANTS, TRAIN_PROFILE (true: time each GEMM of the step alone), TRAIN_BATCH, TRAIN_WARMUP,
-# TRAIN_ITERS, TRAIN_BENCH_TIMEOUT, TORCH_TRAIN_VARIANTS/TORCH_TRAIN_BATCH/TORCH_TRAIN_TAG/
+# TRAIN_ITERS, TRAIN_BENCH_TIMEOUT, TRAIN_ARGS (more bench arguments, e.g. --cuda-events off)/TRAIN_TAG, TORCH_TRAIN_VARIANTS/TORCH_TRAIN_BATCH/TORCH_TRAIN_TAG/
 # TORCH_TRAIN_TIMEOUT, TRAIN_OURS, SAN_FILTER (test-name filters of the sanitizer runs), NCU_KERNELS/NCU_BENCH/NCU_TIMEOUT, NSYS_BATCH/NSYS_TIMEOUT, PACK (see below),
 # CANDLE_FUSED_SEED (fixes the random inputs of the tests, check, bench and probe; each run
 # prints the seed it used).
@@ -114,8 +114,8 @@ for phase in "$@"; do
       # rewritten after each row so a timeout keeps the finished rows).
       { echo "# $STAMP"; timeout ${TRAIN_BENCH_TIMEOUT:-230} $B/candle-fused bench --op train --device cuda --dtype bf16 --seq 2048 \
           --batch ${TRAIN_BATCH:-auto} --configs "$TRAIN_CONFIGS" --variants ${TRAIN_VARIANTS:-ours,ours_ckpt,tape} \
-          --warmup ${TRAIN_WARMUP:-2} --iters ${TRAIN_ITERS:-5} ${TRAIN_PROFILE:+--profile $TRAIN_PROFILE} --json "$OUT/train-ours.json" 2>&1; } > "$OUT/train-ours.log" || rc=1
-      grep -E ' / |skipped' "$OUT/train-ours.log" | grep -v 'fresh process' ;;
+          --warmup ${TRAIN_WARMUP:-2} --iters ${TRAIN_ITERS:-5} ${TRAIN_PROFILE:+--profile $TRAIN_PROFILE} ${TRAIN_ARGS:-} --json "$OUT/train-ours${TRAIN_TAG:-}.json" 2>&1; } > "$OUT/train-ours${TRAIN_TAG:-}.log" || rc=1
+      grep -E ' / |skipped' "$OUT/train-ours${TRAIN_TAG:-}.log" | grep -v 'fresh process' ;;
     torch-train)
       # PyTorch + PEFT on the same configurations (eager SDPA, torch.compile, Liger), then
       # one merged table with ours (TRAIN_OURS, default $OUT/train-ours.json).

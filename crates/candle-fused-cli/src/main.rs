@@ -28,6 +28,12 @@ struct Cli {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum OnOff {
+    On,
+    Off,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
 enum DeviceArg {
     Cpu,
     Cuda,
@@ -80,7 +86,7 @@ enum Cmd {
         op: Option<Vec<String>>,
         /// The kernel configuration ours run on, by name: default, or another of
         /// `KernelConfig::candidates()` (softmax-cache-on, softmax-cache-off, rms-bwd-cols16,
-        /// rms-bwd-cols32, rope-hpt2, rope-hpt4, rope-hpt8, rope-hpt16).
+        /// rms-bwd-cols32, rope-hpt2, rope-hpt4, rope-hpt8, rope-hpt16, rope-ctas4, rope-ctas6).
         #[arg(long, default_value = "default")]
         kernel_config: String,
         /// Calls per timed sample: 1 (default) times each call alone, the device synchronised
@@ -88,6 +94,10 @@ enum Cmd {
         /// host's work overlaps the device's, as in a training step).
         #[arg(long, default_value_t = 1)]
         stream: usize,
+        /// CUDA: cudarc's per-allocation event tracking, `on` (Candle's default: what a Candle
+        /// program gets) or `off` (as `finetune` runs: one stream, no events).
+        #[arg(long, value_enum, default_value = "on")]
+        cuda_events: OnOff,
         #[command(flatten)]
         train: TrainArgs,
     },
@@ -141,15 +151,17 @@ fn main() -> ExitCode {
             op,
             kernel_config,
             stream,
+            cuda_events,
             train,
         } => {
+            let events = matches!(cuda_events, OnOff::On);
             if op
                 .as_deref()
                 .is_some_and(|o| o.iter().any(|n| n == "train"))
             {
-                run_train_bench(device, json, op.unwrap_or_default(), train)
+                run_train_bench(device, json, op.unwrap_or_default(), train, events)
             } else {
-                run_bench(device, json, quick, op, &kernel_config, stream)
+                run_bench(device, json, quick, op, &kernel_config, stream, events)
             }
         }
     };
@@ -162,9 +174,9 @@ fn main() -> ExitCode {
     }
 }
 
-fn device(arg: DeviceArg) -> Result<Device> {
+fn device(arg: DeviceArg, cuda_events: bool) -> Result<Device> {
     // The message alone: a backtrace (RUST_BACKTRACE) adds nothing to "built without CUDA".
-    bench::device_from_name(arg.name())
+    bench::device_from_name(arg.name(), cuda_events)
         .map_err(|e| anyhow::anyhow!("{}", e.to_string().lines().next().unwrap_or("")))
 }
 
@@ -204,7 +216,7 @@ struct Job {
 }
 
 fn run_check(arg: DeviceArg, quick: bool) -> Result<ExitCode> {
-    let dev = device(arg)?;
+    let dev = device(arg, true)?;
     let seed = seed()?;
     let kernels = testing::poisoned();
     let mut dtypes = vec![DType::F32, DType::F16, DType::BF16];
@@ -358,12 +370,14 @@ fn run_bench(
     ops: Option<Vec<String>>,
     kernel_config_name: &str,
     stream: usize,
+    cuda_events: bool,
 ) -> Result<ExitCode> {
     if stream == 0 {
         anyhow::bail!("bench: --stream must be at least 1 (calls per timed sample), got 0");
     }
     let cfg = bench::Config {
-        device: device(arg)?,
+        device: device(arg, cuda_events)?,
+        cuda_events,
         quick,
         ops,
         checkpoint: json.clone(),
@@ -388,12 +402,14 @@ fn run_train_bench(
     json: Option<std::path::PathBuf>,
     op: Vec<String>,
     t: TrainArgs,
+    cuda_events: bool,
 ) -> Result<ExitCode> {
     use bench::train;
     if op.len() != 1 {
         anyhow::bail!("bench: --op train runs alone (got --op {})", op.join(","));
     }
     let mut o = train::Options::defaults(arg.name());
+    o.cuda_events = cuda_events;
     if let Some(c) = t.configs {
         o.configs = c;
     }

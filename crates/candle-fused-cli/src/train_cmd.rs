@@ -48,7 +48,8 @@ fn device(d: Dev) -> Result<Device> {
             if !candle_core::utils::cuda_is_available() {
                 bail!("--device cuda: this binary was built without the `cuda` feature (cargo build --release --features cuda)")
             }
-            Ok(Device::new_cuda(0)?)
+            // One stream, no per-allocation CUDA events (crate::bench::cuda_device).
+            Ok(crate::bench::device_from_name("cuda", false)?)
         }
     }
 }

@@ -95,11 +95,28 @@ pub enum HeadsPerThread {
     Fixed(u8),
 }
 
+/// How many 256-thread CTAs of the RoPE kernel the compiler must fit on one SM
+/// (`__launch_bounds__(256, n)`: a register cap of 65536 / (256·n) per thread). ncu on an H200
+/// (2026-12-02): the unbounded build uses 70 registers, which caps the occupancy at 37.5%.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RopeOccupancy {
+    /// No bound: the compiler's choice.
+    #[default]
+    Unbounded,
+    /// 4 CTAs per SM: at most 64 registers per thread (50% occupancy).
+    Ctas4,
+    /// 6 CTAs per SM: at most 40 registers per thread (75% occupancy).
+    Ctas6,
+}
+
 /// RoPE kernel build.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct RopeKernelConfig {
     /// See [`HeadsPerThread`].
     pub heads_per_thread: HeadsPerThread,
+    /// See [`RopeOccupancy`] (used when a CTA has at most 256 threads, i.e. head dims up to
+    /// 256·VEC elements; larger heads take the unbounded build).
+    pub occupancy: RopeOccupancy,
 }
 
 /// Whether the softmax forward keeps each thread's exponentials in registers.
@@ -172,6 +189,17 @@ impl KernelConfig {
             cuda: CudaConfig {
                 rope: RopeKernelConfig {
                     heads_per_thread: HeadsPerThread::Fixed(n),
+                    ..d.cuda.rope
+                },
+                ..d.cuda
+            },
+            ..d
+        };
+        let with_occ = |o| KernelConfig {
+            cuda: CudaConfig {
+                rope: RopeKernelConfig {
+                    occupancy: o,
+                    ..d.cuda.rope
                 },
                 ..d.cuda
             },
@@ -187,6 +215,8 @@ impl KernelConfig {
             ("rope-hpt4", with_hpt(4)),
             ("rope-hpt8", with_hpt(8)),
             ("rope-hpt16", with_hpt(16)),
+            ("rope-ctas4", with_occ(RopeOccupancy::Ctas4)),
+            ("rope-ctas6", with_occ(RopeOccupancy::Ctas6)),
         ]
     }
 }

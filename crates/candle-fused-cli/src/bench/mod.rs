@@ -84,16 +84,18 @@ pub fn families() -> Vec<Box<dyn Family>> {
 }
 
 /// `cpu` or `cuda` (GPU 0). Without the `cuda` feature, `cuda` is a clear error.
-pub fn device_from_name(name: &str) -> Result<Device> {
+/// `cuda_events`: keep cudarc's event tracking (Candle's default); see [`cuda_device`].
+pub fn device_from_name(name: &str, cuda_events: bool) -> Result<Device> {
     match name {
         "cpu" => Ok(Device::Cpu),
         "cuda" => {
             #[cfg(feature = "cuda")]
             {
-                Device::new_cuda(0)
+                cuda_device(cuda_events)
             }
             #[cfg(not(feature = "cuda"))]
             {
+                let _ = cuda_events;
                 candle_core::bail!(
                     "candle-fused: built without CUDA (rebuild with --features cuda)"
                 )
@@ -101,6 +103,25 @@ pub fn device_from_name(name: &str) -> Result<Device> {
         }
         other => candle_core::bail!("candle-fused: unknown device {other:?}, expected cpu or cuda"),
     }
+}
+
+/// GPU 0. cudarc (under Candle) by default creates two CUDA events with every allocation and
+/// records them at every use, to order work between streams; Candle and candle-fused run all
+/// work of a device on its one stream, so a program that makes no other stream (this CLI)
+/// can go without them (`events` false): a host-side cost of every op (BENCHMARKS.md,
+/// 2026-12-02 s5).
+#[cfg(feature = "cuda")]
+pub fn cuda_device(events: bool) -> Result<Device> {
+    let d = Device::new_cuda(0)?;
+    if !events {
+        if let Device::Cuda(c) = &d {
+            // SAFETY: no tensor of this device exists yet, and this program launches work on
+            // Candle's one stream only (no other stream is created), which is the condition
+            // cudarc states for turning the tracking off.
+            unsafe { c.disable_event_tracking() };
+        }
+    }
+    Ok(d)
 }
 
 /// What to bench.
@@ -120,6 +141,8 @@ pub struct Config {
     pub seed: u64,
     /// Calls per timed sample ([`Budget::stream`]; 1: each call alone).
     pub stream: usize,
+    /// CUDA: whether `device` keeps cudarc's event tracking ([`cuda_device`]; recorded).
+    pub cuda_events: bool,
 }
 
 /// Bytes of the copy that measures the copy bandwidth: 1 GiB per buffer on a GPU, 256 MiB on
@@ -219,6 +242,12 @@ pub fn run(cfg: &Config) -> Result<Report> {
     )];
     if device.is_cpu() {
         notes.push(format!("rayon threads: {}", rayon::current_num_threads()));
+    }
+    if device.is_cuda() {
+        notes.push(format!(
+            "cudarc event tracking {} (--cuda-events)",
+            if cfg.cuda_events { "on" } else { "off" }
+        ));
     }
     if budget.stream > 1 {
         notes.push(format!(

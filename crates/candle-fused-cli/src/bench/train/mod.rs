@@ -99,6 +99,8 @@ pub struct Options {
     /// Also time each GEMM shape of the step alone (the `gemm_ms` profile).
     pub profile: bool,
     pub json: Option<PathBuf>,
+    /// CUDA: keep cudarc's event tracking (see `bench::cuda_device`).
+    pub cuda_events: bool,
 }
 
 impl Options {
@@ -122,6 +124,7 @@ impl Options {
             seed: 0,
             profile: !cuda,
             json: None,
+            cuda_events: true,
         }
     }
 
@@ -150,6 +153,8 @@ impl Options {
             self.seed.to_string(),
             "--profile".into(),
             self.profile.to_string(),
+            "--cuda-events".into(),
+            if self.cuda_events { "on" } else { "off" }.into(),
         ];
         a.push("--train-worker".into());
         a.push(format!("{config}:{}", v.name()));
@@ -211,7 +216,7 @@ pub fn worker(o: &Options, spec: &str) -> Result<()> {
         .split_once(':')
         .ok_or_else(|| candle_core::Error::Msg(format!("bad --train-worker {spec:?}")))?;
     let (s, v) = (Shape::by_name(config)?, Variant::parse(variant)?);
-    let dev = super::device_from_name(&o.device)?;
+    let dev = super::device_from_name(&o.device, o.cuda_events)?;
     let cfg = ModelConfig::from_json(&s.hf_config(o.seq))?;
     let mut model = Model::random(cfg, o.dtype, &dev, o.seed)?;
     model.add_lora(&LoraSpec::new(RANK, ALPHA), o.seed + 1)?;
@@ -314,11 +319,12 @@ pub fn worker(o: &Options, spec: &str) -> Result<()> {
 /// Runs every (config, variant) in a fresh process of this binary; returns the JSON report.
 pub fn run(o: &Options) -> Result<Value> {
     let exe = std::env::current_exe()?;
-    let dev = super::device_from_name(&o.device)?;
+    let dev = super::device_from_name(&o.device, o.cuda_events)?;
     let header = |rows_done: usize| {
         json!({
             "tool": "candle-fused bench --op train", "date": report::utc_now(), "device": o.device,
             "device_name": super::timing::device_name(&dev), "git_commit": report::git_commit(),
+            "cuda_events": o.cuda_events,
             "threads": rayon::current_num_threads(), "cpu_count": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
             "load": std::fs::read_to_string("/proc/loadavg").ok().map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" ")),
             "mode": if rows_done == usize::MAX { "full".to_string() } else { format!("partial ({rows_done} rows)") },

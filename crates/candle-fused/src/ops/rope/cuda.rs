@@ -8,7 +8,7 @@ use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, DType, Result};
 
 use super::{Geom, Rope, RopeStyle};
-use crate::config::{HeadsPerThread, KernelConfig};
+use crate::config::{HeadsPerThread, KernelConfig, RopeOccupancy};
 use crate::cuda::{self, dispatch, ptx, Args, DeviceInfo, Ptx};
 use crate::seam::Inputs;
 use crate::validate::fail;
@@ -166,7 +166,14 @@ fn run_t<T: CudaDType + DeviceRepr>(
             other => fail!(op, "positions has dtype {other:?}, expected u32 or i64"),
         };
         args.output(&mut y, 0).val(geom);
-        let name = format!("rope_{style}_{pos_name}_{dt}_v{v}");
+        // The bounded builds assume CTAs of at most 256 threads.
+        let occ = match cfg.cuda.rope.occupancy {
+            _ if block[0] * block[1] > 256 => "",
+            RopeOccupancy::Unbounded => "",
+            RopeOccupancy::Ctas4 => "_c4",
+            RopeOccupancy::Ctas6 => "_c6",
+        };
+        let name = format!("rope_{style}_{pos_name}_{dt}_v{v}{occ}");
         cuda::launch_3d(dev, &PTX, &name, grid, block, &args)?;
     }
     Ok(vec![cuda::storage(y, dev)])

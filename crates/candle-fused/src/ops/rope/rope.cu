@@ -152,10 +152,22 @@ __device__ void rope(const T* __restrict__ x, const float* __restrict__ cos_t,
   }
 }
 
-#define ROPE_KERNEL(NAME, T, V, STYLE, SNAME, P, PNAME)                                       \
-  extern "C" __global__ void rope_##SNAME##_##PNAME##_##NAME##_v##V(                          \
-      const T* x, const float* c, const float* s, const P* pos, T* y, RopeGeom g) {            \
-    rope<T, V, STYLE, P>(x, c, s, pos, y, g);                                                  \
+// Each kernel in three builds (RopeOccupancy of config.rs): unbounded, and with
+// __launch_bounds__(256, 4) / (256, 6): at most 64 / 40 registers per thread.
+#define ROPE_KERNEL(NAME, T, V, STYLE, SNAME, P, PNAME)                                        \
+  extern "C" __global__ void rope_##SNAME##_##PNAME##_##NAME##_v##V(                           \
+      const T* x, const float* c, const float* s, const P* pos, T* y, RopeGeom g) {             \
+    rope<T, V, STYLE, P>(x, c, s, pos, y, g);                                                   \
+  }                                                                                             \
+  extern "C" __global__ void __launch_bounds__(256, 4)                                          \
+      rope_##SNAME##_##PNAME##_##NAME##_v##V##_c4(const T* x, const float* c, const float* s,   \
+                                                  const P* pos, T* y, RopeGeom g) {             \
+    rope<T, V, STYLE, P>(x, c, s, pos, y, g);                                                   \
+  }                                                                                             \
+  extern "C" __global__ void __launch_bounds__(256, 6)                                          \
+      rope_##SNAME##_##PNAME##_##NAME##_v##V##_c6(const T* x, const float* c, const float* s,   \
+                                                  const P* pos, T* y, RopeGeom g) {             \
+    rope<T, V, STYLE, P>(x, c, s, pos, y, g);                                                   \
   }
 
 #define ROPE_KERNELS_V(NAME, T, V)                          \
