@@ -182,11 +182,13 @@ LCE_SHAPES = {
 }
 
 
-# The matmul shapes [M, K, N] of crates/candle-fused-cli/src/bench/gemm.rs::gemm_shapes (keep in
-# sync): y = x @ W.T with W [N, K], f32 and bf16.
+# The matmul shapes [M, K, N] (batched: [batch, M, K, N]) of
+# crates/candle-fused-cli/src/bench/gemm.rs::gemm_shapes (keep in sync): y = x @ W.T with
+# W [N, K] (batched: torch.bmm(x, W.transpose(1, 2)), W [batch, N, K]), f32 and bf16.
 _GEMM = [[1024, 512, 512], [1024, 512, 1344], [1024, 512, 8192], [4096, 1024, 1024],
-         [1, 4096, 4096]]
-_GEMM_Q = [[1024, 512, 512], [1, 4096, 4096]]
+         [1, 4096, 4096], [16, 256, 64, 256], [16, 256, 256, 64], [32, 256, 64, 256],
+         [32, 256, 256, 64]]
+_GEMM_Q = [[1024, 512, 512], [1, 4096, 4096], [16, 256, 64, 256]]
 GEMM_SHAPES = {
     (dev, quick): [(s, dt) for dt in ("f32", "bf16") for s in (_GEMM_Q if quick else _GEMM)]
     for dev in ("cpu", "cuda") for quick in (False, True)
@@ -558,17 +560,21 @@ def run_mem_case(ctx, op, shape, dtype, compile_it):
 
 def run_matmul_case(ctx, op, shape, dtype, compile_it):
     """y = F.linear(x, W) = x @ W.T, x [M, K], W [N, K] ~ N(0, 1/K), fwd only; flops 2MKN,
-    bytes e(MK + NK + MN), as crates/candle-fused-cli/src/bench/gemm.rs (impl torch_eager)."""
-    m, k, n = shape
+    bytes e(MK + NK + MN), as crates/candle-fused-cli/src/bench/gemm.rs (impl torch_eager).
+    Batched [b, M, K, N]: torch.bmm(x, W.transpose(1, 2)), x [b, M, K], W [b, N, K]."""
+    b, (m, k, n) = (shape[0], shape[1:]) if len(shape) == 4 else (1, shape)
+    lead = (b,) if len(shape) == 4 else ()
     e = elt_size(dtype)
-    nbytes = float(e * (m * k + n * k + m * n))
+    nbytes = float(b * e * (m * k + n * k + m * n))
     sets_n = sets_for(int(nbytes))
     print(f"{op} {shape_str(shape)} {dtype} ({sets_n} input set(s))", file=sys.stderr)
-    sets = [(randn((m, k), 1.0, dtype, ctx.device), randn((n, k), 1.0 / math.sqrt(k), dtype, ctx.device))
+    sets = [(randn(lead + (m, k), 1.0, dtype, ctx.device),
+             randn(lead + (n, k), 1.0 / math.sqrt(k), dtype, ctx.device))
             for _ in range(sets_n)]
+    fn = (lambda x, w: torch.bmm(x, w.transpose(1, 2))) if lead else F.linear
     with torch.no_grad():
         ctx.record(op, "fwd", shape, dtype, "torch_eager", sets_n,
-                   lambda i: F.linear(*sets[i % sets_n]), nbytes=nbytes, flops=2.0 * m * k * n)
+                   lambda i: fn(*sets[i % sets_n]), nbytes=nbytes, flops=2.0 * b * m * k * n)
     del sets
     free_memory()
 

@@ -118,10 +118,10 @@ def markdown(runs, groups, skipped):
         o, p = g.get("ours"), g.get("torch_peft")
         if o and p and o.get("gemm_shapes") and p.get("gemm_shapes"):
             ps = {(x["batch"], x["m"], x["k"], x["n"]): x for x in p["gemm_shapes"]}
-            prof.append(f"\n**{cfg}**: the step's GEMMs alone: Candle {o['gemm_ms']:,.1f} ms, PyTorch "
-                        f"{p['gemm_ms']:,.1f} ms (Candle / PyTorch = {o['gemm_ms'] / p['gemm_ms']:.2f}); GEMM rate "
+            prof.append(f"\n**{cfg}**: the step's GEMMs alone: ours {o['gemm_ms']:,.1f} ms, PyTorch "
+                        f"{p['gemm_ms']:,.1f} ms (ours / PyTorch = {o['gemm_ms'] / p['gemm_ms']:.2f}); GEMM rate "
                         f"{1e3 * o['gemm_rate_tflops']:.0f} vs {1e3 * p['gemm_rate_tflops']:.0f} GFLOP/s.\n")
-            prof.append("| GEMM | [b×] m × k × n | count | Candle ms each | PyTorch ms each | Candle/PyTorch |")
+            prof.append("| GEMM | [b×] m × k × n | count | ours ms each | PyTorch ms each | ours/PyTorch |")
             prof.append("|---|---|---:|---:|---:|---:|")
             for x in sorted(o["gemm_shapes"], key=lambda x: -x["ms_each"] * x["count"]):
                 y = ps.get((x["batch"], x["m"], x["k"], x["n"]))

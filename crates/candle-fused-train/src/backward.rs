@@ -271,13 +271,14 @@ impl Model {
             .contiguous()?
             .reshape((b, hkv, g * t, d))?;
         let pg = sv.p.reshape((b, hkv, g * t, t))?;
-        let dp = dog.matmul(&sv.v.t()?)?.reshape((b, hq, t, t))?;
-        let dv = pg.t()?.matmul(&dog)?;
+        let mm = |a: &Tensor, b: &Tensor, ta, tb| self.kernels.matmul(a, b, ta, tb);
+        let dp = mm(&dog, &sv.v, false, true)?.reshape((b, hq, t, t))?;
+        let dv = mm(&pg, &dog, true, false)?;
         let ds = self.kernels.softmax_backward(&sv.p, &dp, scale)?;
         let dsg = ds.reshape((b, hkv, g * t, t))?;
-        let dq = dsg.matmul(&sv.k)?.reshape((b, hq, t, d))?;
+        let dq = mm(&dsg, &sv.k, false, false)?.reshape((b, hq, t, d))?;
         let qg = sv.q.reshape((b, hkv, g * t, d))?;
-        let dk = dsg.t()?.matmul(&qg)?;
+        let dk = mm(&dsg, &qg, true, false)?;
         let style = kops::RopeStyle::HalfSplit;
         let layout = kops::RopeLayout::Bhtd;
         let dq = self

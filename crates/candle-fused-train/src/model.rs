@@ -569,13 +569,17 @@ impl Model {
         };
         let tk = kh.dim(2)?;
         let qg = qh.reshape((b, hkv, g * t, d))?;
-        let scores = qg.matmul(&kh.t()?)?.reshape((b, hq, t, tk))?;
+        // Batched products on the CPU: one head per rayon task (ops::matmul).
+        let scores = self
+            .kernels
+            .matmul(&qg, &kh, false, true)?
+            .reshape((b, hq, t, tk))?;
         let p = self
             .kernels
             .masked_softmax(&scores, 1.0 / (d as f64).sqrt(), mask, true)?;
-        let o = p
-            .reshape((b, hkv, g * t, tk))?
-            .matmul(&vh)?
+        let o = self
+            .kernels
+            .matmul(&p.reshape((b, hkv, g * t, tk))?, &vh, false, false)?
             .reshape((b, hq, t, d))?
             .transpose(1, 2)?
             .reshape((b, t, hq * d))?;

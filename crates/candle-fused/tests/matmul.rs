@@ -1,6 +1,7 @@
 //! `ops::matmul`: forward and both gradients against Candle's matmul in f64 on upcast inputs,
 //! every dtype, every transpose combination, the GEMV (`M = 1`) and GEMM paths, batched `a`,
-//! every SIMD level and serial/parallel `gemm`; argument errors name the op and argument.
+//! batched products (`b` of rank >= 3: fewer and more products than threads), every SIMD level
+//! and serial/parallel `gemm`; argument errors name the op and argument.
 
 mod common;
 
@@ -16,7 +17,11 @@ use common::*;
 fn reference(a: &Tensor, b: &Tensor, ta: bool, tb: bool) -> Result<Tensor> {
     let a = if ta { a.t()? } else { a.clone() };
     let b = if tb { b.t()? } else { b.clone() };
-    a.broadcast_matmul(&b)
+    if b.rank() > 2 {
+        a.contiguous()?.matmul(&b.contiguous()?)
+    } else {
+        a.broadcast_matmul(&b)
+    }
 }
 
 /// Stored shapes of a and b for op(a) = [.., M, K], op(b) = [K, N].
@@ -38,12 +43,30 @@ fn check(
     k: &Kernels,
     ctx: &str,
     lead: &[usize],
-    (m, kk, n): (usize, usize, usize),
+    size: (usize, usize, usize),
     ta: bool,
     tb: bool,
     dt: DType,
 ) {
-    let (sa, sb) = shapes(lead, m, kk, n, ta, tb);
+    check_b(k, ctx, lead, size, ta, tb, dt, false)
+}
+
+/// `batched`: `b` gets `a`'s leading dims too (one product per leading index).
+#[allow(clippy::too_many_arguments)]
+fn check_b(
+    k: &Kernels,
+    ctx: &str,
+    lead: &[usize],
+    (m, kk, n): (usize, usize, usize),
+    ta: bool,
+    tb: bool,
+    dt: DType,
+    batched: bool,
+) {
+    let (sa, mut sb) = shapes(lead, m, kk, n, ta, tb);
+    if batched {
+        sb = [lead, &sb[..]].concat();
+    }
     let a = randn(&sa, 1.0, dt);
     let b = randn(&sb, 1.0 / (kk as f64).sqrt(), dt);
     let mut out = lead.to_vec();
@@ -127,6 +150,37 @@ fn batched_a_folds_into_rows() {
                 tb,
                 dt,
             );
+        }
+    }
+}
+
+/// Batched products (attention's `[B, H, T, D]` operands): 1, fewer and more products than
+/// the pool's threads (one product per task), every transpose, `M = 1` (decode), every dtype,
+/// on a serial and a 2-thread `gemm`.
+#[test]
+fn batched_products_every_dtype_transpose_and_count() {
+    for threads in [1, 2] {
+        let k = Kernels::new(KernelConfig {
+            cpu: CpuConfig {
+                gemm_threads: threads,
+                ..CpuConfig::default()
+            },
+            ..KernelConfig::poisoned()
+        });
+        for &dt in &DTYPES {
+            for (lead, size) in [
+                (&[1][..], (5, 40, 9)),
+                (&[3][..], (17, 33, 8)),
+                (&[2, 3][..], (1, 40, 9)),
+                (&[2, 4][..], (16, 24, 16)),
+            ] {
+                for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+                    let ctx = format!(
+                        "batched matmul {lead:?} {size:?} ta {ta} tb {tb} {dt:?} threads {threads}"
+                    );
+                    check_b(&k, &ctx, lead, size, ta, tb, dt, true);
+                }
+            }
         }
     }
 }
@@ -216,7 +270,21 @@ fn bad_arguments_are_errors_naming_the_problem() {
             randn(&[2, 5, 3], 1.0, DType::F32),
             false,
             false,
-            "b must have rank 2",
+            "same leading dims",
+        ),
+        (
+            randn(&[3, 4, 5], 1.0, DType::F32),
+            randn(&[2, 5, 3], 1.0, DType::F32),
+            false,
+            false,
+            "same leading dims",
+        ),
+        (
+            randn(&[2, 4, 5], 1.0, DType::F32),
+            randn(&[2, 4, 3], 1.0, DType::F32),
+            false,
+            false,
+            "inner dimensions differ",
         ),
         (
             randn(&[2, 5, 4], 1.0, DType::F32),

@@ -5,7 +5,7 @@
 //!
 //! | pass    | ours                                   | ours_autograd          | candle_composed |
 //! |---------|----------------------------------------|------------------------|-----------------|
-//! | fwd     | `ops::cross_entropy` (plain tensors)   |                        | `reference::cross_entropy` (log_softmax + gather) in the input dtype |
+//! | fwd     | `Kernels::cross_entropy` (plain tensors; every `ours` on the bench's `--kernel-config`) |                        | `reference::cross_entropy` (log_softmax + gather) in the input dtype |
 //! | bwd     | `ops::cross_entropy_backward` (one pass) | `loss.backward()` through ours (graph built untimed) | `loss.backward()` (graph built untimed) |
 //! | fwd+bwd | forward on a `Var`, `loss.backward()`  |                        | the same through the composed ops |
 //!
@@ -34,7 +34,8 @@
 //! impl that disagrees is reported as skipped, not timed.
 
 use candle_core::{DType, Device, Result, Tensor, Var};
-use candle_fused::ops::{self, CrossEntropyConfig};
+use candle_fused::ops::CrossEntropyConfig;
+use candle_fused::Kernels;
 use candle_fused_testkit::{check_loss, reference};
 
 use super::cases::{self, Scope};
@@ -82,7 +83,12 @@ struct CeSet {
     t: Tensor,
 }
 
-fn ce_run(n: usize, v: usize, dtype: DType, timer: &Timer, out: &mut Collector) {
+fn ce_run(
+    kern: &Kernels,
+    (n, v, dtype): (usize, usize, DType),
+    timer: &Timer,
+    out: &mut Collector,
+) {
     let dev = timer.device();
     let e = dtype.size_in_bytes() as f64;
     let nv = (n * v) as f64 * e;
@@ -119,12 +125,12 @@ fn ce_run(n: usize, v: usize, dtype: DType, timer: &Timer, out: &mut Collector) 
     let check = (|| {
         let s = &sets[0];
         let want = reference::cross_entropy(&s.x.to_dtype(DType::F32)?, &s.t, &c)?;
-        agree(CE, &ops::cross_entropy(&s.x, &s.t, &c)?, &want, dtype)
+        agree(CE, &kern.cross_entropy(&s.x, &s.t, &c)?, &want, dtype)
     })();
     let graph = |fused: bool, s: &CeSet| -> Result<(Tensor, Var)> {
         let v = Var::from_tensor(&s.x)?;
         let loss = if fused {
-            ops::cross_entropy(v.as_tensor(), &s.t, &c)?
+            kern.cross_entropy(v.as_tensor(), &s.t, &c)?
         } else {
             reference::cross_entropy(v.as_tensor(), &s.t, &c)?
         };
@@ -135,13 +141,13 @@ fn ce_run(n: usize, v: usize, dtype: DType, timer: &Timer, out: &mut Collector) 
         let res = match (&check, pass, imp) {
             (Err(e), _, _) if fused => Err(candle_core::Error::Msg(e.to_string())),
             (_, "fwd", "ours") => {
-                timer.time(|i| ops::cross_entropy(&sets[i % k].x, &sets[i % k].t, &c))
+                timer.time(|i| kern.cross_entropy(&sets[i % k].x, &sets[i % k].t, &c))
             }
             (_, "fwd", _) => {
                 timer.time(|i| reference::cross_entropy(&sets[i % k].x, &sets[i % k].t, &c))
             }
             (_, "bwd", "ours") => {
-                timer.time(|i| ops::cross_entropy_backward(&sets[i % k].x, &sets[i % k].t, &c, 1.0))
+                timer.time(|i| kern.cross_entropy_backward(&sets[i % k].x, &sets[i % k].t, &c, 1.0))
             }
             (_, "bwd", _) => timer.time_with_setup(
                 |i| graph(fused, &sets[i % k]),
@@ -273,14 +279,14 @@ fn forced_chunk(imp: &str) -> Option<usize> {
 }
 
 /// Runs one linear measurement once on `s`; returns what must outlive the clock.
-fn lce_once(r: LceRow, s: &LceSet) -> Result<Vec<Tensor>> {
+fn lce_once(kern: &Kernels, r: LceRow, s: &LceSet) -> Result<Vec<Tensor>> {
     let c = cfg();
     // `ours` or `ours_c{rows}` (ours at a forced chunk).
     let chunk = forced_chunk(r.imp);
     let ours = r.imp == "ours" || chunk.is_some();
     if r.pass == "fwd" {
         return Ok(vec![match r.imp {
-            _ if ours => ops::linear_cross_entropy(&s.h, &s.w, &s.t, &c, chunk)?,
+            _ if ours => kern.linear_cross_entropy(&s.h, &s.w, &s.t, &c, chunk)?,
             "candle_composed" => reference::linear_cross_entropy(&s.h, &s.w, &s.t, &c)?,
             _ => s.h.matmul(&s.w.t()?)?,
         }]);
@@ -288,7 +294,7 @@ fn lce_once(r: LceRow, s: &LceSet) -> Result<Vec<Tensor>> {
     match r.imp {
         _ if ours => {
             let g =
-                ops::linear_cross_entropy_forward_backward(&s.h, &s.w, &s.t, &c, chunk, r.dw, 1.0)?;
+                kern.linear_cross_entropy_forward_backward(&s.h, &s.w, &s.t, &c, chunk, r.dw, 1.0)?;
             Ok(std::iter::once(g.dh).chain(g.dw).collect())
         }
         "base_gemm" => {
@@ -309,7 +315,7 @@ fn lce_once(r: LceRow, s: &LceSet) -> Result<Vec<Tensor>> {
                 s.w.clone()
             };
             let loss = if imp == "ours_autograd" {
-                ops::linear_cross_entropy(hv.as_tensor(), &w, &s.t, &c, None)?
+                kern.linear_cross_entropy(hv.as_tensor(), &w, &s.t, &c, None)?
             } else {
                 reference::linear_cross_entropy(hv.as_tensor(), &w, &s.t, &c)?
             };
@@ -322,7 +328,12 @@ fn lce_once(r: LceRow, s: &LceSet) -> Result<Vec<Tensor>> {
     }
 }
 
-fn lce_run(n: usize, hd: usize, v: usize, dtype: DType, timer: &Timer, out: &mut Collector) {
+fn lce_run(
+    kern: &Kernels,
+    (n, hd, v, dtype): (usize, usize, usize, DType),
+    timer: &Timer,
+    out: &mut Collector,
+) {
     let dev = timer.device();
     let e = dtype.size_in_bytes() as f64;
     let (nf, hf, vf) = (n as f64, hd as f64, v as f64);
@@ -351,7 +362,7 @@ fn lce_run(n: usize, hd: usize, v: usize, dtype: DType, timer: &Timer, out: &mut
     let c = cfg();
     let check = (|| {
         let s = &sets[0];
-        let ours = ops::linear_cross_entropy(&s.h, &s.w, &s.t, &c, None)?;
+        let ours = kern.linear_cross_entropy(&s.h, &s.w, &s.t, &c, None)?;
         let f32 = |t: &Tensor| t.to_dtype(DType::F32);
         let want = reference::linear_cross_entropy(&f32(&s.h)?, &f32(&s.w)?, &s.t, &c)?;
         agree(LCE, &ours, &want, dtype)
@@ -366,13 +377,13 @@ fn lce_run(n: usize, hd: usize, v: usize, dtype: DType, timer: &Timer, out: &mut
         let ours_impl = r.imp.starts_with("ours");
         let res = match &check {
             Err(e) if ours_impl => Err(candle_core::Error::Msg(e.to_string())),
-            _ => timer.time(|i| lce_once(r, &sets[i % k])),
+            _ => timer.time(|i| lce_once(kern, r, &sets[i % k])),
         };
         let ok = res.is_ok();
         let baseline = (!ours_impl).then_some("ours");
         out.record(key(r), bytes, Some(flops), k, baseline, res);
         if ok && r.pass != "fwd" {
-            if let Ok((_, Some(b))) = memory::peak_during(dev, || lce_once(r, &sets[0])) {
+            if let Ok((_, Some(b))) = memory::peak_during(dev, || lce_once(kern, r, &sets[0])) {
                 out.set_peak(b);
             }
         }
@@ -397,7 +408,7 @@ impl Family for LossFamily {
                     report::shape_str(&[*n, *v]),
                     dt.as_str()
                 );
-                ce_run(*n, *v, *dt, timer, out);
+                ce_run(&scope.kernels, (*n, *v, *dt), timer, out);
                 out.checkpoint();
             }
         } else {
@@ -410,7 +421,7 @@ impl Family for LossFamily {
                     report::shape_str(&[*n, *h, *v]),
                     dt.as_str()
                 );
-                lce_run(*n, *h, *v, *dt, timer, out);
+                lce_run(&scope.kernels, (*n, *h, *v, *dt), timer, out);
                 out.checkpoint();
             }
         }
@@ -444,11 +455,24 @@ mod tests {
         Timer::new(&Device::Cpu, b).unwrap()
     }
 
+    /// Ours run on the bench's `--kernel-config` (a SIMD level this CPU lacks: every row of
+    /// ours fails, the peers' rows are timed).
+    #[test]
+    fn ours_run_on_the_given_kernel_config() {
+        let mut out = collector();
+        let k = crate::bench::test_util::unavailable_simd();
+        ce_run(&k, (7, 33, DType::F32), &timer(), &mut out);
+        lce_run(&k, (9, 8, 21, DType::F32), &timer(), &mut out);
+        out.finish();
+        crate::bench::test_util::ours_skipped_others_timed(&out);
+    }
+
     #[test]
     fn every_row_is_recorded() {
         let mut out = collector();
-        ce_run(7, 33, DType::F32, &timer(), &mut out);
-        lce_run(9, 8, 21, DType::BF16, &timer(), &mut out);
+        let k = Kernels::default();
+        ce_run(&k, (7, 33, DType::F32), &timer(), &mut out);
+        lce_run(&k, (9, 8, 21, DType::BF16), &timer(), &mut out);
         out.finish();
         assert!(out.skipped.is_empty(), "{:?}", out.skipped);
         assert_eq!(out.rows.len(), 7 + LCE_ROWS.len());
@@ -493,7 +517,7 @@ mod tests {
         };
         for dw in [false, true] {
             let pass = if dw { "fwd+bwd+dw" } else { "fwd+bwd" };
-            let get = |imp| lce_once(LceRow { pass, imp, dw }, &s).unwrap();
+            let get = |imp| lce_once(&Kernels::default(), LceRow { pass, imp, dw }, &s).unwrap();
             let (a, b, c) = (get("ours"), get("ours_autograd"), get("candle_composed"));
             assert_eq!(a.len(), 1 + usize::from(dw));
             for i in 0..a.len() {

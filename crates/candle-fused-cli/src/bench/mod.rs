@@ -323,3 +323,38 @@ impl Report {
         serde_json::to_string_pretty(self).expect("the report serialises")
     }
 }
+
+/// Test helpers shared by the families' tests.
+#[cfg(test)]
+pub(crate) mod test_util {
+    use candle_fused::config::{CpuConfig, KernelConfig};
+    use candle_fused::{Kernels, SimdLevel};
+
+    /// Kernels on a SIMD level this CPU lacks: every CPU kernel run on them fails, so a row
+    /// of ours that is timed anyway did not run on the configuration it was given.
+    pub fn unavailable_simd() -> Kernels {
+        let level = if cfg!(target_arch = "x86_64") {
+            SimdLevel::Neon
+        } else {
+            SimdLevel::Avx512
+        };
+        Kernels::new(KernelConfig {
+            cpu: CpuConfig {
+                simd: level,
+                ..CpuConfig::default()
+            },
+            ..KernelConfig::default()
+        })
+    }
+
+    /// Every `ours*` row was skipped with the SIMD error, every other one timed.
+    pub fn ours_skipped_others_timed(out: &super::report::Collector) {
+        assert!(!out.skipped.is_empty(), "no row of ours was skipped");
+        for k in &out.skipped {
+            assert!(k.imp.starts_with("ours"), "a peer row was skipped: {k:?}");
+            assert!(k.error.contains("SIMD level"), "{k:?}");
+        }
+        assert!(out.rows.iter().all(|r| !r.imp.starts_with("ours")));
+        assert!(!out.rows.is_empty(), "no peer row was timed");
+    }
+}

@@ -7,7 +7,7 @@
 //!
 //! | impl                | fwd | bwd | fwd+bwd |
 //! |---------------------|-----|-----|---------|
-//! | `ours`              | `ops::rope` / `ops::glu(_packed)` | the standalone backward given dy | forward on Vars + `loss.backward()` |
+//! | `ours`              | `Kernels::rope` / `Kernels::glu(_packed)` on the bench's `--kernel-config` | the standalone backward given dy | forward on Vars + `loss.backward()` |
 //! | `ours_autograd`     |     | `loss.backward()` through ours (graph built untimed) | |
 //! | `candle_composed`   | the same function from Candle ops in the input dtype: `testkit::reference::rope` (cos/sin gathered at the positions each call) and `glu_builtin` (`Tensor::silu` / `Tensor::gelu`, tanh approximation, times up) | `loss.backward()` (graph untimed) | as ours |
 //! | `candle_rotary_emb` | `candle_nn::rotary_emb::{rope, rope_thd, rope_i}` on cos/sin gathered at the positions before timing (no backward) | | |
@@ -20,7 +20,8 @@
 //! composed one on the first input set (a wrong forward is skipped, not timed).
 
 use candle_core::{backprop::GradStore, DType, Device, Result, Tensor, Var};
-use candle_fused::ops::{self, GluKind, RopeConfig, RopeLayout, RopeStyle, RopeTable};
+use candle_fused::ops::{GluKind, RopeConfig, RopeLayout, RopeStyle, RopeTable};
+use candle_fused::Kernels;
 use candle_fused_testkit::{reference, testing};
 
 use super::cases::{self, Scope};
@@ -77,6 +78,8 @@ pub struct Set {
     pub args: Vec<Tensor>,
     pub probe: Tensor,
     pub rope: Option<(RopeTable, Tensor, Tensor, Tensor)>,
+    /// The kernel configuration ours run on (the bench's `--kernel-config`).
+    pub kernels: Kernels,
 }
 
 fn randn(shape: &[usize], std: f64, dtype: DType, dev: &Device) -> Result<Tensor> {
@@ -190,6 +193,7 @@ impl Case {
                     args: vec![randn(&shape, 1.0, dt, dev)?],
                     probe,
                     rope: Some((table, pos, c, s)),
+                    kernels: Kernels::default(),
                 })
             }
             Case::Glu { packed: true, .. } => {
@@ -199,12 +203,14 @@ impl Case {
                     args: vec![randn(&s, 1.0, dt, dev)?],
                     probe,
                     rope: None,
+                    kernels: Kernels::default(),
                 })
             }
             Case::Glu { packed: false, .. } => Ok(Set {
                 args: vec![randn(&shape, 2.0, dt, dev)?, randn(&shape, 1.0, dt, dev)?],
                 probe,
                 rope: None,
+                kernels: Kernels::default(),
             }),
         }
     }
@@ -216,7 +222,7 @@ impl Case {
                 let (tab, pos, c, sn) = s.rope.as_ref().expect("a RoPE set");
                 let x = &args[0];
                 match imp {
-                    Impl::Ours | Impl::OursAutograd => ops::rope(x, tab, pos, *layout, *style),
+                    Impl::Ours | Impl::OursAutograd => s.kernels.rope(x, tab, pos, *layout, *style),
                     Impl::Composed => {
                         reference::rope(x, tab.cos(), tab.sin(), pos, *layout, *style)
                     }
@@ -237,8 +243,10 @@ impl Case {
                 }
             }
             Case::Glu { kind, packed, .. } => match (imp, packed) {
-                (Impl::Ours | Impl::OursAutograd, true) => ops::glu_packed(*kind, &args[0]),
-                (Impl::Ours | Impl::OursAutograd, false) => ops::glu(*kind, &args[0], &args[1]),
+                (Impl::Ours | Impl::OursAutograd, true) => s.kernels.glu_packed(*kind, &args[0]),
+                (Impl::Ours | Impl::OursAutograd, false) => {
+                    s.kernels.glu(*kind, &args[0], &args[1])
+                }
                 (Impl::Composed, true) => {
                     let i = args[0].dim(candle_core::D::Minus1)? / 2;
                     let (g, u) = (
@@ -258,19 +266,23 @@ impl Case {
         match self {
             Case::Rope { layout, style, .. } => {
                 let (tab, pos, _, _) = s.rope.as_ref().expect("a RoPE set");
-                Ok(vec![ops::rope_backward(
-                    &s.probe, tab, pos, *layout, *style,
-                )?])
+                Ok(vec![s
+                    .kernels
+                    .rope_backward(&s.probe, tab, pos, *layout, *style)?])
             }
             Case::Glu {
                 kind, packed: true, ..
-            } => Ok(vec![ops::glu_packed_backward(*kind, &s.args[0], &s.probe)?]),
+            } => Ok(vec![s
+                .kernels
+                .glu_packed_backward(*kind, &s.args[0], &s.probe)?]),
             Case::Glu {
                 kind,
                 packed: false,
                 ..
             } => {
-                let (a, b) = ops::glu_backward(*kind, &s.args[0], &s.args[1], &s.probe)?;
+                let (a, b) = s
+                    .kernels
+                    .glu_backward(*kind, &s.args[0], &s.args[1], &s.probe)?;
                 Ok(vec![a, b])
             }
         }
@@ -319,8 +331,8 @@ impl Case {
 
 const PASSES: [Pass; 3] = [Pass::Fwd, Pass::Bwd, Pass::FwdBwd];
 
-/// Times every implementation of every pass of `case` and records the rows.
-pub fn run_case(case: &Case, timer: &Timer, out: &mut Collector) {
+/// Times every implementation of every pass of `case` (ours on `kernels`) and records the rows.
+pub fn run_case(case: &Case, kernels: &Kernels, timer: &Timer, out: &mut Collector) {
     let key = |pass: Pass, imp: Impl| Key {
         op: case.op_name().to_string(),
         pass: pass.as_str(),
@@ -346,7 +358,12 @@ pub fn run_case(case: &Case, timer: &Timer, out: &mut Collector) {
     };
     let n_sets = sets_for(case.set_bytes());
     let sets: Result<Vec<Set>> = (0..n_sets)
-        .map(|_| case.inputs(dev, table.as_ref()))
+        .map(|_| {
+            case.inputs(dev, table.as_ref()).map(|s| Set {
+                kernels: *kernels,
+                ..s
+            })
+        })
         .collect();
     let sets = match sets {
         Ok(s) => s,
@@ -411,7 +428,7 @@ impl Family for RopeGluFamily {
                 case.dtype().as_str(),
                 sets_for(case.set_bytes())
             );
-            run_case(case, timer, out);
+            run_case(case, &scope.kernels, timer, out);
             out.checkpoint();
         }
     }
@@ -483,10 +500,53 @@ mod tests {
                 skipped: vec![],
                 checkpoint: None,
             };
-            run_case(&case, &timer, &mut out);
+            run_case(&case, &Kernels::default(), &timer, &mut out);
             assert!(out.skipped.is_empty(), "{:?}", out.skipped);
             let n: usize = PASSES.iter().map(|&p| case.impls(p).len()).sum();
             assert_eq!(out.rows.len(), n, "{}", case.op_name());
+        }
+    }
+
+    /// Ours run on the bench's `--kernel-config` (a SIMD level this CPU lacks: every row of
+    /// ours fails, the peers' rows are timed).
+    #[test]
+    fn ours_run_on_the_given_kernel_config() {
+        let timer = Timer::new(
+            &Device::Cpu,
+            crate::bench::timing::Budget {
+                warmup: 1,
+                min_reps: 2,
+                max_reps: 2,
+                target_s: 0.0,
+                stream: 1,
+            },
+        )
+        .unwrap();
+        let k = crate::bench::test_util::unavailable_simd();
+        for case in [
+            Case::Rope {
+                shape: [1, 3, 5, 8],
+                layout: RopeLayout::Bhtd,
+                style: RopeStyle::HalfSplit,
+                dtype: DType::F32,
+            },
+            Case::Glu {
+                shape: vec![3, 10],
+                kind: GluKind::SwiGlu,
+                packed: false,
+                dtype: DType::F32,
+            },
+        ] {
+            let mut out = Collector {
+                device: "cpu".into(),
+                device_name: "cpu".into(),
+                copy_gbps: 1.0,
+                rows: vec![],
+                skipped: vec![],
+                checkpoint: None,
+            };
+            run_case(&case, &k, &timer, &mut out);
+            crate::bench::test_util::ours_skipped_others_timed(&out);
         }
     }
 

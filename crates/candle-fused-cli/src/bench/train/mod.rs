@@ -33,6 +33,9 @@ get no dW; the loss through linear + cross-entropy, never the full logits) or \
 loss_and_grads_tape (the same forward on Candle's tape, Tensor::backward), then AdamW.step on \
 the LoRA parameters (lr 1e-4, PyTorch's defaults otherwise). ours_ckpt = the explicit backward \
 with activation checkpointing (each layer saves its input and is recomputed in the backward). \
+Every variant of ours runs as finetune does: keep_freed_memory (glibc keeps freed chunks up to \
+32 MiB in its heap and does not trim it, so a step reuses the pages of the one before; \
+keep_freed_memory in the JSON); the PyTorch script runs with glibc's defaults. \
 Model: random-init model of the named configuration (Model::random), frozen base in --dtype, \
 LoRA r 16, alpha 32 on q/k/v/o/gate/up/down (PEFT init, then B ~ N(0, 0.01^2) like a model in \
 the middle of training), f32 adapters; random tokens and targets over all B*T positions.
@@ -44,12 +47,13 @@ from (CU_MEMPOOL_ATTR_USED_MEM_HIGH), reset before the timed steps.
 Timing: warm-up steps, then the median of the timed steps (wall clock, device synchronised). \
 tokens/s = B*T / median step time. fwd_ms: the forward and the loss alone (Model::loss), \
 opt_ms: AdamW.step alone, medians. \
-gemm_ms (the profile): every GEMM shape of the step timed alone with Candle's matmul \
-(contiguous operands, median of 5), times its count, summed: what the matmuls alone would take; \
+gemm_ms (the profile): every GEMM shape of the step timed alone with ops::matmul (CPU: the \
+gemm crate, batched products one per thread-pool task; CUDA: Candle's cuBLAS matmul; \
+contiguous operands, median of 5), times its count, summed: what the matmuls alone would take; \
 the rest of the step (step - gemm_ms) is everything else (attention softmax, norms, RoPE, \
 elementwise, copies, allocation, the optimizer).
 GEMM efficiency: the step's matmul FLOPs / median step time, as a fraction of the GEMM rate \
-measured in the same process (Candle's matmul, CPU: [B*T, hidden] x [hidden, intermediate]; \
+measured in the same process (ops::matmul, CPU: [B*T, hidden] x [hidden, intermediate]; \
 CUDA: [8192, 8192] x [8192, 8192] in --dtype). Matmul FLOPs (M = B*T, per linear K -> N): base \
 forward 2MKN + backward dX 2MKN (no dW); LoRA 6Mr(K+N); attention QK^T and PV: forward \
 4*B*H*T^2*hd + backward 8*B*H*T^2*hd; LM head 4*M*hidden*V. The tape's extra dW GEMMs of the \
@@ -211,6 +215,8 @@ fn largest_batch(model: &Model, s: &Shape, o: &Options, v: Variant, dev: &Device
 
 /// One (config, variant) in this process: builds, times, prints `ROW {json}`.
 pub fn worker(o: &Options, spec: &str) -> Result<()> {
+    // As `finetune` runs: freed buffers stay in the process for the next step.
+    let kept = candle_fused_train::keep_freed_memory();
     let rss_start = rss_mb("VmRSS:");
     let (config, variant) = spec
         .split_once(':')
@@ -309,6 +315,7 @@ pub fn worker(o: &Options, spec: &str) -> Result<()> {
         "matmul_flops": flops, "tflops": flops / med / 1e12, "gemm_rate_tflops": rate,
         "gemm_shape": gemm_shape, "gemm_efficiency": flops / med / 1e12 / rate,
         "gemm_ms": gemm_ms, "gemm_shapes": gemm_shapes,
+        "keep_freed_memory": kept,
         "peak_mem_mb": peak, "mem_kind": kind, "heap_peak_mb": heap_peak,
         "peak_delta_mb": hwm.zip(rss_start).map(|(h, s)| h - s), "rss_at_start_mb": rss_start,
     });

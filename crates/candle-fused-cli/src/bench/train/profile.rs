@@ -1,6 +1,8 @@
 //! The GEMM side of the training bench: the GEMM rate the efficiency is measured against, and
 //! the time of each GEMM shape of the step on its own (the profile: how much of a step the
-//! matmuls alone take at Candle's speed, and so how much is everything else).
+//! matmuls alone take at the speed of `ops::matmul` (on the CPU the `gemm` crate, as Candle's
+//! matmul, with batched products spread over the threads one per task; on CUDA Candle's
+//! cuBLAS matmul), and so how much is everything else).
 
 use std::time::Instant;
 
@@ -30,7 +32,8 @@ fn time_gemm(g: &Gemm, dtype: DType, dev: &Device, warm: usize, reps: usize) -> 
     for i in 0..warm + reps {
         dev.synchronize()?;
         let t0 = Instant::now();
-        let c = a.matmul(&b)?;
+        // The step's matmul entry point (batched products: one head per task on the CPU).
+        let c = candle_fused::ops::matmul(&a, &b, false, false)?;
         dev.synchronize()?;
         if i >= warm {
             t.push(t0.elapsed().as_secs_f64());
@@ -40,7 +43,7 @@ fn time_gemm(g: &Gemm, dtype: DType, dev: &Device, warm: usize, reps: usize) -> 
     Ok(median(t))
 }
 
-/// TFLOP/s of Candle's matmul on the GEMM-rate shape (CPU: the step's MLP up-projection
+/// TFLOP/s of `ops::matmul` on the GEMM-rate shape (CPU: the step's MLP up-projection
 /// `[B*T, hidden] x [hidden, intermediate]`; CUDA: 8192³), median of 20 after 5 warm-ups.
 pub fn gemm_rate(s: &Shape, m: usize, dtype: DType, dev: &Device) -> Result<(f64, [usize; 3])> {
     let (m, k, n) = if dev.is_cuda() {

@@ -214,6 +214,13 @@ fn widen(isa: Isa, serial: bool, src: &[bf16]) -> Vec<f32> {
     out
 }
 
+/// Widens an f16 operand to f32 at the SIMD level.
+fn widen16(isa: Isa, src: &[f16]) -> Vec<f32> {
+    let mut out = vec![0f32; src.len()];
+    isa.f16_to_f32(src, &mut out);
+    out
+}
+
 fn narrow(isa: Isa, serial: bool, src: &[f32]) -> Vec<bf16> {
     let mut out = vec![bf16::ZERO; src.len()];
     if serial || src.len() < 4 * TASK {
@@ -226,6 +233,67 @@ fn narrow(isa: Isa, serial: bool, src: &[f32]) -> Vec<bf16> {
     out
 }
 
+/// The `k.batch` products of `k`, `f(one, par, a_i, b_i, c_i)` on one matrix of each operand:
+/// with at least as many products as threads, one product per rayon task (each serial: no
+/// fork-join inside the small per-head GEMMs of attention); else one after the other, each
+/// with `par`.
+fn per_product<A: Sync, B: Sync, C: Send>(
+    k: &MatmulFwd,
+    par: gemm::Parallelism,
+    a: &[A],
+    b: &[B],
+    c: &mut [C],
+    f: impl Fn(&MatmulFwd, gemm::Parallelism, &[A], &[B], &mut [C]) + Sync,
+) {
+    let one = MatmulFwd { batch: 1, ..*k };
+    let (sa, sb, sc) = (k.m * k.k, k.k * k.n, k.m * k.n);
+    let threads = match par {
+        gemm::Parallelism::Rayon(t) => t,
+        _ => 1,
+    };
+    let job = |(i, ci): (usize, &mut [C]), p| {
+        f(
+            &one,
+            p,
+            &a[i * sa..(i + 1) * sa],
+            &b[i * sb..(i + 1) * sb],
+            ci,
+        )
+    };
+    if k.batch == 1 {
+        job((0, &mut c[..sc]), par);
+    } else if threads > 1 && k.batch >= threads {
+        c[..k.batch * sc]
+            .par_chunks_mut(sc)
+            .enumerate()
+            .for_each(|ic| job(ic, gemm::Parallelism::None));
+    } else {
+        c[..k.batch * sc]
+            .chunks_mut(sc)
+            .enumerate()
+            .for_each(|ic| job(ic, par));
+    }
+}
+
+/// The f32 products of `k` (the GEMV for `M = 1` when `gemv`).
+fn f32_products(
+    k: &MatmulFwd,
+    isa: Isa,
+    par: gemm::Parallelism,
+    gemv_on: bool,
+    a: &[f32],
+    b: &[f32],
+    c: &mut [f32],
+) {
+    per_product(k, par, a, b, c, |one, p, a, b, c| {
+        if one.m == 1 && gemv_on {
+            gemv(one, isa, matches!(p, gemm::Parallelism::None), a, b, c);
+        } else {
+            gemm_into(one, p, a, b, c);
+        }
+    })
+}
+
 pub(super) fn forward(
     k: &MatmulFwd,
     cfg: &KernelConfig,
@@ -236,25 +304,36 @@ pub(super) fn forward(
     let par = parallelism(cfg);
     let serial = matches!(par, gemm::Parallelism::None);
     let isa = Isa::new(OP, cfg.cpu.simd)?;
-    let mn = k.m * k.n;
+    let mn = k.batch * k.m * k.n;
+    let gemv_on = cfg.cpu.gemv;
     let out = match sa.dtype() {
         DType::F32 => {
             let a = cpu::slice::<f32>(OP, "a", sa, la)?;
             let b = cpu::slice::<f32>(OP, "b", sb, lb)?;
             let mut c = cpu::alloc::<f32>(mn, cfg.poison);
-            if k.m == 1 && cfg.cpu.gemv {
-                gemv(k, isa, serial, a, b, &mut c);
-            } else {
-                gemm_into(k, par, a, b, &mut c);
-            }
+            f32_products(k, isa, par, gemv_on, a, b, &mut c);
             CpuStorage::F32(c)
         }
         DType::F64 => {
             let a = cpu::slice::<f64>(OP, "a", sa, la)?;
             let b = cpu::slice::<f64>(OP, "b", sb, lb)?;
             let mut c = cpu::alloc::<f64>(mn, cfg.poison);
-            gemm_into(k, par, a, b, &mut c);
+            per_product(k, par, a, b, &mut c, |one, p, a, b, c| {
+                gemm_into(one, p, a, b, c)
+            });
             CpuStorage::F64(c)
+        }
+        DType::F16 if k.batch > 1 => {
+            // Batched f16 (attention): widened to f32 like bf16, so no product runs one of
+            // the gemm crate's f16-accumulating GEMV paths.
+            let a = cpu::slice::<f16>(OP, "a", sa, la)?;
+            let b = cpu::slice::<f16>(OP, "b", sb, lb)?;
+            let (a32, b32) = (widen16(isa, a), widen16(isa, b));
+            let mut c32 = cpu::alloc::<f32>(mn, cfg.poison);
+            f32_products(k, isa, par, gemv_on, &a32, &b32, &mut c32);
+            let mut c = vec![f16::ZERO; mn];
+            isa.f32_to_f16(&c32, &mut c);
+            CpuStorage::F16(c)
         }
         DType::F16 => {
             let a = cpu::slice::<f16>(OP, "a", sa, la)?;
@@ -267,6 +346,7 @@ pub(super) fn forward(
                 (1, _) => Some((*k, a, b)),
                 (m, 1) => Some((
                     MatmulFwd {
+                        batch: 1,
                         m: 1,
                         k: k.k,
                         n: m,
@@ -293,12 +373,12 @@ pub(super) fn forward(
             let a = cpu::slice::<bf16>(OP, "a", sa, la)?;
             let b = cpu::slice::<bf16>(OP, "b", sb, lb)?;
             let mut c32 = cpu::alloc::<f32>(mn, cfg.poison);
-            if k.m == 1 && cfg.cpu.gemv {
+            if k.batch == 1 && k.m == 1 && cfg.cpu.gemv {
                 let x = widen(isa, true, a);
                 gemv(k, isa, serial, &x, b, &mut c32);
             } else {
                 let (a32, b32) = (widen(isa, serial, a), widen(isa, serial, b));
-                gemm_into(k, par, &a32, &b32, &mut c32);
+                f32_products(k, isa, par, gemv_on, &a32, &b32, &mut c32);
             }
             CpuStorage::BF16(narrow(isa, serial, &c32))
         }
