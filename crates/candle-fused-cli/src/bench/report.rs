@@ -106,6 +106,9 @@ pub struct Row {
     /// Peak memory of one call above its inputs, MiB (rows that measure it: the losses).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peak_mib: Option<f64>,
+    /// CUDA: the host's time to issue one call, µs ([`super::timing::Stats::host_us`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_us: Option<f64>,
 }
 
 /// A measurement that could not be made (error, out of memory, not supported).
@@ -217,9 +220,10 @@ impl Collector {
                     baseline: baseline.map(String::from),
                     speedup: None,
                     peak_mib: None,
+                    host_us: st.host_us,
                 };
                 eprintln!(
-                    "  {:<28} {:<8} {:<18} {:<5} {:<22} {:>12.1} us {:>8.1} GB/s{}",
+                    "  {:<28} {:<8} {:<18} {:<5} {:<22} {:>12.1} us {:>8.1} GB/s{}{}",
                     row.op,
                     row.pass,
                     shape_str(&row.shape),
@@ -229,6 +233,9 @@ impl Collector {
                     row.gbps,
                     row.tflops
                         .map(|t| format!(" {:>8} TFLOP/s", fmt_tflops(t)))
+                        .unwrap_or_default(),
+                    row.host_us
+                        .map(|h| format!("  host {h:.1} us/call"))
                         .unwrap_or_default()
                 );
                 self.rows.push(row);

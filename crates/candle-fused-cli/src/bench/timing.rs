@@ -74,21 +74,31 @@ pub struct Stats {
     pub median_us: f64,
     pub min_us: f64,
     pub reps: usize,
+    /// CUDA: the host's time to issue one call (wall clock from the first call to the last
+    /// one's return, before the device is waited for), median over the samples. When it is
+    /// not below `median_us`, the device waited for the host: the row is host-bound.
+    pub host_us: Option<f64>,
+}
+
+fn median_of(mut s: Vec<f64>) -> f64 {
+    s.sort_by(|a, b| a.total_cmp(b));
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        0.5 * (s[n / 2 - 1] + s[n / 2])
+    }
 }
 
 impl Stats {
-    fn from_samples(mut s: Vec<f64>) -> Self {
-        s.sort_by(|a, b| a.total_cmp(b));
-        let n = s.len();
-        let median = if n % 2 == 1 {
-            s[n / 2]
-        } else {
-            0.5 * (s[n / 2 - 1] + s[n / 2])
-        };
+    fn from_samples(s: Vec<(f64, Option<f64>)>) -> Self {
+        let host: Option<Vec<f64>> = s.iter().map(|x| x.1).collect();
+        let dev: Vec<f64> = s.iter().map(|x| x.0).collect();
         Stats {
-            median_us: median,
-            min_us: s[0],
-            reps: n,
+            min_us: dev.iter().copied().fold(f64::INFINITY, f64::min),
+            reps: dev.len(),
+            median_us: median_of(dev),
+            host_us: host.filter(|h| !h.is_empty()).map(median_of),
         }
     }
 }
@@ -139,7 +149,7 @@ impl Timer {
         let mut i = 0;
         let n = self.budget.stream.max(1);
         // The setups of one sample (untimed), then its calls.
-        let mut sample = |i: &mut usize| -> Result<f64> {
+        let mut sample = |i: &mut usize| -> Result<(f64, Option<f64>)> {
             let ss = (0..n)
                 .map(|_| {
                     *i += 1;
@@ -150,7 +160,7 @@ impl Timer {
         };
         let mut warm = f64::INFINITY;
         for _ in 0..self.budget.warmup.max(1) {
-            warm = warm.min(sample(&mut i)?);
+            warm = warm.min(sample(&mut i)?.0);
         }
         let fit = (self.budget.target_s * 1e6 / (warm * n as f64).max(1e-3)) as usize;
         let reps = fit.clamp(self.budget.min_reps, self.budget.max_reps);
@@ -161,26 +171,33 @@ impl Timer {
         Ok(Stats::from_samples(samples))
     }
 
-    /// One sample: the calls on `ss` back to back, in microseconds per call.
-    fn once<S, R>(&self, ss: Vec<S>, f: &mut impl FnMut(S) -> Result<R>) -> Result<f64> {
+    /// One sample: the calls on `ss` back to back, in microseconds per call (CUDA: also the
+    /// host's time per call to issue them).
+    fn once<S, R>(
+        &self,
+        ss: Vec<S>,
+        f: &mut impl FnMut(S) -> Result<R>,
+    ) -> Result<(f64, Option<f64>)> {
         let n = ss.len().max(1) as f64;
         self.device.synchronize()?;
         #[cfg(feature = "cuda")]
         if let Some(ev) = &self.events {
             ev.start()?;
+            let h0 = Instant::now();
             let r = ss.into_iter().map(&mut *f).collect::<Result<Vec<R>>>()?;
+            let host = h0.elapsed().as_secs_f64() * 1e6 / n;
             ev.stop()?;
             let us = ev.elapsed_us()? / n;
             self.device.synchronize()?;
             drop(r);
-            return Ok(us);
+            return Ok((us, Some(host)));
         }
         let t0 = Instant::now();
         let r = ss.into_iter().map(&mut *f).collect::<Result<Vec<R>>>()?;
         self.device.synchronize()?;
         let us = t0.elapsed().as_secs_f64() * 1e6 / n;
         drop(r);
-        Ok(us)
+        Ok((us, None))
     }
 }
 

@@ -49,8 +49,10 @@ pub(crate) fn run(
 /// Heads per thread: up to 8 (the table entries are loaded once for all of them), fewer when
 /// that would leave fewer than 1024 threads per SM (each thread keeps several 16-byte loads
 /// in flight, so half the SM's threads cover the memory latency); at least 2 when there are
-/// two heads (the f32 table bytes per pair equal a bf16 pair's). On an H200 (2026-12-02) fixed
-/// values of 2, 4, 8 and 16 (`RopeKernelConfig`) gave the same times within 3%.
+/// two heads (the f32 table bytes per pair equal a bf16 pair's). On an H200 (2026-12-02, the
+/// sweep that applied its configurations; an earlier one's bench ignored them) fixed values of
+/// 2, 4 and 16 (`RopeKernelConfig`) were 0–4% slower than this at bf16 [1, 32, 4096, 128], and
+/// 16 was 17% slower at Qwen's [4, 14, 2048, 64].
 fn heads_per_thread(g: &Geom, units: usize, sms: usize, cfg: HeadsPerThread) -> usize {
     if let HeadsPerThread::Fixed(n) = cfg {
         return (n as usize).clamp(1, g.h.max(1));
