@@ -270,7 +270,7 @@ impl LoraCase {
             Impl::Composed => reference::lora_linear(x, &s.w, None, a, b, SCALE)?,
             Impl::Merged => candle_core::bail!("merged weights are timed for inference only"),
         };
-        (y * &s.probe)?.sum_all()?.backward()
+        super::probe_loss(&y, &s.probe)?.backward()
     }
 
     /// The backward alone given `dy` (the set's probe), outside autograd: ours is

@@ -369,7 +369,7 @@ impl MemCase {
         let outs = check::apply(&self.kernels, self.op, &args, fused)?;
         let mut loss: Option<Tensor> = None;
         for (o, p) in outs.iter().zip(&set.probes) {
-            let term = (o * p)?.sum_all()?;
+            let term = super::probe_loss(o, p)?;
             loss = Some(match loss {
                 None => term,
                 Some(l) => (l + term)?,

@@ -31,7 +31,8 @@ synchronised around each repetition); small inputs rotate among several random i
     softmax fwd 2Ne (+ Me with a mask) | bwd 3Ne (y, dy -> dx)
     rms_norm fwd 2Ne + De | bwd 3Ne + 2De (x, dy, w -> dx, dw)
     add_rms_norm fwd 4Ne + De (x, r, w -> normed, sum) | bwd 4Ne + 2De (sum, dnormed, dsum, w -> dx, dw)
-    fwd+bwd = fwd bytes + bwd bytes.
+    fwd+bwd = fwd bytes + bwd bytes; through the tape with loss = sum(y * probe) reduced per
+    row, then over the rows (bench::probe_loss).
   % copy = GB/s / the copy bandwidth measured in this run (one large copy, read + write).
   impls: ours = candle-fused op (bwd: the standalone backward fn, given dy);
     ours_autograd = loss.backward() through our op (bwd only; graph built untimed);

@@ -294,7 +294,7 @@ impl Case {
         let vars: Vec<Var> = s.args.iter().map(Var::from_tensor).collect::<Result<_>>()?;
         let args: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
         let y = self.apply(imp, &args, s)?;
-        Ok(((y * &s.probe)?.sum_all()?, vars))
+        Ok((super::probe_loss(&y, &s.probe)?, vars))
     }
 
     fn fwd_bwd(&self, imp: Impl, s: &Set) -> Result<GradStore> {
