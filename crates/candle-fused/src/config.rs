@@ -126,8 +126,9 @@ pub struct RopeKernelConfig {
 /// Whether the softmax forward keeps each thread's exponentials in registers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum RegisterCache {
-    /// Cached when a CTA's slice has at most 8192 elements (measured best on an H200: longer
-    /// slices cost occupancy, 33–36% slower at [8192, 32768] bf16 and [1024, 262144] f32).
+    /// Cached when a CTA's slice has at most 8192 elements and 16 KiB (measured best on an
+    /// H200: longer slices cost occupancy, 33–36% slower at [8192, 32768] bf16 and
+    /// [1024, 262144] f32; [16384, 8192] f32 13% slower cached).
     #[default]
     Auto,
     /// Always cached.

@@ -30,8 +30,9 @@ use candle_fused::Kernels;
 pub const OP: &str = "matmul";
 
 /// `[batch, M, K, N]` and dtypes: the LoRA/Llama shapes of the issue, the decode GEMV (batch
-/// 1), and the attention products of the CPU training step's `cpu-h256`/`cpu-h512` configs
-/// (4 sequences × 4/8 heads, T 256, head dim 64: `Q·Kᵀ` is 256×64×256, `P·V` 256×256×64).
+/// 1), the attention products of the CPU training step's `cpu-h256`/`cpu-h512` configs
+/// (4 sequences × 4/8 heads, T 256, head dim 64: `Q·Kᵀ` is 256×64×256, `P·V` 256×256×64), and
+/// rank-16 LoRA shapes (`x·Aᵀ`, `u·Bᵀ`, `dUᵀ·x`).
 pub fn gemm_shapes(scope: Scope) -> Vec<([usize; 4], DType)> {
     let shapes: &[[usize; 4]] = if scope.quick {
         &[[1, 1024, 512, 512], [1, 1, 4096, 4096], [16, 256, 64, 256]]
@@ -46,6 +47,9 @@ pub fn gemm_shapes(scope: Scope) -> Vec<([usize; 4], DType)> {
             [16, 256, 256, 64],
             [32, 256, 64, 256],
             [32, 256, 256, 64],
+            [1, 1024, 1024, 16],
+            [1, 1024, 16, 1024],
+            [1, 16, 1024, 1024],
         ]
     };
     let mut out = vec![];

@@ -99,7 +99,10 @@ pub(super) fn forward<T: CudaDType + DeviceRepr>(
     let dt = cuda::dtype_name(op.name, s.dtype())?;
     let cache = cfg.cuda.softmax_fwd.register_cache;
     let plan = cuda::plan_by(op.name, dev, &PTX, &spec, |chunk| {
-        format!("{kind}_fwd{}_{dt}", cache_tag(cache, chunk))
+        format!(
+            "{kind}_fwd{}_{dt}",
+            cache_tag(cache, chunk, std::mem::size_of::<T>())
+        )
     })?;
     {
         let mut args = Args::new(&stream);
@@ -122,17 +125,19 @@ pub(super) fn forward<T: CudaDType + DeviceRepr>(
 
 /// The forward build's register cache (softmax.cu's CACHE): `"c"` keeps each thread's
 /// exponentials in registers (one ex2 per element, no shared-memory re-read), `""` re-reads
-/// shared memory. [`RegisterCache::Auto`] caches when a CTA's slice has at most 8192 elements:
-/// the cache holds the slice in f32 registers, and longer slices would cost occupancy
-/// (measured on an H200: 33% slower at [8192, 32768] bf16, 36% at [1024, 262144] f32). Two
+/// shared memory. [`RegisterCache::Auto`] caches when a CTA's slice has at most 8192 elements
+/// and 16 KiB: the cache holds the slice in f32 registers, and longer slices would cost
+/// occupancy (measured on an H200: 33% slower at [8192, 32768] bf16, 36% at [1024, 262144]
+/// f32; 2026-12-02, `--kernel-config softmax-cache-on/off` in one call: [16384, 8192] f32
+/// 303 µs cached against 267 uncached, so f32 slices over 4096 elements are not cached). Two
 /// other builds were slower at every shape and were dropped
 /// (`results/gpu/kernel-probe-2026-11-27-softmax-rms.log`): one caching the raw packs (fewer
 /// registers, ex2 twice), one caching 2 packs per thread with twice the threads.
-fn cache_tag(cache: RegisterCache, chunk: usize) -> &'static str {
+fn cache_tag(cache: RegisterCache, chunk: usize, elem_bytes: usize) -> &'static str {
     match cache {
         RegisterCache::Off => "",
         RegisterCache::On => "c",
-        RegisterCache::Auto if chunk <= 8192 => "c",
+        RegisterCache::Auto if chunk <= 8192 && chunk * elem_bytes <= 16 << 10 => "c",
         RegisterCache::Auto => "",
     }
 }
