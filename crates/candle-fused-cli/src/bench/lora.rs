@@ -417,7 +417,6 @@ impl Family for LoraFamily {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::timing::Budget;
 
     fn case(dtype: DType) -> LoraCase {
         LoraCase::from_shape([37, 70, 50, 5], dtype)
@@ -489,22 +488,8 @@ mod tests {
 
     #[test]
     fn run_case_records_every_row() {
-        let budget = Budget {
-            warmup: 1,
-            min_reps: 2,
-            max_reps: 2,
-            target_s: 0.0,
-            stream: 1,
-        };
-        let timer = Timer::new(&Device::Cpu, budget).unwrap();
-        let mut out = Collector {
-            device: "cpu".into(),
-            device_name: "test".into(),
-            copy_gbps: 1.0,
-            rows: vec![],
-            skipped: vec![],
-            checkpoint: None,
-        };
+        let timer = crate::bench::test_util::timer(2);
+        let mut out = crate::bench::test_util::collector();
         run_case(&case(DType::F32), &timer, &mut out);
         out.finish();
         assert!(out.skipped.is_empty(), "{:?}", out.skipped);

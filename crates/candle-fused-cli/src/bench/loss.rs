@@ -431,28 +431,11 @@ impl Family for LossFamily {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::timing::Budget;
 
-    fn collector() -> Collector {
-        Collector {
-            device: "cpu".into(),
-            device_name: "test".into(),
-            copy_gbps: 1.0,
-            rows: vec![],
-            skipped: vec![],
-            checkpoint: None,
-        }
-    }
+    use crate::bench::test_util::collector;
 
     fn timer() -> Timer {
-        let b = Budget {
-            warmup: 1,
-            min_reps: 2,
-            max_reps: 2,
-            target_s: 0.0,
-            stream: 1,
-        };
-        Timer::new(&Device::Cpu, b).unwrap()
+        crate::bench::test_util::timer(2)
     }
 
     /// Ours run on the bench's `--kernel-config` (a SIMD level this CPU lacks: every row of

@@ -358,6 +358,30 @@ pub(crate) mod test_util {
         })
     }
 
+    /// An empty CPU collector (copy bandwidth 1 GB/s, no checkpoint file).
+    pub fn collector() -> super::report::Collector {
+        super::report::Collector {
+            device: "cpu".into(),
+            device_name: "test".into(),
+            copy_gbps: 1.0,
+            rows: vec![],
+            skipped: vec![],
+            checkpoint: None,
+        }
+    }
+
+    /// A CPU timer of one warm-up and `reps` timed calls.
+    pub fn timer(reps: usize) -> super::timing::Timer {
+        let b = super::timing::Budget {
+            warmup: 1,
+            min_reps: reps,
+            max_reps: reps,
+            target_s: 0.0,
+            stream: 1,
+        };
+        super::timing::Timer::new(&candle_core::Device::Cpu, b).expect("a CPU timer")
+    }
+
     /// Every `ours*` row was skipped with the SIMD error, every other one timed.
     pub fn ours_skipped_others_timed(out: &super::report::Collector) {
         assert!(!out.skipped.is_empty(), "no row of ours was skipped");

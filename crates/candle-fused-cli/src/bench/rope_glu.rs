@@ -437,22 +437,10 @@ impl Family for RopeGluFamily {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::timing::Budget;
 
     #[test]
     fn every_impl_runs_and_records_rows() {
-        let dev = Device::Cpu;
-        let timer = Timer::new(
-            &dev,
-            Budget {
-                warmup: 1,
-                min_reps: 1,
-                max_reps: 1,
-                target_s: 0.0,
-                stream: 1,
-            },
-        )
-        .unwrap();
+        let timer = crate::bench::test_util::timer(1);
         let cases = vec![
             Case::Rope {
                 shape: [1, 3, 5, 8],
@@ -492,14 +480,7 @@ mod tests {
             },
         ];
         for case in cases {
-            let mut out = Collector {
-                device: "cpu".into(),
-                device_name: "cpu".into(),
-                copy_gbps: 1.0,
-                rows: vec![],
-                skipped: vec![],
-                checkpoint: None,
-            };
+            let mut out = crate::bench::test_util::collector();
             run_case(&case, &Kernels::default(), &timer, &mut out);
             assert!(out.skipped.is_empty(), "{:?}", out.skipped);
             let n: usize = PASSES.iter().map(|&p| case.impls(p).len()).sum();
@@ -511,17 +492,7 @@ mod tests {
     /// ours fails, the peers' rows are timed).
     #[test]
     fn ours_run_on_the_given_kernel_config() {
-        let timer = Timer::new(
-            &Device::Cpu,
-            crate::bench::timing::Budget {
-                warmup: 1,
-                min_reps: 2,
-                max_reps: 2,
-                target_s: 0.0,
-                stream: 1,
-            },
-        )
-        .unwrap();
+        let timer = crate::bench::test_util::timer(2);
         let k = crate::bench::test_util::unavailable_simd();
         for case in [
             Case::Rope {
@@ -537,14 +508,7 @@ mod tests {
                 dtype: DType::F32,
             },
         ] {
-            let mut out = Collector {
-                device: "cpu".into(),
-                device_name: "cpu".into(),
-                copy_gbps: 1.0,
-                rows: vec![],
-                skipped: vec![],
-                checkpoint: None,
-            };
+            let mut out = crate::bench::test_util::collector();
             run_case(&case, &k, &timer, &mut out);
             crate::bench::test_util::ours_skipped_others_timed(&out);
         }
