@@ -100,8 +100,8 @@ pub enum HeadsPerThread {
 /// (2026-12-02, `bench --op rope --stream 8`, one call per configuration): the unbounded build
 /// uses 70 registers (37.5% occupancy) and takes 23.3 µs for bf16 [1, 32, 4096, 128]; `Ctas4`
 /// 56 registers, 50%, 21.7 µs (70% → 75% of copy; Qwen's [4, 14, 2048, 64] 53% → 57%; f32 and
-/// interleaved unchanged); `Ctas6` 40 registers, 75%, 29.6 µs (slower: ncu shows 44 cycles per
-/// issued instruction against 25).
+/// interleaved unchanged). A 6-CTA build (40 registers, 75%) took 29.6 µs (ncu: 44 cycles per
+/// issued instruction against 25) and was dropped (NOTES.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum RopeOccupancy {
     /// No bound: the compiler's choice.
@@ -109,8 +109,6 @@ pub enum RopeOccupancy {
     /// 4 CTAs per SM: at most 64 registers per thread (50% occupancy). The default.
     #[default]
     Ctas4,
-    /// 6 CTAs per SM: at most 40 registers per thread (75% occupancy).
-    Ctas6,
 }
 
 /// RoPE kernel build.
@@ -222,7 +220,6 @@ impl KernelConfig {
             ("rope-hpt16", with_hpt(16)),
             ("rope-unbounded", with_occ(RopeOccupancy::Unbounded)),
             ("rope-ctas4", with_occ(RopeOccupancy::Ctas4)),
-            ("rope-ctas6", with_occ(RopeOccupancy::Ctas6)),
         ]
     }
 }

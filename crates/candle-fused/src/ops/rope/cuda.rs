@@ -173,7 +173,6 @@ fn run_t<T: CudaDType + DeviceRepr>(
             _ if block[0] * block[1] > 256 => "",
             RopeOccupancy::Unbounded => "",
             RopeOccupancy::Ctas4 => "_c4",
-            RopeOccupancy::Ctas6 => "_c6",
         };
         let name = format!("rope_{style}_{pos_name}_{dt}_v{v}{occ}");
         cuda::launch_3d(dev, &PTX, &name, grid, block, &args)?;

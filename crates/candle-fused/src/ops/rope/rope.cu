@@ -152,23 +152,19 @@ __device__ void rope(const T* __restrict__ x, const float* __restrict__ cos_t,
   }
 }
 
-// Each kernel in three builds (RopeOccupancy of config.rs): unbounded, and with
-// __launch_bounds__(256, 4) / (256, 6): at most 64 / 40 registers per thread.
-#define ROPE_KERNEL(NAME, T, V, STYLE, SNAME, P, PNAME)                                        \
-  extern "C" __global__ void rope_##SNAME##_##PNAME##_##NAME##_v##V(                           \
+// One entry point of the rope template: SUF names the build, BOUNDS its launch bounds.
+#define ROPE_ENTRY(NAME, T, V, STYLE, SNAME, P, PNAME, SUF, BOUNDS)                            \
+  extern "C" __global__ void BOUNDS rope_##SNAME##_##PNAME##_##NAME##_v##V##SUF(               \
       const T* x, const float* c, const float* s, const P* pos, T* y, RopeGeom g) {             \
     rope<T, V, STYLE, P>(x, c, s, pos, y, g);                                                   \
-  }                                                                                             \
-  extern "C" __global__ void __launch_bounds__(256, 4)                                          \
-      rope_##SNAME##_##PNAME##_##NAME##_v##V##_c4(const T* x, const float* c, const float* s,   \
-                                                  const P* pos, T* y, RopeGeom g) {             \
-    rope<T, V, STYLE, P>(x, c, s, pos, y, g);                                                   \
-  }                                                                                             \
-  extern "C" __global__ void __launch_bounds__(256, 6)                                          \
-      rope_##SNAME##_##PNAME##_##NAME##_v##V##_c6(const T* x, const float* c, const float* s,   \
-                                                  const P* pos, T* y, RopeGeom g) {             \
-    rope<T, V, STYLE, P>(x, c, s, pos, y, g);                                                   \
   }
+
+// Each kernel in two builds (RopeOccupancy of config.rs): unbounded, and `_c4` with
+// __launch_bounds__(256, 4): at most 64 registers per thread.
+#define ROPE_BOUNDS_C4 __launch_bounds__(256, 4)
+#define ROPE_KERNEL(NAME, T, V, STYLE, SNAME, P, PNAME)            \
+  ROPE_ENTRY(NAME, T, V, STYLE, SNAME, P, PNAME, , )               \
+  ROPE_ENTRY(NAME, T, V, STYLE, SNAME, P, PNAME, _c4, ROPE_BOUNDS_C4)
 
 #define ROPE_KERNELS_V(NAME, T, V)                          \
   ROPE_KERNEL(NAME, T, V, 0, half, uint32_t, u32)           \
