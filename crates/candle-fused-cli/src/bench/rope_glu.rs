@@ -171,8 +171,8 @@ impl Case {
     }
 
     /// A fresh random input set on `dev` (x, gate_up ~ N(0, 1), gate ~ N(0, 2²), up and
-    /// the probe ~ N(0, 1); RoPE positions `offset..offset + T`).
-    pub fn inputs(&self, dev: &Device, table: Option<&RopeTable>) -> Result<Set> {
+    /// the probe ~ N(0, 1); RoPE positions `offset..offset + T`), for ours on `kernels`.
+    pub fn inputs(&self, dev: &Device, table: Option<&RopeTable>, kernels: Kernels) -> Result<Set> {
         let dt = self.dtype();
         let shape = self.shape();
         let probe = randn(&shape, 1.0, dt, dev)?;
@@ -193,7 +193,7 @@ impl Case {
                     args: vec![randn(&shape, 1.0, dt, dev)?],
                     probe,
                     rope: Some((table, pos, c, s)),
-                    kernels: Kernels::default(),
+                    kernels,
                 })
             }
             Case::Glu { packed: true, .. } => {
@@ -203,14 +203,14 @@ impl Case {
                     args: vec![randn(&s, 1.0, dt, dev)?],
                     probe,
                     rope: None,
-                    kernels: Kernels::default(),
+                    kernels,
                 })
             }
             Case::Glu { packed: false, .. } => Ok(Set {
                 args: vec![randn(&shape, 2.0, dt, dev)?, randn(&shape, 1.0, dt, dev)?],
                 probe,
                 rope: None,
-                kernels: Kernels::default(),
+                kernels,
             }),
         }
     }
@@ -358,12 +358,7 @@ pub fn run_case(case: &Case, kernels: &Kernels, timer: &Timer, out: &mut Collect
     };
     let n_sets = sets_for(case.set_bytes());
     let sets: Result<Vec<Set>> = (0..n_sets)
-        .map(|_| {
-            case.inputs(dev, table.as_ref()).map(|s| Set {
-                kernels: *kernels,
-                ..s
-            })
-        })
+        .map(|_| case.inputs(dev, table.as_ref(), *kernels))
         .collect();
     let sets = match sets {
         Ok(s) => s,
@@ -525,7 +520,7 @@ mod tests {
             dtype: DType::F32,
         };
         let tab = RopeTable::new(&RopeConfig::new(16, 10_000.0, ROPE_POSITIONS), &dev).unwrap();
-        let s = case.inputs(&dev, Some(&tab)).unwrap();
+        let s = case.inputs(&dev, Some(&tab), Kernels::default()).unwrap();
         let ours = case.apply(Impl::Ours, &s.args, &s).unwrap();
         for imp in [Impl::Composed, Impl::CandleRotary] {
             let other = case.apply(imp, &s.args, &s).unwrap();
