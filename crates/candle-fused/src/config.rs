@@ -37,6 +37,10 @@ pub struct CpuConfig {
     /// `M = 1` products (f32, bf16) through the GEMV that streams the weight once, instead of
     /// the GEMM (measured faster for decode shapes; see BENCHMARKS.md).
     pub gemv: bool,
+    /// f32 products (`ops::matmul`, the LoRA kernels; bf16/f16 after widening) with a side of
+    /// at most this many elements (the LoRA rank, a few rows) run on the crate's own SIMD
+    /// micro-kernels instead of the `gemm` crate; 0 turns them off.
+    pub skinny_gemm_max: usize,
 }
 
 /// The instruction set the CPU kernels' vector math runs on, detected at run time (the binary
@@ -68,6 +72,7 @@ impl Default for CpuConfig {
             simd: SimdLevel::Auto,
             gemm_threads: 0,
             gemv: true,
+            skinny_gemm_max: 32,
         }
     }
 }
@@ -208,8 +213,18 @@ impl KernelConfig {
             },
             ..d
         };
+        let with_skinny = |n| KernelConfig {
+            cpu: CpuConfig {
+                skinny_gemm_max: n,
+                ..d.cpu
+            },
+            ..d
+        };
         vec![
             ("default", d),
+            ("skinny-off", with_skinny(0)),
+            ("skinny-16", with_skinny(16)),
+            ("skinny-64", with_skinny(64)),
             ("softmax-cache-on", with_cache(RegisterCache::On)),
             ("softmax-cache-off", with_cache(RegisterCache::Off)),
             ("rms-bwd-cols16", with_cols(DwColumns::C16)),

@@ -15,6 +15,7 @@
 
 pub(crate) mod convert;
 pub(crate) mod math;
+pub(crate) mod skinny;
 #[cfg(test)]
 mod tests;
 

@@ -281,3 +281,137 @@ fn half_conversions_match_half_at_every_level() {
         }
     }
 }
+
+/// The skinny f32 products against f64 sums: every level, both orientations and `Auto`,
+/// transposed and strided operands, accumulate or overwrite (the output poisoned with NaN so an
+/// unwritten element fails), threads on or off, and the padding of each output row untouched.
+#[test]
+fn skinny_gemm_matches_f64() {
+    use super::skinny::{Orient, View};
+    let (mut rng, seed) = Rng::new();
+    let shapes = [
+        (1, 1, 1),
+        (3, 5, 7),
+        (17, 16, 33),
+        (40, 31, 9),
+        (9, 70, 16),
+        (16, 200, 300),
+        (300, 16, 200),
+        (250, 130, 8),
+        (64, 8, 1000),
+        (8, 1000, 64),
+    ];
+    for isa in levels() {
+        for &(m, n, k) in &shapes {
+            for (ta, tb, acc, orient, threads) in [
+                (false, false, false, Orient::Auto, 1),
+                (false, true, true, Orient::Direct, 2),
+                (true, false, false, Orient::Transposed, 2),
+                (true, true, true, Orient::Auto, 2),
+                (false, true, false, Orient::Transposed, 1),
+                (true, false, true, Orient::Direct, 1),
+            ] {
+                let a = rng.vec(m * k, -1.0, 1.0);
+                let b = rng.vec(k * n, -1.0, 1.0);
+                let ldd = n + 3;
+                let init = rng.vec(m * ldd, -1.0, 1.0);
+                let mut c = init.clone();
+                if !acc {
+                    for row in c.chunks_mut(ldd) {
+                        row[..n].fill(f32::NAN);
+                    }
+                }
+                let beta = rng.f32(0.5, 2.0);
+                let (a_rs, a_cs) = if ta { (1, m) } else { (k, 1) };
+                let (b_rs, b_cs) = if tb { (1, k) } else { (n, 1) };
+                let va = View {
+                    ptr: a.as_ptr(),
+                    rs: a_rs as isize,
+                    cs: a_cs as isize,
+                };
+                let vb = View {
+                    ptr: b.as_ptr(),
+                    rs: b_rs as isize,
+                    cs: b_cs as isize,
+                };
+                // SAFETY: the views cover a and b; c has m rows of ldd >= n.
+                let ran = unsafe {
+                    isa.skinny_gemm(
+                        threads,
+                        usize::MAX,
+                        (m, n, k),
+                        c.as_mut_ptr(),
+                        ldd,
+                        acc,
+                        va,
+                        vb,
+                        beta,
+                        orient,
+                    )
+                };
+                assert!(ran);
+                let what = format!(
+                    "{:?} {m}x{n}x{k} ta={ta} tb={tb} acc={acc} {orient:?} threads={threads} seed={seed}",
+                    isa.level()
+                );
+                for i in 0..m {
+                    for j in 0..ldd {
+                        let got = c[i * ldd + j];
+                        if j >= n {
+                            assert_eq!(
+                                got.to_bits(),
+                                init[i * ldd + j].to_bits(),
+                                "padding written: {what}"
+                            );
+                            continue;
+                        }
+                        let mut s = 0f64;
+                        let mut mag = 0f64;
+                        for p in 0..k {
+                            let t = a[i * a_rs + p * a_cs] as f64 * b[p * b_rs + j * b_cs] as f64;
+                            s += t;
+                            mag += t.abs();
+                        }
+                        let want =
+                            beta as f64 * s + if acc { init[i * ldd + j] as f64 } else { 0.0 };
+                        let tol = 1e-5 * (beta as f64 * mag + 1.0);
+                        assert!(
+                            (got as f64 - want).abs() <= tol,
+                            "({i},{j}) got {got} want {want}: {what}"
+                        );
+                    }
+                }
+            }
+        }
+        // No side at most max_side: declined, nothing written.
+        let mut c = vec![7f32; 4];
+        let v = View {
+            ptr: c.as_ptr(),
+            rs: 2,
+            cs: 1,
+        };
+        let d = vec![1f32; 4];
+        let vd = View {
+            ptr: d.as_ptr(),
+            rs: 2,
+            cs: 1,
+        };
+        let _ = v;
+        // SAFETY: 2×2 operands.
+        let ran = unsafe {
+            isa.skinny_gemm(
+                1,
+                1,
+                (2, 2, 2),
+                c.as_mut_ptr(),
+                2,
+                false,
+                vd,
+                vd,
+                1.0,
+                Orient::Auto,
+            )
+        };
+        assert!(!ran && c == vec![7f32; 4]);
+    }
+}

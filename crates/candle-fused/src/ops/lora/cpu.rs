@@ -7,6 +7,7 @@
 //! accumulate in f32 throughout and the temporaries stay a block of rows (never `M×N`); the
 //! weights are widened once (parameter-sized).
 
+use std::any::TypeId;
 use std::borrow::Cow;
 
 use candle_core::{CpuStorage, Result};
@@ -17,6 +18,8 @@ use super::kernels::{Dims, LoraBwd, LoraDown, LoraFwd, Mat};
 use crate::config::{CpuConfig, KernelConfig};
 use crate::cpu::{self, Acc, Elem};
 use crate::seam::Inputs;
+use crate::simd::skinny::{Orient, View};
+use crate::simd::Isa;
 use crate::validate::fail;
 
 /// A host operand: row stride and column stride of [`Mat`] in elements.
@@ -46,12 +49,30 @@ fn parallelism() -> gemm::Parallelism {
     }
 }
 
-/// `dst (m×n, row length ldd) = [dst +] beta·lhs (m×k)·rhs (k×n)`.
+/// The SIMD level and skinny-product bound of [`mm`].
+#[derive(Clone, Copy)]
+struct Gemm {
+    isa: Isa,
+    max_side: usize,
+}
+
+impl Gemm {
+    fn new(name: &str, cfg: &KernelConfig) -> Result<Self> {
+        Ok(Self {
+            isa: Isa::new(name, cfg.cpu.simd)?,
+            max_side: cfg.cpu.skinny_gemm_max,
+        })
+    }
+}
+
+/// `dst (m×n, row length ldd) = [dst +] beta·lhs (m×k)·rhs (k×n)`: f32 products with a side of
+/// at most `g.max_side` on the skinny micro-kernels, the rest on the `gemm` crate.
 ///
 /// # Safety
 /// The views must cover `m×k` and `k×n` elements inside live slices, `dst` `m` rows of
 /// `ldd >= n` elements.
 unsafe fn mm<A: Acc>(
+    g: Gemm,
     (m, n, k): (usize, usize, usize),
     dst: &mut [A],
     ldd: usize,
@@ -73,6 +94,28 @@ unsafe fn mm<A: Acc>(
         return;
     }
     let ((lrs, lcs), (rrs, rcs)) = (strides(&lhs), strides(&rhs));
+    if TypeId::of::<A>() == TypeId::of::<f32>() {
+        let view = |p: *const A, rs, cs| View {
+            ptr: p as *const f32,
+            rs,
+            cs,
+        };
+        // SAFETY: A is f32; the caller's contract covers the views and dst.
+        if g.isa.skinny_gemm(
+            candle_core::utils::get_num_threads(),
+            g.max_side,
+            (m, n, k),
+            dst.as_mut_ptr() as *mut f32,
+            ldd,
+            accumulate,
+            view(lhs.ptr, lrs, lcs),
+            view(rhs.ptr, rrs, rcs),
+            beta.to_f32().unwrap_or(f32::NAN),
+            Orient::Auto,
+        ) {
+            return;
+        }
+    }
     gemm::gemm(
         m,
         n,
@@ -161,6 +204,7 @@ fn blocks(m: usize, rows: usize) -> impl Iterator<Item = (usize, usize)> {
 
 /// `u_ext = [s·x·Aᵀ | 1 | 0..]` (`M × kk`, the ones column with a bias), in the storage dtype.
 fn down_t<T: Elem>(
+    gm: Gemm,
     d: &Dims,
     scale: f64,
     cfg: &KernelConfig,
@@ -177,6 +221,7 @@ fn down_t<T: Elem>(
             // SAFETY: xb is (m1-m0)×K, A is r×K, u is (m1-m0) rows of kk >= r.
             unsafe {
                 mm(
+                    gm,
                     (m1 - m0, d.r, d.k),
                     u,
                     kk,
@@ -220,7 +265,8 @@ pub(super) fn down<T: Elem>(
 ) -> Result<Vec<CpuStorage>> {
     let x = cpu::input::<T>(ins, 0)?;
     let a = weight::<T>(ins, 1)?;
-    let u = down_t::<T>(&k.dims, k.scale, cfg, x, a.as_deref());
+    let gm = Gemm::new(k.name, cfg)?;
+    let u = down_t::<T>(gm, &k.dims, k.scale, cfg, x, a.as_deref());
     Ok(vec![T::to_cpu_storage_owned(u)])
 }
 
@@ -237,7 +283,8 @@ pub(super) fn forward<T: Elem>(
     let w = weight::<T>(ins, 1)?;
     let a = weight::<T>(ins, 2)?;
     let (b, bias) = (cpu::opt_input::<T>(ins, 3)?, cpu::opt_input::<T>(ins, 4)?);
-    let u = (kk > 0).then(|| down_t::<T>(&d, k.scale, cfg, x, a.as_deref()));
+    let gm = Gemm::new(k.name, cfg)?;
+    let u = (kk > 0).then(|| down_t::<T>(gm, &d, k.scale, cfg, x, a.as_deref()));
     let bext = (kk > 0).then(|| b_ext::<T>(&d, b, bias));
     let mut y = cpu::alloc::<T>(d.m * d.n, cfg.poison);
     let (mut xbuf, mut ubuf) = (Vec::new(), Vec::new());
@@ -251,6 +298,7 @@ pub(super) fn forward<T: Elem>(
                 // SAFETY: u is rows×kk, B_ext is N×kk, y is rows×N.
                 unsafe {
                     mm(
+                        gm,
                         (rows, d.n, kk),
                         y,
                         d.n,
@@ -266,6 +314,7 @@ pub(super) fn forward<T: Elem>(
                 // SAFETY: x is rows×K, W is N×K.
                 Some(w) => unsafe {
                     mm(
+                        gm,
                         (rows, d.n, d.k),
                         y,
                         d.n,
@@ -341,6 +390,7 @@ pub(super) fn backward<T: Elem>(
 ) -> Result<Vec<CpuStorage>> {
     type A<T> = <T as Elem>::A;
     let (d, need) = (k.dims, k.need);
+    let gm = Gemm::new(k.name, cfg)?;
     let kk = d.kk();
     let one = A::<T>::one();
     let dys = cpu::input::<T>(ins, 0)?;
@@ -385,6 +435,7 @@ pub(super) fn backward<T: Elem>(
                 // SAFETY: dy is rows×N, B is N×r.
                 unsafe {
                     mm(
+                        gm,
                         (rows, d.r, d.n),
                         &mut g,
                         d.r,
@@ -401,6 +452,7 @@ pub(super) fn backward<T: Elem>(
                         // SAFETY: g is rows×r, A is r×K, dx is rows×K.
                         unsafe {
                             mm(
+                                gm,
                                 (rows, d.k, d.r),
                                 dx,
                                 d.k,
@@ -415,6 +467,7 @@ pub(super) fn backward<T: Elem>(
                         // SAFETY: dy is rows×N, W is N×K.
                         Some(w) => unsafe {
                             mm(
+                                gm,
                                 (rows, d.k, d.n),
                                 dx,
                                 d.k,
@@ -434,6 +487,7 @@ pub(super) fn backward<T: Elem>(
                 // SAFETY: dyᵀ is N×rows, x is rows×K, dW is N×K.
                 unsafe {
                     mm(
+                        gm,
                         (d.n, d.k, rows),
                         dw,
                         d.k,
@@ -449,6 +503,7 @@ pub(super) fn backward<T: Elem>(
                 // SAFETY: gᵀ is r×rows, x is rows×K, dA is r×K.
                 unsafe {
                     mm(
+                        gm,
                         (d.r, d.k, rows),
                         da,
                         d.k,
@@ -465,6 +520,7 @@ pub(super) fn backward<T: Elem>(
                 // SAFETY: dyᵀ is N×rows, u_ext is rows×kk, dB_ext is N×kk.
                 unsafe {
                     mm(
+                        gm,
                         (d.n, kk, rows),
                         db,
                         kk,

@@ -12,6 +12,7 @@ use super::{MatmulFwd, OP};
 use crate::config::KernelConfig;
 use crate::cpu;
 use crate::seam::Inputs;
+use crate::simd::skinny::{Orient, View};
 use crate::simd::Isa;
 use crate::validate::fail;
 
@@ -281,6 +282,7 @@ fn f32_products(
     isa: Isa,
     par: gemm::Parallelism,
     gemv_on: bool,
+    skinny_max: usize,
     a: &[f32],
     b: &[f32],
     c: &mut [f32],
@@ -288,10 +290,51 @@ fn f32_products(
     per_product(k, par, a, b, c, |one, p, a, b, c| {
         if one.m == 1 && gemv_on {
             gemv(one, isa, matches!(p, gemm::Parallelism::None), a, b, c);
-        } else {
+        } else if !skinny(one, isa, p, skinny_max, a, b, c) {
             gemm_into(one, p, a, b, c);
         }
     })
+}
+
+/// One f32 product on the skinny micro-kernels ([`Isa::skinny_gemm`]) when a side is at most
+/// `max_side`; `false` (nothing written) otherwise.
+fn skinny(
+    k: &MatmulFwd,
+    isa: Isa,
+    par: gemm::Parallelism,
+    max_side: usize,
+    a: &[f32],
+    b: &[f32],
+    c: &mut [f32],
+) -> bool {
+    let (m, kk, n) = (k.m, k.k, k.n);
+    assert!(a.len() >= m * kk && b.len() >= kk * n && c.len() >= m * n);
+    let threads = match par {
+        gemm::Parallelism::Rayon(t) => t,
+        _ => 1,
+    };
+    let (a_rs, a_cs) = if k.ta { (1, m) } else { (kk, 1) };
+    let (b_rs, b_cs) = if k.tb { (1, kk) } else { (n, 1) };
+    let view = |s: &[f32], rs: usize, cs: usize| View {
+        ptr: s.as_ptr(),
+        rs: rs as isize,
+        cs: cs as isize,
+    };
+    // SAFETY: the views address a[..m*k] and b[..k*n], c holds m rows of n (checked above).
+    unsafe {
+        isa.skinny_gemm(
+            threads,
+            max_side,
+            (m, n, kk),
+            c.as_mut_ptr(),
+            n,
+            false,
+            view(a, a_rs, a_cs),
+            view(b, b_rs, b_cs),
+            1.0,
+            Orient::Auto,
+        )
+    }
 }
 
 pub(super) fn forward(
@@ -311,7 +354,7 @@ pub(super) fn forward(
             let a = cpu::slice::<f32>(OP, "a", sa, la)?;
             let b = cpu::slice::<f32>(OP, "b", sb, lb)?;
             let mut c = cpu::alloc::<f32>(mn, cfg.poison);
-            f32_products(k, isa, par, gemv_on, a, b, &mut c);
+            f32_products(k, isa, par, gemv_on, cfg.cpu.skinny_gemm_max, a, b, &mut c);
             CpuStorage::F32(c)
         }
         DType::F64 => {
@@ -330,7 +373,16 @@ pub(super) fn forward(
             let b = cpu::slice::<f16>(OP, "b", sb, lb)?;
             let (a32, b32) = (widen16(isa, a), widen16(isa, b));
             let mut c32 = cpu::alloc::<f32>(mn, cfg.poison);
-            f32_products(k, isa, par, gemv_on, &a32, &b32, &mut c32);
+            f32_products(
+                k,
+                isa,
+                par,
+                gemv_on,
+                cfg.cpu.skinny_gemm_max,
+                &a32,
+                &b32,
+                &mut c32,
+            );
             let mut c = vec![f16::ZERO; mn];
             isa.f32_to_f16(&c32, &mut c);
             CpuStorage::F16(c)
@@ -378,7 +430,16 @@ pub(super) fn forward(
                 gemv(k, isa, serial, &x, b, &mut c32);
             } else {
                 let (a32, b32) = (widen(isa, serial, a), widen(isa, serial, b));
-                f32_products(k, isa, par, gemv_on, &a32, &b32, &mut c32);
+                f32_products(
+                    k,
+                    isa,
+                    par,
+                    gemv_on,
+                    cfg.cpu.skinny_gemm_max,
+                    &a32,
+                    &b32,
+                    &mut c32,
+                );
             }
             CpuStorage::BF16(narrow(isa, serial, &c32))
         }
