@@ -384,19 +384,13 @@ fn skinny_gemm_matches_f64() {
             }
         }
         // No side at most max_side: declined, nothing written.
-        let mut c = vec![7f32; 4];
-        let v = View {
-            ptr: c.as_ptr(),
-            rs: 2,
-            cs: 1,
-        };
-        let d = vec![1f32; 4];
+        let mut c = [7f32; 4];
+        let d = [1f32; 4];
         let vd = View {
             ptr: d.as_ptr(),
             rs: 2,
             cs: 1,
         };
-        let _ = v;
         // SAFETY: 2×2 operands.
         let ran = unsafe {
             isa.skinny_gemm(
@@ -412,6 +406,6 @@ fn skinny_gemm_matches_f64() {
                 Orient::Auto,
             )
         };
-        assert!(!ran && c == vec![7f32; 4]);
+        assert!(!ran && c == [7f32; 4]);
     }
 }

@@ -71,6 +71,7 @@ impl Gemm {
 /// # Safety
 /// The views must cover `m×k` and `k×n` elements inside live slices, `dst` `m` rows of
 /// `ldd >= n` elements.
+#[allow(clippy::too_many_arguments)]
 unsafe fn mm<A: Acc>(
     g: Gemm,
     (m, n, k): (usize, usize, usize),

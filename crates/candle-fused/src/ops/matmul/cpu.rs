@@ -9,7 +9,7 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use super::{MatmulFwd, OP};
-use crate::config::KernelConfig;
+use crate::config::{CpuConfig, KernelConfig};
 use crate::cpu;
 use crate::seam::Inputs;
 use crate::simd::skinny::{Orient, View};
@@ -281,12 +281,12 @@ fn f32_products(
     k: &MatmulFwd,
     isa: Isa,
     par: gemm::Parallelism,
-    gemv_on: bool,
-    skinny_max: usize,
+    cpu: &CpuConfig,
     a: &[f32],
     b: &[f32],
     c: &mut [f32],
 ) {
+    let (gemv_on, skinny_max) = (cpu.gemv, cpu.skinny_gemm_max);
     per_product(k, par, a, b, c, |one, p, a, b, c| {
         if one.m == 1 && gemv_on {
             gemv(one, isa, matches!(p, gemm::Parallelism::None), a, b, c);
@@ -348,13 +348,12 @@ pub(super) fn forward(
     let serial = matches!(par, gemm::Parallelism::None);
     let isa = Isa::new(OP, cfg.cpu.simd)?;
     let mn = k.batch * k.m * k.n;
-    let gemv_on = cfg.cpu.gemv;
     let out = match sa.dtype() {
         DType::F32 => {
             let a = cpu::slice::<f32>(OP, "a", sa, la)?;
             let b = cpu::slice::<f32>(OP, "b", sb, lb)?;
             let mut c = cpu::alloc::<f32>(mn, cfg.poison);
-            f32_products(k, isa, par, gemv_on, cfg.cpu.skinny_gemm_max, a, b, &mut c);
+            f32_products(k, isa, par, &cfg.cpu, a, b, &mut c);
             CpuStorage::F32(c)
         }
         DType::F64 => {
@@ -373,16 +372,7 @@ pub(super) fn forward(
             let b = cpu::slice::<f16>(OP, "b", sb, lb)?;
             let (a32, b32) = (widen16(isa, a), widen16(isa, b));
             let mut c32 = cpu::alloc::<f32>(mn, cfg.poison);
-            f32_products(
-                k,
-                isa,
-                par,
-                gemv_on,
-                cfg.cpu.skinny_gemm_max,
-                &a32,
-                &b32,
-                &mut c32,
-            );
+            f32_products(k, isa, par, &cfg.cpu, &a32, &b32, &mut c32);
             let mut c = vec![f16::ZERO; mn];
             isa.f32_to_f16(&c32, &mut c);
             CpuStorage::F16(c)
@@ -430,16 +420,7 @@ pub(super) fn forward(
                 gemv(k, isa, serial, &x, b, &mut c32);
             } else {
                 let (a32, b32) = (widen(isa, serial, a), widen(isa, serial, b));
-                f32_products(
-                    k,
-                    isa,
-                    par,
-                    gemv_on,
-                    cfg.cpu.skinny_gemm_max,
-                    &a32,
-                    &b32,
-                    &mut c32,
-                );
+                f32_products(k, isa, par, &cfg.cpu, &a32, &b32, &mut c32);
             }
             CpuStorage::BF16(narrow(isa, serial, &c32))
         }
