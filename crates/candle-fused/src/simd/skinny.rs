@@ -39,10 +39,6 @@ pub(crate) enum Orient {
 /// Below this many multiply-adds a product runs on the calling thread.
 const PAR_MIN_MACS: usize = 1 << 17;
 
-/// A pointer that crosses into rayon tasks (each task writes its own rows or columns).
-#[derive(Clone, Copy)]
-struct Shared(usize);
-
 impl Isa {
     /// `dst[i·ldd + j] = [dst[i·ldd + j] +] beta · Σ_p L(i,p)·R(p,j)` for `i < m, j < n`, if
     /// `min(m, n, k) <= max_side` (returns `false` and writes nothing otherwise).
@@ -159,9 +155,9 @@ unsafe fn tiles(
 ) {
     let job = Job {
         l,
-        r: Shared(r as usize),
+        r,
         ldr,
-        dst: Shared(dst as usize),
+        dst,
         ldd,
         k,
         accumulate,
@@ -201,9 +197,9 @@ unsafe fn tiles(
 #[derive(Clone, Copy)]
 struct Job {
     l: View,
-    r: Shared,
+    r: *const f32,
     ldr: isize,
-    dst: Shared,
+    dst: *mut f32,
     ldd: usize,
     k: usize,
     accumulate: bool,
@@ -212,7 +208,8 @@ struct Job {
     cols: (usize, usize),
 }
 
-// SAFETY: the pointers are read-only operands and disjoint output parts (see `tiles`).
+// SAFETY: `l` and `r` are only read, and the parts of `tiles` write disjoint rows or columns
+// of `dst`.
 unsafe impl Send for Job {}
 unsafe impl Sync for Job {}
 
@@ -295,7 +292,7 @@ unsafe fn tile<S: Simd, const MR: usize, const NV: usize, const PARTIAL: bool>(
     let lanes = S::F32_LANES;
     let zero = s.splat_f32s(0.0);
     let mut acc = [[zero; NV]; MR];
-    let r = (j.r.0 as *const f32).add(c);
+    let r = j.r.add(c);
     let l = j.l.ptr.offset(i0 as isize * j.l.rs);
     let load = |p: *const f32| -> S::f32s {
         if PARTIAL {
@@ -319,7 +316,7 @@ unsafe fn tile<S: Simd, const MR: usize, const NV: usize, const PARTIAL: bool>(
         }
     }
     let bv = s.splat_f32s(j.beta);
-    let d = (j.dst.0 as *mut f32).add(i0 * j.ldd + c);
+    let d = j.dst.add(i0 * j.ldd + c);
     for (i, a) in acc.iter().enumerate() {
         let drow = d.add(i * j.ldd);
         for (v, &av) in a.iter().enumerate() {

@@ -40,20 +40,12 @@ fn mat<A>(s: &[A], ld: usize, t: bool) -> Mat<*const A> {
     }
 }
 
-fn parallelism() -> gemm::Parallelism {
-    let n = candle_core::utils::get_num_threads();
-    if n > 1 {
-        gemm::Parallelism::Rayon(n)
-    } else {
-        gemm::Parallelism::None
-    }
-}
-
-/// The SIMD level and skinny-product bound of [`mm`].
+/// The SIMD level, skinny-product bound and threads (Candle's) of [`mm`].
 #[derive(Clone, Copy)]
 struct Gemm {
     isa: Isa,
     max_side: usize,
+    threads: usize,
 }
 
 impl Gemm {
@@ -61,7 +53,16 @@ impl Gemm {
         Ok(Self {
             isa: Isa::new(name, cfg.cpu.simd)?,
             max_side: cfg.cpu.skinny_gemm_max,
+            threads: candle_core::utils::get_num_threads(),
         })
+    }
+
+    fn parallelism(self) -> gemm::Parallelism {
+        if self.threads > 1 {
+            gemm::Parallelism::Rayon(self.threads)
+        } else {
+            gemm::Parallelism::None
+        }
     }
 }
 
@@ -103,7 +104,7 @@ unsafe fn mm<A: Acc>(
         };
         // SAFETY: A is f32; the caller's contract covers the views and dst.
         if g.isa.skinny_gemm(
-            candle_core::utils::get_num_threads(),
+            g.threads,
             g.max_side,
             (m, n, k),
             dst.as_mut_ptr() as *mut f32,
@@ -136,7 +137,7 @@ unsafe fn mm<A: Acc>(
         false,
         false,
         false,
-        parallelism(),
+        g.parallelism(),
     )
 }
 

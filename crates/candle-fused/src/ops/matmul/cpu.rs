@@ -29,6 +29,25 @@ fn parallelism(cfg: &KernelConfig) -> gemm::Parallelism {
     }
 }
 
+/// op(A)[i, p] and op(B)[p, j] of one product as (row stride, column stride), after checking
+/// that `a`, `b` and `c` (of these lengths) hold `m×k`, `k×n` and `m×n` elements.
+fn strides(k: &MatmulFwd, a: usize, b: usize, c: usize) -> [(usize, usize); 2] {
+    let (m, kk, n) = (k.m, k.k, k.n);
+    assert!(a >= m * kk && b >= kk * n && c >= m * n);
+    [
+        if k.ta { (1, m) } else { (kk, 1) },
+        if k.tb { (1, kk) } else { (n, 1) },
+    ]
+}
+
+/// Threads of a `gemm` parallelism.
+fn threads(par: gemm::Parallelism) -> usize {
+    match par {
+        gemm::Parallelism::Rayon(t) => t,
+        _ => 1,
+    }
+}
+
 /// `c = op(a) · op(b)` with the `gemm` crate; `a`, `b` contiguous in their stored shapes.
 fn gemm_into<T: 'static + Copy + num_traits::Zero + num_traits::One>(
     k: &MatmulFwd,
@@ -38,12 +57,9 @@ fn gemm_into<T: 'static + Copy + num_traits::Zero + num_traits::One>(
     c: &mut [T],
 ) {
     let (m, kk, n) = (k.m, k.k, k.n);
-    assert!(a.len() >= m * kk && b.len() >= kk * n && c.len() >= m * n);
-    // op(A)[i, p] and op(B)[p, j] as (row stride, column stride).
-    let (a_rs, a_cs) = if k.ta { (1, m) } else { (kk, 1) };
-    let (b_rs, b_cs) = if k.tb { (1, kk) } else { (n, 1) };
-    // SAFETY: the strides address a[..m*k], b[..k*n] and c[..m*n], checked above; c does not
-    // alias a or b.
+    let [(a_rs, a_cs), (b_rs, b_cs)] = strides(k, a.len(), b.len(), c.len());
+    // SAFETY: the strides address a[..m*k], b[..k*n] and c[..m*n], checked by `strides`; c
+    // does not alias a or b.
     unsafe {
         gemm::gemm(
             m,
@@ -248,10 +264,7 @@ fn per_product<A: Sync, B: Sync, C: Send>(
 ) {
     let one = MatmulFwd { batch: 1, ..*k };
     let (sa, sb, sc) = (k.m * k.k, k.k * k.n, k.m * k.n);
-    let threads = match par {
-        gemm::Parallelism::Rayon(t) => t,
-        _ => 1,
-    };
+    let threads = threads(par);
     let job = |(i, ci): (usize, &mut [C]), p| {
         f(
             &one,
@@ -308,22 +321,17 @@ fn skinny(
     c: &mut [f32],
 ) -> bool {
     let (m, kk, n) = (k.m, k.k, k.n);
-    assert!(a.len() >= m * kk && b.len() >= kk * n && c.len() >= m * n);
-    let threads = match par {
-        gemm::Parallelism::Rayon(t) => t,
-        _ => 1,
-    };
-    let (a_rs, a_cs) = if k.ta { (1, m) } else { (kk, 1) };
-    let (b_rs, b_cs) = if k.tb { (1, kk) } else { (n, 1) };
+    let [(a_rs, a_cs), (b_rs, b_cs)] = strides(k, a.len(), b.len(), c.len());
     let view = |s: &[f32], rs: usize, cs: usize| View {
         ptr: s.as_ptr(),
         rs: rs as isize,
         cs: cs as isize,
     };
-    // SAFETY: the views address a[..m*k] and b[..k*n], c holds m rows of n (checked above).
+    // SAFETY: the views address a[..m*k] and b[..k*n], c holds m rows of n (checked by
+    // `strides`).
     unsafe {
         isa.skinny_gemm(
-            threads,
+            threads(par),
             max_side,
             (m, n, kk),
             c.as_mut_ptr(),
