@@ -13,6 +13,10 @@
 using namespace cf;
 
 constexpr float LOG2E = 1.4426950408889634f;
+// Packs per thread loaded before any is used, in the forward's and the backward's loops over
+// global memory: with one 16-byte load in flight per thread they ran at 64% (forward) and
+// 44-49% (backward) of copy on an H200.
+constexpr int CE_UNROLL = 4;
 
 // The row constants (cuda.rs: CeParams).
 struct CeParams {
@@ -122,8 +126,9 @@ template <typename T, int VEC, bool GRAD> struct CeRow {
     const int tl = (int)(t - lo);
     float m = -INFINITY, sum = 0.f, zs = 0.f, other = 0.f;
     bool nan = false;
-    for (int u = threadIdx.x; u < nu; u += blockDim.x) {
-      const Pack<T, VEC> a = ldg_pack<T, VEC>(sx + u * VEC);
+    const int bs = blockDim.x;
+    // One pack folded into the running (m, sum, zs, other).
+    auto fold = [&](const Pack<T, VEC>& a, int u) {
       float z[VEC];
       float pm = -INFINITY;
 #pragma unroll
@@ -147,7 +152,16 @@ template <typename T, int VEC, bool GRAD> struct CeRow {
           if (u * VEC + e != tl) other += ex;
         }
       }
+    };
+    int u = threadIdx.x;
+    for (; u + (CE_UNROLL - 1) * bs < nu; u += CE_UNROLL * bs) {
+      Pack<T, VEC> a[CE_UNROLL];
+#pragma unroll
+      for (int k = 0; k < CE_UNROLL; k++) a[k] = ldg_pack<T, VEC>(sx + (u + k * bs) * VEC);
+#pragma unroll
+      for (int k = 0; k < CE_UNROLL; k++) fold(a[k], u + k * bs);
     }
+    for (; u < nu; u += bs) fold(ldg_pack<T, VEC>(sx + u * VEC), u);
     if (nan) return MaxSumZ{NAN, NAN, NAN, NAN};
     return {m, sum, zs, other};
   }
@@ -255,8 +269,23 @@ __device__ void ce_bwd_body(const T* __restrict__ x, const int* __restrict__ tgt
     }
     // p_j = exp(z_j − lse): m = lse, ln s = 0.
     const GradRow gr(stats[2 * row], 0.f, stats[2 * row + 1], t, gsc, p);
-    for (int64_t u = threadIdx.x; u < nu; u += blockDim.x) {
-      const Pack<T, VEC> a = ld_pack<T, VEC>(xr + u * VEC);
+    const int64_t bs = blockDim.x;
+    int64_t u = threadIdx.x;
+    for (; u + (CE_UNROLL - 1) * bs < nu; u += CE_UNROLL * bs) {
+      Pack<T, VEC> a[CE_UNROLL];
+#pragma unroll
+      for (int k = 0; k < CE_UNROLL; k++) a[k] = ldg_pack<T, VEC>(xr + (u + k * bs) * VEC);
+#pragma unroll
+      for (int k = 0; k < CE_UNROLL; k++) {
+        const int64_t uk = u + k * bs;
+        Pack<T, VEC> b;
+#pragma unroll
+        for (int e = 0; e < VEC; e++) b.v[e] = st<T>(gr.of(ld(a[k].v[e]), uk * VEC + e, gsc, p));
+        st_pack<T, VEC>(o + uk * VEC, b);
+      }
+    }
+    for (; u < nu; u += bs) {
+      const Pack<T, VEC> a = ldg_pack<T, VEC>(xr + u * VEC);
       Pack<T, VEC> b;
 #pragma unroll
       for (int e = 0; e < VEC; e++) b.v[e] = st<T>(gr.of(ld(a.v[e]), u * VEC + e, gsc, p));
