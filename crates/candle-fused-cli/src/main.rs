@@ -87,7 +87,7 @@ enum Cmd {
         /// The kernel configuration ours run on, by name: default, or another of
         /// `KernelConfig::candidates()` (softmax-cache-on, softmax-cache-off, rms-bwd-cols16,
         /// rms-bwd-cols32, rope-hpt2, rope-hpt4, rope-hpt8, rope-hpt16, rope-unbounded, rope-ctas4,
-        /// skinny-off, skinny-16, skinny-64).
+        /// skinny-off, skinny-16, skinny-64, ce-loads1, ce-loads4).
         #[arg(long, default_value = "default")]
         kernel_config: String,
         /// Calls per timed sample: 1 (default) times each call alone, the device synchronised

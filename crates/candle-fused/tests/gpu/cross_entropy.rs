@@ -118,20 +118,21 @@ pub fn sweep_vs_reference_and_cpu() {
     run_loss_cases(&cases);
 }
 
-/// Ours on the GPU and on the CPU for `x` (any layout): loss, standalone gradient, autograd.
-fn vs_cpu(what: &str, x: &Tensor, t: &Tensor, cfg: &CrossEntropyConfig, tol: f64) {
+/// Ours on the GPU (kernels `kg`) and on the CPU for `x` (any layout): loss, standalone
+/// gradient, autograd.
+fn vs_cpu(kg: &Kernels, what: &str, x: &Tensor, t: &Tensor, cfg: &CrossEntropyConfig, tol: f64) {
     let cpu = Device::Cpu;
     let (xc, tc) = (x.to_device(&cpu).unwrap(), t.to_device(&cpu).unwrap());
-    let l = k().cross_entropy(x, t, cfg).unwrap();
+    let l = kg.cross_entropy(x, t, cfg).unwrap();
     let lc = k().cross_entropy(&xc, &tc, cfg).unwrap();
     let e = rel_err(&l, &lc).unwrap();
     assert!(e < tol, "{what}: loss vs cpu {e:.3e}");
-    let g = k().cross_entropy_backward(x, t, cfg, 0.5).unwrap();
+    let g = kg.cross_entropy_backward(x, t, cfg, 0.5).unwrap();
     let gc = k().cross_entropy_backward(&xc, &tc, cfg, 0.5).unwrap();
     let e = rel_err(&g, &gc).unwrap();
     assert!(e < tol, "{what}: dlogits vs cpu {e:.3e}");
     let v = candle_core::Var::from_tensor(x).unwrap();
-    let ga = k()
+    let ga = kg
         .cross_entropy(v.as_tensor(), t, cfg)
         .unwrap()
         .backward()
@@ -148,6 +149,29 @@ pub fn misaligned_and_many_rows() {
         z_loss: 1e-3,
         ..Default::default()
     };
+    // Both builds of the forward and backward (CeLoads: 1 and 4 packs in flight), on a real
+    // vocabulary (a row per thread-block cluster), the default's lengths and an odd tail.
+    for (name, kc) in KernelConfig::candidates() {
+        if !name.starts_with("ce-loads") {
+            continue;
+        }
+        let kg = Kernels::new(KernelConfig { poison: true, ..kc });
+        for (rows, v) in [(8, 128256), (5, 4096 * 8 + 8), (3, 1000)] {
+            for dt in DTYPES {
+                let tol = testing::tolerance(dt);
+                let x = testing::randn(&[rows, v], 2.0, dt, &dev).unwrap();
+                let t = check_loss::random_targets(&[rows], v, 0.2, -100, &dev).unwrap();
+                vs_cpu(
+                    &kg,
+                    &format!("{name} [{rows}, {v}] {dt:?}"),
+                    &x,
+                    &t,
+                    &cfg,
+                    tol,
+                );
+            }
+        }
+    }
     for dt in DTYPES {
         let tol = testing::tolerance(dt);
         let big = testing::randn(&[1, 8 * 1024 + 1], 2.0, dt, &dev).unwrap();
@@ -157,12 +181,12 @@ pub fn misaligned_and_many_rows() {
             .reshape((8, 1024))
             .unwrap();
         let t = check_loss::random_targets(&[8], 1024, 0.2, -100, &dev).unwrap();
-        vs_cpu(&format!("misaligned {dt:?}"), &x, &t, &cfg, tol);
+        vs_cpu(&k(), &format!("misaligned {dt:?}"), &x, &t, &cfg, tol);
     }
     let rows = (1usize << 20) + 3;
     let x = testing::randn(&[rows, 3], 2.0, DType::F32, &dev).unwrap();
     let t = check_loss::random_targets(&[rows], 3, 0.2, -100, &dev).unwrap();
-    vs_cpu("many rows", &x, &t, &cfg, 1e-5);
+    vs_cpu(&k(), "many rows", &x, &t, &cfg, 1e-5);
 }
 
 pub fn deterministic_and_device_mismatch() {

@@ -13,10 +13,9 @@
 using namespace cf;
 
 constexpr float LOG2E = 1.4426950408889634f;
-// Packs per thread loaded before any is used, in the forward's and the backward's loops over
-// global memory: with one 16-byte load in flight per thread they ran at 64% (forward) and
-// 44-49% (backward) of copy on an H200.
-constexpr int CE_UNROLL = 4;
+// U (CeLoads of config.rs): packs per thread loaded before any is used, in the forward's and
+// the backward's loops over global memory. With one 16-byte load in flight per thread (U = 1)
+// they ran at 64% (forward) and 44-49% (backward) of copy on an H200.
 
 // The row constants (cuda.rs: CeParams).
 struct CeParams {
@@ -97,7 +96,7 @@ struct GradRow {
 
 // GRAD = false: the forward (row loss and lse); true: the fused loss + gradient into y (which
 // may alias x: each CTA writes only the slice it staged, after the row's reduction).
-template <typename T, int VEC, bool GRAD> struct CeRow {
+template <typename T, int VEC, bool GRAD, int U = 4> struct CeRow {
   using Red = MaxSumZ;
   // The forward reads its slice once from global (online max/sum: nothing to keep for a
   // second pass, so no staging, no shared-memory slice: any row length runs on one CTA); the
@@ -154,12 +153,12 @@ template <typename T, int VEC, bool GRAD> struct CeRow {
       }
     };
     int u = threadIdx.x;
-    for (; u + (CE_UNROLL - 1) * bs < nu; u += CE_UNROLL * bs) {
-      Pack<T, VEC> a[CE_UNROLL];
+    for (; u + (U - 1) * bs < nu; u += U * bs) {
+      Pack<T, VEC> a[U];
 #pragma unroll
-      for (int k = 0; k < CE_UNROLL; k++) a[k] = ldg_pack<T, VEC>(sx + (u + k * bs) * VEC);
+      for (int k = 0; k < U; k++) a[k] = ldg_pack<T, VEC>(sx + (u + k * bs) * VEC);
 #pragma unroll
-      for (int k = 0; k < CE_UNROLL; k++) fold(a[k], u + k * bs);
+      for (int k = 0; k < U; k++) fold(a[k], u + k * bs);
     }
     for (; u < nu; u += bs) fold(ldg_pack<T, VEC>(sx + u * VEC), u);
     if (nan) return MaxSumZ{NAN, NAN, NAN, NAN};
@@ -250,7 +249,7 @@ template <typename T, int VEC, bool GRAD> struct CeRow {
 };
 
 // The gradient from the saved lse: blocks walk the rows (grid-stride), threads a row's packs.
-template <typename T, int VEC>
+template <typename T, int VEC, int U>
 __device__ void ce_bwd_body(const T* __restrict__ x, const int* __restrict__ tgt, const float* __restrict__ stats,
                             const float* __restrict__ dloss, T* __restrict__ y, int64_t rows, int64_t d,
                             CeParams p) {
@@ -271,12 +270,12 @@ __device__ void ce_bwd_body(const T* __restrict__ x, const int* __restrict__ tgt
     const GradRow gr(stats[2 * row], 0.f, stats[2 * row + 1], t, gsc, p);
     const int64_t bs = blockDim.x;
     int64_t u = threadIdx.x;
-    for (; u + (CE_UNROLL - 1) * bs < nu; u += CE_UNROLL * bs) {
-      Pack<T, VEC> a[CE_UNROLL];
+    for (; u + (U - 1) * bs < nu; u += U * bs) {
+      Pack<T, VEC> a[U];
 #pragma unroll
-      for (int k = 0; k < CE_UNROLL; k++) a[k] = ldg_pack<T, VEC>(xr + (u + k * bs) * VEC);
+      for (int k = 0; k < U; k++) a[k] = ldg_pack<T, VEC>(xr + (u + k * bs) * VEC);
 #pragma unroll
-      for (int k = 0; k < CE_UNROLL; k++) {
+      for (int k = 0; k < U; k++) {
         const int64_t uk = u + k * bs;
         Pack<T, VEC> b;
 #pragma unroll
@@ -309,21 +308,29 @@ extern "C" __global__ void __launch_bounds__(1024)
   if (threadIdx.x == 0) out[0] = (float)(sh[0] * scale);
 }
 
+#define CE_FWD(NAME, T, V, SUF, U)                                                                  \
+  extern "C" __global__ void __launch_bounds__(1024)                                               \
+      ce_fwd##SUF##_##NAME##_v##V(const T* x, const int* tgt, float* row_loss, float* stats, Geom g, \
+                                  CeParams p) {                                                     \
+    CeRow<T, V, false, U> op{x, tgt, nullptr, row_loss, stats, p, g.d};                             \
+    run_rows<T, V>(g, op);                                                                          \
+  }
+#define CE_BWD(NAME, T, V, SUF, U)                                                                  \
+  extern "C" __global__ void ce_bwd##SUF##_##NAME##_v##V(const T* x, const int* tgt,                \
+                                                         const float* stats, const float* dloss,    \
+                                                         T* y, int64_t rows, int64_t d, CeParams p) { \
+    ce_bwd_body<T, V, U>(x, tgt, stats, dloss, y, rows, d, p);                                      \
+  }
+// The forward and backward in two builds each: 4 packs in flight (no suffix) and 1 (`_u1`).
 #define CE_KERNELS_V(NAME, T, V)                                                                      \
-  extern "C" __global__ void __launch_bounds__(1024)                                                 \
-      ce_fwd_##NAME##_v##V(const T* x, const int* tgt, float* row_loss, float* stats, Geom g, CeParams p) { \
-    CeRow<T, V, false> op{x, tgt, nullptr, row_loss, stats, p, g.d};                                    \
-    run_rows<T, V>(g, op);                                                                            \
-  }                                                                                                   \
+  CE_FWD(NAME, T, V, , 4)                                                                             \
+  CE_FWD(NAME, T, V, _u1, 1)                                                                          \
+  CE_BWD(NAME, T, V, , 4)                                                                             \
+  CE_BWD(NAME, T, V, _u1, 1)                                                                          \
   extern "C" __global__ void __launch_bounds__(1024)                                                 \
       ce_fused_##NAME##_v##V(const T* x, const int* tgt, T* y, float* row_loss, Geom g, CeParams p) { \
     CeRow<T, V, true> op{x, tgt, y, row_loss, nullptr, p, g.d};                                       \
     run_rows<T, V>(g, op);                                                                            \
-  }                                                                                                   \
-  extern "C" __global__ void ce_bwd_##NAME##_v##V(const T* x, const int* tgt, const float* stats,     \
-                                                  const float* dloss, T* y, int64_t rows, int64_t d,  \
-                                                  CeParams p) {                                       \
-    ce_bwd_body<T, V>(x, tgt, stats, dloss, y, rows, d, p);                                           \
   }
 
 #define CE_KERNELS(NAME, T, V) \

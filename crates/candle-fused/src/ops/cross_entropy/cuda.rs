@@ -9,7 +9,7 @@ use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaDevice, CudaStorage, Layout, Result};
 
 use super::{CeBwd, CeFused, CeFwd, CeSum, Params};
-use crate::config::KernelConfig;
+use crate::config::{CeLoads, KernelConfig};
 use crate::cuda::{self, dispatch, ptx, Args, Ptx, RowSpec};
 use crate::seam::Inputs;
 use crate::validate::fail;
@@ -101,7 +101,11 @@ pub(crate) fn forward_t<T: CudaDType + DeviceRepr>(
     let mut stats = cuda::alloc::<f32>(dev, 2 * rows, cfg.poison)?;
     // Nothing staged (nin 0): the forward reads each slice once from global memory.
     let spec = RowSpec::new(rows, d, 0, MAX_SUM_Z, &[(x, xo)], &stream);
-    let prefix = format!("ce_fwd_{}", cuda::dtype_name(op, s.dtype())?);
+    let prefix = format!(
+        "ce_fwd{}_{}",
+        loads_suffix(cfg),
+        cuda::dtype_name(op, s.dtype())?
+    );
     let plan = cuda::plan(op, dev, &PTX, &prefix, &spec)?;
     {
         let mut args = Args::new(&stream);
@@ -114,6 +118,14 @@ pub(crate) fn forward_t<T: CudaDType + DeviceRepr>(
     }
     let loss = sum_into(dev, (&row_loss, 0), rows, k.scale, cfg.poison)?;
     Ok(vec![cuda::storage(loss, dev), cuda::storage(stats, dev)])
+}
+
+/// The kernel-name suffix of the configured build (CeLoads).
+fn loads_suffix(cfg: &KernelConfig) -> &'static str {
+    match cfg.cuda.cross_entropy.loads {
+        CeLoads::One => "_u1",
+        CeLoads::Four => "",
+    }
 }
 
 pub(crate) fn backward_t<T: CudaDType + DeviceRepr>(
@@ -142,7 +154,11 @@ pub(crate) fn backward_t<T: CudaDType + DeviceRepr>(
     // One block per row (grid-stride), its threads walking the row's packs.
     let block = (d / vec).div_ceil(4).next_power_of_two().clamp(32, 512) as u32;
     let grid = rows.clamp(1, 1 << 20) as u32;
-    let name = format!("ce_bwd_{}_v{vec}", cuda::dtype_name(op, s.dtype())?);
+    let name = format!(
+        "ce_bwd{}_{}_v{vec}",
+        loads_suffix(cfg),
+        cuda::dtype_name(op, s.dtype())?
+    );
     {
         let mut args = Args::new(&stream);
         args.input(x, xo).input(tg, to).input(stats, so);
