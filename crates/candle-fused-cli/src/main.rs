@@ -87,7 +87,8 @@ enum Cmd {
         /// The kernel configuration ours run on, by name: default, or another of
         /// `KernelConfig::candidates()` (softmax-cache-on, softmax-cache-off, rms-bwd-cols16,
         /// rms-bwd-cols32, rope-hpt2, rope-hpt4, rope-hpt8, rope-hpt16, rope-unbounded, rope-ctas4,
-        /// skinny-off, skinny-16, skinny-64, ce-loads1, ce-loads4).
+        /// skinny-off, skinny-16, skinny-64, ce-loads1, ce-loads4, ce-slice48,
+        /// ce-slice24).
         #[arg(long, default_value = "default")]
         kernel_config: String,
         /// Calls per timed sample: 1 (default) times each call alone, the device synchronised
@@ -132,9 +133,20 @@ struct TrainArgs {
     /// Also time each GEMM shape of the step alone (default: on for the CPU).
     #[arg(long)]
     profile: Option<bool>,
+    /// CUDA: freed device memory `keep` (in the pool for the next step, as `finetune` runs)
+    /// or `release` (Candle's default: handed back to the driver at every synchronisation).
+    #[arg(long, value_enum, default_value = "keep")]
+    cuda_pool: PoolArg,
     /// Internal: run one CONFIG:VARIANT in this process and print its row.
     #[arg(long, hide = true)]
     train_worker: Option<String>,
+}
+
+/// What happens to freed CUDA memory (`bench --op train --cuda-pool`).
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum PoolArg {
+    Keep,
+    Release,
 }
 
 fn main() -> ExitCode {
@@ -411,6 +423,7 @@ fn run_train_bench(
     }
     let mut o = train::Options::defaults(arg.name());
     o.cuda_events = cuda_events;
+    o.keep_freed_device_memory = matches!(t.cuda_pool, PoolArg::Keep);
     if let Some(c) = t.configs {
         o.configs = c;
     }

@@ -48,8 +48,11 @@ fn device(d: Dev) -> Result<Device> {
             if !candle_core::utils::cuda_is_available() {
                 bail!("--device cuda: this binary was built without the `cuda` feature (cargo build --release --features cuda)")
             }
-            // One stream, no per-allocation CUDA events (crate::bench::cuda_device).
-            Ok(crate::bench::device_from_name("cuda", false)?)
+            // One stream, no per-allocation CUDA events (crate::bench::cuda_device); freed
+            // device memory stays in the pool for the next step.
+            let dev = crate::bench::device_from_name("cuda", false)?;
+            candle_fused_train::keep_freed_device_memory(&dev)?;
+            Ok(dev)
         }
     }
 }

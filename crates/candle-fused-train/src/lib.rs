@@ -88,5 +88,5 @@ pub use train::{
     steps_for_epochs, BackwardKind, Callback, StepInfo, TrainConfig, TrainData, TrainSummary,
     Trainer,
 };
-pub use util::{keep_freed_memory, write_atomic, SplitMix64};
+pub use util::{keep_freed_device_memory, keep_freed_memory, write_atomic, SplitMix64};
 pub use weights::{default_hub_cache, resolve_model_dir, Weights};

@@ -174,6 +174,47 @@ pub fn keep_freed_memory() -> bool {
     }
 }
 
+/// Keeps freed device memory in the process, as [`keep_freed_memory`] does for host memory:
+/// Candle allocates with `cuMemAllocAsync` from the device's default memory pool, whose release
+/// threshold is 0, so every synchronisation (each training step reads its loss back) hands
+/// the freed memory back to the driver and the next step maps it afresh. Sets the release
+/// threshold to its maximum (freed memory stays mapped in the pool for reuse, like PyTorch's
+/// caching allocator). Returns `false` for a CPU device (nothing to do); `finetune` and the
+/// training bench call it once the device exists.
+pub fn keep_freed_device_memory(device: &candle_core::Device) -> candle_core::Result<bool> {
+    match device {
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(d) => {
+            use candle_core::cuda_backend::cudarc::driver::sys;
+            let ctx = d.cuda_stream().context().clone();
+            let fail = |what: &str, r: sys::CUresult| {
+                candle_core::Error::Msg(format!("keep_freed_device_memory: {what} failed: {r:?}"))
+            };
+            ctx.bind_to_thread()
+                .map_err(|e| candle_core::Error::Msg(format!("keep_freed_device_memory: {e:?}")))?;
+            let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+            let mut threshold: u64 = u64::MAX;
+            // SAFETY: plain driver calls on the context's device with valid out-pointers.
+            unsafe {
+                let r = sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device());
+                if r != sys::CUresult::CUDA_SUCCESS {
+                    return Err(fail("cuDeviceGetDefaultMemPool", r));
+                }
+                let r = sys::cuMemPoolSetAttribute(
+                    pool,
+                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                    &mut threshold as *mut u64 as *mut std::ffi::c_void,
+                );
+                if r != sys::CUresult::CUDA_SUCCESS {
+                    return Err(fail("cuMemPoolSetAttribute", r));
+                }
+            }
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     /// glibc accepts both thresholds (an out-of-range value makes mallopt return 0).
@@ -181,5 +222,11 @@ mod tests {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     fn keep_freed_memory_is_accepted_by_glibc() {
         assert!(super::keep_freed_memory());
+    }
+
+    /// A CPU device has no device pool: nothing to do, no error.
+    #[test]
+    fn keep_freed_device_memory_is_a_no_op_on_the_cpu() {
+        assert!(!super::keep_freed_device_memory(&candle_core::Device::Cpu).unwrap());
     }
 }

@@ -102,11 +102,26 @@ pub enum CeLoads {
     Four,
 }
 
+/// The largest part of a logits row that one CTA of the fused cross-entropy (loss and gradient
+/// in one pass, which stages its part in shared memory; also the linear cross-entropy's chunks)
+/// holds; a longer row is split over more CTAs of a thread-block cluster (at most 16).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CeSlice {
+    /// The row engine's default: at most 110 KiB (two CTAs per SM; 128256 bf16 columns on 4
+    /// CTAs of 1024 threads).
+    #[default]
+    Auto,
+    /// At most this many KiB.
+    Kib(u16),
+}
+
 /// Cross-entropy kernel build.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct CrossEntropyKernelConfig {
     /// See [`CeLoads`].
     pub loads: CeLoads,
+    /// See [`CeSlice`].
+    pub fused_slice: CeSlice,
 }
 
 /// How many heads one thread of the RoPE kernel rotates with one load of its token's table
@@ -236,7 +251,20 @@ impl KernelConfig {
         };
         let with_ce = |l| KernelConfig {
             cuda: CudaConfig {
-                cross_entropy: CrossEntropyKernelConfig { loads: l },
+                cross_entropy: CrossEntropyKernelConfig {
+                    loads: l,
+                    ..d.cuda.cross_entropy
+                },
+                ..d.cuda
+            },
+            ..d
+        };
+        let with_slice = |n| KernelConfig {
+            cuda: CudaConfig {
+                cross_entropy: CrossEntropyKernelConfig {
+                    fused_slice: CeSlice::Kib(n),
+                    ..d.cuda.cross_entropy
+                },
                 ..d.cuda
             },
             ..d
@@ -265,6 +293,8 @@ impl KernelConfig {
             ("rope-ctas4", with_occ(RopeOccupancy::Ctas4)),
             ("ce-loads1", with_ce(CeLoads::One)),
             ("ce-loads4", with_ce(CeLoads::Four)),
+            ("ce-slice48", with_slice(48)),
+            ("ce-slice24", with_slice(24)),
         ]
     }
 }

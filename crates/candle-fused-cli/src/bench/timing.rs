@@ -251,36 +251,6 @@ mod cuda {
         candle_core::Error::Msg(format!("candle-fused bench: CUDA driver error: {e:?}"))
     }
 
-    /// Candle allocates with `cuMemAllocAsync` from the device's default memory pool, whose
-    /// release threshold is 0: freed memory goes back to the driver at every synchronisation,
-    /// so each timed repetition (which starts with a synchronisation) would pay for mapping
-    /// fresh memory for its output. Like PyTorch's caching allocator, keep it cached instead,
-    /// so every implementation (ours, Candle's, the copy) is timed without allocation cost.
-    fn keep_freed_memory(
-        ctx: &candle_core::cuda_backend::cudarc::driver::CudaContext,
-    ) -> Result<()> {
-        use candle_core::cuda_backend::cudarc::driver::sys;
-        ctx.bind_to_thread().map_err(err)?;
-        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
-        let mut threshold: u64 = u64::MAX;
-        // SAFETY: plain driver calls on the context's device with valid out-pointers.
-        unsafe {
-            let r = sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device());
-            if r != sys::CUresult::CUDA_SUCCESS {
-                return Err(err(r));
-            }
-            let r = sys::cuMemPoolSetAttribute(
-                pool,
-                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-                &mut threshold as *mut u64 as *mut std::ffi::c_void,
-            );
-            if r != sys::CUresult::CUDA_SUCCESS {
-                return Err(err(r));
-            }
-        }
-        Ok(())
-    }
-
     /// A pair of timing events on Candle's stream of the device.
     pub(super) struct Events {
         stream: Arc<CudaStream>,
@@ -292,7 +262,10 @@ mod cuda {
         pub(super) fn new(device: &Device) -> Result<Self> {
             let stream = device.as_cuda_device()?.cuda_stream();
             let ctx = stream.context().clone();
-            keep_freed_memory(&ctx)?;
+            // Every implementation (ours, Candle's, the copy) is timed without the cost of
+            // mapping fresh memory for its output at each repetition (which starts with a
+            // synchronisation).
+            candle_fused_train::keep_freed_device_memory(device)?;
             let flags = Some(CUevent_flags::CU_EVENT_DEFAULT);
             Ok(Events {
                 start: ctx.new_event(flags).map_err(err)?,

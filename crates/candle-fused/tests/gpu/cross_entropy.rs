@@ -149,10 +149,11 @@ pub fn misaligned_and_many_rows() {
         z_loss: 1e-3,
         ..Default::default()
     };
-    // Both builds of the forward and backward (CeLoads: 1 and 4 packs in flight), on a real
-    // vocabulary (a row per thread-block cluster), the default's lengths and an odd tail.
+    // Every cross-entropy build (CeLoads: 1 and 4 packs in flight; CeSlice: rows over 8 and 16
+    // CTAs of a cluster), on a real vocabulary (a row per cluster), the default's lengths and
+    // an odd tail.
     for (name, kc) in KernelConfig::candidates() {
-        if !name.starts_with("ce-loads") {
+        if !name.starts_with("ce-") {
             continue;
         }
         let kg = Kernels::new(KernelConfig { poison: true, ..kc });

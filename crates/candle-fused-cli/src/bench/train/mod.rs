@@ -35,7 +35,10 @@ the LoRA parameters (lr 1e-4, PyTorch's defaults otherwise). ours_ckpt = the exp
 with activation checkpointing (each layer saves its input and is recomputed in the backward). \
 Every variant of ours runs as finetune does: keep_freed_memory (glibc keeps freed chunks up to \
 32 MiB in its heap and does not trim it, so a step reuses the pages of the one before; \
-keep_freed_memory in the JSON); the PyTorch script runs with glibc's defaults. \
+keep_freed_memory in the JSON) and, on CUDA, keep_freed_device_memory (freed device memory \
+stays in the pool instead of going back to the driver at each step's synchronisation, like \
+PyTorch's caching allocator; --cuda-pool release turns it off); the PyTorch script runs with \
+glibc's defaults. \
 Model: random-init model of the named configuration (Model::random), frozen base in --dtype, \
 LoRA r 16, alpha 32 on q/k/v/o/gate/up/down (PEFT init, then B ~ N(0, 0.01^2) like a model in \
 the middle of training), f32 adapters; random tokens and targets over all B*T positions.
@@ -105,6 +108,9 @@ pub struct Options {
     pub json: Option<PathBuf>,
     /// CUDA: keep cudarc's event tracking (see `bench::cuda_device`).
     pub cuda_events: bool,
+    /// CUDA: keep freed device memory in the pool (`keep_freed_device_memory`, as `finetune`
+    /// runs); false: Candle's default, released at every synchronisation.
+    pub keep_freed_device_memory: bool,
 }
 
 impl Options {
@@ -129,6 +135,7 @@ impl Options {
             profile: !cuda,
             json: None,
             cuda_events: true,
+            keep_freed_device_memory: true,
         }
     }
 
@@ -159,6 +166,13 @@ impl Options {
             self.profile.to_string(),
             "--cuda-events".into(),
             if self.cuda_events { "on" } else { "off" }.into(),
+            "--cuda-pool".into(),
+            if self.keep_freed_device_memory {
+                "keep"
+            } else {
+                "release"
+            }
+            .into(),
         ];
         a.push("--train-worker".into());
         a.push(format!("{config}:{}", v.name()));
@@ -223,6 +237,9 @@ pub fn worker(o: &Options, spec: &str) -> Result<()> {
         .ok_or_else(|| candle_core::Error::Msg(format!("bad --train-worker {spec:?}")))?;
     let (s, v) = (Shape::by_name(config)?, Variant::parse(variant)?);
     let dev = super::device_from_name(&o.device, o.cuda_events)?;
+    if o.keep_freed_device_memory {
+        candle_fused_train::keep_freed_device_memory(&dev)?;
+    }
     let cfg = ModelConfig::from_json(&s.hf_config(o.seq))?;
     let mut model = Model::random(cfg, o.dtype, &dev, o.seed)?;
     model.add_lora(&LoraSpec::new(RANK, ALPHA), o.seed + 1)?;
@@ -331,7 +348,7 @@ pub fn run(o: &Options) -> Result<Value> {
         json!({
             "tool": "candle-fused bench --op train", "date": report::utc_now(), "device": o.device,
             "device_name": super::timing::device_name(&dev), "git_commit": report::git_commit(),
-            "cuda_events": o.cuda_events,
+            "cuda_events": o.cuda_events, "keep_freed_device_memory": o.keep_freed_device_memory,
             "threads": rayon::current_num_threads(), "cpu_count": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
             "load": std::fs::read_to_string("/proc/loadavg").ok().map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" ")),
             "mode": if rows_done == usize::MAX { "full".to_string() } else { format!("partial ({rows_done} rows)") },

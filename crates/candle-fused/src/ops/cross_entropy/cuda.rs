@@ -9,7 +9,7 @@ use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaDevice, CudaStorage, Layout, Result};
 
 use super::{CeBwd, CeFused, CeFwd, CeSum, Params};
-use crate::config::{CeLoads, KernelConfig};
+use crate::config::{CeLoads, CeSlice, KernelConfig};
 use crate::cuda::{self, dispatch, ptx, Args, Ptx, RowSpec};
 use crate::seam::Inputs;
 use crate::validate::fail;
@@ -181,6 +181,7 @@ fn launch_fused<T: CudaDType + DeviceRepr>(
     op: &str,
     dt: &str,
     k: &CeFused,
+    cfg: &KernelConfig,
     dev: &CudaDevice,
     x: (&CudaSlice<T>, usize),
     y: Option<&mut CudaSlice<T>>,
@@ -194,7 +195,13 @@ fn launch_fused<T: CudaDType + DeviceRepr>(
     if let Some(y) = &y {
         ptrs.push((&**y, 0));
     }
-    let spec = RowSpec::new(rows, d, 1, MAX_SUM_Z, &ptrs, &stream);
+    let spec = RowSpec {
+        max_slice: match cfg.cuda.cross_entropy.fused_slice {
+            CeSlice::Auto => cuda::DEFAULT_MAX_SLICE,
+            CeSlice::Kib(n) => (n as usize).max(1) * 1024,
+        },
+        ..RowSpec::new(rows, d, 1, MAX_SUM_Z, &ptrs, &stream)
+    };
     let prefix = format!("ce_fused_{dt}");
     let plan = cuda::plan(op, dev, &PTX, &prefix, &spec)?;
     let mut args = Args::new(&stream);
@@ -224,7 +231,19 @@ pub(crate) fn fused_t<T: CudaDType + DeviceRepr>(
     let mut y = cuda::alloc::<T>(dev, rows * d, cfg.poison)?;
     let mut row_loss = cuda::alloc::<f32>(dev, rows, cfg.poison)?;
     let dt = cuda::dtype_name(op, s.dtype())?;
-    launch_fused(op, dt, k, dev, x, Some(&mut y), tg, rows, d, &mut row_loss)?;
+    launch_fused(
+        op,
+        dt,
+        k,
+        cfg,
+        dev,
+        x,
+        Some(&mut y),
+        tg,
+        rows,
+        d,
+        &mut row_loss,
+    )?;
     Ok(vec![cuda::storage(y, dev), cuda::storage(row_loss, dev)])
 }
 
@@ -249,6 +268,7 @@ pub(crate) fn fused_inplace(
             op,
             dt,
             k,
+            cfg,
             &dev,
             (&*x, start),
             None,
