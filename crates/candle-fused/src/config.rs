@@ -94,11 +94,12 @@ pub struct CudaConfig {
 /// logits) and backward loads before it uses any.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum CeLoads {
-    /// One: a load, its use, the next load (on an H200 on 2026-12-02: forward 64%, backward
-    /// 44-49% of copy at 8192 x 128256 bf16).
-    One,
-    /// Four loads in flight per thread. The default.
+    /// One: a load, its use, the next load. The default: on an H200 on 2026-12-03 (8192 x
+    /// 128256 bf16, same run) the forward ran at 68% of copy against 63% with four, the
+    /// backward at 45% with either.
     #[default]
+    One,
+    /// Four loads in flight per thread (measured slower; kept as the `ce-loads4` candidate).
     Four,
 }
 
