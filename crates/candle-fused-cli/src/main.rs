@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
-use candle_fused::{KernelConfig, Kernels};
+use candle_fused::Kernels;
 use candle_fused_cli::bench;
 use candle_fused_cli::train_cmd;
 use candle_fused_testkit::{check, check_loss, rng, testing};
@@ -87,8 +87,7 @@ enum Cmd {
         /// The kernel configuration ours run on, by name: default, or another of
         /// `KernelConfig::candidates()` (softmax-cache-on, softmax-cache-off, rms-bwd-cols16,
         /// rms-bwd-cols32, rope-hpt2, rope-hpt4, rope-hpt8, rope-hpt16, rope-unbounded, rope-ctas4,
-        /// skinny-off, skinny-16, skinny-64, ce-loads1, ce-loads4, ce-slice48,
-        /// ce-slice24).
+        /// skinny-off, skinny-16, skinny-64).
         #[arg(long, default_value = "default")]
         kernel_config: String,
         /// Calls per timed sample: 1 (default) times each call alone, the device synchronised
@@ -172,7 +171,8 @@ fn main() -> ExitCode {
                 .as_deref()
                 .is_some_and(|o| o.iter().any(|n| n == "train"))
             {
-                run_train_bench(device, json, op.unwrap_or_default(), train, events)
+                let op = op.unwrap_or_default();
+                run_train_bench(device, json, op, train, &kernel_config, events)
             } else {
                 run_bench(device, json, quick, op, &kernel_config, stream, events)
             }
@@ -363,17 +363,7 @@ fn run_check(arg: DeviceArg, quick: bool) -> Result<ExitCode> {
 
 /// The kernel configuration named `name` among `KernelConfig::candidates()`.
 fn kernel_config(name: &str) -> Result<(String, Kernels)> {
-    let all = KernelConfig::candidates();
-    match all.iter().find(|(n, _)| *n == name) {
-        Some((n, c)) => Ok((n.to_string(), Kernels::new(*c))),
-        None => {
-            let names: Vec<&str> = all.iter().map(|(n, _)| *n).collect();
-            anyhow::bail!(
-                "unknown --kernel-config {name:?}, expected one of {}",
-                names.join(", ")
-            )
-        }
-    }
+    Ok((name.to_string(), bench::train::kernels_named(name)?))
 }
 
 fn run_bench(
@@ -415,6 +405,7 @@ fn run_train_bench(
     json: Option<std::path::PathBuf>,
     op: Vec<String>,
     t: TrainArgs,
+    kernel_config_name: &str,
     cuda_events: bool,
 ) -> Result<ExitCode> {
     use bench::train;
@@ -424,6 +415,8 @@ fn run_train_bench(
     let mut o = train::Options::defaults(arg.name());
     o.cuda_events = cuda_events;
     o.keep_freed_device_memory = matches!(t.cuda_pool, PoolArg::Keep);
+    kernel_config(kernel_config_name)?;
+    o.kernel_config = kernel_config_name.to_string();
     if let Some(c) = t.configs {
         o.configs = c;
     }

@@ -86,43 +86,6 @@ pub struct CudaConfig {
     pub rms_norm_bwd: RmsNormBwdConfig,
     /// RoPE forward and backward.
     pub rope: RopeKernelConfig,
-    /// Cross-entropy forward and backward (the unfused pair).
-    pub cross_entropy: CrossEntropyKernelConfig,
-}
-
-/// How many 16-byte packs each thread of the cross-entropy forward (its one pass over the
-/// logits) and backward loads before it uses any.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum CeLoads {
-    /// One: a load, its use, the next load. The default: on an H200 on 2026-12-03 (8192 x
-    /// 128256 bf16, same run) the forward ran at 68% of copy against 63% with four, the
-    /// backward at 45% with either.
-    #[default]
-    One,
-    /// Four loads in flight per thread (measured slower; kept as the `ce-loads4` candidate).
-    Four,
-}
-
-/// The largest part of a logits row that one CTA of the fused cross-entropy (loss and gradient
-/// in one pass, which stages its part in shared memory; also the linear cross-entropy's chunks)
-/// holds; a longer row is split over more CTAs of a thread-block cluster (at most 16).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum CeSlice {
-    /// The row engine's default: at most 110 KiB (two CTAs per SM; 128256 bf16 columns on 4
-    /// CTAs of 1024 threads).
-    #[default]
-    Auto,
-    /// At most this many KiB.
-    Kib(u16),
-}
-
-/// Cross-entropy kernel build.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct CrossEntropyKernelConfig {
-    /// See [`CeLoads`].
-    pub loads: CeLoads,
-    /// See [`CeSlice`].
-    pub fused_slice: CeSlice,
 }
 
 /// How many heads one thread of the RoPE kernel rotates with one load of its token's table
@@ -250,26 +213,6 @@ impl KernelConfig {
             },
             ..d
         };
-        let with_ce = |l| KernelConfig {
-            cuda: CudaConfig {
-                cross_entropy: CrossEntropyKernelConfig {
-                    loads: l,
-                    ..d.cuda.cross_entropy
-                },
-                ..d.cuda
-            },
-            ..d
-        };
-        let with_slice = |n| KernelConfig {
-            cuda: CudaConfig {
-                cross_entropy: CrossEntropyKernelConfig {
-                    fused_slice: CeSlice::Kib(n),
-                    ..d.cuda.cross_entropy
-                },
-                ..d.cuda
-            },
-            ..d
-        };
         let with_skinny = |n| KernelConfig {
             cpu: CpuConfig {
                 skinny_gemm_max: n,
@@ -292,10 +235,6 @@ impl KernelConfig {
             ("rope-hpt16", with_hpt(16)),
             ("rope-unbounded", with_occ(RopeOccupancy::Unbounded)),
             ("rope-ctas4", with_occ(RopeOccupancy::Ctas4)),
-            ("ce-loads1", with_ce(CeLoads::One)),
-            ("ce-loads4", with_ce(CeLoads::Four)),
-            ("ce-slice48", with_slice(48)),
-            ("ce-slice24", with_slice(24)),
         ]
     }
 }

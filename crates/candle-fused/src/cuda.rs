@@ -116,14 +116,13 @@ pub(crate) struct RowSpec {
     /// at `cols · max_threads` columns and each thread owns at most `cols` of them.
     /// `None`: no such limit (about 4 packs per thread, up to 1024 threads).
     pub owned: Option<Owned>,
-    /// The largest shared-memory slice per CTA the plan prefers (it splits a row over more
-    /// CTAs of a cluster above it, up to 16): [`DEFAULT_MAX_SLICE`] unless an op's typed
-    /// configuration says otherwise.
-    pub max_slice: usize,
 }
 
-/// Slices of at most ~110 KB let two CTAs share an SM, so one stages while the other computes.
-pub(crate) const DEFAULT_MAX_SLICE: usize = 110 * 1024;
+/// The largest shared-memory slice per CTA the plan prefers (it splits a row over more CTAs of
+/// a cluster above it, up to 16): ~110 KB lets two CTAs share an SM, so one stages while the
+/// other computes. Smaller slices were measured slower for the fused cross-entropy (NOTES.md,
+/// 2026-12-03).
+const MAX_SLICE: usize = 110 * 1024;
 
 impl RowSpec {
     /// A row op over `rows × d` elements of `T` that stages `nin` inputs and reduces values of
@@ -150,7 +149,6 @@ impl RowSpec {
             vec_ok,
             persistent: false,
             owned: None,
-            max_slice: DEFAULT_MAX_SLICE,
         }
     }
 }
@@ -230,10 +228,10 @@ pub(crate) fn plan_by(
             }
         )
     }
-    // Slices of at most `max_slice` bytes (several CTAs share an SM, so one stages while
+    // Slices of at most `MAX_SLICE` bytes (several CTAs share an SM, so one stages while
     // another computes); and few long rows get more CTAs per row (each still >= 8192 columns)
     // so the grid covers the GPU.
-    while c < max_c && smem_of(chunk_of(c)) > s.max_slice {
+    while c < max_c && smem_of(chunk_of(c)) > MAX_SLICE {
         c *= 2;
     }
     while c < max_c && s.rows * c < 2 * info.sms as usize && chunk_of(2 * c) >= 8192 {

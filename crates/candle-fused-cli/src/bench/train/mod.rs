@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Result, Tensor};
+use candle_fused::{KernelConfig, Kernels};
 use candle_fused_train::{AdamW, AdamWConfig, Batch, LoraSpec, Model, ModelConfig, SplitMix64};
 use serde_json::{json, Value};
 
@@ -38,7 +39,8 @@ Every variant of ours runs as finetune does: keep_freed_memory (glibc keeps free
 keep_freed_memory in the JSON) and, on CUDA, keep_freed_device_memory (freed device memory \
 stays in the pool instead of going back to the driver at each step's synchronisation, like \
 PyTorch's caching allocator; --cuda-pool release turns it off); the PyTorch script runs with \
-glibc's defaults. \
+glibc's defaults. Ours run on the kernel configuration named by --kernel-config (default: \
+default; kernel_config in the JSON header). \
 Model: random-init model of the named configuration (Model::random), frozen base in --dtype, \
 LoRA r 16, alpha 32 on q/k/v/o/gate/up/down (PEFT init, then B ~ N(0, 0.01^2) like a model in \
 the middle of training), f32 adapters; random tokens and targets over all B*T positions.
@@ -111,6 +113,8 @@ pub struct Options {
     /// CUDA: keep freed device memory in the pool (`keep_freed_device_memory`, as `finetune`
     /// runs); false: Candle's default, released at every synchronisation.
     pub keep_freed_device_memory: bool,
+    /// The kernel configuration ours run on: a name among `KernelConfig::candidates()`.
+    pub kernel_config: String,
 }
 
 impl Options {
@@ -136,6 +140,7 @@ impl Options {
             json: None,
             cuda_events: true,
             keep_freed_device_memory: true,
+            kernel_config: "default".into(),
         }
     }
 
@@ -173,10 +178,27 @@ impl Options {
                 "release"
             }
             .into(),
+            "--kernel-config".into(),
+            self.kernel_config.clone(),
         ];
         a.push("--train-worker".into());
         a.push(format!("{config}:{}", v.name()));
         a
+    }
+}
+
+/// The kernels of the candidate configuration `name` (`KernelConfig::candidates()`).
+pub fn kernels_named(name: &str) -> Result<Kernels> {
+    let all = KernelConfig::candidates();
+    match all.iter().find(|(n, _)| *n == name) {
+        Some((_, c)) => Ok(Kernels::new(*c)),
+        None => {
+            let names: Vec<&str> = all.iter().map(|(n, _)| *n).collect();
+            candle_core::bail!(
+                "unknown --kernel-config {name:?}, expected one of {}",
+                names.join(", ")
+            )
+        }
     }
 }
 
@@ -242,6 +264,7 @@ pub fn worker(o: &Options, spec: &str) -> Result<()> {
     }
     let cfg = ModelConfig::from_json(&s.hf_config(o.seq))?;
     let mut model = Model::random(cfg, o.dtype, &dev, o.seed)?;
+    model.set_kernels(kernels_named(&o.kernel_config)?);
     model.add_lora(&LoraSpec::new(RANK, ALPHA), o.seed + 1)?;
     let mut rng = SplitMix64::new(o.seed + 2);
     for (k, var) in model.lora_vars() {
@@ -349,6 +372,7 @@ pub fn run(o: &Options) -> Result<Value> {
             "tool": "candle-fused bench --op train", "date": report::utc_now(), "device": o.device,
             "device_name": super::timing::device_name(&dev), "git_commit": report::git_commit(),
             "cuda_events": o.cuda_events, "keep_freed_device_memory": o.keep_freed_device_memory,
+            "kernel_config": o.kernel_config,
             "threads": rayon::current_num_threads(), "cpu_count": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
             "load": std::fs::read_to_string("/proc/loadavg").ok().map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" ")),
             "mode": if rows_done == usize::MAX { "full".to_string() } else { format!("partial ({rows_done} rows)") },

@@ -13,9 +13,9 @@
 using namespace cf;
 
 constexpr float LOG2E = 1.4426950408889634f;
-// U (CeLoads of config.rs): packs per thread loaded before any is used, in the forward's and
-// the backward's loops over global memory. U = 1 (`_u1`) is the default: four in flight ran
-// the forward at 63% of copy against 68% with one, the backward at 45% with either (H200).
+// U: packs per thread loaded before any is used, in the forward's and the backward's loops over
+// global memory. Built with U = 1: four in flight ran the forward at 63% of copy against 68%
+// with one, the backward at 45% with either (H200, NOTES.md 2026-12-03).
 
 // The row constants (cuda.rs: CeParams).
 struct CeParams {
@@ -96,7 +96,7 @@ struct GradRow {
 
 // GRAD = false: the forward (row loss and lse); true: the fused loss + gradient into y (which
 // may alias x: each CTA writes only the slice it staged, after the row's reduction).
-template <typename T, int VEC, bool GRAD, int U = 4> struct CeRow {
+template <typename T, int VEC, bool GRAD, int U = 1> struct CeRow {
   using Red = MaxSumZ;
   // The forward reads its slice once from global (online max/sum: nothing to keep for a
   // second pass, so no staging, no shared-memory slice: any row length runs on one CTA); the
@@ -321,12 +321,9 @@ extern "C" __global__ void __launch_bounds__(1024)
                                                          T* y, int64_t rows, int64_t d, CeParams p) { \
     ce_bwd_body<T, V, U>(x, tgt, stats, dloss, y, rows, d, p);                                      \
   }
-// The forward and backward in two builds each: 4 packs in flight (no suffix) and 1 (`_u1`).
 #define CE_KERNELS_V(NAME, T, V)                                                                      \
-  CE_FWD(NAME, T, V, , 4)                                                                             \
-  CE_FWD(NAME, T, V, _u1, 1)                                                                          \
-  CE_BWD(NAME, T, V, , 4)                                                                             \
-  CE_BWD(NAME, T, V, _u1, 1)                                                                          \
+  CE_FWD(NAME, T, V, , 1)                                                                             \
+  CE_BWD(NAME, T, V, , 1)                                                                             \
   extern "C" __global__ void __launch_bounds__(1024)                                                 \
       ce_fused_##NAME##_v##V(const T* x, const int* tgt, T* y, float* row_loss, Geom g, CeParams p) { \
     CeRow<T, V, true> op{x, tgt, y, row_loss, nullptr, p, g.d};                                       \

@@ -9,7 +9,7 @@ use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaDevice, CudaStorage, Layout, Result};
 
 use super::{CeBwd, CeFused, CeFwd, CeSum, Params};
-use crate::config::{CeLoads, CeSlice, KernelConfig};
+use crate::config::KernelConfig;
 use crate::cuda::{self, dispatch, ptx, Args, Ptx, RowSpec};
 use crate::seam::Inputs;
 use crate::validate::fail;
@@ -101,11 +101,7 @@ pub(crate) fn forward_t<T: CudaDType + DeviceRepr>(
     let mut stats = cuda::alloc::<f32>(dev, 2 * rows, cfg.poison)?;
     // Nothing staged (nin 0): the forward reads each slice once from global memory.
     let spec = RowSpec::new(rows, d, 0, MAX_SUM_Z, &[(x, xo)], &stream);
-    let prefix = format!(
-        "ce_fwd{}_{}",
-        loads_suffix(cfg),
-        cuda::dtype_name(op, s.dtype())?
-    );
+    let prefix = format!("ce_fwd_{}", cuda::dtype_name(op, s.dtype())?);
     let plan = cuda::plan(op, dev, &PTX, &prefix, &spec)?;
     {
         let mut args = Args::new(&stream);
@@ -118,14 +114,6 @@ pub(crate) fn forward_t<T: CudaDType + DeviceRepr>(
     }
     let loss = sum_into(dev, (&row_loss, 0), rows, k.scale, cfg.poison)?;
     Ok(vec![cuda::storage(loss, dev), cuda::storage(stats, dev)])
-}
-
-/// The kernel-name suffix of the configured build (CeLoads).
-fn loads_suffix(cfg: &KernelConfig) -> &'static str {
-    match cfg.cuda.cross_entropy.loads {
-        CeLoads::One => "_u1",
-        CeLoads::Four => "",
-    }
 }
 
 pub(crate) fn backward_t<T: CudaDType + DeviceRepr>(
@@ -154,11 +142,7 @@ pub(crate) fn backward_t<T: CudaDType + DeviceRepr>(
     // One block per row (grid-stride), its threads walking the row's packs.
     let block = (d / vec).div_ceil(4).next_power_of_two().clamp(32, 512) as u32;
     let grid = rows.clamp(1, 1 << 20) as u32;
-    let name = format!(
-        "ce_bwd{}_{}_v{vec}",
-        loads_suffix(cfg),
-        cuda::dtype_name(op, s.dtype())?
-    );
+    let name = format!("ce_bwd_{}_v{vec}", cuda::dtype_name(op, s.dtype())?);
     {
         let mut args = Args::new(&stream);
         args.input(x, xo).input(tg, to).input(stats, so);
@@ -181,7 +165,6 @@ fn launch_fused<T: CudaDType + DeviceRepr>(
     op: &str,
     dt: &str,
     k: &CeFused,
-    cfg: &KernelConfig,
     dev: &CudaDevice,
     x: (&CudaSlice<T>, usize),
     y: Option<&mut CudaSlice<T>>,
@@ -195,13 +178,7 @@ fn launch_fused<T: CudaDType + DeviceRepr>(
     if let Some(y) = &y {
         ptrs.push((&**y, 0));
     }
-    let spec = RowSpec {
-        max_slice: match cfg.cuda.cross_entropy.fused_slice {
-            CeSlice::Auto => cuda::DEFAULT_MAX_SLICE,
-            CeSlice::Kib(n) => (n as usize).max(1) * 1024,
-        },
-        ..RowSpec::new(rows, d, 1, MAX_SUM_Z, &ptrs, &stream)
-    };
+    let spec = RowSpec::new(rows, d, 1, MAX_SUM_Z, &ptrs, &stream);
     let prefix = format!("ce_fused_{dt}");
     let plan = cuda::plan(op, dev, &PTX, &prefix, &spec)?;
     let mut args = Args::new(&stream);
@@ -231,19 +208,7 @@ pub(crate) fn fused_t<T: CudaDType + DeviceRepr>(
     let mut y = cuda::alloc::<T>(dev, rows * d, cfg.poison)?;
     let mut row_loss = cuda::alloc::<f32>(dev, rows, cfg.poison)?;
     let dt = cuda::dtype_name(op, s.dtype())?;
-    launch_fused(
-        op,
-        dt,
-        k,
-        cfg,
-        dev,
-        x,
-        Some(&mut y),
-        tg,
-        rows,
-        d,
-        &mut row_loss,
-    )?;
+    launch_fused(op, dt, k, dev, x, Some(&mut y), tg, rows, d, &mut row_loss)?;
     Ok(vec![cuda::storage(y, dev), cuda::storage(row_loss, dev)])
 }
 
@@ -268,7 +233,6 @@ pub(crate) fn fused_inplace(
             op,
             dt,
             k,
-            cfg,
             &dev,
             (&*x, start),
             None,
