@@ -60,37 +60,92 @@ struct MaxSumZ {
   }
 };
 
-// The (capped) logit.
-__device__ __forceinline__ float capz(float v, const CeParams& p) {
-  if (p.cap > 0.f) {
+// The (capped) logit. CAP: soft-capping on (p.cap > 0); the loops are built once for each, so
+// no element pays for the test.
+template <bool CAP> __device__ __forceinline__ float capz(float v, const CeParams& p) {
+  if constexpr (CAP) {
     float th, s2;
     tanh_sech2(v * p.inv_cap, th, s2);
     return p.cap * th;
   }
   return v;
 }
+__device__ __forceinline__ float capz(float v, const CeParams& p) {
+  return p.cap > 0.f ? capz<true>(v, p) : capz<false>(v, p);
+}
+
+// Where the target's column lies in a slice of n columns starting at lo: its pack (-1: not in
+// this slice) and its element in that pack. The loops test the pack index once per pack.
+struct TargetPos {
+  int u, e;
+  template <int VEC> static __device__ __forceinline__ TargetPos of(int64_t t, int64_t lo, int n) {
+    const int64_t tl = t - lo;
+    if (t < 0 || tl < 0 || tl >= n) return {-1, 0};
+    return {(int)(tl / VEC), (int)(tl % VEC)};
+  }
+};
+
+// A pack's (Σ exp, Σ_{j≠t} exp) added into (sum, other): exp2(z·log2e − mb) per element, one
+// FFMA and one MUFU each; the target's exclusion costs only in the pack that holds it.
+template <int VEC>
+__device__ __forceinline__ void add_exps(const float (&z)[VEC], float mb, bool has_t, int te, float& sum,
+                                         float& other) {
+  float ex[VEC];
+  float ps = 0.f;
+#pragma unroll
+  for (int e = 0; e < VEC; e++) {
+    ex[e] = fast_exp2(fmaf(z[e], LOG2E, -mb));
+    ps += ex[e];
+  }
+  sum += ps;
+  if (!has_t) {
+    other += ps;
+  } else {
+    float po = 0.f;
+#pragma unroll
+    for (int e = 0; e < VEC; e++)
+      if (e != te) po += ex[e];
+    other += po;
+  }
+}
 
 // A row's gradient constants: p_j = exp2((z_j − m)·log2e − l2s); for j ≠ t the gradient is
 // p_j·k − off, for the target (eps_t − other + 2λ·lse·p_t)·scale; times sech² with capping.
 struct GradRow {
-  float m, l2s, lse, k, off, other;
+  float m, l2s, lse, k, off, other, scale;
+  float c;  // m·log2e + l2s: p_j = exp2(z_j·log2e − c)
   int t;
-  __device__ __forceinline__ GradRow(float m_, float l2s_, float other_, int t_, float scale, const CeParams& p)
-      : m(m_), l2s(l2s_), lse(m_ + l2s_ / LOG2E), other(other_), t(t_) {
+  __device__ __forceinline__ GradRow(float m_, float l2s_, float other_, int t_, float scale_, const CeParams& p)
+      : m(m_), l2s(l2s_), lse(m_ + l2s_ / LOG2E), other(other_), scale(scale_), t(t_) {
     k = (1.f + 2.f * p.zl * lse) * scale;
     off = p.eps_v * scale;
+    c = m * LOG2E + l2s;
   }
-  // The gradient of one element (column j), already scaled.
-  __device__ __forceinline__ float of(float xv, int64_t j, float scale, const CeParams& p) const {
-    float z = xv, s2 = 1.f;
-    if (p.cap > 0.f) {
-      float th;
-      tanh_sech2(xv * p.inv_cap, th, s2);
-      z = p.cap * th;
+  // The gradient of one pack (te: the target's element when has_t), already scaled.
+  template <bool CAP, typename T, int VEC>
+  __device__ __forceinline__ Pack<T, VEC> pack(const Pack<T, VEC>& a, bool has_t, int te, const CeParams& p) const {
+    Pack<T, VEC> b;
+    float s2s[VEC], es[VEC];
+#pragma unroll
+    for (int e = 0; e < VEC; e++) {
+      float z = ld(a.v[e]), s2 = 1.f;
+      if constexpr (CAP) {
+        float th;
+        tanh_sech2(z * p.inv_cap, th, s2);
+        z = p.cap * th;
+      }
+      s2s[e] = s2;
+      es[e] = fast_exp2(fmaf(z, LOG2E, -c));
+      float g = fmaf(es[e], k, -off);
+      if constexpr (CAP) g *= s2;
+      b.v[e] = st<T>(g);
     }
-    const float e = fast_exp2((z - m) * LOG2E - l2s);
-    const float g = j == t ? (p.eps_t - other + 2.f * p.zl * lse * e) * scale : e * k - off;
-    return g * s2;
+    if (has_t) {
+#pragma unroll
+      for (int e = 0; e < VEC; e++)
+        if (e == te) b.v[e] = st<T>((p.eps_t - other + 2.f * p.zl * lse * es[e]) * scale * s2s[e]);
+    }
+    return b;
   }
 };
 
@@ -118,39 +173,35 @@ template <typename T, int VEC, bool GRAD, int U = 1> struct CeRow {
   __device__ __forceinline__ void finish(int64_t, int64_t, int) {}
 
   // The forward's partial: one pass over the slice in global memory, the running max rescaling
-  // the running sums when it grows. An all -inf slice gives (-inf, 0, Σz, 0); a NaN poisons it.
+  // the running sums when it grows. An all -inf slice gives (-inf, 0, Σz, 0); a NaN poisons it
+  // (found through Σz, which any NaN makes NaN; so does +inf with -inf, where exp gives NaN).
   __device__ MaxSumZ partial_online(int64_t row, int64_t lo, int n) const {
+    return p.cap > 0.f ? partial_online_t<true>(row, lo, n) : partial_online_t<false>(row, lo, n);
+  }
+  template <bool CAP> __device__ MaxSumZ partial_online_t(int64_t row, int64_t lo, int n) const {
     const T* sx = x + row * d + lo;
     const int nu = n / VEC;
-    const int tl = (int)(t - lo);
+    const TargetPos tp = TargetPos::of<VEC>(t, lo, n);
     float m = -INFINITY, sum = 0.f, zs = 0.f, other = 0.f;
-    bool nan = false;
     const int bs = blockDim.x;
     // One pack folded into the running (m, sum, zs, other).
     auto fold = [&](const Pack<T, VEC>& a, int u) {
       float z[VEC];
-      float pm = -INFINITY;
+      float pm = -INFINITY, pz = 0.f;
 #pragma unroll
       for (int e = 0; e < VEC; e++) {
-        z[e] = capz(ld(a.v[e]), p);
+        z[e] = capz<CAP>(ld(a.v[e]), p);
         pm = fmaxf(pm, z[e]);
-        nan |= isnan(z[e]);
-        zs += z[e];
+        pz += z[e];
       }
+      zs += pz;
       if (pm > m) {
         const float r = fast_exp2((m - pm) * LOG2E);  // m = -inf: 0
         sum *= r;
         other *= r;
         m = pm;
       }
-      if (m != -INFINITY) {
-#pragma unroll
-        for (int e = 0; e < VEC; e++) {
-          const float ex = fast_exp2((z[e] - m) * LOG2E);
-          sum += ex;
-          if (u * VEC + e != tl) other += ex;
-        }
-      }
+      if (m != -INFINITY) add_exps<VEC>(z, m * LOG2E, u == tp.u, tp.e, sum, other);
     };
     int u = threadIdx.x;
     for (; u + (U - 1) * bs < nu; u += U * bs) {
@@ -161,7 +212,7 @@ template <typename T, int VEC, bool GRAD, int U = 1> struct CeRow {
       for (int k = 0; k < U; k++) fold(a[k], u + k * bs);
     }
     for (; u < nu; u += bs) fold(ldg_pack<T, VEC>(sx + u * VEC), u);
-    if (nan) return MaxSumZ{NAN, NAN, NAN, NAN};
+    if (isnan(zs)) return MaxSumZ{NAN, NAN, NAN, NAN};
     return {m, sum, zs, other};
   }
 
@@ -190,19 +241,26 @@ template <typename T, int VEC, bool GRAD, int U = 1> struct CeRow {
       }
       return nan ? MaxSumZ{NAN, NAN, NAN, NAN} : MaxSumZ{-INFINITY, 0.f, zs, 0.f};
     }
-    const float mz = capz(m, p);  // soft-capping is monotonic
+    return p.cap > 0.f ? staged_sums<true>(sx, lo, n, m) : staged_sums<false>(sx, lo, n, m);
+  }
+  // (Σ exp, Σz, Σ_{j≠t} exp) of the staged slice against its max m (of the raw logits:
+  // soft-capping is monotonic).
+  template <bool CAP> __device__ MaxSumZ staged_sums(const T* sx, int64_t lo, int n, float m) const {
+    const int nu = n / VEC;
+    const float mz = capz<CAP>(m, p), mb = mz * LOG2E;
     float sum = 0.f, zs = 0.f, other = 0.f;
-    const int tl = (int)(t - lo);  // the target's column in this slice (may lie outside)
+    const TargetPos tp = TargetPos::of<VEC>(t, lo, n);
     for (int u = threadIdx.x; u < nu; u += blockDim.x) {
       const Pack<T, VEC> a = ld_pack<T, VEC>(sx + u * VEC);
+      float z[VEC];
+      float pz = 0.f;
 #pragma unroll
       for (int e = 0; e < VEC; e++) {
-        const float z = capz(ld(a.v[e]), p);
-        const float x = fast_exp2((z - mz) * LOG2E);
-        sum += x;
-        zs += z;
-        if (u * VEC + e != tl) other += x;
+        z[e] = capz<CAP>(ld(a.v[e]), p);
+        pz += z[e];
       }
+      zs += pz;
+      add_exps<VEC>(z, mb, u == tp.u, tp.e, sum, other);
     }
     return {mz, sum, zs, other};
   }
@@ -235,18 +293,45 @@ template <typename T, int VEC, bool GRAD, int U = 1> struct CeRow {
         stats[2 * row + 1] = other;
       }
     }
-    if (!GRAD) return;
-    const GradRow gr(r.m, l2s, other, t, p.scale, p);
+    if constexpr (GRAD) {
+      const GradRow gr(r.m, l2s, other, t, p.scale, p);
+      if (p.cap > 0.f)
+        write_grad<true>(gr, row, lo, n, s[0]);
+      else
+        write_grad<false>(gr, row, lo, n, s[0]);
+    }
+  }
+  template <bool CAP>
+  __device__ void write_grad(const GradRow& gr, int64_t row, int64_t lo, int n, const T* sx) const {
+    const int nu = n / VEC;
+    const TargetPos tp = TargetPos::of<VEC>(t, lo, n);
     T* o = y + row * d + lo;
     for (int u = threadIdx.x; u < nu; u += blockDim.x) {
-      const Pack<T, VEC> a = ld_pack<T, VEC>(s[0] + u * VEC);
-      Pack<T, VEC> b;
-#pragma unroll
-      for (int e = 0; e < VEC; e++) b.v[e] = st<T>(gr.of(ld(a.v[e]), lo + u * VEC + e, p.scale, p));
-      st_pack<T, VEC>(o + u * VEC, b);
+      const Pack<T, VEC> a = ld_pack<T, VEC>(sx + u * VEC);
+      st_pack<T, VEC>(o + u * VEC, gr.pack<CAP>(a, u == tp.u, tp.e, p));
     }
   }
 };
+
+// One row of the gradient from the saved lse, the block's threads over its packs.
+template <bool CAP, typename T, int VEC, int U>
+__device__ __forceinline__ void ce_bwd_row(const GradRow& gr, const T* __restrict__ xr, T* __restrict__ o,
+                                           int64_t nu, int t, const CeParams& p) {
+  const int64_t bs = blockDim.x, tu = t / VEC;
+  const int te = t % VEC;
+  int64_t u = threadIdx.x;
+  for (; u + (U - 1) * bs < nu; u += U * bs) {
+    Pack<T, VEC> a[U];
+#pragma unroll
+    for (int k = 0; k < U; k++) a[k] = ldg_pack<T, VEC>(xr + (u + k * bs) * VEC);
+#pragma unroll
+    for (int k = 0; k < U; k++) {
+      const int64_t uk = u + k * bs;
+      st_pack<T, VEC>(o + uk * VEC, gr.pack<CAP>(a[k], uk == tu, te, p));
+    }
+  }
+  for (; u < nu; u += bs) st_pack<T, VEC>(o + u * VEC, gr.pack<CAP>(ldg_pack<T, VEC>(xr + u * VEC), u == tu, te, p));
+}
 
 // The gradient from the saved lse: blocks walk the rows (grid-stride), threads a row's packs.
 template <typename T, int VEC, int U>
@@ -268,28 +353,10 @@ __device__ void ce_bwd_body(const T* __restrict__ x, const int* __restrict__ tgt
     }
     // p_j = exp(z_j − lse): m = lse, ln s = 0.
     const GradRow gr(stats[2 * row], 0.f, stats[2 * row + 1], t, gsc, p);
-    const int64_t bs = blockDim.x;
-    int64_t u = threadIdx.x;
-    for (; u + (U - 1) * bs < nu; u += U * bs) {
-      Pack<T, VEC> a[U];
-#pragma unroll
-      for (int k = 0; k < U; k++) a[k] = ldg_pack<T, VEC>(xr + (u + k * bs) * VEC);
-#pragma unroll
-      for (int k = 0; k < U; k++) {
-        const int64_t uk = u + k * bs;
-        Pack<T, VEC> b;
-#pragma unroll
-        for (int e = 0; e < VEC; e++) b.v[e] = st<T>(gr.of(ld(a[k].v[e]), uk * VEC + e, gsc, p));
-        st_pack<T, VEC>(o + uk * VEC, b);
-      }
-    }
-    for (; u < nu; u += bs) {
-      const Pack<T, VEC> a = ldg_pack<T, VEC>(xr + u * VEC);
-      Pack<T, VEC> b;
-#pragma unroll
-      for (int e = 0; e < VEC; e++) b.v[e] = st<T>(gr.of(ld(a.v[e]), u * VEC + e, gsc, p));
-      st_pack<T, VEC>(o + u * VEC, b);
-    }
+    if (p.cap > 0.f)
+      ce_bwd_row<true, T, VEC, U>(gr, xr, o, nu, t, p);
+    else
+      ce_bwd_row<false, T, VEC, U>(gr, xr, o, nu, t, p);
   }
 }
 
