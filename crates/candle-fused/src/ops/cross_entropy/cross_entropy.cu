@@ -87,16 +87,14 @@ struct TargetPos {
 
 // A pack's (Σ exp, Σ_{j≠t} exp) added into (sum, other): exp2(z·log2e − mb) per element, one
 // FFMA and one MUFU each; the target's exclusion costs only in the pack that holds it.
+// The target's pack recomputes its exps rather than keeping them live (registers: two CTAs of
+// 1024 threads per SM need at most 32 per thread).
 template <int VEC>
 __device__ __forceinline__ void add_exps(const float (&z)[VEC], float mb, bool has_t, int te, float& sum,
                                          float& other) {
-  float ex[VEC];
   float ps = 0.f;
 #pragma unroll
-  for (int e = 0; e < VEC; e++) {
-    ex[e] = fast_exp2(fmaf(z[e], LOG2E, -mb));
-    ps += ex[e];
-  }
+  for (int e = 0; e < VEC; e++) ps += fast_exp2(fmaf(z[e], LOG2E, -mb));
   sum += ps;
   if (!has_t) {
     other += ps;
@@ -104,7 +102,7 @@ __device__ __forceinline__ void add_exps(const float (&z)[VEC], float mb, bool h
     float po = 0.f;
 #pragma unroll
     for (int e = 0; e < VEC; e++)
-      if (e != te) po += ex[e];
+      if (e != te) po += fast_exp2(fmaf(z[e], LOG2E, -mb));
     other += po;
   }
 }
@@ -125,25 +123,32 @@ struct GradRow {
   template <bool CAP, typename T, int VEC>
   __device__ __forceinline__ Pack<T, VEC> pack(const Pack<T, VEC>& a, bool has_t, int te, const CeParams& p) const {
     Pack<T, VEC> b;
-    float s2s[VEC], es[VEC];
-#pragma unroll
-    for (int e = 0; e < VEC; e++) {
-      float z = ld(a.v[e]), s2 = 1.f;
+    // (z, sech²(x/c), p) of element e; recomputed for the target rather than kept live.
+    auto prob = [&](int e, float& s2) {
+      float z = ld(a.v[e]);
+      s2 = 1.f;
       if constexpr (CAP) {
         float th;
         tanh_sech2(z * p.inv_cap, th, s2);
         z = p.cap * th;
       }
-      s2s[e] = s2;
-      es[e] = fast_exp2(fmaf(z, LOG2E, -c));
-      float g = fmaf(es[e], k, -off);
+      return fast_exp2(fmaf(z, LOG2E, -c));
+    };
+#pragma unroll
+    for (int e = 0; e < VEC; e++) {
+      float s2;
+      float g = fmaf(prob(e, s2), k, -off);
       if constexpr (CAP) g *= s2;
       b.v[e] = st<T>(g);
     }
     if (has_t) {
 #pragma unroll
       for (int e = 0; e < VEC; e++)
-        if (e == te) b.v[e] = st<T>((p.eps_t - other + 2.f * p.zl * lse * es[e]) * scale * s2s[e]);
+        if (e == te) {
+          float s2;
+          const float pe = prob(e, s2);
+          b.v[e] = st<T>((p.eps_t - other + 2.f * p.zl * lse * pe) * scale * s2);
+        }
     }
     return b;
   }
@@ -376,7 +381,7 @@ extern "C" __global__ void __launch_bounds__(1024)
 }
 
 #define CE_FWD(NAME, T, V, SUF, U)                                                                  \
-  extern "C" __global__ void __launch_bounds__(1024)                                               \
+  extern "C" __global__ void __launch_bounds__(1024, 2)                                            \
       ce_fwd##SUF##_##NAME##_v##V(const T* x, const int* tgt, float* row_loss, float* stats, Geom g, \
                                   CeParams p) {                                                     \
     CeRow<T, V, false, U> op{x, tgt, nullptr, row_loss, stats, p, g.d};                             \
@@ -391,7 +396,7 @@ extern "C" __global__ void __launch_bounds__(1024)
 #define CE_KERNELS_V(NAME, T, V)                                                                      \
   CE_FWD(NAME, T, V, , 1)                                                                             \
   CE_BWD(NAME, T, V, , 1)                                                                             \
-  extern "C" __global__ void __launch_bounds__(1024)                                                 \
+  extern "C" __global__ void __launch_bounds__(1024, 2)                                              \
       ce_fused_##NAME##_v##V(const T* x, const int* tgt, T* y, float* row_loss, Geom g, CeParams p) { \
     CeRow<T, V, true> op{x, tgt, y, row_loss, nullptr, p, g.d};                                       \
     run_rows<T, V>(g, op);                                                                            \
