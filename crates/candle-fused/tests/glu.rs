@@ -12,7 +12,7 @@ use candle_core::{DType, Result, Tensor, D};
 use candle_fused::ops::{self, GluKind};
 use candle_fused::prelude::*;
 use candle_fused::{KernelConfig, Kernels};
-use candle_fused_testkit::{reference, testing};
+use candle_fused_testkit::reference;
 use common::*;
 
 const KINDS: [GluKind; 2] = [GluKind::SwiGlu, GluKind::GeGluTanh];
@@ -38,53 +38,6 @@ fn pair(kind: GluKind) -> impl Fn(&[Tensor]) -> Result<Vec<Tensor>> {
 
 fn pair_ref(kind: GluKind) -> impl Fn(&[Tensor]) -> Result<Vec<Tensor>> {
     move |a| Ok(vec![reference::glu(kind, &a[0], &a[1])?])
-}
-
-/// The floor of the gate gradient where its two terms cancel: `d(g·σ(z(g)))/dg = s + g·s·(1 − s)·z'`
-/// crosses zero (GeGLU near g ≈ −0.75), so an element there keeps the absolute error of terms of
-/// size `|dy·u|·(s + |g·s·(1 − s)·z'|)`: a few roundings of the f32 (f64) arithmetic that makes
-/// them (the vector `exp`, the division: 8 unit roundoffs allowed), relative to the largest
-/// reference gradient `reference` (which holds the gate gradient, or the packed `[.., 2I]` one).
-fn gate_floor(kind: GluKind, g: &Tensor, u: &Tensor, dy: &Tensor, reference: &Tensor) -> f64 {
-    const K2: f64 = 2.0 * 0.797_884_560_802_865_4;
-    const C: f64 = 0.044_715;
-    let acc = if g.dtype() == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    };
-    let (g, u, dy) = (vec64(g), vec64(u), vec64(dy));
-    let mag = g
-        .iter()
-        .zip(&u)
-        .zip(&dy)
-        .map(|((&g, &u), &d)| {
-            let (z, dz) = match kind {
-                GluKind::SwiGlu => (g, 1.0),
-                GluKind::GeGluTanh => (K2 * (g + C * g * g * g), K2 * (1.0 + 3.0 * C * g * g)),
-            };
-            let s = 1.0 / (1.0 + (-z).exp());
-            (d * u).abs() * (s + (g * s * (1.0 - s) * dz).abs())
-        })
-        .fold(0f64, f64::max);
-    let max_ref = testing::max_abs(reference).unwrap();
-    if max_ref == 0.0 || !mag.is_finite() {
-        return 0.0;
-    }
-    8.0 * unit_roundoff(acc) * mag / max_ref
-}
-
-/// [`gate_floor`] for the packed layout: the gate and up halves of `gu`.
-fn packed_gate_floor(kind: GluKind, gu: &Tensor, dy: &Tensor, reference: &Tensor) -> f64 {
-    let i = gu.dim(D::Minus1).unwrap() / 2;
-    let g = gu.narrow(D::Minus1, 0, i).unwrap();
-    let u = gu.narrow(D::Minus1, i, i).unwrap();
-    gate_floor(kind, &g, &u, dy, reference)
-}
-
-/// The reference gradient `k` of a `run_both` result.
-fn rgrad(both: &Both, k: usize) -> &Tensor {
-    both.3[k].as_ref().expect("a reference gradient")
 }
 
 fn packed(kind: GluKind) -> impl Fn(&[Tensor]) -> Result<Vec<Tensor>> {

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 mod exact;
+mod glu;
 mod loss;
 mod rms;
 mod rope;
@@ -13,6 +14,8 @@ mod softmax;
 pub use candle_fused_testkit::asserts::*;
 #[allow(unused_imports)]
 pub use exact::*;
+#[allow(unused_imports)]
+pub use glu::*;
 #[allow(unused_imports)]
 pub use loss::*;
 #[allow(unused_imports)]
