@@ -13,9 +13,9 @@
 using namespace cf;
 
 constexpr float LOG2E = 1.4426950408889634f;
-// U: packs per thread loaded before any is used, in the forward's and the backward's loops over
-// global memory. Built with U = 1: four in flight ran the forward at 63% of copy against 68%
-// with one, the backward at 45% with either (H200, NOTES.md 2026-12-03).
+// The forward's and the backward's loops over global memory load one 16-byte pack per thread,
+// then use it: four in flight ran the forward at 63% of copy against 68% with one, the backward
+// at 45% with either (H200, NOTES.md 2026-12-03).
 
 // The row constants (cuda.rs: CeParams).
 struct CeParams {
@@ -156,7 +156,7 @@ struct GradRow {
 
 // GRAD = false: the forward (row loss and lse); true: the fused loss + gradient into y (which
 // may alias x: each CTA writes only the slice it staged, after the row's reduction).
-template <typename T, int VEC, bool GRAD, int U = 1> struct CeRow {
+template <typename T, int VEC, bool GRAD> struct CeRow {
   using Red = MaxSumZ;
   // The forward reads its slice once from global (online max/sum: nothing to keep for a
   // second pass, so no staging, no shared-memory slice: any row length runs on one CTA); the
@@ -208,15 +208,7 @@ template <typename T, int VEC, bool GRAD, int U = 1> struct CeRow {
       }
       if (m != -INFINITY) add_exps<VEC>(z, m * LOG2E, u == tp.u, tp.e, sum, other);
     };
-    int u = threadIdx.x;
-    for (; u + (U - 1) * bs < nu; u += U * bs) {
-      Pack<T, VEC> a[U];
-#pragma unroll
-      for (int k = 0; k < U; k++) a[k] = ldg_pack<T, VEC>(sx + (u + k * bs) * VEC);
-#pragma unroll
-      for (int k = 0; k < U; k++) fold(a[k], u + k * bs);
-    }
-    for (; u < nu; u += bs) fold(ldg_pack<T, VEC>(sx + u * VEC), u);
+    for (int u = threadIdx.x; u < nu; u += bs) fold(ldg_pack<T, VEC>(sx + u * VEC), u);
     if (isnan(zs)) return MaxSumZ{NAN, NAN, NAN, NAN};
     return {m, sum, zs, other};
   }
@@ -319,27 +311,17 @@ template <typename T, int VEC, bool GRAD, int U = 1> struct CeRow {
 };
 
 // One row of the gradient from the saved lse, the block's threads over its packs.
-template <bool CAP, typename T, int VEC, int U>
+template <bool CAP, typename T, int VEC>
 __device__ __forceinline__ void ce_bwd_row(const GradRow& gr, const T* __restrict__ xr, T* __restrict__ o,
                                            int64_t nu, int t, const CeParams& p) {
-  const int64_t bs = blockDim.x, tu = t / VEC;
+  const int64_t tu = t / VEC;
   const int te = t % VEC;
-  int64_t u = threadIdx.x;
-  for (; u + (U - 1) * bs < nu; u += U * bs) {
-    Pack<T, VEC> a[U];
-#pragma unroll
-    for (int k = 0; k < U; k++) a[k] = ldg_pack<T, VEC>(xr + (u + k * bs) * VEC);
-#pragma unroll
-    for (int k = 0; k < U; k++) {
-      const int64_t uk = u + k * bs;
-      st_pack<T, VEC>(o + uk * VEC, gr.pack<CAP>(a[k], uk == tu, te, p));
-    }
-  }
-  for (; u < nu; u += bs) st_pack<T, VEC>(o + u * VEC, gr.pack<CAP>(ldg_pack<T, VEC>(xr + u * VEC), u == tu, te, p));
+  for (int64_t u = threadIdx.x; u < nu; u += blockDim.x)
+    st_pack<T, VEC>(o + u * VEC, gr.pack<CAP>(ldg_pack<T, VEC>(xr + u * VEC), u == tu, te, p));
 }
 
 // The gradient from the saved lse: blocks walk the rows (grid-stride), threads a row's packs.
-template <typename T, int VEC, int U>
+template <typename T, int VEC>
 __device__ void ce_bwd_body(const T* __restrict__ x, const int* __restrict__ tgt, const float* __restrict__ stats,
                             const float* __restrict__ dloss, T* __restrict__ y, int64_t rows, int64_t d,
                             CeParams p) {
@@ -359,9 +341,9 @@ __device__ void ce_bwd_body(const T* __restrict__ x, const int* __restrict__ tgt
     // p_j = exp(z_j − lse): m = lse, ln s = 0.
     const GradRow gr(stats[2 * row], 0.f, stats[2 * row + 1], t, gsc, p);
     if (p.cap > 0.f)
-      ce_bwd_row<true, T, VEC, U>(gr, xr, o, nu, t, p);
+      ce_bwd_row<true, T, VEC>(gr, xr, o, nu, t, p);
     else
-      ce_bwd_row<false, T, VEC, U>(gr, xr, o, nu, t, p);
+      ce_bwd_row<false, T, VEC>(gr, xr, o, nu, t, p);
   }
 }
 
@@ -380,22 +362,17 @@ extern "C" __global__ void __launch_bounds__(1024)
   if (threadIdx.x == 0) out[0] = (float)(sh[0] * scale);
 }
 
-#define CE_FWD(NAME, T, V, SUF, U)                                                                  \
-  extern "C" __global__ void __launch_bounds__(1024, 2)                                            \
-      ce_fwd##SUF##_##NAME##_v##V(const T* x, const int* tgt, float* row_loss, float* stats, Geom g, \
-                                  CeParams p) {                                                     \
-    CeRow<T, V, false, U> op{x, tgt, nullptr, row_loss, stats, p, g.d};                             \
-    run_rows<T, V>(g, op);                                                                          \
-  }
-#define CE_BWD(NAME, T, V, SUF, U)                                                                  \
-  extern "C" __global__ void ce_bwd##SUF##_##NAME##_v##V(const T* x, const int* tgt,                \
-                                                         const float* stats, const float* dloss,    \
-                                                         T* y, int64_t rows, int64_t d, CeParams p) { \
-    ce_bwd_body<T, V, U>(x, tgt, stats, dloss, y, rows, d, p);                                      \
-  }
 #define CE_KERNELS_V(NAME, T, V)                                                                      \
-  CE_FWD(NAME, T, V, , 1)                                                                             \
-  CE_BWD(NAME, T, V, , 1)                                                                             \
+  extern "C" __global__ void __launch_bounds__(1024, 2)                                              \
+      ce_fwd_##NAME##_v##V(const T* x, const int* tgt, float* row_loss, float* stats, Geom g, CeParams p) { \
+    CeRow<T, V, false> op{x, tgt, nullptr, row_loss, stats, p, g.d};                                  \
+    run_rows<T, V>(g, op);                                                                            \
+  }                                                                                                   \
+  extern "C" __global__ void ce_bwd_##NAME##_v##V(const T* x, const int* tgt, const float* stats,     \
+                                                  const float* dloss, T* y, int64_t rows, int64_t d,  \
+                                                  CeParams p) {                                       \
+    ce_bwd_body<T, V>(x, tgt, stats, dloss, y, rows, d, p);                                           \
+  }                                                                                                   \
   extern "C" __global__ void __launch_bounds__(1024, 2)                                              \
       ce_fused_##NAME##_v##V(const T* x, const int* tgt, T* y, float* row_loss, Geom g, CeParams p) { \
     CeRow<T, V, true> op{x, tgt, y, row_loss, nullptr, p, g.d};                                       \
