@@ -363,7 +363,7 @@ fn run_check(arg: DeviceArg, quick: bool) -> Result<ExitCode> {
 
 /// The kernel configuration named `name` among `KernelConfig::candidates()`.
 fn kernel_config(name: &str) -> Result<(String, Kernels)> {
-    Ok((name.to_string(), bench::train::kernels_named(name)?))
+    Ok((name.to_string(), bench::kernels_named(name)?))
 }
 
 fn run_bench(

@@ -29,7 +29,7 @@ pub mod train;
 
 use candle_core::{Device, Result, Tensor};
 
-use candle_fused::Kernels;
+use candle_fused::{KernelConfig, Kernels};
 use cases::Scope;
 use report::{Collector, Header, Report};
 use timing::{Budget, Timer};
@@ -81,6 +81,21 @@ pub fn families() -> Vec<Box<dyn Family>> {
         Box::new(loss::LossFamily(loss::LCE)),
         Box::new(gemm::GemmFamily),
     ]
+}
+
+/// The kernels of the candidate configuration `name` (`KernelConfig::candidates()`).
+pub fn kernels_named(name: &str) -> Result<Kernels> {
+    let all = KernelConfig::candidates();
+    match all.iter().find(|(n, _)| *n == name) {
+        Some((_, c)) => Ok(Kernels::new(*c)),
+        None => {
+            let names: Vec<&str> = all.iter().map(|(n, _)| *n).collect();
+            candle_core::bail!(
+                "unknown --kernel-config {name:?}, expected one of {}",
+                names.join(", ")
+            )
+        }
+    }
 }
 
 /// `cpu` or `cuda` (GPU 0). Without the `cuda` feature, `cuda` is a clear error.

@@ -11,7 +11,6 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Result, Tensor};
-use candle_fused::{KernelConfig, Kernels};
 use candle_fused_train::{AdamW, AdamWConfig, Batch, LoraSpec, Model, ModelConfig, SplitMix64};
 use serde_json::{json, Value};
 
@@ -187,21 +186,6 @@ impl Options {
     }
 }
 
-/// The kernels of the candidate configuration `name` (`KernelConfig::candidates()`).
-pub fn kernels_named(name: &str) -> Result<Kernels> {
-    let all = KernelConfig::candidates();
-    match all.iter().find(|(n, _)| *n == name) {
-        Some((_, c)) => Ok(Kernels::new(*c)),
-        None => {
-            let names: Vec<&str> = all.iter().map(|(n, _)| *n).collect();
-            candle_core::bail!(
-                "unknown --kernel-config {name:?}, expected one of {}",
-                names.join(", ")
-            )
-        }
-    }
-}
-
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -264,7 +248,7 @@ pub fn worker(o: &Options, spec: &str) -> Result<()> {
     }
     let cfg = ModelConfig::from_json(&s.hf_config(o.seq))?;
     let mut model = Model::random(cfg, o.dtype, &dev, o.seed)?;
-    model.set_kernels(kernels_named(&o.kernel_config)?);
+    model.set_kernels(super::kernels_named(&o.kernel_config)?);
     model.add_lora(&LoraSpec::new(RANK, ALPHA), o.seed + 1)?;
     let mut rng = SplitMix64::new(o.seed + 2);
     for (k, var) in model.lora_vars() {
