@@ -100,14 +100,24 @@ pub fn add_rms_floors(
 ) -> [f64; 2] {
     let s = (f64t(x) + f64t(res)).unwrap();
     let s_round = f64t(&s.to_dtype(dt).unwrap());
-    let (dx_e, dw_e) = rms_bwd64(&s, Some(w), dn, eps);
+    let (dx_n, dw_e) = rms_bwd64(&s, Some(w), dn, eps);
     let (dx_r, dw_r) = rms_bwd64(&s_round, Some(w), dn, eps);
     let ds = f64t(ds);
-    let dx_e = (dx_e + &ds).unwrap();
+    let dx_e = (&dx_n + &ds).unwrap();
     let dx_r = (dx_r + &ds).unwrap();
     let (fx, fw) = rms_floors(&s, Some(w), dn, eps, dt);
+    // `fx` is relative to the RMSNorm part `dx_n`; where `d_sum` cancels it, it grows by
+    // |dx_n| / |dx|. Through autograd Candle adds `d_sum` to the RMSNorm gradient after the
+    // kernel has rounded that to `dt`: that rounding, amplified the same way, is the error the
+    // exact add leaves (seed 6009280993392797790: one bf16 element, d_sum ≈ −9.7·w·dy, dx 0.03,
+    // 4.3e-2 relative error). Zero for f32, where the rounding is f32's.
+    let norm = |t: &Tensor| -> f64 { vec64(t).iter().map(|v| v * v).sum::<f64>().sqrt() };
+    let amp = (norm(&dx_n) / norm(&dx_e).max(f64::MIN_POSITIVE)).max(1.0);
+    let rounded_n = (f64t(&dx_n.to_dtype(dt).unwrap()) + &ds).unwrap();
     [
-        2.0 * testing::rel_err(&dx_r, &dx_e).unwrap() + fx,
+        2.0 * testing::rel_err(&dx_r, &dx_e).unwrap()
+            + fx * amp
+            + 2.0 * testing::rel_err(&rounded_n, &dx_e).unwrap(),
         2.0 * testing::rel_err(&dw_r, &dw_e).unwrap() + fw,
     ]
 }
