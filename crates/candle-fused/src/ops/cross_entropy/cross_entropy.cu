@@ -177,14 +177,21 @@ template <typename T, int VEC, bool GRAD> struct CeRow {
   __device__ __forceinline__ void init(int64_t, int) {}
   __device__ __forceinline__ void finish(int64_t, int64_t, int) {}
 
-  // The forward's partial: one pass over the slice in global memory, the running max rescaling
-  // the running sums when it grows. An all -inf slice gives (-inf, 0, Σz, 0); a NaN poisons it
-  // (found through Σz, which any NaN makes NaN; so does +inf with -inf, where exp gives NaN).
-  __device__ MaxSumZ partial_online(int64_t row, int64_t lo, int n) const {
-    return p.cap > 0.f ? partial_online_t<true>(row, lo, n) : partial_online_t<false>(row, lo, n);
-  }
-  template <bool CAP> __device__ MaxSumZ partial_online_t(int64_t row, int64_t lo, int n) const {
+  // The row's partial, online: one pass over the slice, the running max rescaling the running
+  // sums when it grows. The forward reads its slice from global memory (nothing to keep for a
+  // second pass); the fused gradient reads it from the staged copy (one pass over shared
+  // memory here, one more for the gradient; a max pass, then a sums pass, made it three).
+  // An all -inf slice gives (-inf, 0, Σz, 0); a NaN poisons it (found through Σz, which any NaN
+  // makes NaN; so does +inf with -inf, where exp gives NaN).
+  __device__ MaxSumZ partial(int64_t row, int64_t lo, int n, T* const* s) const {
+    if (t < 0) return MaxSumZ::identity();
+    if constexpr (GRAD)
+      return p.cap > 0.f ? online<true, true>(s[0], lo, n) : online<false, true>(s[0], lo, n);
     const T* sx = x + row * d + lo;
+    return p.cap > 0.f ? online<true, false>(sx, lo, n) : online<false, false>(sx, lo, n);
+  }
+  // STAGED: `sx` is the staged slice in shared memory (else the row in global memory).
+  template <bool CAP, bool STAGED> __device__ MaxSumZ online(const T* sx, int64_t lo, int n) const {
     const int nu = n / VEC;
     const TargetPos tp = TargetPos::of<VEC>(t, lo, n);
     float m = -INFINITY, sum = 0.f, zs = 0.f, other = 0.f;
@@ -208,58 +215,10 @@ template <typename T, int VEC, bool GRAD> struct CeRow {
       }
       if (m != -INFINITY) add_exps<VEC>(z, m * LOG2E, u == tp.u, tp.e, sum, other);
     };
-    for (int u = threadIdx.x; u < nu; u += bs) fold(ldg_pack<T, VEC>(sx + u * VEC), u);
+    for (int u = threadIdx.x; u < nu; u += bs)
+      fold(STAGED ? ld_pack<T, VEC>(sx + u * VEC) : ldg_pack<T, VEC>(sx + u * VEC), u);
     if (isnan(zs)) return MaxSumZ{NAN, NAN, NAN, NAN};
     return {m, sum, zs, other};
-  }
-
-  __device__ MaxSumZ partial(int64_t row, int64_t lo, int n, T* const* s) const {
-    if (t < 0) return MaxSumZ::identity();
-    if constexpr (!GRAD) return partial_online(row, lo, n);
-    const T* sx = s[0];
-    const int nu = n / VEC;
-    float m = -INFINITY;
-    for (int u = threadIdx.x; u < nu; u += blockDim.x) {
-      const Pack<T, VEC> a = ld_pack<T, VEC>(sx + u * VEC);
-#pragma unroll
-      for (int e = 0; e < VEC; e++) m = fmaxf(m, ld(a.v[e]));
-    }
-    if (m == -INFINITY && !(p.cap > 0.f)) {
-      // This thread's logits are all -inf (exp gives 0) or NaN (poisons the row), or it has none.
-      bool nan = false;
-      float zs = 0.f;
-      for (int u = threadIdx.x; u < nu; u += blockDim.x) {
-        const Pack<T, VEC> a = ld_pack<T, VEC>(sx + u * VEC);
-#pragma unroll
-        for (int e = 0; e < VEC; e++) {
-          nan |= isnan(ld(a.v[e]));
-          zs += ld(a.v[e]);
-        }
-      }
-      return nan ? MaxSumZ{NAN, NAN, NAN, NAN} : MaxSumZ{-INFINITY, 0.f, zs, 0.f};
-    }
-    return p.cap > 0.f ? staged_sums<true>(sx, lo, n, m) : staged_sums<false>(sx, lo, n, m);
-  }
-  // (Σ exp, Σz, Σ_{j≠t} exp) of the staged slice against its max m (of the raw logits:
-  // soft-capping is monotonic).
-  template <bool CAP> __device__ MaxSumZ staged_sums(const T* sx, int64_t lo, int n, float m) const {
-    const int nu = n / VEC;
-    const float mz = capz<CAP>(m, p), mb = mz * LOG2E;
-    float sum = 0.f, zs = 0.f, other = 0.f;
-    const TargetPos tp = TargetPos::of<VEC>(t, lo, n);
-    for (int u = threadIdx.x; u < nu; u += blockDim.x) {
-      const Pack<T, VEC> a = ld_pack<T, VEC>(sx + u * VEC);
-      float z[VEC];
-      float pz = 0.f;
-#pragma unroll
-      for (int e = 0; e < VEC; e++) {
-        z[e] = capz<CAP>(ld(a.v[e]), p);
-        pz += z[e];
-      }
-      zs += pz;
-      add_exps<VEC>(z, mb, u == tp.u, tp.e, sum, other);
-    }
-    return {mz, sum, zs, other};
   }
 
   __device__ void output(int64_t row, int64_t lo, int n, T* const* s, MaxSumZ r) const {
