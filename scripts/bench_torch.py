@@ -96,6 +96,8 @@ import traceback
 import torch
 import torch.nn.functional as F
 
+import host_heap
+
 EPS = 1e-5
 SCALE = 0.125  # 1/sqrt(64), as in the Rust bench
 ROTATE_BYTES = 128 << 20
@@ -1206,10 +1208,14 @@ def main():
     ap.add_argument("--compile", default="some", choices=["none", "some", "all"],
                     help="torch.compile rows: none; some = where it can fuse more than eager "
                          "(masked_softmax, add_rms_norm, lora_linear, the losses; default); all")
+    ap.add_argument("--host-heap", default="keep", choices=["keep", "release"],
+                    help="freed host memory: keep (in glibc's heap, as candle-fused bench "
+                         "--host-heap keep, its default) or release (glibc's defaults)")
     ap.add_argument("--max-seconds", type=float, default=420.0,
                     help="start no new torch.compile work after this many seconds (eager rows "
                          "still run)")
     args = ap.parse_args()
+    args.host_heap = host_heap.apply(args.host_heap)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("bench_torch.py: CUDA is not available (use --device cpu to try the script)")
 
@@ -1279,7 +1285,7 @@ def save(ctx, args, copy_bytes, partial):
         copy_bytes=copy_bytes, git_commit=git_commit(),
         mode="partial" if partial else ("quick" if args.quick else "full"),
         torch_version=torch.__version__, triton_version=triton_version,
-        cuda_version=torch.version.cuda,
+        cuda_version=torch.version.cuda, host_heap=args.host_heap,
         legend=("Same bytes formulas and timing rules as candle-fused bench. torch_eager: "
                 "torch.softmax / softmax(x*scale + additive mask) / F.rms_norm / x + r then "
                 "F.rms_norm. torch_compile: the same function through torch.compile("

@@ -55,6 +55,8 @@ import subprocess
 import sys
 import time
 
+import host_heap
+
 CONFIGS = {
     # The CPU shapes of issue 11 (Llama architecture, heads of 64, GQA 2:1, MLP 4x, untied).
     "cpu-h256": dict(arch="llama", hidden=256, layers=4, heads=4, kv_heads=2, intermediate=1024,
@@ -355,6 +357,9 @@ def main():
     ap.add_argument("--profile", type=int, default=None, help="1: time each GEMM shape of the step alone "
                     "(gemm_ms; default on for the CPU)")
     ap.add_argument("--json", help="write {header, rows, skipped} here")
+    ap.add_argument("--host-heap", default="keep", choices=["keep", "release"],
+                    help="freed host memory: keep (in glibc's heap, as candle-fused bench does "
+                         "by default) or release (glibc's defaults)")
     ap.add_argument("--worker", nargs=2, metavar=("CONFIG", "VARIANT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     cuda = args.device == "cuda"
@@ -365,6 +370,7 @@ def main():
     args.profile = (0 if cuda else 1) if args.profile is None else args.profile
     if args.worker:
         args.config, args.variant = args.worker
+        host_heap.apply(args.host_heap)
         return worker(args)
 
     configs = args.configs.split(",") if args.configs else [k for k in CONFIGS if k.startswith("cpu-") != cuda]
@@ -384,6 +390,7 @@ def main():
         torch_version=torch.__version__, transformers_version=transformers.__version__,
         peft_version=peft.__version__, python=platform.python_version(),
         load=os.getloadavg() if hasattr(os, "getloadavg") else None,
+        host_heap=args.host_heap,
         legend=__doc__.split("\n\n", 2)[2],
     )
     try:
@@ -399,7 +406,7 @@ def main():
             cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, v, "--device", args.device,
                    "--dtype", args.dtype, "--seq", str(args.seq), "--batch", str(args.batch),
                    "--threads", str(args.threads), "--warmup", str(args.warmup), "--iters", str(args.iters),
-                   "--seed", str(args.seed), "--profile", str(args.profile)]
+                   "--seed", str(args.seed), "--profile", str(args.profile), "--host-heap", args.host_heap]
             progress(f"{name} / {v}: fresh process")
             p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
             got = [l[4:] for l in p.stdout.splitlines() if l.startswith("ROW ")]

@@ -99,6 +99,11 @@ enum Cmd {
         /// program gets) or `off` (as `finetune` runs: one stream, no events).
         #[arg(long, value_enum, default_value = "on")]
         cuda_events: OnOff,
+        /// Freed host memory: `keep` (glibc keeps it in the heap for the next call, as
+        /// `finetune` runs: `keep_freed_memory`) or `release` (glibc's defaults: large chunks
+        /// go back to the kernel on free, and each call faults in fresh pages).
+        #[arg(long, value_enum, default_value = "keep")]
+        host_heap: PoolArg,
         #[command(flatten)]
         train: TrainArgs,
     },
@@ -141,7 +146,7 @@ struct TrainArgs {
     train_worker: Option<String>,
 }
 
-/// What happens to freed CUDA memory (`bench --op train --cuda-pool`).
+/// What happens to freed memory (`bench --host-heap`, `bench --op train --cuda-pool`).
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum PoolArg {
     Keep,
@@ -164,17 +169,26 @@ fn main() -> ExitCode {
             kernel_config,
             stream,
             cuda_events,
+            host_heap,
             train,
         } => {
             let events = matches!(cuda_events, OnOff::On);
+            let keep_heap = matches!(host_heap, PoolArg::Keep);
             if op
                 .as_deref()
                 .is_some_and(|o| o.iter().any(|n| n == "train"))
             {
                 let op = op.unwrap_or_default();
-                run_train_bench(device, json, op, train, &kernel_config, events)
+                run_train_bench(device, json, op, train, &kernel_config, events, keep_heap)
             } else {
-                run_bench(device, json, quick, op, &kernel_config, stream, events)
+                run_bench(
+                    device,
+                    json,
+                    quick,
+                    op,
+                    &kernel_config,
+                    (stream, events, keep_heap),
+                )
             }
         }
     };
@@ -372,8 +386,7 @@ fn run_bench(
     quick: bool,
     ops: Option<Vec<String>>,
     kernel_config_name: &str,
-    stream: usize,
-    cuda_events: bool,
+    (stream, cuda_events, keep_freed_memory): (usize, bool, bool),
 ) -> Result<ExitCode> {
     if stream == 0 {
         anyhow::bail!("bench: --stream must be at least 1 (calls per timed sample), got 0");
@@ -387,6 +400,7 @@ fn run_bench(
         kernels: kernel_config(kernel_config_name)?,
         seed: seed()?,
         stream,
+        keep_freed_memory,
     };
     let report = bench::run(&cfg)?;
     if let Some(path) = &json {
@@ -407,6 +421,7 @@ fn run_train_bench(
     t: TrainArgs,
     kernel_config_name: &str,
     cuda_events: bool,
+    keep_freed_memory: bool,
 ) -> Result<ExitCode> {
     use bench::train;
     if op.len() != 1 {
@@ -415,6 +430,7 @@ fn run_train_bench(
     let mut o = train::Options::defaults(arg.name());
     o.cuda_events = cuda_events;
     o.keep_freed_device_memory = matches!(t.cuda_pool, PoolArg::Keep);
+    o.keep_freed_memory = keep_freed_memory;
     kernel_config(kernel_config_name)?;
     o.kernel_config = kernel_config_name.to_string();
     if let Some(c) = t.configs {

@@ -147,24 +147,26 @@ impl SplitMix64 {
     }
 }
 
-/// Keeps freed memory in the process, so that each training step reuses the pages of the step
-/// before instead of faulting in fresh zeroed pages from the kernel (glibc on Linux; elsewhere
-/// nothing is done and `false` is returned). A step frees and allocates the same buffers every
-/// time; glibc hands chunks above its mmap threshold back to the kernel on free (and trims the
-/// top of its heap), so each step paid page faults and kernel page zeroing again: on the
-/// CPU training bench (`cpu-h256`, 10 steps) 244k page faults and 7.2 s of CPU time, 29k and
-/// 6.4–6.7 s with this. Sets `M_MMAP_THRESHOLD` to its maximum (32 MiB: smaller chunks come
-/// from the heap) and `M_TRIM_THRESHOLD` to 2 GiB (the heap is not shrunk until that much is
-/// free), both process-wide; the resident set stays near its peak, as with PyTorch's caching
-/// allocators. `candle-fused finetune` and the training bench call it; a Rust program that
-/// trains can call it once before its first step.
+/// Keeps freed memory in the process, so that each training step (or kernel call) reuses the
+/// pages of the one before instead of faulting in fresh zeroed pages from the kernel (glibc on
+/// Linux; elsewhere nothing is done and `false` is returned). A step frees and allocates the
+/// same buffers every time; glibc hands chunks above its mmap threshold back to the kernel on
+/// free (and trims the top of its heap), so each step paid page faults and kernel page zeroing
+/// again: on the CPU training bench (`cpu-h256`, 10 steps) 244k page faults and 7.2 s of CPU
+/// time, 29k and 6.4–6.7 s with a 32 MiB mmap threshold. Sets `M_MMAP_MAX` to 0 (no chunk is
+/// mmap'ed, so even outputs above glibc's largest mmap threshold of 32 MiB come from the heap:
+/// the op bench's 64 MiB softmax output at [4096, 4096] f32 took 15.5 ms per forward with
+/// fresh pages, 4.8 ms from the heap) and `M_TRIM_THRESHOLD` to 2 GiB (the heap is not shrunk
+/// until that much is free), both process-wide; the resident set stays near its peak, as with
+/// PyTorch's caching allocators. `candle-fused finetune` and the benches call it (`bench
+/// --host-heap release` does not); a Rust program that trains can call it once before its
+/// first step.
 pub fn keep_freed_memory() -> bool {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
-        // SAFETY: mallopt only changes glibc's allocation thresholds; no memory is touched.
-        // Both are set: setting either one alone also turns off glibc's dynamic threshold.
+        // SAFETY: mallopt only changes glibc's allocation parameters; no memory is touched.
         unsafe {
-            libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20) == 1
+            libc::mallopt(libc::M_MMAP_MAX, 0) == 1
                 && libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX) == 1
         }
     }

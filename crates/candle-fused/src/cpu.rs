@@ -17,8 +17,11 @@ use crate::config::CpuConfig;
 use crate::seam::Inputs;
 use crate::simd::Isa;
 
+mod out;
 mod par;
 mod rowmath;
+pub(crate) use out::{alloc, OutBuf};
+use out::{init_range, OutPtr};
 pub(crate) use par::par_rows;
 #[allow(unused_imports)]
 pub(crate) use rowmath::{blocked_sum, exp_nonpos_f32, max, sum_map, wide_sums};
@@ -291,7 +294,7 @@ impl Acc for f64 {
 }
 
 /// A storage dtype the ops accept, with its accumulation type.
-pub(crate) trait Elem: WithDType {
+pub(crate) trait Elem: WithDType + bytemuck::Zeroable {
     type A: Acc;
     /// `Self` is `Self::A` (rows are used in place, no conversion).
     const IS_ACC: bool;
@@ -420,49 +423,6 @@ pub(crate) fn opt_acc_vec<T: Elem>(
     Ok(opt_input::<T>(ins, i)?.map(to_acc_vec))
 }
 
-/// An output buffer: NaN when `poison` is on (tests, [`crate::KernelConfig::poison`]), else
-/// zeros.
-pub(crate) fn alloc<T: Elem>(n: usize, poison: bool) -> Vec<T> {
-    if poison {
-        vec![T::nan(); n]
-    } else {
-        let v = vec![T::zero(); n];
-        huge_pages(&v);
-        v
-    }
-}
-
-/// Outputs of at least this many bytes ask for transparent huge pages.
-const HUGE_BYTES: usize = 4 << 20;
-
-/// Asks the kernel to back a large, not yet touched, zeroed buffer with 2 MiB pages
-/// (`madvise(MADV_HUGEPAGE)` on its 2 MiB-aligned part; Linux only, a hint that may be
-/// ignored). A fresh 20 MB output otherwise takes ~4900 page faults when first written, and
-/// glibc returns freed large chunks to the system, so a kernel with two such outputs gets new
-/// pages on every call: the SwiGLU f32 backward at 1024×4864 took 18.0 ms with 9696 faults per
-/// call, 7.7 ms with 1009 after this (its bf16 twin, reusing heap memory, 5.6 ms).
-fn huge_pages<T>(v: &[T]) {
-    #[cfg(target_os = "linux")]
-    {
-        const HUGE: usize = 2 << 20;
-        let (start, len) = (v.as_ptr() as usize, std::mem::size_of_val(v));
-        if len < HUGE_BYTES {
-            return;
-        }
-        let lo = start.next_multiple_of(HUGE);
-        let hi = (start + len) / HUGE * HUGE;
-        if hi > lo {
-            // SAFETY: [lo, hi) lies inside `v`'s allocation, which this process owns; the advice
-            // changes how its pages are backed, never their contents (zero until written).
-            unsafe {
-                libc::madvise(lo as *mut libc::c_void, hi - lo, libc::MADV_HUGEPAGE);
-            }
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = (v, HUGE_BYTES);
-}
-
 /// Rows per task: at least `task_elems` elements per task, and (for the deterministic
 /// reductions) at most `max_tasks` tasks. Depends only on the problem size and the
 /// configuration, never on the thread count.
@@ -472,20 +432,13 @@ fn rows_per_task(task_elems: usize, rows: usize, d: usize, max_tasks: usize) -> 
     by_size.max(by_count).clamp(1, rows.max(1))
 }
 
-/// A raw output pointer shared by the tasks of [`rows`], which write disjoint row ranges.
-#[derive(Clone, Copy)]
-struct OutPtr<T>(*mut T);
-// SAFETY: each task of `rows` derives slices for its own, disjoint, rows only.
-unsafe impl<T: Send> Send for OutPtr<T> {}
-unsafe impl<T: Sync> Sync for OutPtr<T> {}
-
 /// [`rows_at`] at the configuration's SIMD level (the scalar level if the configured one is
 /// missing; kernels that want that reported call [`Isa::new`] and [`rows_at`] themselves).
 #[allow(dead_code)]
 pub(crate) fn rows<T: Elem, const N: usize, const M: usize, F>(
     cfg: &CpuConfig,
     inputs: [&[T]; N],
-    outs: [&mut [T]; M],
+    outs: [&mut OutBuf<T>; M],
     d: usize,
     acc_len: usize,
     f: F,
@@ -513,7 +466,7 @@ pub(crate) fn rows_at<T: Elem, const N: usize, const M: usize, F>(
     cfg: &CpuConfig,
     isa: Isa,
     inputs: [&[T]; N],
-    outs: [&mut [T]; M],
+    outs: [&mut OutBuf<T>; M],
     d: usize,
     acc_len: usize,
     f: F,
@@ -532,10 +485,19 @@ where
     );
     let n_rows = len.checked_div(d).unwrap_or(0);
     let mut total = vec![T::A::zero(); acc_len];
+    let poison: [bool; M] = std::array::from_fn(|k| outs[k].poison());
+    let ptrs: [OutPtr<T>; M] = std::array::from_fn(|k| outs[k].ptr());
+    // SAFETY (here and in the tasks): every output has room for `len` elements; the tasks
+    // initialise rows 0..n_rows, each its own, and this initialises what lies past them.
+    for (&p, &poison) in ptrs.iter().zip(&poison) {
+        unsafe { init_range(p, n_rows * d, len, poison) };
+    }
     if n_rows == 0 {
+        for o in outs {
+            unsafe { o.assume_filled() };
+        }
         return total;
     }
-    let ptrs: [OutPtr<T>; M] = outs.map(|o| OutPtr(o.as_mut_ptr()));
     let max_tasks = if acc_len > 0 { 64 } else { usize::MAX };
     let rpt = rows_per_task(cfg.task_elems, n_rows, d, max_tasks);
     let n_tasks = n_rows.div_ceil(rpt);
@@ -545,8 +507,10 @@ where
         for r in task * rpt..((task + 1) * rpt).min(n_rows) {
             let ins: [&[T]; N] = std::array::from_fn(|k| &inputs[k][r * d..(r + 1) * d]);
             // SAFETY: row r lies inside every output (r < n_rows) and belongs to this task
-            // alone; the slices live until the end of this iteration.
+            // alone: it is initialised here, and its slices live until the end of this
+            // iteration.
             let orows: [&mut [T]; M] = std::array::from_fn(|k| unsafe {
+                init_range(ptrs[k], r * d, (r + 1) * d, poison[k]);
                 std::slice::from_raw_parts_mut(ptrs[k].0.add(r * d), d)
             });
             if T::IS_ACC {
@@ -576,6 +540,11 @@ where
     } else {
         (0..n_tasks).into_par_iter().map(run_task).collect()
     };
+    for o in outs {
+        // SAFETY: the tasks initialised (and the kernel wrote) rows 0..n_rows; the rest was
+        // initialised before them.
+        unsafe { o.assume_filled() };
+    }
     for p in partials {
         for (t, v) in total.iter_mut().zip(p) {
             *t += v;

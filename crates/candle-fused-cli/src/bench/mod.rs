@@ -169,6 +169,9 @@ pub struct Config {
     pub stream: usize,
     /// CUDA: whether `device` keeps cudarc's event tracking ([`cuda_device`]; recorded).
     pub cuda_events: bool,
+    /// Keep freed host memory in glibc's heap (`candle_fused_train::keep_freed_memory`, as
+    /// `finetune` runs; recorded): outputs reuse warm pages instead of faulting in fresh ones.
+    pub keep_freed_memory: bool,
 }
 
 /// Bytes of the copy that measures the copy bandwidth: 1 GiB per buffer on a GPU, 256 MiB on
@@ -184,6 +187,7 @@ fn copy_bytes(device: &Device) -> usize {
 /// Runs the bench. The copy bandwidth is measured before and after the ops; the higher of
 /// the two is the reference for % copy (both are in the header's notes).
 pub fn run(cfg: &Config) -> Result<Report> {
+    let heap_kept = cfg.keep_freed_memory && candle_fused_train::keep_freed_memory();
     let fams = families();
     let selected: Vec<&Box<dyn Family>> = match &cfg.ops {
         None => fams.iter().collect(),
@@ -232,6 +236,7 @@ pub fn run(cfg: &Config) -> Result<Report> {
         git_commit: report::git_commit(),
         mode: mode.into(),
         kernel_config: cfg.kernels.0.clone(),
+        host_heap: if heap_kept { "keep" } else { "release" }.into(),
         seed: cfg.seed,
         legend: report::LEGEND.into(),
         notes,
@@ -269,6 +274,15 @@ pub fn run(cfg: &Config) -> Result<Report> {
     if device.is_cpu() {
         notes.push(format!("rayon threads: {}", rayon::current_num_threads()));
     }
+    notes.push(if heap_kept {
+        "host heap kept (--host-heap keep: freed memory stays in glibc's heap, nothing is \
+         mmap'ed, outputs reuse warm pages)"
+            .to_string()
+    } else {
+        "host heap released (glibc's defaults: chunks above its mmap threshold go back to the \
+         kernel on free)"
+            .to_string()
+    });
     if device.is_cuda() {
         notes.push(format!(
             "cudarc event tracking {} (--cuda-events)",
@@ -320,13 +334,14 @@ impl Report {
         }
         s.push_str(&format!(
             "\nSummary ({} on {}, {}, copy bandwidth {:.1} GB/s, commit {}, kernel config {}, \
-             seed {}):\n",
+             host heap {}, seed {}):\n",
             h.device,
             h.device_name,
             h.date,
             h.copy_gbps,
             h.git_commit.as_deref().unwrap_or("?"),
             h.kernel_config,
+            h.host_heap,
             h.seed
         ));
         let parts = [

@@ -136,6 +136,8 @@ pub struct Header {
     pub mode: String,
     /// The name of the kernel configuration ours ran on (`KernelConfig::candidates()`).
     pub kernel_config: String,
+    /// `keep` (freed host memory stays in glibc's heap: `--host-heap keep`) or `release`.
+    pub host_heap: String,
     /// The seed of the random inputs (`CANDLE_FUSED_SEED=<seed>` reruns them).
     pub seed: u64,
     pub legend: String,

@@ -33,12 +33,12 @@ get no dW; the loss through linear + cross-entropy, never the full logits) or \
 loss_and_grads_tape (the same forward on Candle's tape, Tensor::backward), then AdamW.step on \
 the LoRA parameters (lr 1e-4, PyTorch's defaults otherwise). ours_ckpt = the explicit backward \
 with activation checkpointing (each layer saves its input and is recomputed in the backward). \
-Every variant of ours runs as finetune does: keep_freed_memory (glibc keeps freed chunks up to \
-32 MiB in its heap and does not trim it, so a step reuses the pages of the one before; \
-keep_freed_memory in the JSON) and, on CUDA, keep_freed_device_memory (freed device memory \
+Every variant of ours runs as finetune does: keep_freed_memory (glibc keeps freed chunks in \
+its heap, none mmap'ed, and does not trim it, so a step reuses the pages of the one before; \
+keep_freed_memory in the JSON; --host-heap release turns it off) and, on CUDA, keep_freed_device_memory (freed device memory \
 stays in the pool instead of going back to the driver at each step's synchronisation, like \
-PyTorch's caching allocator; --cuda-pool release turns it off); the PyTorch script runs with \
-glibc's defaults. Ours run on the kernel configuration named by --kernel-config (default: \
+PyTorch's caching allocator; --cuda-pool release turns it off); the PyTorch script keeps \
+freed host memory the same way (its --host-heap, host_heap in its JSON). Ours run on the kernel configuration named by --kernel-config (default: \
 default; kernel_config in the JSON header). \
 Model: random-init model of the named configuration (Model::random), frozen base in --dtype, \
 LoRA r 16, alpha 32 on q/k/v/o/gate/up/down (PEFT init, then B ~ N(0, 0.01^2) like a model in \
@@ -112,6 +112,9 @@ pub struct Options {
     /// CUDA: keep freed device memory in the pool (`keep_freed_device_memory`, as `finetune`
     /// runs); false: Candle's default, released at every synchronisation.
     pub keep_freed_device_memory: bool,
+    /// Keep freed host memory in glibc's heap (`keep_freed_memory`, as `finetune` runs);
+    /// false: glibc's defaults.
+    pub keep_freed_memory: bool,
     /// The kernel configuration ours run on: a name among `KernelConfig::candidates()`.
     pub kernel_config: String,
 }
@@ -139,6 +142,7 @@ impl Options {
             json: None,
             cuda_events: true,
             keep_freed_device_memory: true,
+            keep_freed_memory: true,
             kernel_config: "default".into(),
         }
     }
@@ -172,6 +176,13 @@ impl Options {
             if self.cuda_events { "on" } else { "off" }.into(),
             "--cuda-pool".into(),
             if self.keep_freed_device_memory {
+                "keep"
+            } else {
+                "release"
+            }
+            .into(),
+            "--host-heap".into(),
+            if self.keep_freed_memory {
                 "keep"
             } else {
                 "release"
@@ -236,7 +247,7 @@ fn largest_batch(model: &Model, s: &Shape, o: &Options, v: Variant, dev: &Device
 /// One (config, variant) in this process: builds, times, prints `ROW {json}`.
 pub fn worker(o: &Options, spec: &str) -> Result<()> {
     // As `finetune` runs: freed buffers stay in the process for the next step.
-    let kept = candle_fused_train::keep_freed_memory();
+    let kept = o.keep_freed_memory && candle_fused_train::keep_freed_memory();
     let rss_start = rss_mb("VmRSS:");
     let (config, variant) = spec
         .split_once(':')

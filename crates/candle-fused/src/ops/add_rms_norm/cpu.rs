@@ -29,8 +29,8 @@ pub(super) fn forward<T: Elem>(
     let d = dims[dims.len() - 1];
     let eps = T::A::of(eps);
     let n = xs.len();
-    let mut normed = cpu::alloc::<T>(n, cfg.poison);
-    let mut sum = cpu::alloc::<T>(n, cfg.poison);
+    let mut normed = cpu::OutBuf::<T>::new(n, cfg.poison);
+    let mut sum = cpu::OutBuf::<T>::new(n, cfg.poison);
     let isa = Isa::new(op, cfg.cpu.simd)?;
     cpu::rows_at(
         &cfg.cpu,
@@ -45,7 +45,7 @@ pub(super) fn forward<T: Elem>(
         },
     );
     Ok(vec![
-        T::to_cpu_storage_owned(normed),
-        T::to_cpu_storage_owned(sum),
+        T::to_cpu_storage_owned(normed.into_vec()),
+        T::to_cpu_storage_owned(sum.into_vec()),
     ])
 }

@@ -178,7 +178,7 @@ fn forward_t<T: Elem, const GELU: bool>(
         g.len() / i
     };
     let isa = Isa::new(op, cfg.cpu.simd)?;
-    let mut y = cpu::alloc::<T>(rows * i, cfg.poison);
+    let mut y = cpu::OutBuf::<T>::new(rows * i, cfg.poison);
     cpu::par_rows(&cfg.cpu, rows, [&mut y], [i], |r, [yo]| {
         isa.run(
             #[inline(always)]
@@ -212,7 +212,7 @@ fn forward_t<T: Elem, const GELU: bool>(
             },
         )
     });
-    Ok(vec![T::to_cpu_storage_owned(y)])
+    Ok(vec![T::to_cpu_storage_owned(y.into_vec())])
 }
 
 pub(crate) fn backward(
@@ -242,7 +242,7 @@ fn backward_t<T: Elem, const GELU: bool>(
     if k.packed {
         let i = last / 2;
         let rows = g.len() / last;
-        let mut dgu = cpu::alloc::<T>(g.len(), cfg.poison);
+        let mut dgu = cpu::OutBuf::<T>::new(g.len(), cfg.poison);
         cpu::par_rows(&cfg.cpu, rows, [&mut dgu], [2 * i], |r, [o]| {
             isa.run(
                 #[inline(always)]
@@ -262,13 +262,13 @@ fn backward_t<T: Elem, const GELU: bool>(
                 },
             )
         });
-        return Ok(vec![T::to_cpu_storage_owned(dgu)]);
+        return Ok(vec![T::to_cpu_storage_owned(dgu.into_vec())]);
     }
     let (us, ul) = ins.get(1)?;
     let u = cpu::slice::<T>(op, "up", us, ul)?;
     let rows = g.len() / last;
-    let mut dg = cpu::alloc::<T>(g.len(), cfg.poison);
-    let mut du = cpu::alloc::<T>(g.len(), cfg.poison);
+    let mut dg = cpu::OutBuf::<T>::new(g.len(), cfg.poison);
+    let mut du = cpu::OutBuf::<T>::new(g.len(), cfg.poison);
     cpu::par_rows(
         &cfg.cpu,
         rows,
@@ -297,7 +297,7 @@ fn backward_t<T: Elem, const GELU: bool>(
         },
     );
     Ok(vec![
-        T::to_cpu_storage_owned(dg),
-        T::to_cpu_storage_owned(du),
+        T::to_cpu_storage_owned(dg.into_vec()),
+        T::to_cpu_storage_owned(du.into_vec()),
     ])
 }

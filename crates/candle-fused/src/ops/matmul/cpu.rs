@@ -239,7 +239,7 @@ fn widen16(isa: Isa, src: &[f16]) -> Vec<f32> {
 }
 
 fn narrow(isa: Isa, serial: bool, src: &[f32]) -> Vec<bf16> {
-    let mut out = vec![bf16::ZERO; src.len()];
+    let mut out: Vec<bf16> = bytemuck::allocation::zeroed_vec(src.len());
     if serial || src.len() < 4 * TASK {
         isa.f32_to_bf16(src, &mut out);
     } else {
@@ -381,7 +381,7 @@ pub(super) fn forward(
             let (a32, b32) = (widen16(isa, a), widen16(isa, b));
             let mut c32 = cpu::alloc::<f32>(mn, cfg.poison);
             f32_products(k, isa, par, &cfg.cpu, &a32, &b32, &mut c32);
-            let mut c = vec![f16::ZERO; mn];
+            let mut c: Vec<f16> = bytemuck::allocation::zeroed_vec(mn);
             isa.f32_to_f16(&c32, &mut c);
             CpuStorage::F16(c)
         }

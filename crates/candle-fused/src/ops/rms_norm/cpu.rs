@@ -77,11 +77,11 @@ pub(super) fn forward<T: Elem>(
     let w = cpu::opt_acc_vec::<T>(ins, 1)?;
     let eps = T::A::of(eps);
     let isa = Isa::new(op, cfg.cpu.simd)?;
-    let mut out = cpu::alloc::<T>(x.len(), cfg.poison);
+    let mut out = cpu::OutBuf::<T>::new(x.len(), cfg.poison);
     cpu::rows_at(&cfg.cpu, isa, [x], [&mut out], d, 0, |_, [x], [y], _| {
         write_row(isa, x, rstd(isa, x, eps), w.as_deref(), y)
     });
-    Ok(vec![T::to_cpu_storage_owned(out)])
+    Ok(vec![T::to_cpu_storage_owned(out.into_vec())])
 }
 
 /// Returns `dx` (shape of x, plus `d_sum` when given) and, with a weight, `dw` (`[D]`).
@@ -105,7 +105,7 @@ pub(super) fn backward<T: Elem>(
     let w = cpu::opt_acc_vec::<T>(ins, 1)?;
     let w = w.as_deref();
     let dw_len = if w.is_some() { d } else { 0 };
-    let mut dx = cpu::alloc::<T>(x.len(), cfg.poison);
+    let mut dx = cpu::OutBuf::<T>::new(x.len(), cfg.poison);
     let c = &cfg.cpu;
     let isa = Isa::new(op, c.simd)?;
     let dw = match dres {
@@ -128,7 +128,7 @@ pub(super) fn backward<T: Elem>(
             |_, [x, g], [dx], acc| bwd_row(isa, x, g, None, w, dx, acc, eps),
         ),
     };
-    let mut out = vec![T::to_cpu_storage_owned(dx)];
+    let mut out = vec![T::to_cpu_storage_owned(dx.into_vec())];
     if w.is_some() {
         let mut dwv = vec![T::zero(); d];
         cpu::from_acc_vec::<T>(&dw, &mut dwv);

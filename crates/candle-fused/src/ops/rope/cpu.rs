@@ -74,7 +74,7 @@ fn run_t<T: Elem>(
     let (style, sign) = (k.style, if k.inverse { -1.0 } else { 1.0 });
     let d = g.d;
     let isa = Isa::new(op, cfg.cpu.simd)?;
-    let mut out = cpu::alloc::<T>(g.rows() * d, cfg.poison);
+    let mut out = cpu::OutBuf::<T>::new(g.rows() * d, cfg.poison);
     cpu::par_rows(&cfg.cpu, g.rows(), [&mut out], [d], |rows, [o]| {
         isa.run(
             #[inline(always)]
@@ -104,7 +104,7 @@ fn run_t<T: Elem>(
             },
         )
     });
-    Ok(vec![T::to_cpu_storage_owned(out)])
+    Ok(vec![T::to_cpu_storage_owned(out.into_vec())])
 }
 
 /// One head vector: `y = R(sign·θ)·x` over the first `2·c.len()` entries, the rest copied.

@@ -70,7 +70,7 @@ pub(super) fn forward<T: Elem>(
     } else {
         1
     };
-    let mut out = cpu::alloc::<T>(x.len(), cfg.poison);
+    let mut out = cpu::OutBuf::<T>::new(x.len(), cfg.poison);
     let plain = mask.is_none() && !op.causal && op.scale == 1.0;
     if plain {
         cpu::rows_at(&cfg.cpu, isa, [x], [&mut out], t, 0, |_, [x], [y], _| {
@@ -141,7 +141,7 @@ pub(super) fn forward<T: Elem>(
             }
         });
     }
-    Ok(vec![T::to_cpu_storage_owned(out)])
+    Ok(vec![T::to_cpu_storage_owned(out.into_vec())])
 }
 
 #[inline(always)]
@@ -164,7 +164,7 @@ pub(super) fn backward<T: Elem>(
     let g = cpu::slice::<T>(op.name, "dy", gs, gl)?;
     let dims = yl.dims();
     let t = dims[dims.len() - 1];
-    let mut out = cpu::alloc::<T>(y.len(), cfg.poison);
+    let mut out = cpu::OutBuf::<T>::new(y.len(), cfg.poison);
     let scale = op.scale;
     let isa = Isa::new(op.name, cfg.cpu.simd)?;
     cpu::rows_at(
@@ -182,5 +182,5 @@ pub(super) fn backward<T: Elem>(
             T::A::v_softmax_bwd_row(isa, y, g, dot, scale, dx);
         },
     );
-    Ok(vec![T::to_cpu_storage_owned(out)])
+    Ok(vec![T::to_cpu_storage_owned(out.into_vec())])
 }
