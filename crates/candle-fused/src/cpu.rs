@@ -566,21 +566,4 @@ pub(crate) fn from_acc_vec<T: Elem>(s: &[T::A], dst: &mut [T]) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn task_split_bounds_the_task_count() {
-        for &(rows, d) in &[
-            (1usize, 1usize),
-            (7, 3),
-            (1000, 4096),
-            (100_000, 2),
-            (5, 1 << 20),
-        ] {
-            let rpt = rows_per_task(1 << 15, rows, d, 64);
-            assert!(rpt >= 1 && rpt <= rows);
-            assert!(rows.div_ceil(rpt) <= 64, "{rows}x{d}: {rpt} rows per task");
-        }
-    }
-}
+mod tests;
