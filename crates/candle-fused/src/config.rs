@@ -220,16 +220,8 @@ impl KernelConfig {
             },
             ..d
         };
-        let with_serial = |n| KernelConfig {
-            cpu: CpuConfig {
-                serial_below: n,
-                ..d.cpu
-            },
-            ..d
-        };
         vec![
             ("default", d),
-            ("serial-16", with_serial(1 << 16)),
             ("skinny-off", with_skinny(0)),
             ("skinny-16", with_skinny(16)),
             ("skinny-64", with_skinny(64)),
