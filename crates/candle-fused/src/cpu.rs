@@ -492,12 +492,6 @@ where
     for (&p, &poison) in ptrs.iter().zip(&poison) {
         unsafe { init_range(p, n_rows * d, len, poison) };
     }
-    if n_rows == 0 {
-        for o in outs {
-            unsafe { o.assume_filled() };
-        }
-        return total;
-    }
     let max_tasks = if acc_len > 0 { 64 } else { usize::MAX };
     let rpt = rows_per_task(cfg.task_elems, n_rows, d, max_tasks);
     let n_tasks = n_rows.div_ceil(rpt);
