@@ -326,7 +326,7 @@ def worker(args):
         gemm_rate_tflops=rate, gemm_shape=gemm_shape, gemm_efficiency=flops / med / 1e12 / rate,
         gemm_ms=gemm_ms, gemm_shapes=gemm_shapes,
         rss_after_imports_mb=rss_libs, rss_after_model_mb=rss_model,
-        wall_s=time.perf_counter() - t_start,
+        wall_s=time.perf_counter() - t_start, host_heap=args.host_heap,
     )
     if cuda:
         row.update(peak_mem_mb=peak_alloc / 2**20, peak_reserved_mb=peak_reserved / 2**20,
@@ -370,7 +370,7 @@ def main():
     args.profile = (0 if cuda else 1) if args.profile is None else args.profile
     if args.worker:
         args.config, args.variant = args.worker
-        host_heap.apply(args.host_heap)
+        args.host_heap = host_heap.apply(args.host_heap)  # what this worker runs with
         return worker(args)
 
     configs = args.configs.split(",") if args.configs else [k for k in CONFIGS if k.startswith("cpu-") != cuda]

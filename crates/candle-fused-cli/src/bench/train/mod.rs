@@ -35,11 +35,12 @@ the LoRA parameters (lr 1e-4, PyTorch's defaults otherwise). ours_ckpt = the exp
 with activation checkpointing (each layer saves its input and is recomputed in the backward). \
 Every variant of ours runs as finetune does: keep_freed_memory (glibc keeps freed chunks in \
 its heap, none mmap'ed, and does not trim it, so a step reuses the pages of the one before; \
-keep_freed_memory in the JSON; --host-heap release turns it off) and, on CUDA, keep_freed_device_memory (freed device memory \
-stays in the pool instead of going back to the driver at each step's synchronisation, like \
-PyTorch's caching allocator; --cuda-pool release turns it off); the PyTorch script keeps \
-freed host memory the same way (its --host-heap, host_heap in its JSON). Ours run on the kernel configuration named by --kernel-config (default: \
-default; kernel_config in the JSON header). \
+keep_freed_memory in the JSON; --host-heap release turns it off) and, on CUDA, \
+keep_freed_device_memory (freed device memory stays in the pool instead of going back to the \
+driver at each step's synchronisation, like PyTorch's caching allocator; --cuda-pool release \
+turns it off); the PyTorch script keeps freed host memory the same way (its --host-heap, \
+host_heap in its rows). Ours run on the kernel configuration named by --kernel-config \
+(default: default; kernel_config in the JSON header). \
 Model: random-init model of the named configuration (Model::random), frozen base in --dtype, \
 LoRA r 16, alpha 32 on q/k/v/o/gate/up/down (PEFT init, then B ~ N(0, 0.01^2) like a model in \
 the middle of training), f32 adapters; random tokens and targets over all B*T positions.
